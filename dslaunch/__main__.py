@@ -1,0 +1,5 @@
+"""`python -m dslaunch` runs the command line."""
+
+from dslaunch.cli import main
+
+main()

@@ -1,0 +1,107 @@
+"""Forming the workers' process group with the chosen init method, and proving it works.
+
+The agent (torchrun) provides RANK/WORLD_SIZE/MASTER_* for its own store; dslaunch's workers
+form their group themselves so that `--init-method tcp|file|env` means what it says and rank
+numbering follows the hostfile (rank 0 always on node 0, whatever the rendezvous order).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    init_method: str
+    init_url: str
+    backend: str
+    master_addr: str
+    master_port: int
+    restart: int
+    timeout_s: float
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | os._Environ | None = None) -> GroupConfig:
+        """Read the plan's DSLAUNCH_* variables and the agent's LOCAL_RANK/restart count."""
+        e = os.environ if env is None else env
+        local_rank = int(e["LOCAL_RANK"])
+        return cls(
+            rank=int(e["DSLAUNCH_RANK_OFFSET"]) + local_rank,
+            world_size=int(e["DSLAUNCH_WORLD_SIZE"]),
+            local_rank=local_rank,
+            local_world_size=int(e.get("LOCAL_WORLD_SIZE", "1")),
+            node_rank=int(e["DSLAUNCH_NODE_RANK"]),
+            init_method=e["DSLAUNCH_INIT_METHOD"],
+            init_url=e["DSLAUNCH_INIT_URL"],
+            backend=e.get("DSLAUNCH_BACKEND", "gloo"),
+            master_addr=e["DSLAUNCH_MASTER_ADDR"],
+            master_port=int(e["DSLAUNCH_MASTER_PORT"]),
+            restart=int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            timeout_s=float(e.get("DSLAUNCH_PG_TIMEOUT", "1800")),
+        )
+
+    @property
+    def url(self) -> str:
+        """The init URL for this attempt: the file method gets a fresh file per restart."""
+        return self.init_url.replace("{restart}", str(self.restart))
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.local_rank}" if self.backend == "nccl" else "cpu"
+
+
+def form_group(cfg: GroupConfig) -> None:
+    """`init_process_group` with the configured method; rank 0 hosts the store for tcp and env."""
+    import torch
+    import torch.distributed as dist
+
+    # The agent tells workers to use its store; ours is on the planned master port instead.
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    if cfg.backend == "nccl":
+        torch.cuda.set_device(cfg.local_rank)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    if cfg.init_method == "env":
+        os.environ.update(
+            RANK=str(cfg.rank),
+            WORLD_SIZE=str(cfg.world_size),
+            MASTER_ADDR=cfg.master_addr,
+            MASTER_PORT=str(cfg.master_port),
+        )
+        dist.init_process_group(cfg.backend, init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group(
+            cfg.backend, init_method=cfg.url, rank=cfg.rank, world_size=cfg.world_size, timeout=timeout
+        )
+    if dist.get_rank() != cfg.rank or dist.get_world_size() != cfg.world_size:
+        raise RuntimeError(
+            f"process group has rank {dist.get_rank()}/{dist.get_world_size()}, expected {cfg.rank}/{cfg.world_size}"
+        )
+
+
+def prove_group(cfg: GroupConfig) -> int:
+    """All-reduce the ranks: the sum must be n(n-1)/2, or the group is not what it claims."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([cfg.rank], dtype=torch.int64, device=cfg.device)
+    dist.all_reduce(t)
+    got = int(t.item())
+    want = cfg.world_size * (cfg.world_size - 1) // 2
+    if got != want:
+        raise RuntimeError(f"all-reduce of ranks gave {got}, expected {want}")
+    return got
+
+
+def leave_group() -> None:
+    """Destroy the group on the way out; NCCL can hang at exit otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

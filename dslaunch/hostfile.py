@@ -1,0 +1,189 @@
+"""DeepSpeed-compatible hostfiles and the `--include/--exclude/--num-nodes/--num-gpus` filters.
+
+A hostfile has one node per line: ``[user@]host [slots=N]``; ``#`` starts a comment (whole line
+or trailing), blank lines are ignored, and a missing ``slots=`` means one slot. Every error names
+the file and line (or the flag) so it can be fixed without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dslaunch.errors import HostfileError
+
+_HOST_RE = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?(?P<host>[A-Za-z0-9._:\[\]-]+)$")
+LOCAL_HOSTS = frozenset({"localhost"})
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of the job: the name as written, its slots, and which slot indices are used."""
+
+    host: str
+    slots: int
+    user: str | None = None
+    line: int = 0
+    slot_ids: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.slot_ids:
+            object.__setattr__(self, "slot_ids", tuple(range(self.slots)))
+
+    @property
+    def target(self) -> str:
+        """`user@host` when a user was given, else the host: what SSH is asked to reach."""
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    @property
+    def is_local(self) -> bool:
+        return self.host in LOCAL_HOSTS
+
+    @property
+    def nprocs(self) -> int:
+        return len(self.slot_ids)
+
+    @property
+    def all_slots(self) -> bool:
+        """True when every slot of the machine is used (no device mask needed)."""
+        return self.slot_ids == tuple(range(self.slots))
+
+
+def parse_hostfile_text(text: str, source: str = "<hostfile>") -> list[Node]:
+    """Parse hostfile text; raise HostfileError naming ``source`` and the line on any problem."""
+    nodes: list[Node] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{source}:{lineno}"
+        words = line.split()
+        m = _HOST_RE.match(words[0])
+        if m is None or "=" in words[0]:
+            raise HostfileError(f"{where}: {words[0]!r} is not a host name (expected '[user@]host slots=N')")
+        slots = 1
+        slots_given = False
+        for word in words[1:]:
+            key, sep, value = word.partition("=")
+            if not sep:
+                raise HostfileError(f"{where}: unexpected {word!r} (expected 'slots=N')")
+            if key != "slots":
+                raise HostfileError(f"{where}: unknown key {key!r} (only 'slots' is understood)")
+            if slots_given:
+                raise HostfileError(f"{where}: 'slots' given twice")
+            if not value.isascii() or not value.isdigit():
+                raise HostfileError(f"{where}: slots={value!r} is not a whole number")
+            slots = int(value)
+            slots_given = True
+            if slots < 1:
+                raise HostfileError(f"{where}: slots={value} must be at least 1")
+            if slots > 1024:
+                raise HostfileError(f"{where}: slots={value} is more than any machine has")
+        host = m.group("host")
+        if host in seen:
+            raise HostfileError(f"{where}: host {host!r} is listed twice (first on line {seen[host]})")
+        seen[host] = lineno
+        nodes.append(Node(host=host, slots=slots, user=m.group("user"), line=lineno))
+    if not nodes:
+        raise HostfileError(f"{source}: no hosts in the hostfile")
+    return nodes
+
+
+def load_hostfile(path: str | Path) -> list[Node]:
+    """Read and parse a hostfile from disk; a missing or unreadable file is a one-line error."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HostfileError(f"{p}: hostfile not found") from None
+    except IsADirectoryError:
+        raise HostfileError(f"{p}: is a directory, not a hostfile") from None
+    except UnicodeDecodeError as e:
+        raise HostfileError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise HostfileError(f"{p}: cannot read hostfile ({e.strerror})") from None
+    return parse_hostfile_text(text, str(p))
+
+
+def _parse_filter(spec: str, flag: str, nodes: list[Node]) -> dict[str, set[int] | None]:
+    """Parse ``host1@host2:0,2`` into {host: slot set or None for all}, checked against nodes."""
+    by_host = {n.host: n for n in nodes}
+    out: dict[str, set[int] | None] = {}
+    for part in spec.split("@"):
+        part = part.strip()
+        if not part:
+            raise HostfileError(f"{flag} {spec!r}: empty host entry")
+        host, sep, slots_s = part.partition(":")
+        if host not in by_host:
+            known = ", ".join(by_host)
+            raise HostfileError(f"{flag} {spec!r}: host {host!r} is not in the hostfile ({known})")
+        if not sep:
+            out[host] = None
+            continue
+        ids: set[int] = set()
+        for s in slots_s.split(","):
+            s = s.strip()
+            if not s.isascii() or not s.isdigit():
+                raise HostfileError(f"{flag} {spec!r}: slot {s!r} on {host!r} is not a whole number")
+            i = int(s)
+            if i >= by_host[host].slots:
+                raise HostfileError(f"{flag} {spec!r}: host {host!r} has slots 0..{by_host[host].slots - 1}, not {i}")
+            ids.add(i)
+        if host in out and out[host] is None:
+            continue  # an earlier entry already took every slot of this host
+        out[host] = (out.get(host) or set()) | ids
+    return out
+
+
+def select_nodes(
+    nodes: list[Node],
+    include: str | None = None,
+    exclude: str | None = None,
+    num_nodes: int | None = None,
+    num_gpus: int | None = None,
+) -> list[Node]:
+    """Apply DeepSpeed-style filters; the result keeps hostfile order and is never empty."""
+    if include and exclude:
+        raise HostfileError("--include and --exclude cannot be used together")
+    selected: list[Node] = []
+    if include:
+        rules = _parse_filter(include, "--include", nodes)
+        for n in nodes:
+            if n.host in rules:
+                ids = rules[n.host]
+                selected.append(_with_slots(n, sorted(ids) if ids is not None else n.slot_ids))
+    elif exclude:
+        rules = _parse_filter(exclude, "--exclude", nodes)
+        for n in nodes:
+            ids = rules.get(n.host, set())
+            if ids is None:
+                continue
+            keep = [i for i in n.slot_ids if i not in ids]
+            if keep:
+                selected.append(_with_slots(n, keep))
+    else:
+        selected = list(nodes)
+    if num_nodes is not None:
+        if num_nodes < 1:
+            raise HostfileError(f"--num-nodes {num_nodes}: must be at least 1")
+        if num_nodes > len(selected):
+            raise HostfileError(f"--num-nodes {num_nodes}: only {len(selected)} node(s) selected")
+        selected = selected[:num_nodes]
+    if num_gpus is not None:
+        if num_gpus < 1:
+            raise HostfileError(f"--num-gpus {num_gpus}: must be at least 1")
+        for n in selected:
+            if n.nprocs < num_gpus:
+                raise HostfileError(
+                    f"--num-gpus {num_gpus}: host {n.host!r} (line {n.line}) has only {n.nprocs} slot(s)"
+                )
+        selected = [_with_slots(n, n.slot_ids[:num_gpus]) for n in selected]
+    if not selected:
+        raise HostfileError("the host filters leave no node to run on")
+    return selected
+
+
+def _with_slots(n: Node, ids: list[int] | tuple[int, ...]) -> Node:
+    return Node(host=n.host, slots=n.slots, user=n.user, line=n.line, slot_ids=tuple(ids))

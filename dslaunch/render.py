@@ -1,0 +1,180 @@
+"""Everything dslaunch shows a person: rich tables and the live `up` view. No logic."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from dslaunch.launch import DownReport
+from dslaunch.plan import LaunchPlan
+from dslaunch.state import JobRecord
+from dslaunch.status import JobStatus
+
+STAGE_STYLE = {
+    "waiting": "dim",
+    "connecting": "cyan",
+    "checked": "cyan",
+    "started": "blue",
+    "rendezvous": "yellow",
+    "loading": "yellow",
+    "ready": "green",
+    "serving": "green",
+    "failed": "bold red",
+    "exited": "red",
+    "stopping": "magenta",
+    "pending": "dim",
+}
+STATE_STYLE = {"ready": "bold green", "starting": "bold yellow", "degraded": "bold red",
+               "failed": "bold red", "gone": "bold magenta"}  # fmt: skip
+RANK_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
+
+# Secrets never reach the terminal, even in a dry run.
+_SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+
+
+def _stage(s: str) -> Text:
+    return Text(s, style=STAGE_STYLE.get(s, ""))
+
+
+def plan_view(plan: LaunchPlan, facts_note: str = "") -> Group:
+    """The dry-run output: job summary, nodes with their agent command, and every rank."""
+    head = Table.grid(padding=(0, 2))
+    head.add_row("job", f"{plan.name} ({plan.job_id})")
+    head.add_row("world size", str(plan.world_size))
+    head.add_row("init method", f"{plan.init_method}  {plan.init_url}")
+    head.add_row("backend", plan.backend)
+    head.add_row("master", f"{plan.master_addr}:{plan.master_port} (rendezvous port {plan.rdzv_port})")
+    if facts_note:
+        head.add_row("note", facts_note)
+    nodes = Table(title="nodes", title_justify="left")
+    for col in ("node", "host", "ranks", "agent command", "environment"):
+        nodes.add_column(col, overflow="fold")
+    for n in plan.nodes:
+        env = {k: ("***" if any(h in k.upper() for h in _SECRET_HINTS) else v) for k, v in sorted(n.env.items())}
+        nodes.add_row(
+            str(n.node_rank),
+            n.host,
+            f"{n.rank_offset}..{n.rank_offset + n.nprocs - 1}",
+            shlex.join(n.argv),
+            "\n".join(f"{k}={v}" for k, v in env.items()),
+        )
+    ranks = Table(title="ranks", title_justify="left")
+    for col in ("RANK", "LOCAL_RANK", "node", "host", "device"):
+        ranks.add_column(col)
+    for r in plan.ranks:
+        ranks.add_row(str(r.rank), str(r.local_rank), str(r.node_rank), r.host, r.device)
+    return Group(head, nodes, ranks)
+
+
+class UpView:
+    """Live per-node progress for `up`: connecting → started → rendezvous → ready."""
+
+    def __init__(self, console: Console, hosts: list[str], slots: list[int]) -> None:
+        self.console = console
+        self.hosts = hosts
+        self.slots = slots
+        self.rows: list[tuple[str, str]] = [("waiting", "") for _ in hosts]
+        self.t0 = time.monotonic()
+        self.live = Live(self._table(), console=console, refresh_per_second=8, transient=False)
+
+    def _table(self) -> Table:
+        t = Table(title=f"dslaunch up  {time.monotonic() - self.t0:5.1f}s", title_justify="left")
+        for col in ("node", "host", "slots", "stage", "detail"):
+            t.add_column(col, overflow="fold")
+        for i, (h, (stage, detail)) in enumerate(zip(self.hosts, self.rows, strict=True)):
+            t.add_row(str(i), h, str(self.slots[i]), _stage(stage), detail)
+        return t
+
+    def update(self, i: int, stage: str, detail: str) -> None:
+        self.rows[i] = (stage, detail)
+        self.live.update(self._table())
+
+    def __enter__(self) -> UpView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.update(self._table())
+        self.live.__exit__(*exc)
+
+
+def up_summary(rec: JobRecord, seconds: float) -> Text:
+    return Text.assemble(
+        ("ready", "bold green"),
+        f": job {rec.name!r} — {rec.world_size} ranks on {len(rec.nodes)} node(s), "
+        f"init {rec.init_method}, backend {rec.backend}, master {rec.master_addr}:{rec.master_port} "
+        f"({seconds:.1f}s)\n",
+        ("next: ", "dim"),
+        f"dslaunch status --name {rec.name}  ·  dslaunch logs --name {rec.name}  ·  dslaunch down --name {rec.name}",
+    )
+
+
+def _age(created: float) -> str:
+    s = max(0, int(time.time() - created))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def status_view(st: JobStatus) -> Group:
+    head = Text.assemble(
+        (f"job {st.name}", "bold"), "  ", (st.state, STATE_STYLE.get(st.state, "")),
+        f"  {st.reason}\n",
+        f"world size {st.world_size} · init {st.init_method} · backend {st.backend} · "
+        f"master {st.master} · run {st.run_id} · up {_age(st.created)}",
+    )  # fmt: skip
+    nodes = Table(title="nodes", title_justify="left")
+    for col in ("node", "host", "reachable", "agent", "pid", "processes", "note"):
+        nodes.add_column(col, overflow="fold")
+    for n in st.nodes:
+        agent = (
+            Text("alive", "green") if n.agent_alive
+            else Text("unreachable" if not n.reachable else
+                      f"exited {n.exit_code}" if n.exit_code is not None else "not running", "red")
+        )  # fmt: skip
+        nodes.add_row(
+            str(n.node_rank), n.host, "yes" if n.reachable else Text("no", "red"), agent,
+            str(n.agent_pid or "-"), str(n.procs) if n.reachable else "?", n.error or "",
+        )  # fmt: skip
+    ranks = Table(title="ranks", title_justify="left")
+    for col in ("rank", "host", "local", "pid", "stage", "restarts", "device", "memory", "error"):
+        ranks.add_column(col, overflow="fold")
+    for r in st.ranks:
+        mem = f"{r.rss_mb:.0f} MiB" if r.rss_mb is not None else "-"
+        if r.gpu_mem_mb is not None:
+            mem += f" / gpu {r.gpu_mem_mb:.0f} MiB"
+        ranks.add_row(
+            str(r.rank), r.host, str(r.local_rank), str(r.pid or "-"), _stage(r.stage),
+            str(r.restarts), r.device or "-", mem, r.error or "",
+        )  # fmt: skip
+    parts: list[Any] = [head, nodes, ranks]
+    for n in st.nodes:
+        if n.log_tail:
+            parts.append(Text(f"last lines of the agent log on {n.host}:", style="bold"))
+            parts.append(Text("\n".join(f"  {ln}" for ln in n.log_tail), style="dim"))
+    return Group(*parts)
+
+
+def down_text(rep: DownReport) -> Text:
+    if rep.clean:
+        return Text.assemble(
+            ("stopped", "bold green"),
+            f": job {rep.name!r} — {rep.found} process(es) on {rep.nodes} node(s) ended "
+            f"({rep.killed} needed SIGKILL); verified: none left",
+        )
+    lines = [f"job {rep.name!r} is not fully stopped:"]
+    lines += [f"  {u}" for u in rep.unreachable]
+    lines += [f"  {h}: processes still running: {' '.join(map(str, p))}" for h, p in rep.survivors.items()]
+    lines.append(f"the record is kept; run 'dslaunch down --name {rep.name}' again once the node answers")
+    return Text("\n".join(lines), style="red")
+
+
+def log_line(rank: int, text: str) -> Text:
+    if rank < 0:
+        return Text(text, style="red")
+    colour = RANK_COLOURS[rank % len(RANK_COLOURS)]
+    return Text.assemble((f"[rank {rank}] ", colour), text)

@@ -1,0 +1,155 @@
+"""The job spec: everything `up` was asked for, built once by the CLI and validated here."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dslaunch.errors import UserError
+from dslaunch.hostfile import Node
+
+INIT_METHODS = ("tcp", "file", "env")
+BACKENDS = ("auto", "nccl", "gloo")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Launch-host variables forwarded to every node, as DeepSpeed's launcher does for NCCL_* & co.
+FORWARD_PREFIXES = ("NCCL_", "GLOO_", "UCX_", "FI_", "HF_", "TRANSFORMERS_", "TORCH_")
+DEEPSPEED_ENV_NAME = ".deepspeed_env"
+
+
+@dataclass
+class JobSpec:
+    """What to run where; `__post_init__` rejects combinations that cannot work, with the flag named."""
+
+    nodes: list[Node]
+    name: str = "default"
+    init_method: str = "tcp"
+    rdzv_dir: str | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    rdzv_port: int | None = None
+    max_restarts: int = 3
+    python: str = sys.executable
+    work_dir: str = "~/.dslaunch/run"
+    backend: str = "auto"
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout: float = 300.0
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    pg_timeout: float = 1800.0
+    stop_grace: float = 10.0
+    accept_new_host_keys: bool = False
+    parallelism: int = 32
+    keep_logs: bool = False
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise UserError(
+                f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 63, "
+                "starting with a letter or digit)"
+            )
+        if self.init_method not in INIT_METHODS:
+            raise UserError(f"--init-method {self.init_method!r}: choose one of {', '.join(INIT_METHODS)}")
+        if self.init_method == "file":
+            if not self.rdzv_dir:
+                raise UserError("--init-method file needs --rdzv-dir: a directory every node sees (e.g. on NFS)")
+            if not self.rdzv_dir.startswith("/"):
+                raise UserError(f"--rdzv-dir {self.rdzv_dir!r}: must be an absolute path")
+        elif self.rdzv_dir:
+            raise UserError(f"--rdzv-dir is only used with --init-method file (not {self.init_method})")
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        for flag, port in (("--master-port", self.master_port), ("--rdzv-port", self.rdzv_port)):
+            if port is not None and not 1 <= port <= 65535:
+                raise UserError(f"{flag} {port}: not a TCP port (1-65535)")
+        if self.master_port is not None and self.master_port == self.rdzv_port:
+            raise UserError("--master-port and --rdzv-port must differ")
+        if self.max_restarts < 0:
+            raise UserError(f"--max-restarts {self.max_restarts}: must be 0 or more")
+        for flag, value in (
+            ("--timeout", self.ready_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--command-timeout", self.command_timeout),
+            ("--pg-timeout", self.pg_timeout),
+        ):
+            if not value > 0:
+                raise UserError(f"{flag} {value}: must be more than 0 seconds")
+        if self.parallelism < 1:
+            raise UserError(f"--parallelism {self.parallelism}: must be at least 1")
+        for key in self.env:
+            if not _ENV_KEY_RE.match(key):
+                raise UserError(f"--env {key!r}: not a valid environment variable name")
+        if not self.nodes:
+            raise UserError("no nodes to run on")
+
+    @property
+    def world_size(self) -> int:
+        return sum(n.nprocs for n in self.nodes)
+
+
+def parse_env_pairs(pairs: tuple[str, ...] | list[str], source: str = "--env") -> dict[str, str]:
+    """Parse KEY=VAL items (from `--env` or lines of an env file); errors name the item."""
+    out: dict[str, str] = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not _ENV_KEY_RE.match(key):
+            raise UserError(f"{source} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def read_env_file(path: str | Path, flag: str = "--env-file") -> dict[str, str]:
+    """Read a KEY=VALUE file (comments and blank lines allowed, optional `export `)."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"{flag} {p}: cannot read ({e.strerror})") from None
+    out: dict[str, str] = {}
+    for lineno, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].strip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not _ENV_KEY_RE.match(key):
+            raise UserError(f"{p}:{lineno}: expected KEY=VALUE, got {raw.strip()!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
+def collect_env(
+    launch_env: dict[str, str] | os._Environ,
+    env_pairs: tuple[str, ...] | list[str] = (),
+    env_files: tuple[str, ...] | list[str] = (),
+    cwd: Path | None = None,
+    home: Path | None = None,
+) -> dict[str, str]:
+    """The user environment for every node, lowest precedence first.
+
+    Forwarded launch-host prefixes (NCCL_*, ...), then DeepSpeed's `.deepspeed_env` (home, then
+    the working directory, or `DS_ENV_FILE`), then `--env-file`, then `--env`.
+    """
+    out = {k: v for k, v in launch_env.items() if k.startswith(FORWARD_PREFIXES)}
+    ds_files: list[Path] = []
+    if launch_env.get("DS_ENV_FILE"):
+        ds_files.append(Path(launch_env["DS_ENV_FILE"]))
+    else:
+        for base in (home or Path.home(), cwd or Path.cwd()):
+            ds_files.append(base / DEEPSPEED_ENV_NAME)
+    for f in dict.fromkeys(ds_files):
+        if f.is_file():
+            out.update(read_env_file(f, flag=DEEPSPEED_ENV_NAME))
+    for f in env_files:
+        out.update(read_env_file(f))
+    out.update(parse_env_pairs(env_pairs))
+    return out

@@ -1,0 +1,135 @@
+"""The job record on the launch host: `$DSLAUNCH_HOME/jobs/<name>.json` (default ~/.dslaunch).
+
+Written atomically (temp file + rename, 0600) so a Ctrl-C never leaves half a record, and guarded
+by a per-name lock so two `up`s of the same name cannot both start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dslaunch.errors import UserError
+
+
+def home() -> Path:
+    return Path(os.environ.get("DSLAUNCH_HOME") or Path.home() / ".dslaunch")
+
+
+def jobs_dir() -> Path:
+    d = home() / "jobs"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+@dataclass
+class NodeRecord:
+    node_rank: int
+    host: str
+    target: str
+    nprocs: int
+    rank_offset: int
+    node_dir: str
+    address: str | None = None
+    agent_pid: int | None = None
+
+
+@dataclass
+class JobRecord:
+    """What `status`, `logs` and `down` need to find every process of a job again."""
+
+    name: str
+    run_id: str
+    job_id: str
+    state: str  # starting | ready | failed | stopping
+    world_size: int
+    init_method: str
+    backend: str
+    python: str
+    master_addr: str
+    master_port: int
+    rdzv_port: int
+    nodes: list[NodeRecord]
+    rdzv_glob: str | None = None
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    accept_new_host_keys: bool = False
+    keep_logs: bool = False
+    created: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobRecord:
+        d = dict(d)
+        d["nodes"] = [NodeRecord(**n) for n in d["nodes"]]
+        return cls(**d)
+
+
+def record_path(name: str) -> Path:
+    return jobs_dir() / f"{name}.json"
+
+
+def save(rec: JobRecord) -> None:
+    path = record_path(rec.name)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(rec), f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(name: str) -> JobRecord | None:
+    path = record_path(name)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: job record is unreadable ({e}); remove it by hand") from None
+    try:
+        return JobRecord.from_dict(data)
+    except (TypeError, KeyError) as e:
+        raise UserError(f"{path}: job record is from another dslaunch version ({e})") from None
+
+
+def require(name: str) -> JobRecord:
+    rec = load(name)
+    if rec is None:
+        names = list_names()
+        hint = f" (jobs here: {', '.join(names)})" if names else " (no jobs here; start one with dslaunch up)"
+        raise UserError(f"no job named {name!r} in {jobs_dir()}{hint}")
+    return rec
+
+
+def remove(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        record_path(name).unlink()
+
+
+def list_names() -> list[str]:
+    return sorted(p.stem for p in jobs_dir().glob("*.json"))
+
+
+@contextlib.contextmanager
+def locked(name: str) -> Iterator[None]:
+    """Hold the job's lock; a second holder is refused at once rather than made to wait."""
+    path = jobs_dir() / f".{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another dslaunch command is working on job {name!r} right now; wait for it to end"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
