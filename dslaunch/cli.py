@@ -15,8 +15,17 @@ from dslaunch.errors import UserError
 from dslaunch.hostfile import Node, load_hostfile, select_nodes
 from dslaunch.spec import INIT_METHODS, JobSpec, collect_env
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+def _console(stderr: bool = False) -> Console:
+    """Rich console; when piped (logs, CI) use a wide fixed width instead of wrapping at 80."""
+    c = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c.width = 160
+    return c
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 UP_EXAMPLES = """
 \b

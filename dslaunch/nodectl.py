@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -233,6 +234,10 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(args["env"])
     env["DSLAUNCH_NODE_DIR"] = str(ndir)
+    if env.pop("DSLAUNCH_AUTO_THREADS", None) == "1" and "OMP_NUM_THREADS" not in args["env"]:
+        # torchrun pins every rank to one thread when several share a node; divide the cores.
+        nprocs = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
     # The plan cannot know how `~` expands here: it writes {node_dir} and we fill it in.
     argv = [a.replace("{node_dir}", str(ndir)) for a in args["argv"]]
     log = open(ndir / AGENT_LOG, "ab")  # noqa: SIM115 - handed to the child
@@ -294,9 +299,36 @@ def op_status(args: dict[str, Any]) -> dict[str, Any]:
     }
     tail = int(args.get("tail", 0))
     if tail and (not agent["alive"] or any(r.get("error") for r in ranks)):
-        out["agent_log"] = _tail(ndir / AGENT_LOG, tail)
+        out["agent_log"] = agent_failure(_tail(ndir / AGENT_LOG, 400), keep=tail)
         out["rank_logs"] = {str(r["rank"]): _tail(ndir / "logs" / f"rank{r['rank']}.log", tail) for r in ranks}
     return out
+
+
+_TORCH_LOG_RE = re.compile(r"^[WEIF]\d{4} \d\d:")
+
+
+def agent_failure(lines: list[str], keep: int = 12) -> list[str]:
+    """The useful part of a failed agent's log: what the workers printed, then torchrun's root cause.
+
+    torchrun ends with a long traceback of its own and a summary; the cause a user needs is the
+    worker output before it and the "Root Cause" block.
+    """
+    end = next((i for i, ln in enumerate(lines) if "torch/distributed/run.py" in ln), len(lines))
+    start = end
+    while start > 0 and not lines[start - 1].startswith("Traceback"):
+        start -= 1
+    body = lines[: start - 1] if start > 0 else lines[:end]
+    worker = [ln for ln in body if ln.strip() and not _TORCH_LOG_RE.match(ln) and not ln.startswith("*****")
+              and "OMP_NUM_THREADS" not in ln][-keep:]  # fmt: skip
+    root: list[str] = []
+    if "Root Cause (first observed failure):" in "\n".join(lines):
+        i = max(i for i, ln in enumerate(lines) if "Root Cause (first observed failure):" in ln)
+        for ln in lines[i + 1 :]:
+            if ln.startswith("====="):
+                break
+            if ln.strip().startswith(("rank", "exitcode", "host", "traceback")):
+                root.append("root cause: " + " ".join(ln.split()))
+    return worker + root
 
 
 def _signal_all(pids: list[int], sig: int) -> None:

@@ -102,6 +102,8 @@ class UpView:
     def __exit__(self, *exc: Any) -> None:
         self.live.update(self._table())
         self.live.__exit__(*exc)
+        if not self.console.is_terminal:
+            self.console.line()  # a non-terminal Live leaves the last line open
 
 
 def up_summary(rec: JobRecord, seconds: float) -> Text:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import logging
 import os
 import select
 import shlex
@@ -24,6 +25,10 @@ import paramiko
 from dslaunch.errors import RemoteError
 from dslaunch.hostfile import Node
 from dslaunch.remote import ConnectOptions, RunResult
+
+# paramiko logs transport errors to stderr by itself; dslaunch reports them once, in one line.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 
 
 class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
@@ -142,7 +147,9 @@ class SSHTransport:
         except paramiko.SSHException as e:
             client.close()
             msg = str(e)
-            if "banner" in msg.lower() or "timeout" in msg.lower():
+            # A peer that never speaks SSH shows up as a banner time-out, or (when paramiko goes
+            # on to authenticate over the dead transport) as "No existing session".
+            if any(w in msg.lower() for w in ("banner", "timeout", "no existing session")):
                 msg = f"no SSH answer from {self.hostname}:{self.port} within {t:g}s (--connect-timeout)"
             raise RemoteError(f"{host}: {msg}") from None
         except OSError as e:

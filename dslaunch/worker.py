@@ -60,13 +60,10 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _set_threads(local_world_size: int) -> int | None:
-    """Divide the cores between local ranks (torchrun would pin each to one thread)."""
-    if os.environ.get("DSLAUNCH_AUTO_THREADS") != "1":
-        return None
-    n = max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    return n
+def _threads() -> int | None:
+    """Intra-op threads: OMP_NUM_THREADS as set by the user or by the node (cores ÷ local ranks)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class StopFlag:
@@ -91,7 +88,7 @@ def main() -> int:
     _redirect_output(node_dir, cfg.rank, cfg.restart)
     _die_with_parent()
     stop = StopFlag()
-    threads = _set_threads(cfg.local_world_size)
+    threads = _threads()
     status = RankStatus(
         node_dir,
         {

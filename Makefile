@@ -1,0 +1,47 @@
+# dslaunch: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+# A local CPU build by default; e.g. `make test TORCH=torch==2.14.1` for another one.
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint demo bench sshd clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: anything that depends on it would otherwise pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q deepspeed
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# Tests run a real OpenSSH server on 127.0.0.x; install it (and ps) when missing and we are root.
+sshd:
+	@if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ] || ! command -v ps >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing openssh-server and procps"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server procps >/dev/null; \
+	  else echo "sshd or ps missing: install openssh-server and procps (SSH tests will be skipped)"; fi; \
+	fi
+
+lint: $(STAMP)
+	$(PY) -m ruff check dslaunch tests benchmarks examples
+	$(PY) -m ruff format --check dslaunch tests benchmarks examples
+
+test: $(STAMP) sshd lint
+	$(PY) -m pytest -q -ra
+
+demo: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
+
+bench: $(STAMP) sshd
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

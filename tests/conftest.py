@@ -1,0 +1,112 @@
+"""Shared fixtures: simulated SSH nodes, a CLI runner, and a guard that ends every job process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.simnodes import SimCluster, sshd_available
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def job_pids(marker: str) -> list[int]:
+    """Pids whose environment contains `marker` (e.g. 'DSLAUNCH_JOB_ID=x' or a work-dir path)."""
+    out = subprocess.run(["ps", "axeww", "-o", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and marker in parts[2] and not parts[1].startswith("Z") and int(parts[0]) != os.getpid():
+            pids.append(int(parts[0]))
+    return pids
+
+
+def kill_marked(marker: str) -> list[int]:
+    """SIGKILL every process carrying `marker`; returns what had to be killed."""
+    pids = [p for p in job_pids(marker) if p != os.getpid()]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    return pids
+
+
+class Cli:
+    """Runs `python -m dslaunch ...` as a user would, in a private DSLAUNCH_HOME and work dir."""
+
+    def __init__(self, env: dict[str, str], work_dir: Path) -> None:
+        self.env = env
+        self.work_dir = work_dir
+
+    def __call__(self, *args: str, timeout: float = 180, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dslaunch", *args],
+            env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout, input=input,
+        )  # fmt: skip
+
+    def up(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+        return self("up", "--work-dir", str(self.work_dir), *args, timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dslaunch", *args], env=self.env, cwd=REPO, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+
+
+def _guard(cli: Cli) -> None:
+    """After a test: `down` every recorded job, then kill anything still carrying the work dir."""
+    home = Path(cli.env["DSLAUNCH_HOME"]) / "jobs"
+    for rec in home.glob("*.json") if home.exists() else []:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            cli("down", "--name", rec.stem, "--grace", "3", timeout=60)
+    time.sleep(0.1)
+    kill_marked(f"DSLAUNCH_NODE_DIR={cli.work_dir}")
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[SimCluster]:
+    """Two simulated nodes (sshd on 127.0.0.2 and 127.0.0.3)."""
+    yield from _sim(tmp_path, 2)
+
+
+@pytest.fixture
+def sim3(tmp_path: Path) -> Iterator[SimCluster]:
+    yield from _sim(tmp_path, 3)
+
+
+def _sim(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
+    if not sshd_available():
+        if os.environ.get("CI"):
+            pytest.fail("sshd is not installed (apt-get install openssh-server)")
+        pytest.skip("sshd is not installed")
+    cluster = SimCluster(tmp_path / "sim", n, **kw).start()  # type: ignore[arg-type]
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cli(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cli]:
+    """A CLI runner; uses the `sim` nodes' HOME when the test also asked for simulated nodes."""
+    sim_fixture = next((f for f in ("sim", "sim3") if f in request.fixturenames), None)
+    if sim_fixture:
+        env = request.getfixturevalue(sim_fixture).env()
+    else:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
+        env.update(DSLAUNCH_HOME=str(tmp_path / "dshome"), COLUMNS="200")
+    work = tmp_path / "work"
+    work.mkdir()
+    runner = Cli(env, work)
+    try:
+        yield runner
+    finally:
+        _guard(runner)

@@ -1,0 +1,149 @@
+"""Simulated nodes: one real OpenSSH server per loopback address (127.0.0.2, 127.0.0.3, ...).
+
+Everything lives in a throw-away directory: host key, user key, known_hosts, ssh_config (with an
+alias `nodeI` per node) and a HOME that points at them. Used by the test suite and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def sshd_available() -> bool:
+    return Path(SSHD).exists() and shutil.which("ssh-keygen") is not None
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(addr: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"sshd on {addr}:{port} did not start")
+
+
+@dataclass
+class SimNode:
+    alias: str
+    addr: str
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    private_dirs: list[str] = field(default_factory=list)
+
+
+class SimCluster:
+    """N nodes, each an sshd on its own 127.0.0.x address; `stop()` ends every one of them."""
+
+    def __init__(self, root: Path, n: int, first_ip: int = 2, private_dirs: dict[int, list[str]] | None = None):
+        self.root = root
+        self.home = root / "home"
+        self.ssh_dir = self.home / ".ssh"
+        self.etc = root / "sshd"
+        self.user = getpass.getuser()
+        port = free_port()
+        self.nodes = [
+            SimNode(f"node{i}", f"127.0.0.{first_ip + i}", port, private_dirs=(private_dirs or {}).get(i, []))
+            for i in range(n)
+        ]
+
+    # -- set-up ------------------------------------------------------------------------------
+    def start(self) -> SimCluster:
+        self.ssh_dir.mkdir(parents=True, mode=0o700)
+        self.etc.mkdir(mode=0o700)
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+        self._keygen(self.etc / "host_ed25519")
+        self._keygen(self.ssh_dir / "id_ed25519")
+        (self.etc / "authorized_keys").write_text((self.ssh_dir / "id_ed25519.pub").read_text())
+        os.chmod(self.etc / "authorized_keys", 0o600)
+        host_pub = (self.etc / "host_ed25519.pub").read_text().split()
+        (self.ssh_dir / "known_hosts").write_text(
+            "".join(f"[{n.addr}]:{n.port} {host_pub[0]} {host_pub[1]}\n" for n in self.nodes)
+        )
+        (self.ssh_dir / "config").write_text(
+            "".join(
+                f"Host {n.alias}\n  HostName {n.addr}\n  Port {n.port}\n  User {self.user}\n"
+                f"  IdentityFile {self.ssh_dir / 'id_ed25519'}\n"
+                for n in self.nodes
+            )
+        )
+        try:
+            for n in self.nodes:
+                self.start_node(n)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _keygen(self, path: Path) -> None:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+    def _config(self, n: SimNode) -> Path:
+        conf = self.etc / f"sshd_{n.alias}.conf"
+        conf.write_text(
+            f"ListenAddress {n.addr}:{n.port}\n"
+            f"HostKey {self.etc / 'host_ed25519'}\n"
+            f"PidFile {self.etc / f'{n.alias}.pid'}\n"
+            f"AuthorizedKeysFile {self.etc / 'authorized_keys'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+            "PermitRootLogin prohibit-password\nStrictModes no\nMaxSessions 64\nMaxStartups 64\n"
+            "LogLevel ERROR\nPrintMotd no\nAcceptEnv none\n"
+        )
+        return conf
+
+    def start_node(self, n: SimNode) -> None:
+        """Start (or restart) one node's sshd; private dirs get a tmpfs in its own mount namespace."""
+        argv = [SSHD, "-D", "-e", "-f", str(self._config(n))]
+        if n.private_dirs:
+            mounts = " && ".join(f"mount -t tmpfs dslaunch-private {d}" for d in n.private_dirs)
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
+        log = open(self.etc / f"{n.alias}.log", "ab")  # noqa: SIM115 - owned by the child
+        n.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        _wait_listening(n.addr, n.port)
+
+    def stop_node(self, n: SimNode) -> None:
+        if n.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(n.proc.pid, signal.SIGTERM)
+        try:
+            n.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(n.proc.pid, signal.SIGKILL)
+            n.proc.wait()
+        n.proc = None
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            self.stop_node(n)
+
+    # -- what tests use ----------------------------------------------------------------------
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for a dslaunch process that should see these nodes."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SSH_AUTH_SOCK", "DSLAUNCH_"))}
+        env.update(HOME=str(self.home), DSLAUNCH_HOME=str(self.root / "dshome"), COLUMNS="200")
+        env.update(extra)
+        return env
+
+    def hostfile(self, slots: int = 2, nodes: list[SimNode] | None = None, extra: str = "") -> Path:
+        path = self.root / f"hosts-{len(nodes or self.nodes)}x{slots}"
+        path.write_text("".join(f"{n.alias} slots={slots}\n" for n in nodes or self.nodes) + extra)
+        return path

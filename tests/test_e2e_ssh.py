@@ -1,0 +1,203 @@
+"""End to end through the CLI on simulated SSH nodes: up → status → logs → down → nothing left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, job_pids
+from tests.simnodes import SimCluster
+
+pytestmark = pytest.mark.ssh
+
+
+def _status(cli: Cli, name: str = "default") -> dict:
+    res = cli("status", "--name", name, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("method", ["tcp", "file", "env"])
+def test_up_status_down_two_nodes(sim: SimCluster, cli: Cli, tmp_path: Path, method: str) -> None:
+    hosts = sim.hostfile(slots=2)
+    extra = ["--rdzv-dir", str(tmp_path)] if method == "file" else []
+    res = cli.up("--hostfile", str(hosts), "--init-method", method, "--timeout", "120", *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ready" in res.stdout
+
+    st = _status(cli)
+    assert st["state"] == "ready"
+    assert st["world_size"] == 4 and st["init_method"] == method
+    assert [r["rank"] for r in st["ranks"]] == [0, 1, 2, 3]
+    assert {r["host"] for r in st["ranks"]} == {"node0", "node1"}
+    assert all(r["stage"] == "ready" and r["restarts"] == 0 and r["pid"] for r in st["ranks"])
+    # rank numbering follows the hostfile: ranks 0-1 on node0, 2-3 on node1
+    assert [r["host"] for r in st["ranks"]] == ["node0", "node0", "node1", "node1"]
+    assert all(n["agent_alive"] and n["reachable"] for n in st["nodes"])
+    jid = f"DSLAUNCH_JOB_ID=default-{st['run_id']}"
+    pids = job_pids(jid)
+    assert {r["pid"] for r in st["ranks"]} <= set(pids)
+
+    logs = cli("logs")
+    assert logs.returncode == 0, logs.stderr
+    for rank in range(4):
+        assert f"[rank {rank}] group ready: rank {rank}/4, all-reduce of ranks = 6" in logs.stdout
+
+    if method == "file":
+        assert list(tmp_path.glob(f"default-{st['run_id']}-*")), "the rendezvous file should exist while up"
+
+    down = cli("down")
+    assert down.returncode == 0, down.stderr
+    assert "none left" in down.stdout
+    assert job_pids(jid) == [], "down must leave no process of the job"
+    assert not list(tmp_path.glob(f"default-{st['run_id']}-*")), "down removes the rendezvous file"
+    assert not any(cli.work_dir.iterdir()), "down removes the job's directory on every node"
+
+    again = cli("down")
+    assert again.returncode == 0 and "nothing to stop" in again.stdout
+    gone = cli("status")
+    assert gone.returncode != 0 and "no job named 'default'" in gone.stderr
+
+
+def test_second_up_with_live_name_is_refused(sim: SimCluster, cli: Cli) -> None:
+    hosts = sim.hostfile(slots=1)
+    assert cli.up("-H", str(hosts)).returncode == 0
+    res = cli.up("-H", str(hosts))
+    assert res.returncode == 1
+    assert "a job named 'default' already exists" in res.stderr
+    assert _status(cli)["state"] == "ready", "the refused up must not disturb the running job"
+
+
+def test_unreachable_node_is_named_and_nothing_starts(sim: SimCluster, cli: Cli) -> None:
+    sim.stop_node(sim.nodes[1])
+    res = cli.up("-H", str(sim.hostfile(slots=1)), "--connect-timeout", "3")
+    assert res.returncode == 1
+    err = res.stderr.strip().splitlines()
+    assert any(line.strip().startswith("node1:") and "127.0.0.3" in line for line in err), res.stderr
+    assert "Traceback" not in res.stderr
+    assert job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}") == []
+    assert cli("status").returncode != 0, "a failed up leaves no job record"
+
+
+def test_silent_node_times_out_within_connect_timeout(sim: SimCluster, cli: Cli) -> None:
+    """A host that accepts TCP but never speaks SSH: fail within --connect-timeout, naming it."""
+    import socket
+    import time
+
+    sim.stop_node(sim.nodes[1])
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind((sim.nodes[1].addr, sim.nodes[1].port))
+    silent.listen(8)
+    try:
+        t0 = time.monotonic()
+        res = cli.up("-H", str(sim.hostfile(slots=1)), "--connect-timeout", "2")
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert res.returncode == 1
+    assert "node1: no SSH answer from 127.0.0.3" in res.stderr and "--connect-timeout" in res.stderr
+    assert took < 30
+    assert job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}") == []
+
+
+def test_unknown_host_key_refused_then_accepted(sim: SimCluster, cli: Cli) -> None:
+    known = sim.ssh_dir / "known_hosts"
+    lines = known.read_text().splitlines()
+    known.write_text(lines[0] + "\n")  # forget node1's key
+    hosts = str(sim.hostfile(slots=1))
+    res = cli.up("-H", hosts)
+    assert res.returncode == 1
+    assert "node1: host key for [127.0.0.3]" in res.stderr and "--accept-new-host-keys" in res.stderr
+    ok = cli.up("-H", hosts, "--accept-new-host-keys")
+    assert ok.returncode == 0, ok.stderr
+    assert "[127.0.0.3]" in known.read_text()
+
+
+def test_changed_host_key_refused_even_with_accept_new(sim: SimCluster, cli: Cli) -> None:
+    import subprocess
+
+    other = sim.root / "otherkey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    pub = (other.with_suffix(".pub")).read_text().split()
+    known = sim.ssh_dir / "known_hosts"
+    lines = known.read_text().splitlines()
+    lines[1] = f"[127.0.0.3]:{sim.nodes[1].port} {pub[0]} {pub[1]}"
+    known.write_text("\n".join(lines) + "\n")
+    res = cli.up("-H", str(sim.hostfile(slots=1)), "--accept-new-host-keys")
+    assert res.returncode == 1
+    assert "node1: HOST KEY CHANGED" in res.stderr and "ssh-keygen -R" in res.stderr
+
+
+@pytest.fixture
+def sim_private(tmp_path: Path):
+    """Node 1 sees its own tmpfs over the rendezvous directory: not shared with node 0."""
+    rdzv = tmp_path / "rdzv"
+    rdzv.mkdir()
+    from tests.conftest import _sim
+
+    gen = _sim(tmp_path, 2, private_dirs={1: [str(rdzv)]}, first_ip=6)
+    cluster = next(gen)
+    yield cluster, rdzv
+    for _ in gen:
+        pass
+
+
+def test_file_method_refuses_a_directory_that_is_not_shared(sim_private, tmp_path: Path) -> None:
+    cluster, rdzv = sim_private
+    cli = Cli(cluster.env(), tmp_path / "work")
+    cli.work_dir.mkdir()
+    try:
+        res = cli.up("-H", str(cluster.hostfile(slots=1)), "--init-method", "file", "--rdzv-dir", str(rdzv))
+        assert res.returncode == 1
+        assert "node1: --rdzv-dir" in res.stderr and "not the same directory as on node 0" in res.stderr
+        assert not list(rdzv.iterdir()), "the probe file is removed"
+        assert job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}") == [], "refused before anything starts"
+    finally:
+        from tests.conftest import _guard
+
+        _guard(cli)
+
+
+def test_failing_rank_makes_up_fail_and_clean_everything(sim: SimCluster, cli: Cli, tmp_path: Path) -> None:
+    """A broken environment on the nodes (rank 1 cannot start): up shows why and removes all."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if os.environ.get('LOCAL_RANK') == '1':\n"
+        "    sys.exit('sitecustomize: rank refuses to start (simulated broken node)')\n"
+    )
+    res = cli.up("-H", str(sim.hostfile(slots=2)), "--max-restarts", "0", "--env", f"PYTHONPATH={site}",
+                 "--timeout", "120")  # fmt: skip
+    assert res.returncode == 1, res.stdout
+    assert "the agent stopped before the job was ready" in res.stderr
+    assert "everything it started was removed from every node" in res.stderr
+    assert "simulated broken node" in res.stderr, "the failing rank's own words are shown"
+    assert job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}") == []
+    assert cli("status").returncode != 0
+
+
+def test_status_reports_an_unreachable_node(sim: SimCluster, cli: Cli) -> None:
+    assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
+    sim.stop_node(sim.nodes[1])
+    try:
+        st = _status(cli)
+        assert st["state"] == "degraded"
+        assert [n["reachable"] for n in st["nodes"]] == [True, False]
+        assert st["ranks"][0]["stage"] == "ready"
+    finally:
+        sim.start_node(sim.nodes[1])
+    assert cli("down").returncode == 0
+
+
+def test_localhost_without_sshd(cli: Cli) -> None:
+    res = cli.up("-H", "hostfiles/localhost", "--init-method", "env")
+    assert res.returncode == 0, res.stderr
+    st = _status(cli)
+    assert st["state"] == "ready" and st["world_size"] == 2
+    jid = f"DSLAUNCH_JOB_ID=default-{st['run_id']}"
+    assert cli("down").returncode == 0
+    assert job_pids(jid) == []

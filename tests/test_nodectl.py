@@ -1,0 +1,133 @@
+"""Node-side control with real processes: start detached, find by marker, stop, verify, clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dslaunch import nodectl
+from tests.conftest import job_pids
+
+# An "agent" that starts a child which escapes into its own session, like torchrun's workers do.
+AGENT = (
+    "import subprocess, sys, time;"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True);"
+    "time.sleep(600)"
+)
+
+
+def _args(jid: str, node_dir: Path, argv: list[str]) -> dict:
+    env = {"DSLAUNCH_JOB_ID": jid, "DSLAUNCH_NODE_RANK": "0"}
+    return {"job_id": jid, "node_rank": 0, "node_dir": str(node_dir), "argv": argv, "env": env}
+
+
+@pytest.fixture
+def started(tmp_path: Path):
+    jid = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    args = _args(jid, tmp_path / "n0", [sys.executable, "-c", AGENT])
+    out = nodectl.op_start(args)
+    try:
+        yield jid, args, out
+    finally:
+        for p in job_pids(f"DSLAUNCH_JOB_ID={jid}"):
+            os.kill(p, signal.SIGKILL)
+
+
+def _wait_count(jid: str, n: int) -> list[int]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = nodectl.job_processes(jid, 0)
+        if len(pids) >= n:
+            return pids
+        time.sleep(0.05)
+    return nodectl.job_processes(jid, 0)
+
+
+def test_start_detaches_and_stop_removes_every_marked_process(started, tmp_path: Path) -> None:
+    jid, args, out = started
+    assert "pid" in out, out
+    pids = _wait_count(jid, 3)  # shell wrapper, agent, escaped child
+    assert len(pids) == 3
+    assert os.getsid(out["pid"]) == out["pid"], "the agent runs in its own session"
+    # same job id on another node rank, and an unrelated process: both must survive
+    other_env = dict(os.environ, DSLAUNCH_JOB_ID=jid, DSLAUNCH_NODE_RANK="1")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=other_env)
+    try:
+        st = nodectl.op_status({**args, "tail": 5})
+        assert st["agent"]["alive"] and st["procs"] == 3
+        res = nodectl.op_stop({**args, "grace": 2})
+        assert res["survivors"] == [] and res["found"] == 3 and res["removed"]
+        assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == [other.pid]
+        assert not (tmp_path / "n0").exists()
+        assert other.poll() is None, "a process of another node must not be touched"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    jid = f"stubborn-{time.monotonic_ns()}"
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    args = _args(jid, tmp_path / "n", [sys.executable, "-c", code])
+    assert "pid" in nodectl.op_start(args)
+    try:
+        _wait_count(jid, 2)
+        res = nodectl.op_stop({**args, "grace": 1, "keep_logs": True})
+        assert res["survivors"] == [] and res["killed"] >= 1
+        assert (tmp_path / "n" / "agent.log").exists(), "--keep-logs keeps the logs"
+        assert not (tmp_path / "n" / "agent.pid").exists()
+    finally:
+        for p in job_pids(f"DSLAUNCH_JOB_ID={jid}"):
+            os.kill(p, signal.SIGKILL)
+
+
+def test_agent_that_dies_at_once_is_reported(tmp_path: Path) -> None:
+    args = {"job_id": "x-1", "node_rank": 0, "node_dir": str(tmp_path / "n"),
+            "argv": ["/nonexistent/python", "-m", "x"], "env": {}}  # fmt: skip
+    out = nodectl.op_start(args)
+    assert out["error"] == "the agent exited at once"
+    assert any("nonexistent" in line for line in out["log"])
+
+
+def test_status_of_a_missing_node_dir(tmp_path: Path) -> None:
+    st = nodectl.op_status({"node_dir": str(tmp_path / "none"), "job_id": "nope-1", "node_rank": 0})
+    assert st["present"] is False and st["procs"] == 0
+
+
+def test_cli_entry_speaks_json(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "dslaunch.nodectl", "probe"], input=json.dumps({"ports": [None, None]}) + "\n",
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    out = json.loads(res.stdout)
+    assert out["dslaunch"] and out["cpus"] >= 1 and len(set(out["ports"])) == 2
+    bad = subprocess.run([sys.executable, "-m", "dslaunch.nodectl", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_agent_failure_summary_keeps_worker_words_and_root_cause() -> None:
+    log = [
+        "W1123 09:17:02.4 1 api.py:1] warning",
+        "Traceback (most recent call last):",
+        '  File "w.py", line 1',
+        "ValueError: the real problem",
+        "E1123 09:17:02.4 1 api.py:1] failed",
+        "Traceback (most recent call last):",
+        '  File "/x/torch/distributed/run.py", line 1, in <module>',
+        "Root Cause (first observed failure):",
+        "[0]:",
+        "  rank      : 1 (local_rank: 1)",
+        "  exitcode  : 1 (pid: 5)",
+        "=======",
+    ]
+    got = nodectl.agent_failure(log)
+    assert "ValueError: the real problem" in got
+    assert "root cause: exitcode : 1 (pid: 5)" in got
+    assert not any("torch/distributed/run.py" in g for g in got)
