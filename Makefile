@@ -31,8 +31,8 @@ sshd:
 	fi
 
 lint: $(STAMP)
-	$(PY) -m ruff check dslaunch tests benchmarks examples
-	$(PY) -m ruff format --check dslaunch tests benchmarks examples
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: $(STAMP) sshd lint
 	$(PY) -m pytest -q -ra

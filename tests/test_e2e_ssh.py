@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,31 @@ def test_localhost_without_sshd(cli: Cli) -> None:
     jid = f"DSLAUNCH_JOB_ID=default-{st['run_id']}"
     assert cli("down").returncode == 0
     assert job_pids(jid) == []
+
+
+def test_logs_follow_prefixes_ranks_and_stops_cleanly_on_ctrl_c(sim: SimCluster, cli: Cli) -> None:
+    import signal
+    import subprocess
+    import time
+
+    assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
+    proc = cli.popen("logs", "-f")
+    seen: set[str] = set()
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            for rank in ("0", "1"):
+                if line.startswith(f"[rank {rank}] group ready"):
+                    seen.add(rank)
+        assert seen == {"0", "1"}
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", "dslaunch.nodectl follow"], capture_output=True, text=True).stdout
+    assert left.strip() == "", "the node-side follower ends when the client goes away"
