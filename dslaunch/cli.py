@@ -243,5 +243,19 @@ def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool) -> None:
         sys.exit(1)
 
 
+@main.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+def make_tiny_model(directory: str) -> None:
+    """Write a tiny random causal LM with its tokenizer to DIRECTORY (no download needed).
+
+    \b
+    Example:
+      dslaunch make-tiny-model /tmp/tiny && ls /tmp/tiny
+    """
+    from dslaunch import tinymodel
+
+    console.print(f"wrote {tinymodel.build(directory)}")
+
+
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,14 @@ class GroupConfig:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | os._Environ | None = None) -> GroupConfig:
-        """Read the plan's DSLAUNCH_* variables and the agent's LOCAL_RANK/restart count."""
+        """Read the plan's DSLAUNCH_* variables, the agent's LOCAL_RANK, and the job-wide attempt."""
         e = os.environ if env is None else env
         local_rank = int(e["LOCAL_RANK"])
+        rank = int(e["DSLAUNCH_RANK_OFFSET"]) + local_rank
+        memo = Path(e["DSLAUNCH_NODE_DIR"]) / "ranks" / f"rank{rank}.attempt"
+        attempt = agree_attempt(e, rank, memo)
         return cls(
-            rank=int(e["DSLAUNCH_RANK_OFFSET"]) + local_rank,
+            rank=rank,
             world_size=int(e["DSLAUNCH_WORLD_SIZE"]),
             local_rank=local_rank,
             local_world_size=int(e.get("LOCAL_WORLD_SIZE", "1")),
@@ -43,7 +47,7 @@ class GroupConfig:
             backend=e.get("DSLAUNCH_BACKEND", "gloo"),
             master_addr=e["DSLAUNCH_MASTER_ADDR"],
             master_port=int(e["DSLAUNCH_MASTER_PORT"]),
-            restart=int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            restart=attempt if attempt is not None else int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
             timeout_s=float(e.get("DSLAUNCH_PG_TIMEOUT", "1800")),
         )
 
@@ -55,6 +59,38 @@ class GroupConfig:
     @property
     def device(self) -> str:
         return f"cuda:{self.local_rank}" if self.backend == "nccl" else "cpu"
+
+
+def agree_attempt(env: dict[str, str] | os._Environ, rank: int, memo: Path, timeout_s: float = 120.0) -> int | None:
+    """A job-wide attempt number, the same on every rank and new after every gang restart.
+
+    torchrun's TORCHELASTIC_RESTART_COUNT counts only a node's own failures (a node restarted
+    because another failed keeps 0), so it cannot name a per-restart rendezvous file that every
+    node agrees on. Rank 0 bumps a counter in the agent's store (hosted on node 0); every other
+    rank waits for a value above the one it used last time (kept in `memo`). None when the agent
+    shares no store (older torch): the caller falls back to the restart count.
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import time
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(seconds=timeout_s))  # fmt: skip
+    key = "dslaunch/attempt"
+    if rank == 0:
+        attempt = store.add(key, 1) - 1
+    else:
+        last = int(memo.read_text()) if memo.exists() else -1
+        deadline = time.monotonic() + timeout_s
+        while (attempt := store.add(key, 0) - 1) <= last:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 did not start attempt {last + 1} within {timeout_s:g}s")
+            time.sleep(0.05)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(str(attempt))
+    return attempt
 
 
 def form_group(cfg: GroupConfig) -> None:
