@@ -41,6 +41,11 @@ class Node:
         return self.host in LOCAL_HOSTS
 
     @property
+    def where(self) -> str:
+        """' (line N)' for a node read from a hostfile, '' for the implicit localhost."""
+        return f" (line {self.line})" if self.line else ""
+
+    @property
     def nprocs(self) -> int:
         return len(self.slot_ids)
 
@@ -176,9 +181,7 @@ def select_nodes(
             raise HostfileError(f"--num-gpus {num_gpus}: must be at least 1")
         for n in selected:
             if n.nprocs < num_gpus:
-                raise HostfileError(
-                    f"--num-gpus {num_gpus}: host {n.host!r} (line {n.line}) has only {n.nprocs} slot(s)"
-                )
+                raise HostfileError(f"--num-gpus {num_gpus}: host {n.host!r}{n.where} has only {n.nprocs} slot(s)")
         selected = [_with_slots(n, n.slot_ids[:num_gpus]) for n in selected]
     if not selected:
         raise HostfileError("the host filters leave no node to run on")

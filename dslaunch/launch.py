@@ -125,8 +125,7 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = _quiet) -> F
             need = max(n.slot_ids) + 1
             if p.get("gpus", 0) < need:
                 problems.append(
-                    f"{n.host} (line {n.line}): {n.nprocs} slot(s) up to GPU {need - 1} but "
-                    f"{p.get('gpus', 0)} GPU(s) visible"
+                    f"{n.host}{n.where}: {n.nprocs} slot(s) up to GPU {need - 1} but {p.get('gpus', 0)} GPU(s) visible"
                 )
     busy = probes[0].get("busy_ports", [])
     for flag, port in (("--master-port", spec.master_port), ("--rdzv-port", spec.rdzv_port)):
