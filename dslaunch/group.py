@@ -8,7 +8,7 @@ numbering follows the hostfile (rank 0 always on node 0, whatever the rendezvous
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,14 +30,14 @@ class GroupConfig:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | os._Environ | None = None) -> GroupConfig:
-        """Read the plan's DSLAUNCH_* variables, the agent's LOCAL_RANK, and the job-wide attempt."""
+        """Read the plan's DSLAUNCH_* variables and the agent's LOCAL_RANK and restart count.
+
+        No I/O: the job-wide attempt is settled afterwards by `with_agreed_attempt`.
+        """
         e = os.environ if env is None else env
         local_rank = int(e["LOCAL_RANK"])
-        rank = int(e["DSLAUNCH_RANK_OFFSET"]) + local_rank
-        memo = Path(e["DSLAUNCH_NODE_DIR"]) / "ranks" / f"rank{rank}.attempt"
-        attempt = agree_attempt(e, rank, memo)
         return cls(
-            rank=rank,
+            rank=int(e["DSLAUNCH_RANK_OFFSET"]) + local_rank,
             world_size=int(e["DSLAUNCH_WORLD_SIZE"]),
             local_rank=local_rank,
             local_world_size=int(e.get("LOCAL_WORLD_SIZE", "1")),
@@ -47,7 +47,7 @@ class GroupConfig:
             backend=e.get("DSLAUNCH_BACKEND", "gloo"),
             master_addr=e["DSLAUNCH_MASTER_ADDR"],
             master_port=int(e["DSLAUNCH_MASTER_PORT"]),
-            restart=attempt if attempt is not None else int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            restart=int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
             timeout_s=float(e.get("DSLAUNCH_PG_TIMEOUT", "1800")),
         )
 
@@ -91,6 +91,12 @@ def agree_attempt(env: dict[str, str] | os._Environ, rank: int, memo: Path, time
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(str(attempt))
     return attempt
+
+
+def with_agreed_attempt(cfg: GroupConfig, node_dir: Path) -> GroupConfig:
+    """`cfg` with `restart` replaced by the job-wide attempt (kept as is without an agent store)."""
+    attempt = agree_attempt(os.environ, cfg.rank, node_dir / "ranks" / f"rank{cfg.rank}.attempt")
+    return cfg if attempt is None else replace(cfg, restart=attempt)
 
 
 def form_group(cfg: GroupConfig) -> None:

@@ -36,7 +36,7 @@ class RankStatus:
         write_json_atomic(self.path, self.data)
 
 
-def _redirect_output(node_dir: Path, rank: int, restart: int) -> None:
+def _redirect_output(node_dir: Path, rank: int) -> None:
     """Append stdout/stderr to the rank's log (one file across restarts, with a marker line)."""
     logs = node_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,6 @@ def _redirect_output(node_dir: Path, rank: int, restart: int) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    print(f"--- rank {rank} pid {os.getpid()} attempt {restart} on {socket.gethostname()} ---", flush=True)
 
 
 def _die_with_parent() -> None:
@@ -81,11 +80,11 @@ class StopFlag:
 
 
 def main() -> int:
-    from dslaunch.group import GroupConfig
+    from dslaunch.group import GroupConfig, with_agreed_attempt
 
     cfg = GroupConfig.from_env()
     node_dir = Path(os.environ["DSLAUNCH_NODE_DIR"])
-    _redirect_output(node_dir, cfg.rank, cfg.restart)
+    _redirect_output(node_dir, cfg.rank)
     _die_with_parent()
     stop = StopFlag()
     threads = _threads()
@@ -108,6 +107,10 @@ def main() -> int:
     )
     status.update(stage="starting")
     try:
+        # inside the try and after the redirect: a failure to agree shows in status and the rank log
+        cfg = with_agreed_attempt(cfg, node_dir)
+        status.update(restarts=cfg.restart)
+        print(f"--- rank {cfg.rank} pid {os.getpid()} attempt {cfg.restart} on {socket.gethostname()} ---", flush=True)
         return _run(cfg, status, stop, threads)
     except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:

@@ -31,7 +31,7 @@ def job_pids(marker: str) -> list[int]:
 
 def kill_marked(marker: str) -> list[int]:
     """SIGKILL every process carrying `marker`; returns what had to be killed."""
-    pids = [p for p in job_pids(marker) if p != os.getpid()]
+    pids = job_pids(marker)
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
