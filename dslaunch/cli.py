@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from typing import Any
 
 import click
 from rich.console import Console
@@ -13,7 +15,7 @@ from dslaunch import __version__, launch, render, state
 from dslaunch import status as jobstatus
 from dslaunch.errors import UserError
 from dslaunch.hostfile import Node, load_hostfile, select_nodes
-from dslaunch.spec import INIT_METHODS, JobSpec, collect_env
+from dslaunch.spec import DTYPES, INIT_METHODS, TASKS, JobSpec, ServeSpec, collect_env
 
 
 def _console(stderr: bool = False) -> Console:
@@ -37,6 +39,56 @@ Examples:
   dslaunch up -H hosts --include 'node1:0,1@node2' --name small
   dslaunch up -H hosts --dry-run                    # print the plan, touch nothing
 """
+
+
+SERVE_OPTIONS = [
+    click.option("--model", "-m", default=None,
+                 help="Model directory on every node (or a hub name). Default: a tiny model built locally."),
+    click.option("--task", type=click.Choice(TASKS), default="generate", show_default=True,
+                 help="generate: causal LM, prompts to text. embed: encoder, texts to vectors."),
+    click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+                 help="auto: fp32 on CPU, the model's own half precision on GPU."),
+    click.option("--kernel-inject", is_flag=True, help="DeepSpeed's fused GPU kernels instead of AutoTP."),
+    click.option("--handler", default=None, metavar="MODULE:CLASS",
+                 help="Your own model code: load(ctx) and __call__(batch); importable on every node."),
+    click.option("--shm-allreduce", is_flag=True,
+                 help="DeepSpeed's shared-memory CPU all-reduce (one node only; built on first use)."),
+    click.option("--bind", default="127.0.0.1", show_default=True,
+                 help="Front address on node 0; anything but loopback requires a token."),
+    click.option("--port", type=int, default=None, help="Front port. Default: 7070 or the next free one."),
+    click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+                 help="File holding the front's token (or set DSLAUNCH_TOKEN). Generated off loopback."),
+    click.option("--max-batch-size", type=int, default=8, show_default=True,
+                 help="Most rows (prompts) in one forward batch."),
+    click.option("--batch-wait-ms", type=float, default=5.0, show_default=True,
+                 help="How long the first request of a batch waits for company."),
+    click.option("--max-queue", type=int, default=256, show_default=True,
+                 help="Queued requests beyond which new ones get 'overloaded'."),
+    click.option("--max-request-bytes", type=int, default=1 << 20, show_default=True,
+                 help="Longest request line accepted."),
+    click.option("--request-timeout", type=float, default=300.0, show_default=True,
+                 help="Default per-request time-out (a request may ask for less or more)."),
+    click.option("--max-new-tokens", type=int, default=1024, show_default=True,
+                 help="Most tokens one prompt may ask for."),
+    click.option("--heartbeat", "heartbeat_s", type=float, default=5.0, show_default=True,
+                 help="Seconds between rank 0's idle heartbeats to the other ranks."),
+]  # fmt: skip
+
+
+def _serve_options(f):  # type: ignore[no-untyped-def]
+    for opt in reversed(SERVE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _read_token(token_file: str | None) -> str | None:
+    """The front's token from --token-file or DSLAUNCH_TOKEN; never from a command-line value."""
+    if token_file:
+        try:
+            return open(token_file, encoding="utf-8").read().strip() or None
+        except OSError as e:
+            raise UserError(f"--token-file {token_file}: cannot read ({e.strerror})") from None
+    return os.environ.get("DSLAUNCH_TOKEN") or None
 
 
 def _name_option(f):  # type: ignore[no-untyped-def]
@@ -116,14 +168,20 @@ def main() -> None:
 @click.option("--parallelism", type=int, default=32, show_default=True, help="Nodes contacted at once.")
 @click.option("--keep-logs", is_flag=True, help="Keep the nodes' logs after 'down'.")
 @click.option("--dry-run", is_flag=True, help="Print the launch plan and exit without touching a node.")
+@_serve_options
 @_name_option
 def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes: int | None,
        num_gpus: int | None, init_method: str, rdzv_dir: str | None, master_addr: str | None,
        master_port: int | None, rdzv_port: int | None, max_restarts: int, backend: str, python: str,
        work_dir: str, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
-       parallelism: int, keep_logs: bool, dry_run: bool, name: str) -> None:  # fmt: skip
-    """Start a job on every node of the hostfile and wait until every rank is ready."""
+       parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None,
+       **serve_opts: Any) -> None:  # fmt: skip
+    """Start a job on every node of the hostfile, load the model on every rank and serve it.
+
+    Rank 0 answers on a socket front (newline-delimited JSON; see 'dslaunch query').
+    """
+    serve = ServeSpec(**serve_opts, token=_read_token(token_file))
     nodes = load_hostfile(hostfile) if hostfile else [Node("localhost", 1)]
     nodes = select_nodes(nodes, include, exclude, num_nodes, num_gpus)
     spec = JobSpec(
@@ -132,7 +190,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         work_dir=work_dir, backend=backend, env=collect_env(os.environ, env_pairs, env_file),
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
-        keep_logs=keep_logs,
+        keep_logs=keep_logs, serve=serve,
     )  # fmt: skip
     if dry_run:
         plan, note = launch.dry_plan(spec)
@@ -241,6 +299,98 @@ def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool) -> None:
         err_console.print(render.log_line(-1, e))
     if errors:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("prompts", nargs=-1)
+@_name_option
+@click.option("--max-new-tokens", "-k", type=int, default=None, help="Tokens to generate (front default: 32).")
+@click.option("--temperature", "-t", type=float, default=None, help="0 (default) is greedy; above 0 samples.")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, default=None, help="Sample among the k likeliest tokens.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (same seed, same text).")
+@click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
+@click.option("--stream", "-s", is_flag=True, help="Print text as it is generated.")
+@click.option("--embed", is_flag=True, help="Embed the texts instead (jobs started with --task embed).")
+@click.option("--infer", "infer_json", default=None, metavar="JSON", help="Send this input to a --handler job.")
+@click.option("--health", is_flag=True, help="Ask the front how the job is; with --deep, through every rank.")
+@click.option("--deep", is_flag=True, help="With --health: a one-token forward on every rank.")
+@click.option("--stats", "want_stats", is_flag=True, help="Requests served, queue, batch sizes, latency.")
+@click.option("--json", "as_json", is_flag=True, help="Print the front's answer as JSON.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
+def query(prompts: tuple[str, ...], name: str, max_new_tokens: int | None, temperature: float | None,
+          top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...], stream: bool,
+          embed: bool, infer_json: str | None, health: bool, deep: bool, want_stats: bool, as_json: bool,
+          timeout: float) -> None:  # fmt: skip
+    """Send prompts (or texts, or a health check) to the job's front and print the answer.
+
+    The front is found from the job record; when it listens on node 0's loopback and node 0 is
+    remote, the request goes through an SSH tunnel. A PROMPT of '-' reads standard input.
+
+    \b
+    Examples:
+      dslaunch query "The quick brown fox"
+      dslaunch query -k 64 --stream "Once upon a time"
+      dslaunch query "a" "b" --json                   # two prompts in one request
+      dslaunch query --embed "first text" "second text"
+      dslaunch query --health --deep
+    """
+    from dslaunch import client as front_client
+
+    texts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    params = {k: v for k, v in {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                                "top_k": top_k, "seed": seed}.items() if v is not None}  # fmt: skip
+    if stop:
+        params["stop"] = list(stop)
+    asks = sum([bool(texts) and not infer_json, bool(infer_json), health, want_stats])
+    if asks != 1:
+        raise UserError("give prompts (or --embed texts), --infer JSON, --health or --stats: exactly one of them")
+    rec = state.require(name)
+    with front_client.for_job(rec, timeout=timeout) as c:
+        try:
+            answer = _ask(c, texts, params, stream, embed, infer_json, health, deep, want_stats, as_json)
+        except front_client.FrontError as e:
+            raise UserError(f"front {c.address}: {e.code}: {e.message}") from None
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise UserError(f"{e} (is the job serving? see 'dslaunch status --name {name}')") from None
+    if answer is not None:
+        if as_json or health or want_stats or infer_json:
+            click.echo(json.dumps(answer, indent=1, ensure_ascii=False))
+        else:
+            console.print(render.answer_text(answer), markup=False, highlight=False)
+
+
+def _ask(c: Any, texts: list[str], params: dict[str, Any], stream: bool, embed: bool, infer_json: str | None,
+         health: bool, deep: bool, want_stats: bool, as_json: bool) -> dict[str, Any] | None:  # fmt: skip
+    """One request to the front; streamed text is printed here as it arrives."""
+    if health:
+        return c.health(deep=deep)
+    if want_stats:
+        return c.stats()
+    if infer_json is not None:
+        try:
+            value = json.loads(infer_json)
+        except ValueError as e:
+            raise UserError(f"--infer: not valid JSON ({e})") from None
+        return c.request("infer", input=value)
+    one = texts[0] if len(texts) == 1 else texts
+    if embed:
+        return c.request("embed", input=one)
+    if not stream:
+        return c.generate(one, **params)
+    if len(texts) != 1:
+        raise UserError("--stream takes one prompt")
+    final = None
+    for event in c.stream(texts[0], **params):
+        if "chunk" in event and not as_json:
+            click.echo(event["chunk"], nl=False)
+            sys.stdout.flush()
+        elif "chunk" not in event:
+            final = event
+    if not as_json:
+        click.echo()
+        return None
+    return final
 
 
 @main.command("make-tiny-model")

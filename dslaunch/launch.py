@@ -7,6 +7,7 @@ removes everything it started on every node before it returns, and says so.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 from dslaunch import __version__, state
 from dslaunch.errors import RemoteError, UserError
+from dslaunch.hostfile import Node
 from dslaunch.plan import LaunchPlan, choose_backend, make_plan
 from dslaunch.remote import Cluster, ConnectOptions, HostResult, NodeClient
 from dslaunch.spec import JobSpec
@@ -49,6 +51,7 @@ class Facts:
     backend: str
     addresses: list[str]
     probes: list[dict[str, Any]] = field(default_factory=list)
+    front_port: int | None = None
 
 
 def connect_options(spec: JobSpec) -> ConnectOptions:
@@ -99,6 +102,9 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = _quiet) -> F
         args: dict[str, Any] = {"work_dir": spec.work_dir}
         if first:
             args["ports"] = [spec.master_port, spec.rdzv_port]
+            args["front"] = {"bind": spec.serve.bind, "port": spec.serve.port}
+        if spec.serve.model and spec.serve.model.startswith(("/", "~", ".")):
+            args["model_dir"] = spec.serve.model
         out = c.call("probe", args, timeout=spec.connect_timeout + spec.command_timeout)
         out["address"] = c.transport.address()
         return out
@@ -119,6 +125,10 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = _quiet) -> F
             problems.append(f"{n.host}: torch {p['torch']} there, {torch_v} here (use the same minor version)")
         if p.get("work_dir_error"):
             problems.append(f"{n.host}: cannot create the work directory {p['work_dir_error']} (--work-dir)")
+        if p.get("model_dir_error"):
+            problems.append(f"{n.host}: --model {p['model_dir_error']}")
+        if p.get("deepspeed") is None and not spec.serve.handler:
+            problems.append(f"{n.host}: deepspeed is not installed for {p.get('executable')} (--python)")
     backend = choose_backend(spec.backend, [p.get("gpus", 0) for p in probes], [n.nprocs for n in nodes])
     if backend == "nccl":
         for n, p in zip(nodes, probes, strict=True):
@@ -127,6 +137,10 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = _quiet) -> F
                 problems.append(
                     f"{n.host}{n.where}: {n.nprocs} slot(s) up to GPU {need - 1} but {p.get('gpus', 0)} GPU(s) visible"
                 )
+    front = probes[0].get("front", {})
+    if "error" in front:
+        flag = "--port" if spec.serve.port else "--bind"
+        problems.append(f"{nodes[0].host}: the front {front['error']} ({flag})")
     busy = probes[0].get("busy_ports", [])
     for flag, port in (("--master-port", spec.master_port), ("--rdzv-port", spec.rdzv_port)):
         if port is not None and port in busy:
@@ -139,7 +153,7 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = _quiet) -> F
     addresses = [p["address"] for p in probes]
     master_addr = spec.master_addr or addresses[0]
     addresses[0] = master_addr
-    return Facts(master_addr, master_port, rdzv_port, backend, addresses, probes)
+    return Facts(master_addr, master_port, rdzv_port, backend, addresses, probes, front.get("port"))
 
 
 def _check_shared_dir(spec: JobSpec, cluster: Cluster) -> None:
@@ -191,7 +205,23 @@ def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> JobRecord:
         accept_new_host_keys=spec.accept_new_host_keys,
         keep_logs=spec.keep_logs,
         created=time.time(),
+        extra={"front": front_record(spec, plan)},
     )
+
+
+def front_record(spec: JobSpec, plan: LaunchPlan) -> dict[str, Any]:
+    """Where `query` finds the front; the token lives only here (0600) and on node 0 (0600)."""
+    token = spec.serve.token
+    if token is None and not spec.serve.loopback:
+        token = secrets.token_urlsafe(32)
+    return {
+        "bind": spec.serve.bind,
+        "port": plan.front_port,
+        "loopback": spec.serve.loopback,
+        "task": "custom" if spec.serve.handler else spec.serve.task,
+        "model": spec.serve.handler or spec.serve.model or "tiny-llama (built in)",
+        "token": token,
+    }
 
 
 def up(spec: JobSpec, progress: Progress = _quiet) -> JobRecord:
@@ -208,7 +238,7 @@ def up(spec: JobSpec, progress: Progress = _quiet) -> JobRecord:
             facts = preflight(spec, cluster, progress)
             plan = make_plan(
                 spec, uuid.uuid4().hex[:8], facts.master_addr, facts.master_port, facts.rdzv_port,
-                facts.backend, facts.addresses,
+                facts.backend, facts.addresses, facts.front_port,
             )  # fmt: skip
             rec = new_record(spec, plan, facts)
             state.save(rec)
@@ -264,12 +294,15 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
 
 
 def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progress) -> None:
+    token = rec.extra.get("front", {}).get("token")
+
     def start(c: NodeClient) -> dict[str, Any]:
         np = plan.nodes[cluster.clients.index(c)]
+        files = {"front.token": token} if token and np.node_rank == 0 else {}
         return c.call(
             "start",
             {"job_id": plan.job_id, "node_rank": np.node_rank, "node_dir": np.node_dir,
-             "argv": list(np.argv), "env": np.env},
+             "argv": list(np.argv), "env": np.env, "files": files},
         )  # fmt: skip
 
     results = cluster.map(start)
@@ -370,20 +403,26 @@ def teardown(rec: JobRecord, cluster: Cluster, grace: float = 10.0) -> list[Host
     return cluster.call_all("stop", args, timeout=grace + rec.command_timeout)
 
 
-def cluster_for(rec: JobRecord, parallelism: int = 32) -> Cluster:
-    """Reconnect to a recorded job's nodes with the options it was started with."""
-    from dslaunch.hostfile import Node
-
+def record_nodes(rec: JobRecord) -> list[Node]:
+    """The recorded nodes as hostfile nodes again (user@host targets split back)."""
     nodes = []
     for n in rec.nodes:
         user, _, host = n.target.rpartition("@")
         nodes.append(Node(host=host, slots=n.nprocs, user=user or None))
-    opts = ConnectOptions(
+    return nodes
+
+
+def record_options(rec: JobRecord) -> ConnectOptions:
+    return ConnectOptions(
         connect_timeout=rec.connect_timeout,
         command_timeout=rec.command_timeout,
         accept_new_host_keys=rec.accept_new_host_keys,
     )
-    return Cluster(nodes, opts, rec.python, parallelism)
+
+
+def cluster_for(rec: JobRecord, parallelism: int = 32) -> Cluster:
+    """Reconnect to a recorded job's nodes with the options it was started with."""
+    return Cluster(record_nodes(rec), record_options(rec), rec.python, parallelism)
 
 
 @dataclass

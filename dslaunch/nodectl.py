@@ -9,6 +9,7 @@ processes are found by the `DSLAUNCH_JOB_ID`/`DSLAUNCH_NODE_RANK` pair in their 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -119,6 +120,26 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _front_port(bind: str, port: int | None, avoid: set[int], scan: int = 100) -> dict[str, Any]:
+    """The front's port on `bind`: the one asked for, or the first free from the default up."""
+    fixed = port is not None
+    first = port if port is not None else 7070
+    for p in range(first, first + (1 if fixed else scan)):
+        if p in avoid or p > 65535:
+            continue
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((bind, p))
+            except OSError as e:
+                if fixed or e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    return {"error": f"cannot listen on {bind}:{p}: {e.strerror}"}
+                continue
+        return {"port": p}
+    return {"error": f"no free port on {bind} from {first} to {first + scan - 1}"}
+
+
 def _free_port(avoid: set[int]) -> int:
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -171,6 +192,12 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
             chosen.append(p if p is not None else _free_port(taken))
             taken.add(chosen[-1])
         out["ports"] = chosen
+        front = args.get("front")
+        if front is not None:
+            out["front"] = _front_port(front["bind"], front.get("port"), taken)
+    model = args.get("model_dir")
+    if model and not (_expand(model) / "config.json").is_file():
+        out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
     work = args.get("work_dir")
     if work:
         d = _expand(work)
@@ -234,6 +261,11 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ)
     env.update(args["env"])
     env["DSLAUNCH_NODE_DIR"] = str(ndir)
+    for name, text in (args.get("files") or {}).items():
+        # secrets (the front's token) arrive on stdin and are written 0600, never in argv or env
+        fd = os.open(ndir / Path(name).name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
     if env.pop("DSLAUNCH_AUTO_THREADS", None) == "1" and "OMP_NUM_THREADS" not in args["env"]:
         # torchrun pins every rank to one thread when several share a node; divide the cores.
         nprocs = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
@@ -297,6 +329,11 @@ def op_status(args: dict[str, Any]) -> dict[str, Any]:
         "ranks": ranks,
         "procs": len(job_processes(args["job_id"], args["node_rank"])),
     }
+    front = _read_json(ndir / "front.json")
+    if front is not None:
+        front["alive"] = bool(front.get("pid") and _alive(front["pid"]))
+        front["age_s"] = round(time.time() - float(front.get("time", 0)), 1)  # this node's clock
+        out["front"] = front
     tail = int(args.get("tail", 0))
     if tail and (not agent["alive"] or any(r.get("error") for r in ranks)):
         out["agent_log"] = agent_failure(_tail(ndir / AGENT_LOG, 400), keep=tail)

@@ -8,9 +8,9 @@ rendezvous may reorder nodes between restarts, and rank 0 must stay on node 0 wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from dslaunch.spec import JobSpec
+from dslaunch.spec import DEFAULT_FRONT_PORT, JobSpec
 
 AGENT_MODULE = "torch.distributed.run"
 WORKER_MODULE = "dslaunch.worker"
@@ -51,6 +51,7 @@ class LaunchPlan:
     master_addr: str
     master_port: int
     rdzv_port: int
+    front_port: int
     nodes: tuple[NodePlan, ...]
     ranks: tuple[RankPlan, ...]
 
@@ -83,9 +84,11 @@ def make_plan(
     rdzv_port: int,
     backend: str,
     local_addrs: list[str] | None = None,
+    front_port: int | None = None,
 ) -> LaunchPlan:
     """Build the plan. `local_addrs[i]` is how the other nodes reach node i (torchrun --local-addr)."""
     jid = job_id(spec.name, run_id)
+    serve = replace(spec.serve, port=front_port or spec.serve.port or DEFAULT_FRONT_PORT)
     url = init_url(spec, jid, master_addr, master_port)
     world = spec.world_size
     nnodes = len(spec.nodes)
@@ -137,6 +140,7 @@ def make_plan(
                 "LOCAL_SIZE": str(node.nprocs),
                 "CROSS_SIZE": str(nnodes),
                 "PYTHONUNBUFFERED": "1",
+                "DSLAUNCH_SERVE": serve.to_json(),
             }
         )
         if "OMP_NUM_THREADS" not in spec.env:
@@ -157,6 +161,7 @@ def make_plan(
         master_addr=master_addr,
         master_port=master_port,
         rdzv_port=rdzv_port,
+        front_port=serve.port or DEFAULT_FRONT_PORT,
         nodes=tuple(node_plans),
         ranks=tuple(ranks),
     )

@@ -106,14 +106,24 @@ class UpView:
             self.console.line()  # a non-terminal Live leaves the last line open
 
 
+QUERY_HINT = {"generate": 'query "Hello"', "embed": 'query --embed "Hello"', "custom": "query --infer '{...}'"}
+
+
 def up_summary(rec: JobRecord, seconds: float) -> Text:
+    front = rec.extra.get("front") or {}
+    n = "" if rec.name == "default" else f" --name {rec.name}"
+    where = ""
+    if front:
+        where = f"front {front['bind']}:{front['port']} ({front.get('task')}, {front.get('model')})\n"
     return Text.assemble(
         ("ready", "bold green"),
         f": job {rec.name!r} — {rec.world_size} ranks on {len(rec.nodes)} node(s), "
         f"init {rec.init_method}, backend {rec.backend}, master {rec.master_addr}:{rec.master_port} "
         f"({seconds:.1f}s)\n",
+        where,
         ("next: ", "dim"),
-        f"dslaunch status --name {rec.name}  ·  dslaunch logs --name {rec.name}  ·  dslaunch down --name {rec.name}",
+        f"dslaunch {QUERY_HINT.get(front.get('task', ''), 'status')}{n}  ·  dslaunch status{n}  ·  "
+        f"dslaunch logs{n}  ·  dslaunch down{n}",
     )
 
 
@@ -154,11 +164,25 @@ def status_view(st: JobStatus) -> Group:
             str(r.restarts), r.device or "-", mem, r.error or "",
         )  # fmt: skip
     parts: list[Any] = [head, nodes, ranks]
+    if st.front:
+        parts.append(front_line(st.front))
     for n in st.nodes:
         if n.log_tail:
             parts.append(Text(f"last lines of the agent log on {n.host}:", style="bold"))
             parts.append(Text("\n".join(f"  {ln}" for ln in n.log_tail), style="dim"))
     return Group(*parts)
+
+
+def front_line(f: dict[str, Any]) -> Text:
+    """One line on the front: where, whether it answers, and how busy and fast it is."""
+    ready = Text("ready", "green") if f.get("ready") else Text("not serving", "yellow")
+    ms = lambda v: "-" if v is None else f"{v:g} ms"  # noqa: E731
+    return Text.assemble(
+        ("front ", "bold"), f"{f['address']} ", ready,
+        f"  {f.get('task')} · {f.get('model')}" + (" · token required" if f.get("auth") else ""),
+        f"\n      served {f.get('served', 0)} · errors {f.get('errors', 0)} · queue {f.get('queue', 0)}"
+        f" · p50 {ms(f.get('p50_ms'))} · p99 {ms(f.get('p99_ms'))} · {f.get('tokens_per_s') or 0:g} tokens/s",
+    )  # fmt: skip
 
 
 def down_text(rep: DownReport) -> Text:
@@ -180,3 +204,14 @@ def log_line(rank: int, text: str) -> Text:
         return Text(text, style="red")
     colour = RANK_COLOURS[rank % len(RANK_COLOURS)]
     return Text.assemble((f"[rank {rank}] ", colour), text)
+
+
+def answer_text(a: dict[str, Any]) -> Text:
+    """A front answer for people: the text (one block per prompt), or a short view of vectors."""
+    if "embedding" in a or "embeddings" in a:
+        vecs = [a["embedding"]] if "embedding" in a else a["embeddings"]
+        lines = [f"[{i}] dim {len(v)}: [" + ", ".join(f"{x:.4f}" for x in v[:6]) + ", …]" for i, v in enumerate(vecs)]
+        return Text("\n".join(lines))
+    if "results" in a:
+        return Text("\n".join(f"[{i}] {r['text']}" for i, r in enumerate(a["results"])))
+    return Text(a.get("text", ""))

