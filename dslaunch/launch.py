@@ -137,6 +137,8 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = _quiet) -> F
                 problems.append(
                     f"{n.host}{n.where}: {n.nprocs} slot(s) up to GPU {need - 1} but {p.get('gpus', 0)} GPU(s) visible"
                 )
+    if spec.serve.kernel_inject and backend != "nccl":
+        problems.append("--kernel-inject needs GPUs (backend nccl); on CPU, leave it out (AutoTP is used)")
     front = probes[0].get("front", {})
     if "error" in front:
         flag = "--port" if spec.serve.port else "--bind"

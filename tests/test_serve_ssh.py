@@ -123,8 +123,11 @@ def test_user_handler_runs_on_every_rank(cli: Cli) -> None:
     env_path = f"PYTHONPATH={REPO / 'examples'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     res = cli.up("-H", "hostfiles/localhost", "--handler", "sum_handler:ShardedSum", "--env", env_path)
     assert res.returncode == 0, res.stdout + res.stderr
-    q = cli("query", "--infer", "[1, 2, 3, 4, 5]")
+    q = cli("query", "--infer", '{"values": [1, 2, 3, 4, 5]}')
     assert q.returncode == 0, q.stderr
-    assert json.loads(q.stdout) == {"id": 1, "ok": True, "result": {"sum": 15.0, "ranks": 2}}
-    bad = cli("query", "--infer", '"not a list"')
-    assert bad.returncode == 1 and "bad_request" in bad.stderr and "list of numbers" in bad.stderr
+    assert json.loads(q.stdout)["result"] == {"sum": 15.0, "ranks": 2}
+    many = cli("query", "--infer", '[{"values": [1, 2]}, {"values": [0.5]}]')
+    assert [r["sum"] for r in json.loads(many.stdout)["results"]] == [3.0, 0.5]
+    bad = cli("query", "--infer", '"not an object"')
+    assert bad.returncode == 1 and "bad_request" in bad.stderr and "values" in bad.stderr
+    assert cli("query", "--infer", '{"values": [2]}').returncode == 0, "the job still answers"
