@@ -16,20 +16,9 @@ from typing import Any, Protocol
 
 from dslaunch.decode import TextStream, make_generator, pick
 from dslaunch.protocol import BAD_REQUEST, GenParams, ProtocolError, Request
+from dslaunch.spec import ServeSpec
 
 OP_FOR_TASK = {"generate": "generate", "embed": "embed", "custom": "infer"}
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """What to load; from `dslaunch up --model/--task/--dtype/--kernel-inject/--handler`."""
-
-    model: str | None = None
-    task: str = "generate"
-    dtype: str = "auto"
-    kernel_inject: bool = False
-    handler: str | None = None
-    shm_allreduce: bool = False
 
 
 @dataclass
@@ -43,7 +32,7 @@ class EngineContext:
     multi_node: bool
     work_dir: Path
     group: Any = None  # the torch.distributed default group, or None in a single process
-    options: ModelOptions = field(default_factory=ModelOptions)
+    options: ServeSpec = field(default_factory=ServeSpec)  # --model, --task, --dtype, ...
 
     @property
     def lead(self) -> bool:
@@ -78,7 +67,7 @@ class Engine(Protocol):
     def probe(self) -> None: ...
 
 
-def load_engine(opts: ModelOptions, ctx: EngineContext) -> Engine:
+def load_engine(opts: ServeSpec, ctx: EngineContext) -> Engine:
     """The engine for this job: a user handler, or a transformers model sharded by DeepSpeed."""
     if opts.handler:
         return HandlerEngine(opts.handler, ctx)
@@ -109,7 +98,7 @@ def torch_dtype(name: str, device: str, config: Any) -> Any:
     return own if own in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def shard(model: Any, ctx: EngineContext, dtype: Any, opts: ModelOptions) -> Any:
+def shard(model: Any, ctx: EngineContext, dtype: Any, opts: ServeSpec) -> Any:
     """DeepSpeed AutoTP across all ranks; returns the module to call.
 
     DeepSpeed's CPU shared-memory all-reduce is JIT-built on first use and crashes when the ranks
@@ -139,21 +128,31 @@ def _broadcast(t: Any, ctx: EngineContext) -> Any:
     return t
 
 
-class CausalLMEngine:
+class _Pretrained:
+    """Config, dtype and tokenizer of a transformers model directory (or hub name)."""
+
+    def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec, **tok_kw: Any) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.ctx = ctx
+        self.name = path
+        self.config = AutoConfig.from_pretrained(path)
+        self.dtype = torch_dtype(opts.dtype, ctx.device, self.config)
+        self.tok = AutoTokenizer.from_pretrained(path, **tok_kw)
+        # the front checks prompts on its own thread; a fast tokenizer must not be used by two at once
+        self.tok_lock = threading.Lock()
+
+
+class CausalLMEngine(_Pretrained):
     """Prompts in, text out: a decode loop with per-row parameters, stops and streaming."""
 
     task = "generate"
 
-    def __init__(self, path: str, ctx: EngineContext, opts: ModelOptions) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec) -> None:
+        from transformers import AutoModelForCausalLM
 
-        self.ctx = ctx
-        self.name = path
-        config = AutoConfig.from_pretrained(path)
-        self.dtype = torch_dtype(opts.dtype, ctx.device, config)
-        self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-        # the front checks prompt lengths on its own thread; fast tokenizers must not be shared at once
-        self.tok_lock = threading.Lock()
+        super().__init__(path, ctx, opts, padding_side="left")
+        config = self.config
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
@@ -267,19 +266,16 @@ class CausalLMEngine:
         return nxt
 
 
-class EmbedEngine:
+class EmbedEngine(_Pretrained):
     """Texts in, mean-pooled and L2-normalised vectors out (sentence-transformers style)."""
 
     task = "embed"
 
-    def __init__(self, path: str, ctx: EngineContext, opts: ModelOptions) -> None:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+    def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec) -> None:
+        from transformers import AutoModel
 
-        self.ctx = ctx
-        self.name = path
-        config = AutoConfig.from_pretrained(path)
-        self.dtype = torch_dtype(opts.dtype, ctx.device, config)
-        self.tok = AutoTokenizer.from_pretrained(path)
+        super().__init__(path, ctx, opts)
+        config = self.config
         self.max_len = min(int(getattr(config, "max_position_embeddings", 512) or 512), 512)
         self.model = shard(AutoModel.from_pretrained(path, dtype=self.dtype), ctx, self.dtype, opts)
 
@@ -296,7 +292,8 @@ class EmbedEngine:
     def _embed(self, texts: list[str]) -> Any:
         import torch
 
-        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        with self.tok_lock:
+            enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         enc = {k: v.to(self.ctx.device) for k, v in enc.items()}
         with torch.inference_mode():
             hidden = self.model(**enc).last_hidden_state.float()

@@ -79,11 +79,6 @@ class ServeSpec:
         if self.token is not None and len(self.token) < 16:
             raise UserError("the front's token must have at least 16 characters")
 
-    def model_options(self) -> Any:
-        from dslaunch.engine import ModelOptions
-
-        return ModelOptions(self.model, self.task, self.dtype, self.kernel_inject, self.handler, self.shm_allreduce)
-
     @property
     def loopback(self) -> bool:
         """The front binds only node 0's loopback (reached through an SSH tunnel from elsewhere)."""

@@ -166,7 +166,7 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
         multi_node=int(os.environ.get("CROSS_SIZE", "1")) > 1,
         work_dir=_work_dir(),
         group=_default_group(),
-        options=serve.model_options(),
+        options=serve,
     )
     t0 = time.monotonic()
     engine = load_engine(ctx.options, ctx)
