@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import os
 import threading
@@ -269,7 +270,7 @@ class Front:
         self._stop: asyncio.Event | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Bind and start serving; raise OSError naming the address when it cannot bind."""
         self.thread = threading.Thread(target=self._thread, name="dslaunch-front", daemon=True)
         self.thread.start()
@@ -307,7 +308,7 @@ class Front:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._connection, self.cfg.bind, self.cfg.port, reuse_address=True)
+        server = await self._listen()
         self._started.set()
         ticker = asyncio.ensure_future(self._tick())
         try:
@@ -317,6 +318,17 @@ class Front:
             server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    async def _listen(self, patience: float = 10.0) -> asyncio.Server:
+        """Bind the port; after a gang restart the previous rank 0 may hold it for a moment."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return await asyncio.start_server(self._connection, self.cfg.bind, self.cfg.port, reuse_address=True)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     async def _tick(self) -> None:
         while True:

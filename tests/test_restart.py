@@ -48,6 +48,11 @@ def test_killed_rank_restarts_the_gang_and_rank0_stays_on_node0(
     assert victim not in {r["pid"] for r in st["ranks"]}
     logs = cli("logs", "--rank", "0").stdout
     assert "attempt 1" in logs and "all-reduce of ranks = 1" in logs
+    # the front came back on the first hostfile node and serves again
+    health = cli("query", "--health", "--deep")
+    assert health.returncode == 0, health.stderr
+    assert json.loads(health.stdout)["restarts"] == 1 and len(json.loads(health.stdout)["ranks"]) == 2
+    assert cli("query", "Hello", "-k", "3").returncode == 0
     if method == "file":
         assert len(list(tmp_path.glob(f"default-{st['run_id']}-*"))) >= 1
     assert cli("down").returncode == 0
