@@ -7,7 +7,8 @@
             print(event.get("chunk", ""), end="")
 
 It reconnects when the connection drops and retries `unavailable` answers (a job that is
-starting, restarting or stopping) a bounded number of times with a growing pause.
+starting, restarting after a lost rank, or stopping) for up to `retry_for` seconds, with a
+growing pause. A request whose answer had started (a stream) or timed out is never resent.
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ class Client:
         port: int = 7070,
         token: str | None = None,
         timeout: float = 300.0,
-        retries: int = 5,
+        retry_for: float = 60.0,
         connect: Callable[[], Conn] | None = None,
         cleanup: Callable[[], None] | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self.token = token
         self.timeout = timeout
-        self.retries = retries
+        self.retry_for = retry_for
         self._connect = connect or (lambda: socket.create_connection((host, port), timeout=min(timeout, 10.0)))
         self._cleanup = cleanup  # e.g. closing the SSH connection a tunnel runs over
         self._conn: Conn | None = None
@@ -117,7 +118,8 @@ class Client:
     def _events(self, op: str, fields: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Every answer line for one request; retried from the start only if nothing came yet."""
         pause = 0.2
-        for attempt in itertools.count():
+        give_up = time.monotonic() + self.retry_for
+        while True:
             rid = next(self._ids)
             msg = {"id": rid, "op": op, **fields}
             if self.token:
@@ -135,14 +137,14 @@ class Client:
                     if "chunk" not in answer:
                         return
             except FrontError as e:
-                if e.code != UNAVAILABLE or started or attempt >= self.retries:
+                if e.code != UNAVAILABLE or started or time.monotonic() + pause > give_up:
                     raise
             except TimeoutError:
                 self.close()  # the answer may still come: never resend work that may be running
                 raise TimeoutError(f"front {self.address}: no answer within {self.timeout:g}s") from None
             except (OSError, EOFError, ConnectionError) as e:
                 self.close()
-                if started or attempt >= self.retries:
+                if started or time.monotonic() + pause > give_up:
                     raise ConnectionError(f"front {self.address}: {e}") from None
             time.sleep(pause)
             pause = min(pause * 2, 5.0)

@@ -13,6 +13,7 @@ import time
 from typing import Any, Protocol
 
 from dslaunch.engine import Engine, Sink, Work
+from dslaunch.protocol import INTERNAL, UNAVAILABLE
 
 WORK, BEAT, STOP = "work", "beat", "stop"
 
@@ -73,6 +74,14 @@ class Source(Protocol):
     def ran(self, batch: Batch, seconds: float, results: list[Any]) -> None: ...
 
 
+def peer_lost(e: BaseException) -> bool:
+    """A collective failed because another rank went away (not an error of this rank's own)."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(w in text for w in ("connection", "closed by peer", "broken pipe"))
+
+
 def execute(engine: Engine, channel: Channel, work: Work, sink: Sink | None) -> list[Any] | None:
     """Run one batch on this rank; `probe` (deep health) times a tiny forward on every rank."""
     if work.kind != "probe":
@@ -100,7 +109,10 @@ def lead(engine: Engine, channel: Channel, source: Source, heartbeat_s: float) -
             results = execute(engine, channel, batch.work, batch)
         except BaseException as e:
             # a failed collective leaves the ranks out of step: answer, then end this rank
-            batch.fail("internal", f"the batch failed on rank 0: {type(e).__name__}: {e}"[:500])
+            if peer_lost(e):
+                batch.fail(UNAVAILABLE, "the job is restarting (a rank was lost); retry")
+            else:
+                batch.fail(INTERNAL, f"the batch failed on rank 0: {type(e).__name__}: {e}"[:500])
             raise
         source.ran(batch, time.perf_counter() - t0, results or [])
         batch.resolve(results or [])

@@ -272,7 +272,7 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
     # The plan cannot know how `~` expands here: it writes {node_dir} and we fill it in.
     argv = [a.replace("{node_dir}", str(ndir)) for a in args["argv"]]
-    log = open(ndir / AGENT_LOG, "ab")  # noqa: SIM115 - handed to the child
+    log = os.fdopen(os.open(ndir / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     try:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", _AGENT_WRAPPER, str(ndir / AGENT_EXIT), *argv],

@@ -155,7 +155,7 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     """
     from dslaunch.engine import EngineContext, load_engine
     from dslaunch.group import leave_group
-    from dslaunch.lockstep import Channel, follow, lead
+    from dslaunch.lockstep import Channel, follow, lead, peer_lost
 
     node_dir = Path(os.environ["DSLAUNCH_NODE_DIR"])
     ctx = EngineContext(
@@ -187,7 +187,7 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     while not stop.event.wait(0.5):
         if loop.error is not None:
             break
-    if loop.error is not None and _peer_lost(loop.error) and stop.signum is None:
+    if loop.error is not None and peer_lost(loop.error) and stop.signum is None:
         # Another rank is gone. Its agent starts a new round and ours restarts every worker with
         # SIGTERM within moments; failing here too would count a second failure and make torchrun
         # restart the gang twice for one lost rank. Wait for that signal (bounded), then stop.
@@ -221,14 +221,6 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
 
 STOP_WAIT_S = 8.0
 PEER_LOSS_WAIT_S = 60.0
-
-
-def _peer_lost(e: BaseException) -> bool:
-    """A collective failed because another rank went away (not an error of this rank's own)."""
-    import torch.distributed as dist
-
-    text = str(e).lower()
-    return isinstance(e, dist.DistError) or any(w in text for w in ("connection", "closed by peer", "broken pipe"))
 
 
 class _LoopThread(threading.Thread):

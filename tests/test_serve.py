@@ -203,5 +203,5 @@ def test_the_job_still_serves_and_down_leaves_nothing(job: tuple[Cli, dict[str, 
     assert res.returncode == 0 and "none left" in res.stdout, res.stdout + res.stderr
     assert job_pids(marker) == []
     with pytest.raises((ConnectionError, OSError, FrontError)):
-        Client("127.0.0.1", rec["extra"]["front"]["port"], retries=0, timeout=5).health()
+        Client("127.0.0.1", rec["extra"]["front"]["port"], retry_for=0, timeout=5).health()
     assert not Path(rec["nodes"][0]["node_dir"]).exists()

@@ -99,10 +99,10 @@ def test_token_off_loopback_is_required_and_never_shown(cli: Cli) -> None:
 
     from dslaunch.client import Client, FrontError
 
-    with Client("127.0.0.1", port, retries=0) as c, pytest.raises(FrontError) as e:
+    with Client("127.0.0.1", port, retry_for=0) as c, pytest.raises(FrontError) as e:
         c.health()
     assert e.value.code == "unauthorized"
-    with Client("127.0.0.1", port, token="x" * 40, retries=0) as c, pytest.raises(FrontError):
+    with Client("127.0.0.1", port, token="x" * 40, retry_for=0) as c, pytest.raises(FrontError):
         c.generate("Hello")
     ok = cli("query", "Hello", "-k", "3")  # the record has the token
     assert ok.returncode == 0, ok.stderr
