@@ -27,6 +27,8 @@ from dslaunch.engine import OP_FOR_TASK, Work
 from dslaunch.nodectl import write_json_atomic
 from dslaunch.protocol import Limits, ProtocolError, Request
 
+DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients
+
 
 @dataclass(frozen=True)
 class FrontConfig:
@@ -161,6 +163,7 @@ class Batcher:
         self.cv = threading.Condition()
         self.queue: deque[Pending] = deque()
         self.closed = False
+        self.why = ""
         self.in_flight = 0
 
     @property
@@ -170,21 +173,22 @@ class Batcher:
     def submit(self, job: Pending) -> None:
         with self.cv:
             if self.closed:
-                raise ProtocolError(P.UNAVAILABLE, "the job is stopping")
+                raise ProtocolError(P.UNAVAILABLE, self.why)
             if len(self.queue) >= self.cfg.max_queue:
                 raise ProtocolError(P.OVERLOADED, f"{len(self.queue)} requests queued (--max-queue); retry later")
             self.queue.append(job)
             self.cv.notify()
 
-    def close(self) -> None:
-        """Refuse new work and answer everything still queued with `unavailable`."""
+    def close(self, why: str = "the job is stopping or restarting; retry") -> None:
+        """Refuse new work and answer everything still queued with `unavailable`, saying why."""
         with self.cv:
             self.closed = True
+            self.why = why
             left = list(self.queue)
             self.queue.clear()
             self.cv.notify_all()
         for job in left:
-            job.put(("error", P.UNAVAILABLE, "the job is stopping"))
+            job.put(("error", P.UNAVAILABLE, why))
 
     def next_batch(self, timeout: float) -> RowBatch | bool | None:
         wait_s = self.cfg.batch_wait_ms / 1000
@@ -268,6 +272,7 @@ class Front:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
+        self._requests: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> None:
@@ -313,6 +318,9 @@ class Front:
         ticker = asyncio.ensure_future(self._tick())
         try:
             await self._stop.wait()
+            # answers already decided (results, `unavailable` for the queue) still go out
+            if self._requests:
+                await asyncio.wait(set(self._requests), timeout=DRAIN_S)
         finally:
             ticker.cancel()
             server.close()
@@ -378,6 +386,8 @@ class Front:
                     task = asyncio.ensure_future(self._request(conn, line))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    self._requests.add(task)
+                    task.add_done_callback(self._requests.discard)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -436,7 +446,7 @@ class Front:
         if req.op != "health" and req.op != want:
             raise ProtocolError(P.BAD_REQUEST, f"this job serves task {self.info.get('task')!r}: use op {want!r}")
         if not self.accepting:
-            raise ProtocolError(P.UNAVAILABLE, "the job is not serving (starting or stopping); retry")
+            raise ProtocolError(P.UNAVAILABLE, self.batcher.why or "the job is not serving yet; retry")
         if req.op != "health":
             self.check(req)
         assert self.loop is not None

@@ -16,6 +16,7 @@ from dslaunch.engine import Engine, Sink, Work
 from dslaunch.protocol import INTERNAL, UNAVAILABLE
 
 WORK, BEAT, STOP = "work", "beat", "stop"
+RESTARTING = "the job is restarting (a rank was lost); retry"
 
 
 class Channel:
@@ -110,7 +111,7 @@ def lead(engine: Engine, channel: Channel, source: Source, heartbeat_s: float) -
         except BaseException as e:
             # a failed collective leaves the ranks out of step: answer, then end this rank
             if peer_lost(e):
-                batch.fail(UNAVAILABLE, "the job is restarting (a rank was lost); retry")
+                batch.fail(UNAVAILABLE, RESTARTING)
             else:
                 batch.fail(INTERNAL, f"the batch failed on rank 0: {type(e).__name__}: {e}"[:500])
             raise

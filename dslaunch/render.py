@@ -47,9 +47,9 @@ def plan_view(plan: LaunchPlan, facts_note: str = "") -> Group:
     head = Table.grid(padding=(0, 2))
     head.add_row("job", f"{plan.name} ({plan.job_id})")
     head.add_row("world size", str(plan.world_size))
-    head.add_row("init method", f"{plan.init_method}  {plan.init_url}")
+    head.add_row("init method", Text(f"{plan.init_method}  {plan.init_url}"))
     head.add_row("backend", plan.backend)
-    head.add_row("master", f"{plan.master_addr}:{plan.master_port} (rendezvous port {plan.rdzv_port})")
+    head.add_row("master", Text(f"{plan.master_addr}:{plan.master_port} (rendezvous port {plan.rdzv_port})"))
     if facts_note:
         head.add_row("note", facts_note)
     nodes = Table(title="nodes", title_justify="left")
@@ -61,8 +61,8 @@ def plan_view(plan: LaunchPlan, facts_note: str = "") -> Group:
             str(n.node_rank),
             n.host,
             f"{n.rank_offset}..{n.rank_offset + n.nprocs - 1}",
-            shlex.join(n.argv),
-            "\n".join(f"{k}={v}" for k, v in env.items()),
+            Text(shlex.join(n.argv)),
+            Text("\n".join(f"{k}={v}" for k, v in env.items())),
         )
     ranks = Table(title="ranks", title_justify="left")
     for col in ("RANK", "LOCAL_RANK", "node", "host", "device"):
@@ -88,7 +88,7 @@ class UpView:
         for col in ("node", "host", "slots", "stage", "detail"):
             t.add_column(col, overflow="fold")
         for i, (h, (stage, detail)) in enumerate(zip(self.hosts, self.rows, strict=True)):
-            t.add_row(str(i), h, str(self.slots[i]), _stage(stage), detail)
+            t.add_row(str(i), Text(h), str(self.slots[i]), _stage(stage), Text(detail))
         return t
 
     def update(self, i: int, stage: str, detail: str) -> None:
@@ -150,7 +150,7 @@ def status_view(st: JobStatus) -> Group:
         )  # fmt: skip
         nodes.add_row(
             str(n.node_rank), n.host, "yes" if n.reachable else Text("no", "red"), agent,
-            str(n.agent_pid or "-"), str(n.procs) if n.reachable else "?", n.error or "",
+            str(n.agent_pid or "-"), str(n.procs) if n.reachable else "?", Text(n.error or ""),
         )  # fmt: skip
     ranks = Table(title="ranks", title_justify="left")
     for col in ("rank", "host", "local", "pid", "stage", "restarts", "device", "memory", "error"):
@@ -161,7 +161,7 @@ def status_view(st: JobStatus) -> Group:
             mem += f" / gpu {r.gpu_mem_mb:.0f} MiB"
         ranks.add_row(
             str(r.rank), r.host, str(r.local_rank), str(r.pid or "-"), _stage(r.stage),
-            str(r.restarts), r.device or "-", mem, r.error or "",
+            str(r.restarts), r.device or "-", mem, Text(r.error or ""),  # not markup: '[/path]' is common
         )  # fmt: skip
     parts: list[Any] = [head, nodes, ranks]
     if st.front:

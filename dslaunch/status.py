@@ -94,7 +94,7 @@ def classify(rec: JobRecord, nodes: list[NodeStatus], ranks: list[RankStatus]) -
     if unreachable:
         return "degraded", f"unreachable: {', '.join(unreachable)}"
     if dead and not alive:
-        if all(n.exit_code is None and n.procs == 0 and n.agent_pid is None for n in dead):
+        if all(n.exit_code is None and n.procs == 0 for n in dead):
             return "gone", "no process of this job is left on any node (stale record)"
         codes = ", ".join(f"{n.host} exit {n.exit_code if n.exit_code is not None else 'killed'}" for n in dead)
         return "failed", f"every agent has ended ({codes})"

@@ -155,7 +155,7 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     """
     from dslaunch.engine import EngineContext, load_engine
     from dslaunch.group import leave_group
-    from dslaunch.lockstep import Channel, follow, lead, peer_lost
+    from dslaunch.lockstep import RESTARTING, Channel, follow, lead, peer_lost
 
     node_dir = Path(os.environ["DSLAUNCH_NODE_DIR"])
     ctx = EngineContext(
@@ -195,7 +195,7 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
         status.update(stage="waiting", error=f"lost a peer: {loop.error}"[:500])
         if front is not None:
             front.stop_accepting()
-            batcher.close()
+            batcher.close(RESTARTING)
         if stop.event.wait(PEER_LOSS_WAIT_S):
             loop.error = None
     if stop.signum is not None:
@@ -220,7 +220,7 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
 
 
 STOP_WAIT_S = 8.0
-PEER_LOSS_WAIT_S = 60.0
+PEER_LOSS_WAIT_S = 20.0
 
 
 class _LoopThread(threading.Thread):

@@ -1,0 +1,23 @@
+"""Rendering never interprets text from the nodes as rich markup (gloo errors look like tags)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from dslaunch import render
+from dslaunch.status import JobStatus, NodeStatus, RankStatus
+
+
+def test_errors_with_brackets_are_printed_verbatim() -> None:
+    gloo = "RuntimeError: [/__w/pytorch/third_party/gloo/pair.cc:553] Connection closed by peer [127.0.0.1]:1"
+    st = JobStatus(
+        name="j", state="failed", world_size=1, init_method="tcp", backend="gloo", run_id="r",
+        master="127.0.0.1:1", created=0.0, reason="every agent has ended",
+        nodes=[NodeStatus(0, "node0", True, error="[bold]not markup[/bold]")],
+        ranks=[RankStatus(0, "node0", 0, 0, stage="failed", error=gloo)],
+        front={"address": "127.0.0.1:7070", "ready": False, "task": "generate", "model": "[m]"},
+    )  # fmt: skip
+    console = Console(width=400, record=True)
+    console.print(render.status_view(st))
+    text = console.export_text()
+    assert gloo in text and "[bold]not markup[/bold]" in text and "[m]" in text
