@@ -68,6 +68,8 @@ SERVE_OPTIONS = [
                  help="Longest request line accepted."),
     click.option("--request-timeout", type=float, default=300.0, show_default=True,
                  help="Default per-request time-out (a request may ask for less or more)."),
+    click.option("--idle-timeout", type=float, default=300.0, show_default=True,
+                 help="Seconds a client connection may stay silent with nothing in flight."),
     click.option("--max-new-tokens", type=int, default=1024, show_default=True,
                  help="Most tokens one prompt may ask for."),
     click.option("--heartbeat", "heartbeat_s", type=float, default=5.0, show_default=True,

@@ -39,6 +39,7 @@ class FrontConfig:
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     request_timeout: float = 300.0
+    idle_timeout: float = 300.0
     token: str | None = None
 
 
@@ -373,8 +374,15 @@ class Front:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
-                data = await reader.read(1 << 16)
+                # a connection with nothing in flight may idle for --idle-timeout, then it is closed
+                idle = self.cfg.idle_timeout if not tasks else None
+                try:
+                    data = await asyncio.wait_for(reader.read(1 << 16), idle)
+                except asyncio.TimeoutError:
+                    break
                 if not data:
+                    if tasks:  # half-closed (e.g. `nc` after its input): still answer what was asked
+                        await asyncio.wait(set(tasks))
                     break
                 for line in lines.feed(data):
                     if line is None:

@@ -96,6 +96,8 @@ def parse_request(line: bytes | str, limits: Limits) -> Request:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(BAD_REQUEST, f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError(BAD_REQUEST, "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_REQUEST, "a request is a JSON object")
     rid = obj.get("id")

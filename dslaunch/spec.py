@@ -50,6 +50,7 @@ class ServeSpec:
     max_queue: int = 256
     max_request_bytes: int = 1 << 20
     request_timeout: float = 300.0
+    idle_timeout: float = 300.0
     max_new_tokens: int = 1024
     heartbeat_s: float = 5.0
     token: str | None = field(default=None, repr=False)
@@ -73,7 +74,11 @@ class ServeSpec:
                 raise UserError(f"{flag} {value}: must be at least {lo}")
         if self.batch_wait_ms < 0:
             raise UserError(f"--batch-wait-ms {self.batch_wait_ms}: must be 0 or more")
-        for flag, value in (("--request-timeout", self.request_timeout), ("--heartbeat", self.heartbeat_s)):
+        for flag, value in (
+            ("--request-timeout", self.request_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--heartbeat", self.heartbeat_s),
+        ):
             if not value > 0:
                 raise UserError(f"{flag} {value}: must be more than 0 seconds")
         if self.token is not None and len(self.token) < 16:

@@ -256,6 +256,7 @@ def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any,
         batch_wait_ms=serve.batch_wait_ms,
         max_queue=serve.max_queue,
         request_timeout=serve.request_timeout,
+        idle_timeout=serve.idle_timeout,
         token=token or None,
     )
     stats = Stats()
