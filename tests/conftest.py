@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,6 +66,38 @@ class Cli:
             [sys.executable, "-m", "dslaunch", *args], env=self.env, cwd=REPO, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
+
+
+def status_json(cli: Cli, name: str = "default") -> dict[str, Any]:
+    """`dslaunch status --json` for a job, which must succeed."""
+    res = cli("status", "--name", name, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def wait_status(cli: Cli, pred: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
+    """Poll `status --json` until `pred` holds (or the time-out); returns the last status."""
+    deadline = time.monotonic() + timeout
+    st = status_json(cli)
+    while not pred(st) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        st = status_json(cli)
+    return st
+
+
+def local_job(tmp_path_factory: pytest.TempPathFactory, *up_args: str) -> Iterator[tuple[Cli, dict[str, Any]]]:
+    """A localhost job for a whole module (no sshd): yields the CLI runner and the job record."""
+    tmp = tmp_path_factory.mktemp("job")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
+    env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200")
+    (tmp / "work").mkdir()
+    cli = Cli(env, tmp / "work")
+    try:
+        res = cli.up(*up_args)
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield cli, json.loads((tmp / "home" / "jobs" / "default.json").read_text())
+    finally:
+        _guard(cli)
 
 
 def _guard(cli: Cli) -> None:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, job_dirs, job_pids
+from tests.conftest import Cli, job_dirs, job_pids, status_json
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
-
-
-def _status(cli: Cli, name: str = "default") -> dict:
-    res = cli("status", "--name", name, "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
 
 
 @pytest.mark.parametrize("method", ["tcp", "file", "env"])
@@ -28,7 +21,7 @@ def test_up_status_down_two_nodes(sim: SimCluster, cli: Cli, tmp_path: Path, met
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ready" in res.stdout
 
-    st = _status(cli)
+    st = status_json(cli)
     assert st["state"] == "ready"
     assert st["world_size"] == 4 and st["init_method"] == method
     assert [r["rank"] for r in st["ranks"]] == [0, 1, 2, 3]
@@ -68,7 +61,7 @@ def test_second_up_with_live_name_is_refused(sim: SimCluster, cli: Cli) -> None:
     res = cli.up("-H", str(hosts))
     assert res.returncode == 1
     assert "a job named 'default' already exists" in res.stderr
-    assert _status(cli)["state"] == "ready", "the refused up must not disturb the running job"
+    assert status_json(cli)["state"] == "ready", "the refused up must not disturb the running job"
 
 
 def test_unreachable_node_is_named_and_nothing_starts(sim: SimCluster, cli: Cli) -> None:
@@ -185,7 +178,7 @@ def test_status_reports_an_unreachable_node(sim: SimCluster, cli: Cli) -> None:
     assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
     sim.stop_node(sim.nodes[1])
     try:
-        st = _status(cli)
+        st = status_json(cli)
         assert st["state"] == "degraded"
         assert [n["reachable"] for n in st["nodes"]] == [True, False]
         assert st["ranks"][0]["stage"] == "ready"
@@ -197,7 +190,7 @@ def test_status_reports_an_unreachable_node(sim: SimCluster, cli: Cli) -> None:
 def test_localhost_without_sshd(cli: Cli) -> None:
     res = cli.up("-H", "hostfiles/localhost", "--init-method", "env")
     assert res.returncode == 0, res.stderr
-    st = _status(cli)
+    st = status_json(cli)
     assert st["state"] == "ready" and st["world_size"] == 2
     jid = f"DSLAUNCH_JOB_ID=default-{st['run_id']}"
     assert cli("down").returncode == 0

@@ -4,7 +4,6 @@ streaming, bad input. One job for the module; every test checks it still answers
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,26 +14,15 @@ import pytest
 
 from dslaunch.client import Client, FrontError
 from dslaunch.tinymodel import NAME as TINY
-from tests.conftest import Cli, _guard, job_pids
+from tests.conftest import Cli, job_pids, local_job
 
 PROMPTS = ["Hello world", "The quick brown fox", "One command starts the job", "Numbers 0 1 2"]
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[str, Any]]]:
-    tmp = tmp_path_factory.mktemp("serve")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
-    env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200")
-    (tmp / "work").mkdir()
-    cli = Cli(env, tmp / "work")
-    try:
-        res = cli.up("-H", "hostfiles/localhost", "--max-batch-size", "8", "--batch-wait-ms", "20",
-                     "--max-new-tokens", "64")  # fmt: skip
-        assert res.returncode == 0, res.stdout + res.stderr
-        rec = json.loads((tmp / "home" / "jobs" / "default.json").read_text())
-        yield cli, rec
-    finally:
-        _guard(cli)
+    yield from local_job(tmp_path_factory, "-H", "hostfiles/localhost", "--max-batch-size", "8",
+                         "--batch-wait-ms", "20", "--max-new-tokens", "64")  # fmt: skip
 
 
 @pytest.fixture

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import time
-from typing import Any
 
 import pytest
 
-from tests.conftest import Cli, job_pids, kill_marked
+from tests.conftest import Cli, job_pids, kill_marked, status_json, wait_status
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
-
-
-def _status(cli: Cli) -> dict[str, Any]:
-    res = cli("status", "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
-def _wait(cli: Cli, pred, timeout: float = 120) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    st = _status(cli)
-    while not pred(st) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        st = _status(cli)
-    return st
 
 
 def _agent_pid(node_rank: int) -> int:
@@ -45,9 +27,9 @@ def _agent_pid(node_rank: int) -> int:
 
 def test_a_dead_agent_is_named_in_status_and_down_still_cleans_every_node(sim: SimCluster, cli: Cli) -> None:
     assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
-    run_id = _status(cli)["run_id"]
+    run_id = status_json(cli)["run_id"]
     os.kill(_agent_pid(1), signal.SIGKILL)
-    st = _wait(cli, lambda s: s["state"] != "ready")
+    st = wait_status(cli, lambda s: s["state"] != "ready")
     assert st["state"] == "degraded" and "node1" in st["reason"], st
     assert not st["nodes"][1]["agent_alive"] and st["nodes"][0]["agent_alive"]
     assert "node1" in cli("status").stdout
@@ -58,9 +40,9 @@ def test_a_dead_agent_is_named_in_status_and_down_still_cleans_every_node(sim: S
 
 def test_exhausted_restarts_end_in_failed_with_the_reason(sim: SimCluster, cli: Cli) -> None:
     assert cli.up("-H", str(sim.hostfile(slots=1)), "--max-restarts", "0").returncode == 0
-    st = _status(cli)
+    st = status_json(cli)
     os.kill(st["ranks"][1]["pid"], signal.SIGKILL)
-    st = _wait(cli, lambda s: s["state"] == "failed", timeout=90)
+    st = wait_status(cli, lambda s: s["state"] == "failed", timeout=90)
     assert st["state"] == "failed", st
     assert "every agent has ended" in st["reason"]
     shown = cli("status")
@@ -73,9 +55,9 @@ def test_exhausted_restarts_end_in_failed_with_the_reason(sim: SimCluster, cli: 
 
 def test_a_stale_record_is_reported_and_the_name_can_be_reused(cli: Cli) -> None:
     assert cli.up().returncode == 0
-    run_id = _status(cli)["run_id"]
+    run_id = status_json(cli)["run_id"]
     kill_marked(f"DSLAUNCH_JOB_ID=default-{run_id}")  # as after a reboot: every process gone
-    st = _wait(cli, lambda s: s["state"] == "gone", timeout=30)
+    st = wait_status(cli, lambda s: s["state"] == "gone", timeout=30)
     assert st["state"] == "gone" and "stale record" in st["reason"]
     again = cli.up()
     assert again.returncode == 1 and "already exists (state" in again.stderr and "dslaunch down" in again.stderr

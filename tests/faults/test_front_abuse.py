@@ -4,7 +4,6 @@ connections at once. Every case gets an error or a closed connection; the job ke
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 import time
@@ -16,25 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dslaunch.client import Client
-from tests.conftest import Cli, _guard
+from tests.conftest import Cli, local_job
 
 ERROR_CODES = {"bad_request", "too_large", "overloaded", "unavailable", "timeout", "unauthorized", "internal"}
 
 
 @pytest.fixture(scope="module")
-def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, int]]:
-    tmp = tmp_path_factory.mktemp("abuse")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
-    env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200")
-    (tmp / "work").mkdir()
-    cli = Cli(env, tmp / "work")
-    try:
-        res = cli.up("--idle-timeout", "2", "--max-queue", "64", "--max-request-bytes", "65536")
-        assert res.returncode == 0, res.stdout + res.stderr
-        rec = json.loads((tmp / "home" / "jobs" / "default.json").read_text())
-        yield cli, rec["extra"]["front"]["port"]
-    finally:
-        _guard(cli)
+def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[str, Any]]]:
+    yield from local_job(tmp_path_factory, "--idle-timeout", "2", "--max-queue", "64", "--max-request-bytes", "65536")
+
+
+@pytest.fixture(scope="module")
+def front(job: tuple[Cli, dict[str, Any]]) -> tuple[Cli, int]:
+    return job[0], job[1]["extra"]["front"]["port"]
 
 
 def _still_answers(port: int) -> None:

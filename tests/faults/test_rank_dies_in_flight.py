@@ -16,7 +16,7 @@ import pytest
 
 from dslaunch.client import Client, FrontError
 from dslaunch.tinymodel import NAME
-from tests.conftest import Cli, job_pids
+from tests.conftest import Cli, job_pids, status_json
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -37,17 +37,13 @@ def _reference(model_dir: Path, k: int) -> dict[str, str]:
     return out
 
 
-def _status(cli: Cli) -> dict[str, Any]:
-    return json.loads(cli("status", "--json").stdout)
-
-
 def test_every_request_gets_one_answer_and_clients_ride_through_the_restart(sim: SimCluster, cli: Cli) -> None:
     res = cli.up("-H", str(sim.hostfile(slots=1)), "--timeout", "180")
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
     port = rec["extra"]["front"]["port"]
     want = _reference(cli.work_dir / "models" / NAME, 24)
-    victim = _status(cli)["ranks"][1]["pid"]
+    victim = status_json(cli)["ranks"][1]["pid"]
 
     # retrying clients, each sending requests one after another across the fault
     results: dict[tuple[int, int], str] = {}
@@ -101,7 +97,7 @@ def test_every_request_gets_one_answer_and_clients_ride_through_the_restart(sim:
     for (n, i), text in results.items():
         assert text == want[PROMPTS[(n + i) % 4]], (n, i)
 
-    st = _status(cli)
+    st = status_json(cli)
     assert st["state"] == "ready" and {r["restarts"] for r in st["ranks"]} == {1}
     assert st["front"]["ready"] and st["front"]["address"] == f"127.0.0.1:{port}"
     with Client("127.0.0.1", port, retry_for=0) as c:

@@ -9,25 +9,10 @@ import time
 
 import pytest
 
-from tests.conftest import Cli, job_dirs, job_pids
+from tests.conftest import Cli, job_dirs, job_pids, status_json, wait_status
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
-
-
-def _status(cli: Cli) -> dict:
-    res = cli("status", "--json")
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
-def _wait(cli: Cli, pred, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    st = _status(cli)
-    while not pred(st) and time.monotonic() < deadline:
-        time.sleep(0.5)
-        st = _status(cli)
-    return st
 
 
 @pytest.mark.parametrize("method", ["tcp", "file"])
@@ -38,11 +23,11 @@ def test_killed_rank_restarts_the_gang_and_rank0_stays_on_node0(
     # node1 listed first in the hostfile sorts after node0 by address: the agent's own order differs
     hosts = sim.hostfile(slots=1, nodes=[sim.nodes[1], sim.nodes[0]])
     assert cli.up("-H", str(hosts), "--init-method", method, *extra).returncode == 0
-    st = _status(cli)
+    st = status_json(cli)
     assert [r["host"] for r in st["ranks"]] == ["node1", "node0"]
     victim = st["ranks"][1]["pid"]
     os.kill(victim, signal.SIGKILL)
-    st = _wait(cli, lambda s: s["state"] == "ready" and all(r["restarts"] == 1 for r in s["ranks"]))
+    st = wait_status(cli, lambda s: s["state"] == "ready" and all(r["restarts"] == 1 for r in s["ranks"]))
     assert st["state"] == "ready", st
     assert [(r["rank"], r["host"], r["restarts"]) for r in st["ranks"]] == [(0, "node1", 1), (1, "node0", 1)]
     assert victim not in {r["pid"] for r in st["ranks"]}
