@@ -355,6 +355,9 @@ def query(prompts: tuple[str, ...], name: str, max_new_tokens: int | None, tempe
             raise UserError(f"front {c.address}: {e.code}: {e.message}") from None
         except (ConnectionError, TimeoutError, OSError) as e:
             raise UserError(f"{e} (is the job serving? see 'dslaunch status --name {name}')") from None
+        except KeyboardInterrupt:
+            click.echo()
+            sys.exit(130)  # the front notices the closed connection and stops generating for it
     if answer is not None:
         if as_json or health or want_stats or infer_json:
             click.echo(json.dumps(answer, indent=1, ensure_ascii=False))

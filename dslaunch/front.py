@@ -468,7 +468,6 @@ class Front:
                 try:
                     event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    job.cancelled = True
                     raise ProtocolError(P.TIMEOUT, f"no answer within {timeout:g}s") from None
                 if event[0] == "chunk":
                     await conn.send(P.ok(req.id, index=event[1], chunk=event[2]))
@@ -479,6 +478,9 @@ class Front:
                     await conn.send(self._result(req, event[1]))
                     return
         finally:
+            # answered, timed out, client gone (a failed write) or task cancelled: no more rows for it
+            # (harmless when its batch is already over)
+            job.cancelled = True
             conn.jobs.discard(job)
 
     def _result(self, req: Request, results: list[Any]) -> dict[str, Any]:
