@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -193,7 +192,8 @@ class CausalLMEngine(_Pretrained):
         mask = enc["attention_mask"].to(ctx.device)
         rows = len(work.inputs)
         prompt_lens = [int(n) for n in mask.sum(dim=1).tolist()]
-        streams = [TextStream(self._decode, p.stop) for p in params]
+        # only rank 0 decodes and samples; the others feed the tokens it broadcasts
+        streams = [TextStream(self._decode, p.stop) for p in params] if ctx.lead else []
         gens = [None if p.greedy else make_generator(p) for p in params] if ctx.lead else []
         counts = [0] * rows
         reasons: list[str | None] = [None] * rows
@@ -333,10 +333,3 @@ class HandlerEngine:
         if len(out) != len(work.inputs):
             raise RuntimeError(f"handler {self.name} returned {len(out)} results for {len(work.inputs)} inputs")
         return out if self.ctx.lead else None
-
-
-def timed(fn: Any) -> float:
-    """Milliseconds one call of `fn` takes."""
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1000

@@ -27,6 +27,7 @@ from dslaunch.engine import OP_FOR_TASK, Work
 from dslaunch.nodectl import write_json_atomic
 from dslaunch.protocol import Limits, ProtocolError, Request
 
+STOPPING = "the job is stopping or restarting; retry"
 DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients
 
 
@@ -180,9 +181,11 @@ class Batcher:
             self.queue.append(job)
             self.cv.notify()
 
-    def close(self, why: str = "the job is stopping or restarting; retry") -> None:
+    def close(self, why: str = STOPPING) -> None:
         """Refuse new work and answer everything still queued with `unavailable`, saying why."""
         with self.cv:
+            if self.closed:
+                return  # the first reason stands (a lost rank, then the agent's SIGTERM)
             self.closed = True
             self.why = why
             left = list(self.queue)
@@ -287,8 +290,10 @@ class Front:
         self.accepting = True
         self._write_status()
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, why: str = STOPPING) -> None:
+        """New work gets `unavailable`; queued work is answered so now, saying why."""
         self.accepting = False
+        self.batcher.close(why)
         self._write_status()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -456,7 +461,8 @@ class Front:
         if not self.accepting:
             raise ProtocolError(P.UNAVAILABLE, self.batcher.why or "the job is not serving yet; retry")
         if req.op != "health":
-            self.check(req)
+            # off the event loop: it tokenizes, and waits while the engine holds the tokenizer
+            await asyncio.to_thread(self.check, req)
         assert self.loop is not None
         job = Pending(req, self.loop)
         self.batcher.submit(job)

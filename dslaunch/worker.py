@@ -176,8 +176,8 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     heartbeat = min(serve.heartbeat_s, cfg.timeout_s / 3)
     front = None
     if cfg.rank == 0:
-        front, batcher = _start_front(serve, engine, ranks, cfg, node_dir)
-        target: Any = lambda: lead(engine, channel, batcher, heartbeat)  # noqa: E731
+        front = _start_front(serve, engine, ranks, cfg, node_dir)
+        target: Any = lambda: lead(engine, channel, front.batcher, heartbeat)  # noqa: E731
     else:
         target = lambda: follow(engine, channel)  # noqa: E731
     loop = _LoopThread(target)
@@ -194,8 +194,7 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
         print(f"lost a peer ({loop.error}); waiting for the agent's restart", flush=True)
         status.update(stage="waiting", error=f"lost a peer: {loop.error}"[:500])
         if front is not None:
-            front.stop_accepting()
-            batcher.close(RESTARTING)
+            front.stop_accepting(RESTARTING)
         if stop.event.wait(PEER_LOSS_WAIT_S):
             loop.error = None
     if stop.signum is not None:
@@ -203,7 +202,6 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
         status.update(stage="stopping")
         if front is not None:
             front.stop_accepting()
-            batcher.close()
         loop.join(STOP_WAIT_S)
     if front is not None:
         front.close()
@@ -238,7 +236,7 @@ class _LoopThread(threading.Thread):
             self.error = e
 
 
-def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any, node_dir: Path) -> tuple[Any, Any]:
+def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any, node_dir: Path) -> Any:
     from dslaunch.front import Batcher, Front, FrontConfig, Stats
     from dslaunch.protocol import Limits
 
@@ -265,7 +263,7 @@ def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any,
             "task": engine.task}  # fmt: skip
     front = Front(fcfg, info, engine.check, batcher, stats, node_dir / "front.json")
     front.start()
-    return front, batcher
+    return front
 
 
 def _default_group() -> Any:
