@@ -74,6 +74,8 @@ SERVE_OPTIONS = [
                  help="Most tokens one prompt may ask for."),
     click.option("--heartbeat", "heartbeat_s", type=float, default=5.0, show_default=True,
                  help="Seconds between rank 0's idle heartbeats to the other ranks."),
+    click.option("--hang-timeout", type=float, default=120.0, show_default=True,
+                 help="Seconds a serving rank may go without progress before the job restarts (0: never)."),
 ]  # fmt: skip
 
 
@@ -132,6 +134,13 @@ def main() -> None:
     "--max-restarts", type=int, default=3, show_default=True, help="Gang restarts before the job is declared failed."
 )
 @click.option(
+    "--restart-backoff",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds before the 2nd restart, doubling for each later one (the 1st is immediate).",
+)
+@click.option(
     "--backend",
     type=click.Choice(["auto", "nccl", "gloo"]),
     default="auto",
@@ -174,7 +183,8 @@ def main() -> None:
 @_name_option
 def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes: int | None,
        num_gpus: int | None, init_method: str, rdzv_dir: str | None, master_addr: str | None,
-       master_port: int | None, rdzv_port: int | None, max_restarts: int, backend: str, python: str,
+       master_port: int | None, rdzv_port: int | None, max_restarts: int, restart_backoff: float, backend: str,
+       python: str,
        work_dir: str, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
        parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None,
@@ -188,7 +198,8 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     nodes = select_nodes(nodes, include, exclude, num_nodes, num_gpus)
     spec = JobSpec(
         nodes=nodes, name=name, init_method=init_method, rdzv_dir=rdzv_dir, master_addr=master_addr,
-        master_port=master_port, rdzv_port=rdzv_port, max_restarts=max_restarts, python=python,
+        master_port=master_port, rdzv_port=rdzv_port, max_restarts=max_restarts, restart_backoff=restart_backoff,
+        python=python,
         work_dir=work_dir, backend=backend, env=collect_env(os.environ, env_pairs, env_file),
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,9 @@ class EngineContext:
     work_dir: Path
     group: Any = None  # the torch.distributed default group, or None in a single process
     options: ServeSpec = field(default_factory=ServeSpec)  # --model, --task, --dtype, ...
+    # Call between the steps of long work (a handler's loop): the hang watchdog (--hang-timeout)
+    # restarts a job whose ranks stop making progress.
+    beat: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def lead(self) -> bool:
@@ -124,6 +128,7 @@ def _broadcast(t: Any, ctx: EngineContext) -> Any:
         import torch.distributed as dist
 
         dist.broadcast(t, src=0)
+    ctx.beat()
     return t
 
 

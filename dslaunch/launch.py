@@ -300,12 +300,17 @@ def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progres
 
     def start(c: NodeClient) -> dict[str, Any]:
         np = plan.nodes[cluster.clients.index(c)]
-        files = {"front.token": token} if token and np.node_rank == 0 else {}
+        head = np.node_rank == 0
+        files = {"front.token": token} if token and head else {}
         return c.call(
             "start",
             {"job_id": plan.job_id, "node_rank": np.node_rank, "node_dir": np.node_dir,
-             "argv": list(np.argv), "env": np.env, "files": files},
+             "argv": list(np.argv), "env": np.env, "files": files, "free_ports": ports if head else {}},
         )  # fmt: skip
+
+    ports = {"rendezvous port (--rdzv-port)": plan.rdzv_port}
+    if plan.init_method in ("tcp", "env"):
+        ports["master port (--master-port)"] = plan.master_port
 
     results = cluster.map(start)
     details: list[str] = []

@@ -19,12 +19,32 @@ WORK, BEAT, STOP = "work", "beat", "stop"
 RESTARTING = "the job is restarting (a rank was lost); retry"
 
 
+class Progress:
+    """When this rank's serving loop last moved, and the batch it is running (rank 0).
+
+    Stamped by every control message and every decode step. A rank stuck in a collective because
+    a peer hangs (stopped, not dead: no socket closes, so no error ever comes) stops stamping; the
+    worker's watchdog notices and ends the rank, which restarts the job.
+    """
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.batch: Batch | None = None
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last
+
+
 class Channel:
     """Broadcasts from rank 0 to all ranks over a gloo group (a no-op in a world of one)."""
 
-    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
+    def __init__(self, rank: int, world_size: int, timeout_s: float, progress: Progress | None = None) -> None:
         self.rank = rank
         self.world_size = world_size
+        self.progress = progress or Progress()
         self.group = None
         if world_size > 1:
             from datetime import timedelta
@@ -38,12 +58,14 @@ class Channel:
             import torch.distributed as dist
 
             dist.broadcast_object_list([msg], src=0, group=self.group)
+        self.progress.beat()
 
     def recv(self) -> tuple[Any, ...]:
         import torch.distributed as dist
 
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
+        self.progress.beat()
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -105,6 +127,7 @@ def lead(engine: Engine, channel: Channel, source: Source, heartbeat_s: float) -
             continue
         assert not isinstance(batch, bool)
         t0 = time.perf_counter()
+        channel.progress.batch = batch
         try:
             channel.send((WORK, batch.work))
             results = execute(engine, channel, batch.work, batch)
@@ -117,6 +140,7 @@ def lead(engine: Engine, channel: Channel, source: Source, heartbeat_s: float) -
             raise
         source.ran(batch, time.perf_counter() - t0, results or [])
         batch.resolve(results or [])
+        channel.progress.batch = None
 
 
 def follow(engine: Engine, channel: Channel) -> None:

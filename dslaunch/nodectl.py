@@ -254,6 +254,11 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     jid, node_rank = args["job_id"], args["node_rank"]
     if job_processes(jid, node_rank):
         return {"error": f"job {jid} is already running on this node"}
+    for label, port in (args.get("free_ports") or {}).items():
+        # pre-flight found these free, but anything may have taken them since: say so now rather
+        # than let every restart fail on the same bind
+        if not _port_free(int(port)):
+            return {"error": f"{label} {port} was taken after pre-flight; run 'up' again to pick free ports"}
     for sub in ("", "ranks", "logs", "elastic"):
         (ndir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileNotFoundError):
@@ -334,6 +339,9 @@ def op_status(args: dict[str, Any]) -> dict[str, Any]:
         front["alive"] = bool(front.get("pid") and _alive(front["pid"]))
         front["age_s"] = round(time.time() - float(front.get("time", 0)), 1)  # this node's clock
         out["front"] = front
+    failures = worker_failures(_tail(ndir / AGENT_LOG, 2000), ndir / "logs")
+    if failures:
+        out["failures"] = failures[-5:]
     tail = int(args.get("tail", 0))
     if tail and (not agent["alive"] or any(r.get("error") for r in ranks)):
         out["agent_log"] = agent_failure(_tail(ndir / AGENT_LOG, 400), keep=tail)
@@ -342,6 +350,45 @@ def op_status(args: dict[str, Any]) -> dict[str, Any]:
 
 
 _TORCH_LOG_RE = re.compile(r"^[WEIF]\d{4} \d\d:")
+# torchrun's line when a worker ends badly, e.g.
+# E1123 12:40:56.783000 1439 .../api.py:1002] failed (exitcode: -9) local_rank: 0 (pid: 2276) of binary: ...
+_FAILED_RE = re.compile(
+    r"^[WEIF](\d\d)(\d\d) (\d\d:\d\d:\d\d)\S* .*\bfailed \(exitcode: (-?\d+)\) local_rank: (\d+) \(pid: (\d+)\)"
+)
+_MARKER_RE = re.compile(r"^--- rank (\d+) pid (\d+) attempt (\d+)")
+
+
+def worker_failures(agent_lines: list[str], logs: Path) -> list[dict[str, Any]]:
+    """Every worker this node's agent saw fail: when, exit code (negative: signal), and its last words.
+
+    Restarts overwrite the ranks' status files; the agent log and the rank logs (appended across
+    attempts, each attempt opened by a marker line with its pid) are what remembers why.
+    """
+    out: list[dict[str, Any]] = []
+    for line in agent_lines:
+        m = _FAILED_RE.match(line)
+        if m:
+            month, day, clock, code, local_rank, pid = m.groups()
+            out.append({"when": f"{month}-{day} {clock}", "exit_code": int(code), "local_rank": int(local_rank),
+                        "pid": int(pid)})  # fmt: skip
+    if not out:
+        return out
+    attempts: dict[int, tuple[int, int]] = {}  # pid -> (rank, job-wide attempt)
+    last_words: dict[int, str] = {}
+    for log in logs.glob("rank*.log"):
+        pid = None
+        for line in _tail(log, 5000):
+            mk = _MARKER_RE.match(line)
+            if mk:
+                pid = int(mk.group(2))
+                attempts[pid] = (int(mk.group(1)), int(mk.group(3)))
+            elif pid and line.strip() and not _TORCH_LOG_RE.match(line):
+                last_words[pid] = line.strip()[:300]
+    for f in out:
+        f["rank"], f["attempt"] = attempts.get(f["pid"], (None, None))
+        if f["exit_code"] > 0 and f["pid"] in last_words:
+            f["last_line"] = last_words[f["pid"]]
+    return out
 
 
 def agent_failure(lines: list[str], keep: int = 12) -> list[str]:

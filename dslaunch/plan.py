@@ -130,6 +130,7 @@ def make_plan(
                 "DSLAUNCH_INIT_URL": url,
                 "DSLAUNCH_BACKEND": backend,
                 "DSLAUNCH_PG_TIMEOUT": str(int(spec.pg_timeout)),
+                "DSLAUNCH_RESTART_BACKOFF": f"{spec.restart_backoff:g}",
                 "DSLAUNCH_MASTER_ADDR": master_addr,
                 "DSLAUNCH_MASTER_PORT": str(master_port),
                 "MASTER_ADDR": master_addr,

@@ -164,6 +164,8 @@ def status_view(st: JobStatus) -> Group:
             str(r.restarts), r.device or "-", mem, Text(r.error or ""),  # not markup: '[/path]' is common
         )  # fmt: skip
     parts: list[Any] = [head, nodes, ranks]
+    if st.last_failure:
+        parts.append(failure_line(st.last_failure))
     if st.front:
         parts.append(front_line(st.front))
     for n in st.nodes:
@@ -171,6 +173,15 @@ def status_view(st: JobStatus) -> Group:
             parts.append(Text(f"last lines of the agent log on {n.host}:", style="bold"))
             parts.append(Text("\n".join(f"  {ln}" for ln in n.log_tail), style="dim"))
     return Group(*parts)
+
+
+def failure_line(f: dict[str, Any]) -> Text:
+    """The last worker failure (why the job last restarted, or ended), kept across restarts."""
+    words = f": {f['last_line']}" if f.get("last_line") else ""
+    return Text.assemble(
+        ("last failure ", "bold"),
+        f"rank {f['rank']} on {f['host']} (pid {f.get('pid')}) {f['cause']} at {f['when']}{words}",
+    )
 
 
 def front_line(f: dict[str, Any]) -> Text:

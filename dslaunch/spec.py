@@ -29,6 +29,20 @@ DEFAULT_FRONT_PORT = 7070
 _HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+MAX_BACKOFF_S = 60.0
+
+
+def backoff_delay(base: float, attempt: int) -> float:
+    """Seconds to wait before job-wide attempt `attempt` (0 is the first start).
+
+    The first restart is immediate: one lost rank should cost as little as possible. Later ones
+    double from `base`, so a rank that crashes at once cannot spin the whole job in a tight loop.
+    """
+    if attempt <= 1 or base <= 0:
+        return 0.0
+    return min(MAX_BACKOFF_S, base * 2 ** (attempt - 2))
+
+
 @dataclass
 class ServeSpec:
     """What the job serves and how rank 0's front behaves; travels to the workers as JSON.
@@ -53,6 +67,7 @@ class ServeSpec:
     idle_timeout: float = 300.0
     max_new_tokens: int = 1024
     heartbeat_s: float = 5.0
+    hang_timeout: float = 120.0  # 0: never declare a rank hung
     token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +96,11 @@ class ServeSpec:
         ):
             if not value > 0:
                 raise UserError(f"{flag} {value}: must be more than 0 seconds")
+        if self.hang_timeout < 0 or 0 < self.hang_timeout < 2 * self.heartbeat_s:
+            raise UserError(
+                f"--hang-timeout {self.hang_timeout:g}: must be 0 (off) or at least twice --heartbeat "
+                f"({2 * self.heartbeat_s:g} s), or an idle job would look hung"
+            )
         if self.token is not None and len(self.token) < 16:
             raise UserError("the front's token must have at least 16 characters")
 
@@ -118,6 +138,7 @@ class JobSpec:
     master_port: int | None = None
     rdzv_port: int | None = None
     max_restarts: int = 3
+    restart_backoff: float = 1.0
     python: str = sys.executable
     work_dir: str = "~/.dslaunch/run"
     backend: str = "auto"
@@ -156,6 +177,8 @@ class JobSpec:
             raise UserError("--master-port and --rdzv-port must differ")
         if self.max_restarts < 0:
             raise UserError(f"--max-restarts {self.max_restarts}: must be 0 or more")
+        if not 0 <= self.restart_backoff <= MAX_BACKOFF_S:
+            raise UserError(f"--restart-backoff {self.restart_backoff:g}: must be 0 to {MAX_BACKOFF_S:g} seconds")
         for flag, value in (
             ("--timeout", self.ready_timeout),
             ("--connect-timeout", self.connect_timeout),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ class NodeStatus:
     procs: int = 0
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class JobStatus:
     ranks: list[RankStatus]
     reason: str = ""
     front: dict[str, Any] = field(default_factory=dict)
+    last_failure: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,7 +134,7 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
             i, n.host, reachable=True,
             agent_pid=agent.get("pid") or n.agent_pid if st.get("present") else None,
             agent_alive=bool(agent.get("alive")), exit_code=agent.get("exit_code"),
-            procs=int(st.get("procs", 0)),
+            procs=int(st.get("procs", 0)), failures=list(st.get("failures", [])),
         )  # fmt: skip
         if not ns.agent_alive and st.get("agent_log"):
             ns.log_tail = st["agent_log"]
@@ -145,8 +148,37 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
         name=rec.name, state=state_, world_size=rec.world_size, init_method=rec.init_method,
         backend=rec.backend, run_id=rec.run_id, master=f"{rec.master_addr}:{rec.master_port}",
         created=rec.created, nodes=nodes, ranks=ranks, reason=reason,
-        front=front_status(rec, head.get("front")),
+        front=front_status(rec, head.get("front")), last_failure=last_failure(rec, nodes),
     )  # fmt: skip
+
+
+def last_failure(rec: JobRecord, nodes: list[NodeStatus]) -> dict[str, Any]:
+    """What caused the last restart (or the end): the first failure of the latest attempt.
+
+    One lost rank makes its peers fail too, a little later ("lost a peer"); those are effects,
+    so within an attempt the earliest failure is the cause.
+    """
+    found = []
+    for n in nodes:
+        for f in n.failures:
+            rank = f.get("rank")
+            if rank is None:
+                rank = rec.nodes[n.node_rank].rank_offset + int(f.get("local_rank", 0))
+            found.append({**f, "rank": rank, "host": n.host, "cause": describe_exit(int(f["exit_code"]))})
+    if not found:
+        return {}
+    latest = max(f.get("attempt") or 0 for f in found)
+    return min((f for f in found if (f.get("attempt") or 0) == latest), key=lambda f: f["when"])
+
+
+def describe_exit(code: int) -> str:
+    """`killed by SIGKILL` for a negative code (torchrun's way of saying signal), else the code."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def front_status(rec: JobRecord, raw: dict[str, Any] | None) -> dict[str, Any]:

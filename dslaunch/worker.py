@@ -111,6 +111,8 @@ def main() -> int:
         cfg = with_agreed_attempt(cfg, node_dir)
         status.update(restarts=cfg.restart)
         print(f"--- rank {cfg.rank} pid {os.getpid()} attempt {cfg.restart} on {socket.gethostname()} ---", flush=True)
+        if _back_off(cfg.restart, status, stop):
+            return 0
         return _run(cfg, status, stop, threads)
     except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:
@@ -118,6 +120,18 @@ def main() -> int:
         status.update(stage="failed", error=f"{type(e).__name__}: {e}".strip()[:2000])
         traceback.print_exc()
         raise
+
+
+def _back_off(attempt: int, status: RankStatus, stop: StopFlag) -> bool:
+    """Wait before a repeated restart (--restart-backoff); True when stopped meanwhile."""
+    from dslaunch.spec import backoff_delay
+
+    delay = backoff_delay(float(os.environ.get("DSLAUNCH_RESTART_BACKOFF", "0")), attempt)
+    if not delay:
+        return False
+    print(f"backing off {delay:g}s before attempt {attempt}", flush=True)
+    status.update(stage="backoff", backoff_s=delay)
+    return stop.event.wait(delay)
 
 
 def _run(cfg: Any, status: RankStatus, stop: StopFlag, threads: int | None) -> int:
@@ -155,8 +169,9 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     """
     from dslaunch.engine import EngineContext, load_engine
     from dslaunch.group import leave_group
-    from dslaunch.lockstep import RESTARTING, Channel, follow, lead, peer_lost
+    from dslaunch.lockstep import RESTARTING, Channel, Progress, follow, lead, peer_lost
 
+    progress = Progress()
     node_dir = Path(os.environ["DSLAUNCH_NODE_DIR"])
     ctx = EngineContext(
         rank=cfg.rank,
@@ -167,11 +182,12 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
         work_dir=_work_dir(),
         group=_default_group(),
         options=serve,
+        beat=progress.beat,
     )
     t0 = time.monotonic()
     engine = load_engine(ctx.options, ctx)
     print(f"engine ready: task {engine.task}, model {engine.name}, {time.monotonic() - t0:.1f}s", flush=True)
-    channel = Channel(cfg.rank, cfg.world_size, cfg.timeout_s)
+    channel = Channel(cfg.rank, cfg.world_size, cfg.timeout_s, progress)
     ranks = channel.gather({"rank": cfg.rank, "host": socket.gethostname(), "device": cfg.device})
     heartbeat = min(serve.heartbeat_s, cfg.timeout_s / 3)
     front = None
@@ -184,9 +200,14 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     loop.start()
     status.update(stage="ready", front=front.address if front else None, **_memory(cfg.device))
     print("serving" + (f" on {front.address}" if front else ""), flush=True)
+    # rank 0 judges first; the others only act when rank 0 itself hangs
+    hang_limit = serve.hang_timeout * (1 if cfg.rank == 0 else 2) if cfg.world_size > 1 else 0
+    progress.beat()
     while not stop.event.wait(0.5):
         if loop.error is not None:
             break
+        if hang_limit and progress.idle_for() > hang_limit:
+            _hung(progress, hang_limit, status, front)
     if loop.error is not None and peer_lost(loop.error) and stop.signum is None:
         # Another rank is gone. Its agent starts a new round and ours restarts every worker with
         # SIGTERM within moments; failing here too would count a second failure and make torchrun
@@ -217,6 +238,30 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     return 0
 
 
+def _hung(progress: Any, limit: float, status: RankStatus, front: Any) -> None:
+    """A peer is alive but not answering (stopped, stuck in a driver): no collective will ever fail.
+
+    Answer the running batch and the queue with `unavailable`, then end this rank with an error:
+    the agent restarts the gang, killing the stuck rank on its way. Leaving the group would hang.
+    """
+    from dslaunch.lockstep import RESTARTING
+    from dslaunch.protocol import UNAVAILABLE
+
+    why = f"no progress for {progress.idle_for():.0f}s (--hang-timeout {limit:g}): a rank of the job is not responding"
+    print(f"hung: {why}; ending this rank so that the job restarts", flush=True)
+    status.update(stage="failed", error=f"hung: {why}")
+    if front is not None:
+        batch = progress.batch
+        if batch is not None:
+            batch.fail(UNAVAILABLE, RESTARTING)
+        front.stop_accepting(RESTARTING)
+        front.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(HUNG_EXIT)
+
+
+HUNG_EXIT = 75
 STOP_WAIT_S = 8.0
 PEER_LOSS_WAIT_S = 20.0
 

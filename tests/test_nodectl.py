@@ -131,3 +131,45 @@ def test_agent_failure_summary_keeps_worker_words_and_root_cause() -> None:
     assert "ValueError: the real problem" in got
     assert "root cause: exitcode : 1 (pid: 5)" in got
     assert not any("torch/distributed/run.py" in g for g in got)
+
+
+def test_start_refuses_a_port_taken_since_pre_flight(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as holder:  # someone else took the master port between probe and start
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        jid = f"test-{os.getpid()}-{time.monotonic_ns()}"
+        args = _args(jid, tmp_path / "n0", [sys.executable, "-c", AGENT])
+        args["free_ports"] = {"master port (--master-port)": port}
+        out = nodectl.op_start(args)
+    assert out == {"error": f"master port (--master-port) {port} was taken after pre-flight; "
+                            "run 'up' again to pick free ports"}  # fmt: skip
+    assert nodectl.job_processes(jid, 0) == [], "nothing was started"
+
+
+def test_worker_failures_name_the_rank_its_exit_and_its_last_words(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "rank1.log").write_text(
+        "--- rank 1 pid 100 attempt 0 on n1 ---\nserving\n"
+        "--- rank 1 pid 200 attempt 1 on n1 ---\nTraceback (most recent call last):\n"
+        "RuntimeError: out of cheese\n"
+        "W1123 12:41:00.100000 7 torch/x.py:1] noise\n"
+        "--- rank 1 pid 300 attempt 2 on n1 ---\nserving\n"
+    )
+    agent = [
+        "E1123 12:40:56.783000 1439 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -9)"
+        " local_rank: 0 (pid: 100) of binary: /usr/bin/python",
+        "some other line",
+        "E1123 12:41:02.001000 1439 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1)"
+        " local_rank: 0 (pid: 200) of binary: /usr/bin/python",
+    ]
+    got = nodectl.worker_failures(agent, logs)
+    assert got == [
+        {"when": "11-23 12:40:56", "exit_code": -9, "local_rank": 0, "pid": 100, "rank": 1, "attempt": 0},
+        {"when": "11-23 12:41:02", "exit_code": 1, "local_rank": 0, "pid": 200, "rank": 1, "attempt": 1,
+         "last_line": "RuntimeError: out of cheese"},
+    ]  # fmt: skip
+    assert nodectl.worker_failures(["nothing failed"], logs) == []

@@ -124,3 +124,15 @@ def test_env_errors_name_the_source(tmp_path: Path) -> None:
     bad.write_text("OK=1\nthis is not\n")
     with pytest.raises(UserError, match=r"bad.env:2: expected KEY=VALUE"):
         read_env_file(bad)
+
+
+def test_restart_back_off_starts_at_the_second_restart_and_doubles() -> None:
+    from dslaunch.spec import MAX_BACKOFF_S, backoff_delay
+
+    assert [backoff_delay(1.5, a) for a in range(6)] == [0, 0, 1.5, 3, 6, 12]
+    assert backoff_delay(1, 30) == MAX_BACKOFF_S
+    assert backoff_delay(0, 5) == 0
+    with pytest.raises(UserError, match="--restart-backoff"):
+        JobSpec(nodes=[Node("a", 1)], restart_backoff=-1)
+    env = make_plan(JobSpec(nodes=[Node("a", 1)], restart_backoff=2.5), "r", "a", 1, 2, "gloo").nodes[0].env
+    assert env["DSLAUNCH_RESTART_BACKOFF"] == "2.5"

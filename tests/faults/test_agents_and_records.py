@@ -47,8 +47,10 @@ def test_exhausted_restarts_end_in_failed_with_the_reason(sim: SimCluster, cli: 
     assert "every agent has ended" in st["reason"]
     shown = cli("status")
     text = shown.stdout
-    assert "exited 1" in text, shown.stderr and "last lines of the agent log" in text
+    assert "exited 1" in text and "last lines of the agent log" in text, text + shown.stderr
     assert "exitcode" in text and "-9" in text, "the killed rank's signal is shown"
+    assert st["last_failure"]["rank"] == 1 and st["last_failure"]["cause"] == "killed by SIGKILL", st
+    assert "last failure rank 1 on node1" in text and "killed by SIGKILL" in text
     assert cli("down").returncode == 0
     assert job_pids(f"DSLAUNCH_JOB_ID=default-{st['run_id']}") == []
 

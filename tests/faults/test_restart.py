@@ -31,6 +31,9 @@ def test_killed_rank_restarts_the_gang_and_rank0_stays_on_node0(
     assert st["state"] == "ready", st
     assert [(r["rank"], r["host"], r["restarts"]) for r in st["ranks"]] == [(0, "node1", 1), (1, "node0", 1)]
     assert victim not in {r["pid"] for r in st["ranks"]}
+    # ready again, and status still says why it restarted
+    last = st["last_failure"]
+    assert (last["rank"], last["host"], last["pid"], last["exit_code"]) == (1, "node0", victim, -9), last
     logs = cli("logs", "--rank", "0").stdout
     assert "attempt 1" in logs and "all-reduce of ranks = 1" in logs
     # the front came back on the first hostfile node and serves again
