@@ -250,13 +250,19 @@ def up(spec: JobSpec, progress: Progress = _quiet) -> JobRecord:
             except BaseException as e:
                 with _no_interrupts():  # a second Ctrl-C must not cut the clean-up short
                     left = teardown(rec, cluster, spec.stop_grace)
-                if all(r.ok and not (r.value or {}).get("survivors") for r in left):
+                unclean = [rec.nodes[i].host for i, r in enumerate(left)
+                           if not r.ok or (r.value or {}).get("survivors")]  # fmt: skip
+                if not unclean:
                     state.remove(rec.name)
                 else:
                     rec.state = "failed"
                     state.save(rec)
                 if isinstance(e, LaunchFailed):
-                    e.message += "; everything it started was removed from every node"
+                    e.message += (
+                        f"; could not clean {', '.join(unclean)}: the record is kept, run "
+                        f"'dslaunch down --name {rec.name}' once it answers (everything else was removed)"
+                        if unclean else "; everything it started was removed from every node"
+                    )  # fmt: skip
                 raise
             rec.state = "ready"
             state.save(rec)

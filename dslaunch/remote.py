@@ -185,6 +185,8 @@ class NodeClient:
 def explain_failure(res: RunResult, python: str) -> str:
     """One line for a failed node command: the likely cause first, then the remote's last words."""
     err = res.stderr.strip()
+    if res.code == -1 and not err:  # paramiko: the channel closed without an exit status
+        return "the connection was lost before the command finished (is the node down?)"
     last = err.splitlines()[-1] if err else f"exit status {res.code}"
     if res.code == 127 or ("not found" in last and python in last):
         return f"python {shlex.quote(python)} not found there (pass --python with the node's interpreter)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import sys
@@ -30,6 +31,12 @@ _HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 MAX_BACKOFF_S = 60.0
+
+
+def _positive_seconds(flag: str, value: float) -> None:
+    """Durations are finite and above 0 (click accepts 'nan' and 'inf' as floats)."""
+    if not 0 < value < math.inf:
+        raise UserError(f"{flag} {value:g}: must be more than 0 seconds (and finite)")
 
 
 def backoff_delay(base: float, attempt: int) -> float:
@@ -87,16 +94,15 @@ class ServeSpec:
         ):
             if value < lo:
                 raise UserError(f"{flag} {value}: must be at least {lo}")
-        if self.batch_wait_ms < 0:
+        if not 0 <= self.batch_wait_ms < math.inf:
             raise UserError(f"--batch-wait-ms {self.batch_wait_ms}: must be 0 or more")
         for flag, value in (
             ("--request-timeout", self.request_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--heartbeat", self.heartbeat_s),
         ):
-            if not value > 0:
-                raise UserError(f"{flag} {value}: must be more than 0 seconds")
-        if self.hang_timeout < 0 or 0 < self.hang_timeout < 2 * self.heartbeat_s:
+            _positive_seconds(flag, value)
+        if not 0 <= self.hang_timeout < math.inf or 0 < self.hang_timeout < 2 * self.heartbeat_s:
             raise UserError(
                 f"--hang-timeout {self.hang_timeout:g}: must be 0 (off) or at least twice --heartbeat "
                 f"({2 * self.heartbeat_s:g} s), or an idle job would look hung"
@@ -185,8 +191,7 @@ class JobSpec:
             ("--command-timeout", self.command_timeout),
             ("--pg-timeout", self.pg_timeout),
         ):
-            if not value > 0:
-                raise UserError(f"{flag} {value}: must be more than 0 seconds")
+            _positive_seconds(flag, value)
         if self.parallelism < 1:
             raise UserError(f"--parallelism {self.parallelism}: must be at least 1")
         for key in self.env:

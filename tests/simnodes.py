@@ -39,6 +39,25 @@ def _wait_listening(addr: str, port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"sshd on {addr}:{port} did not start")
 
 
+def _descendants(root: int) -> list[int]:
+    """`root` and every process below it, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(b")", 1)[-1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
 @dataclass
 class SimNode:
     alias: str
@@ -129,6 +148,22 @@ class SimCluster:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(n.proc.pid, signal.SIGKILL)
             n.proc.wait()
+        n.proc = None
+
+    def cut_node(self, n: SimNode) -> None:
+        """The node drops off the network: its sshd and every session it serves die at once.
+
+        `stop_node` only stops the listener; sessions already open would keep working (sshd's
+        per-connection processes run in their own sessions). Processes the node started detached
+        (the job's agent) are not sessions and keep running, as on a partitioned machine.
+        """
+        if n.proc is None:
+            return
+        doomed = _descendants(n.proc.pid)
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        n.proc.wait()
         n.proc = None
 
     def stop(self) -> None:
