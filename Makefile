@@ -43,7 +43,13 @@ test: $(STAMP) sshd lint
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
 
+# DeepSpeed's launcher needs pdsh on the launch host (Debian's package) for the side-by-side run.
 bench: $(STAMP) sshd
+	$(PY) -m pip install -q -e ".[bench]"
+	@if ! command -v pdsh >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pdsh >/dev/null; \
+	  else echo "pdsh missing: apt-get install pdsh (needed to compare with DeepSpeed's launcher)"; exit 1; fi; \
+	fi
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -10,7 +10,6 @@ at a time (`--parallelism 1`), measured in the same run. Goal: 8 nodes within 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -18,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import table, write
 
-from dslaunch.hostfile import Node  # noqa: E402
-from dslaunch.remote import Cluster, ConnectOptions  # noqa: E402
-from tests.simnodes import SimCluster  # noqa: E402
+from dslaunch.hostfile import Node
+from dslaunch.remote import Cluster, ConnectOptions
+from tests.simnodes import SimCluster
 
 
 def one_round(nodes: list[Node], parallelism: int) -> float:
@@ -40,7 +38,7 @@ def one_round(nodes: list[Node], parallelism: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fanout.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sizes = [1, 2, 4, 8]
     with tempfile.TemporaryDirectory(prefix="dslaunch-bench-") as tmp:
@@ -63,10 +61,9 @@ def main() -> None:
     for r in rows:
         r["parallel_vs_1_node"] = round(r["parallel_s"] / base, 2)
         r["serial_vs_1_node"] = round(r["serial_s"] / base, 2)
-    print(f"{'nodes':>5} {'parallel s':>11} {'x 1 node':>9} {'serial s':>9} {'x 1 node':>9}")
-    for r in rows:
-        print(f"{r['nodes']:>5} {r['parallel_s']:>11.3f} {r['parallel_vs_1_node']:>9.2f} "
-              f"{r['serial_s']:>9.3f} {r['serial_vs_1_node']:>9.2f}")  # fmt: skip
+    print(table(["nodes", "parallel s", "x 1 node", "serial s", "x 1 node"],
+                [[r["nodes"], r["parallel_s"], r["parallel_vs_1_node"], r["serial_s"], r["serial_vs_1_node"]]
+                 for r in rows]))  # fmt: skip
     goal = rows[-1]["parallel_vs_1_node"] <= 1.3
     print(f"goal (8 nodes within 1.3x of 1): {'met' if goal else 'NOT met'}; cores here: {os.cpu_count()}")
     if not goal:
@@ -74,11 +71,7 @@ def main() -> None:
             "note: every simulated node's sshd and probe interpreter runs on this machine's cores, so the "
             "work of 8 nodes competes for them; on real nodes that work runs on each node's own CPU"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "fanout", "rounds": args.rounds, "cpus": os.cpu_count(),
-                               "rows": rows, "goal_met": goal}, indent=1))  # fmt: skip
-    print(f"wrote {out}")
+    write("fanout", {"rounds": args.rounds, "rows": rows, "goal_met": goal}, args.out)
 
 
 if __name__ == "__main__":

@@ -13,25 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import dslaunch, table, write
 
-from dslaunch.client import Client, FrontError  # noqa: E402
-from tests.simnodes import SimCluster  # noqa: E402
-
-
-def dslaunch(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "dslaunch", *args], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+from dslaunch.client import Client, FrontError
+from tests.simnodes import SimCluster
 
 
 def status(env: dict[str, str]) -> dict:
@@ -64,7 +55,7 @@ def one_round(env: dict[str, str], port: int, restarts: int) -> dict[str, float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recovery.json"))
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="dslaunch-bench-") as tmp:
         sim = SimCluster(Path(tmp), 2).start()
@@ -83,20 +74,15 @@ def main() -> None:
             dslaunch(env, "down", "--grace", "5")
             sim.stop()
     result = {
-        "benchmark": "recovery",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "setup": "2 simulated SSH nodes x 1 slot, gloo, built-in tiny model; SIGKILL to rank 1",
         "rounds": rows,
         "median_recovered_s": statistics.median(r["recovered_s"] for r in rows),
         "median_detected_s": statistics.median(r["detected_s"] for r in rows),
     }
-    print(f"{'round':>5}  {'first error (s)':>15}  {'answering again (s)':>19}")
-    for i, r in enumerate(rows, 1):
-        print(f"{i:>5}  {r['detected_s']:>15.2f}  {r['recovered_s']:>19.2f}")
+    print(table(["round", "first error (s)", "answering again (s)"],
+                [[i, r["detected_s"], r["recovered_s"]] for i, r in enumerate(rows, 1)]))  # fmt: skip
     print(f"median: answering again {result['median_recovered_s']:.2f} s after the kill")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write("recovery", result, args.out)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ class Stats:
                 },
                 "latency_ms": {f"p{q}": _percentile(lat, q) for q in (50, 90, 99)},
                 "tokens_generated": self.tokens,
+                "engine_busy_s": round(self.busy_s, 4),
                 "tokens_per_s": round(self.tokens / self.busy_s, 1) if self.busy_s else 0.0,
                 "uptime_s": round(time.time() - self.started, 1),
             }
