@@ -13,7 +13,6 @@ what is still running 10 s after that stop.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import signal
@@ -28,23 +27,12 @@ from typing import Any
 
 from common import REPO, dslaunch, table, write
 
+from tests.conftest import job_pids, kill_marked
+from tests.simnodes import SimCluster, free_port
+
 WORKER = REPO / "benchmarks" / "group_worker.py"
 LEFT_AFTER_S = 10.0
 READY_TIMEOUT_S = 300.0
-
-
-def _pids_with(needle: bytes, where: str = "cmdline") -> list[int]:
-    me = os.getpid()
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != me:
-            try:
-                data = Path(f"/proc/{entry.name}/{where}").read_bytes()
-            except OSError:
-                continue
-            if needle in data and b"\nZ" not in Path(f"/proc/{entry.name}/status").read_bytes()[:200]:
-                out.append(int(entry.name))
-    return out
 
 
 def _wait_gone(find: Callable[[], list[int]], limit: float) -> tuple[float, int]:
@@ -64,12 +52,6 @@ def _wait_ready(ready: Path, n: int, procs: list[subprocess.Popen[bytes]]) -> fl
             raise SystemExit(f"a launcher exited: {[p.returncode for p in procs]}")
         time.sleep(0.05)
     return time.monotonic() - t0
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 class Bench:
@@ -96,15 +78,14 @@ class Bench:
         ready = time.monotonic() - t0
         if up.returncode != 0:
             raise SystemExit(up.stdout + up.stderr)
-        marker = f"DSLAUNCH_NODE_DIR={self.work}/b{n}-".encode()
+        marker = f"DSLAUNCH_NODE_DIR={self.work}/b{n}-"
         t0 = time.monotonic()
         down = dslaunch(self.env, "down", "--name", f"b{n}")
         stop = time.monotonic() - t0
         if down.returncode != 0:
             raise SystemExit(down.stdout + down.stderr)
         time.sleep(LEFT_AFTER_S)
-        left = _pids_with(marker, "environ")
-        _kill(left)
+        left = kill_marked(marker)
         return {"ready_s": ready, "stop_s": stop, "left": len(left)}
 
     def deepspeed(self, n: int) -> dict[str, Any]:
@@ -113,7 +94,7 @@ class Bench:
                    PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # fmt: skip
         argv = ["deepspeed", "--hostfile", str(self.hosts(n)), "--launcher", "pdsh", "--force_multi",
                 "--no_ssh_check", "--no_local_rank", "--master_addr", self.sim.nodes[0].addr,
-                "--master_port", str(_free_port()), *self._worker_args(ready, tag)]  # fmt: skip
+                "--master_port", str(free_port()), *self._worker_args(ready, tag)]  # fmt: skip
         proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)  # fmt: skip
         try:
@@ -124,7 +105,7 @@ class Bench:
 
     def torchrun(self, n: int) -> dict[str, Any]:
         tag, ready = self._fresh()
-        port = _free_port()
+        port = free_port()
         procs = []
         for i, node in enumerate(self.sim.nodes[:n]):
             remote = (f"cd {REPO} && OMP_NUM_THREADS=1 {sys.executable} -m torch.distributed.run --nnodes {n} "
@@ -148,7 +129,7 @@ class Bench:
 
     def _ctrl_c(self, procs: list[subprocess.Popen[bytes]], tag: str) -> dict[str, Any]:
         """Ctrl-C as a user would (SIGINT to the launcher's process group), then look again."""
-        find = lambda: [p for p in _pids_with(tag.encode()) if p not in {q.pid for q in procs}]  # noqa: E731
+        find = lambda: [p for p in job_pids(tag) if p not in {q.pid for q in procs}]  # noqa: E731
         for p in procs:
             os.killpg(p.pid, signal.SIGINT)
         stop, _ = _wait_gone(find, LEFT_AFTER_S)
@@ -160,15 +141,7 @@ class Bench:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-        _kill(_pids_with(tag.encode()))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        kill_marked(tag)
 
 
 LAUNCHERS = ["dslaunch", "deepspeed", "torchrun"]
@@ -183,7 +156,6 @@ def main() -> None:
     if not shutil.which("pdsh"):
         raise SystemExit("pdsh is not installed (apt-get install pdsh): needed for DeepSpeed's launcher")
     from dslaunch.engine import tiny_model
-    from tests.simnodes import SimCluster
 
     with tempfile.TemporaryDirectory(prefix="dslaunch-bench-") as tmp_s:
         tmp = Path(tmp_s)

@@ -86,11 +86,9 @@ def offline_rank(rank: int, port: int, work: Path, seconds: float, out: Path) ->
 
 
 def offline(work: Path, seconds: float, tmp: Path) -> dict[str, Any]:
-    import socket
+    from tests.simnodes import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp / "offline.json"
     procs = [subprocess.Popen([sys.executable, __file__, "--offline-rank", str(r), "--port", str(port), "--work",
                                str(work), "--seconds", str(seconds), "--offline-out", str(out)], cwd=REPO,

@@ -303,6 +303,10 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
 
 def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progress) -> None:
     token = rec.extra.get("front", {}).get("token")
+    # pre-flight found these free on node 0; the start checks them again
+    ports = {"rendezvous port (--rdzv-port)": plan.rdzv_port}
+    if plan.init_method in ("tcp", "env"):
+        ports["master port (--master-port)"] = plan.master_port
 
     def start(c: NodeClient) -> dict[str, Any]:
         np = plan.nodes[cluster.clients.index(c)]
@@ -313,10 +317,6 @@ def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progres
             {"job_id": plan.job_id, "node_rank": np.node_rank, "node_dir": np.node_dir,
              "argv": list(np.argv), "env": np.env, "files": files, "free_ports": ports if head else {}},
         )  # fmt: skip
-
-    ports = {"rendezvous port (--rdzv-port)": plan.rdzv_port}
-    if plan.init_method in ("tcp", "env"):
-        ports["master port (--master-port)"] = plan.master_port
 
     results = cluster.map(start)
     details: list[str] = []

@@ -339,12 +339,14 @@ def op_status(args: dict[str, Any]) -> dict[str, Any]:
         front["alive"] = bool(front.get("pid") and _alive(front["pid"]))
         front["age_s"] = round(time.time() - float(front.get("time", 0)), 1)  # this node's clock
         out["front"] = front
-    failures = worker_failures(_tail(ndir / AGENT_LOG, 2000), ndir / "logs")
-    if failures:
-        out["failures"] = failures[-5:]
     tail = int(args.get("tail", 0))
-    if tail and (not agent["alive"] or any(r.get("error") for r in ranks)):
-        out["agent_log"] = agent_failure(_tail(ndir / AGENT_LOG, 400), keep=tail)
+    failed = tail and (not agent["alive"] or any(r.get("error") for r in ranks))
+    # the log reads are for `status` only: `up` polls this op several times a second
+    agent_log = _tail(ndir / AGENT_LOG, 2000) if failed or args.get("failures") else []
+    if args.get("failures"):
+        out["failures"] = worker_failures(agent_log, ndir / "logs")[-5:]
+    if failed:
+        out["agent_log"] = agent_failure(agent_log[-400:], keep=tail)
         out["rank_logs"] = {str(r["rank"]): _tail(ndir / "logs" / f"rank{r['rank']}.log", tail) for r in ranks}
     return out
 

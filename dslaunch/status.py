@@ -117,7 +117,7 @@ def classify(rec: JobRecord, nodes: list[NodeStatus], ranks: list[RankStatus]) -
 def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
     """Ask every node at once; an unreachable node is reported as such, the others still are."""
     args = lambda i, _c: {  # noqa: E731
-        "node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i, "tail": tail,
+        "node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i, "tail": tail, "failures": True,
     }  # fmt: skip
     results = cluster.call_all("status", args)
     nodes: list[NodeStatus] = []

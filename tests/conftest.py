@@ -45,6 +45,18 @@ def job_dirs(work_dir: Path) -> list[str]:
     return sorted(p.name for p in work_dir.iterdir() if p.name != "models")
 
 
+def rank_hook(tmp_path: Path, when: str, do: str) -> str:
+    """An `--env` value that makes rank processes run `do` at start-up where `when` holds.
+
+    It is a sitecustomize module on PYTHONPATH (imported before anything else); `os`, `sys` and
+    `time` are imported for the two expressions. Only rank processes have LOCAL_RANK set.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import os, sys, time\nif {when}:\n    {do}\n")
+    return f"PYTHONPATH={site}"
+
+
 class Cli:
     """Runs `python -m dslaunch ...` as a user would, in a private DSLAUNCH_HOME and work dir."""
 

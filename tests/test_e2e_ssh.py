@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, job_dirs, job_pids, status_json
+from tests.conftest import Cli, job_dirs, job_pids, rank_hook, status_json
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -157,15 +157,9 @@ def test_file_method_refuses_a_directory_that_is_not_shared(sim_private, tmp_pat
 
 def test_failing_rank_makes_up_fail_and_clean_everything(sim: SimCluster, cli: Cli, tmp_path: Path) -> None:
     """A broken environment on the nodes (rank 1 cannot start): up shows why and removes all."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        "if os.environ.get('LOCAL_RANK') == '1':\n"
-        "    sys.exit('sitecustomize: rank refuses to start (simulated broken node)')\n"
-    )
-    res = cli.up("-H", str(sim.hostfile(slots=2)), "--max-restarts", "0", "--env", f"PYTHONPATH={site}",
-                 "--timeout", "120")  # fmt: skip
+    hook = rank_hook(tmp_path, "os.environ.get('LOCAL_RANK') == '1'",
+                     "sys.exit('sitecustomize: rank refuses to start (simulated broken node)')")  # fmt: skip
+    res = cli.up("-H", str(sim.hostfile(slots=2)), "--max-restarts", "0", "--env", hook, "--timeout", "120")
     assert res.returncode == 1, res.stdout
     assert "the agent stopped before the job was ready" in res.stderr
     assert "everything it started was removed from every node" in res.stderr

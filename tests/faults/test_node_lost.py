@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, job_pids
+from tests.conftest import Cli, job_pids, rank_hook
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -24,16 +24,11 @@ def _wait_gone(marker: str, timeout: float) -> list[int]:
 
 
 def test_a_node_lost_during_up_is_named_and_nothing_is_left(sim: SimCluster, cli: Cli, tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    site.mkdir()
     # node 1's ranks take long to load, so `up` is still waiting when the node goes away
-    (site / "sitecustomize.py").write_text(
-        "import os, time\n"
-        "if os.environ.get('LOCAL_RANK') is not None and os.environ.get('DSLAUNCH_NODE_RANK') == '1':\n"
-        "    time.sleep(300)\n"
-    )
+    hook = rank_hook(tmp_path, "'LOCAL_RANK' in os.environ and os.environ.get('DSLAUNCH_NODE_RANK') == '1'",
+                     "time.sleep(300)")  # fmt: skip
     proc = cli.popen("up", "--work-dir", str(cli.work_dir), "-H", str(sim.hostfile(slots=1)),
-                     "--env", f"PYTHONPATH={site}", "--timeout", "200")  # fmt: skip
+                     "--env", hook, "--timeout", "200")  # fmt: skip
     everywhere = f"DSLAUNCH_NODE_DIR={cli.work_dir}"
     try:
         deadline = time.monotonic() + 60

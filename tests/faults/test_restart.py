@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cli, job_dirs, job_pids, status_json, wait_status
+from tests.conftest import Cli, job_dirs, job_pids, rank_hook, status_json, wait_status
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -50,13 +50,8 @@ def test_killed_rank_restarts_the_gang_and_rank0_stays_on_node0(
 
 def test_ctrl_c_during_up_removes_everything(sim: SimCluster, cli: Cli, tmp_path) -> None:
     # ranks that never get ready: node1's worker sleeps before starting, so up is still waiting
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import os, time\nif os.environ.get('LOCAL_RANK') is not None:\n    time.sleep(120)\n"
-    )
-    proc = cli.popen("up", "--work-dir", str(cli.work_dir), "-H", str(sim.hostfile(slots=1)),
-                     "--env", f"PYTHONPATH={site}")  # fmt: skip
+    hook = rank_hook(tmp_path, "'LOCAL_RANK' in os.environ", "time.sleep(120)")
+    proc = cli.popen("up", "--work-dir", str(cli.work_dir), "-H", str(sim.hostfile(slots=1)), "--env", hook)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}")) < 4:
