@@ -1,6 +1,6 @@
 """Fan-out cost: connect + pre-flight probe on 1, 2, 4, 8 simulated SSH nodes, parallel vs serial.
 
-Each round opens fresh SSH connections (handshake included) and runs `dslaunch.nodectl probe` on
+Each round opens fresh SSH connections (handshake included) and runs `dslaunch.node.ctl probe` on
 every node, as `up` does before it starts anything. The baseline is the same work done one node
 at a time (`--parallelism 1`), measured in the same run. Goal: 8 nodes within 1.3x of 1 node.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from common import table, write
 
-from dslaunch.hostfile import Node
-from dslaunch.remote import Cluster, ConnectOptions
+from dslaunch.launch.hostfile import Node
+from dslaunch.transport.nodes import Cluster, ConnectOptions
 from tests.simnodes import SimCluster
 
 

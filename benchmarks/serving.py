@@ -48,9 +48,9 @@ def offline_rank(rank: int, port: int, work: Path, seconds: float, out: Path) ->
     import torch
     import torch.distributed as dist
 
-    from dslaunch.engine import EngineContext, Work, load_engine, tiny_model
-    from dslaunch.protocol import GenParams
-    from dslaunch.spec import ServeSpec
+    from dslaunch.engine.base import EngineContext, Work, load_engine, tiny_model
+    from dslaunch.launch.spec import ServeSpec
+    from dslaunch.wire.protocol import GenParams
 
     torch.set_num_threads(THREADS)
     tiny_model(work)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from dslaunch.protocol import UNAVAILABLE, encode
+from dslaunch.wire.protocol import UNAVAILABLE, encode
 
 
 class Conn(Protocol):
@@ -175,8 +175,8 @@ class Client:
 def for_job(rec: Any, timeout: float = 300.0, token: str | None = None) -> Client:
     """A client for a recorded job's front, through an SSH tunnel when it listens on a remote loopback."""
     from dslaunch.errors import UserError
-    from dslaunch.launch import record_nodes, record_options
-    from dslaunch.remote import connect
+    from dslaunch.launch.lifecycle import record_nodes, record_options
+    from dslaunch.transport.nodes import connect
 
     front = rec.extra.get("front")
     if not front:

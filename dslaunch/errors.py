@@ -1,11 +1,24 @@
-"""Errors a user can cause: printed as one line by click, never as a traceback."""
+"""Errors a user can cause, and dslaunch's own failures: plain exceptions, no click.
+
+Node and rank processes import this too, so it must stay free of the CLI's dependencies; only
+`dslaunch.cli` turns these into one `Error:` line and an exit code.
+"""
 
 from __future__ import annotations
 
-import click
+
+class DslaunchError(Exception):
+    """Base of dslaunch's errors; `message` is one line meant for a person."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
-class UserError(click.ClickException):
+class UserError(DslaunchError):
     """A mistake in input or environment that the user can fix (bad flag, dead host, ...)."""
 
 

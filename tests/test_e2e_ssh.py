@@ -215,5 +215,5 @@ def test_logs_follow_prefixes_ranks_and_stops_cleanly_on_ctrl_c(sim: SimCluster,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", "dslaunch.nodectl follow"], capture_output=True, text=True).stdout
+    left = subprocess.run(["pgrep", "-f", "dslaunch.node.ctl follow"], capture_output=True, text=True).stdout
     assert left.strip() == "", "the node-side follower ends when the client goes away"

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dslaunch.errors import HostfileError
-from dslaunch.hostfile import Node, load_hostfile, parse_hostfile_text, select_nodes
+from dslaunch.launch.hostfile import Node, load_hostfile, parse_hostfile_text, select_nodes
 
 GOOD = """
 # the cluster

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dslaunch import nodectl
+from dslaunch.node import ctl as nodectl
 from tests.conftest import job_pids
 
 # An "agent" that starts a child which escapes into its own session, like torchrun's workers do.
@@ -103,12 +103,12 @@ def test_status_of_a_missing_node_dir(tmp_path: Path) -> None:
 
 def test_cli_entry_speaks_json(tmp_path: Path) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "dslaunch.nodectl", "probe"], input=json.dumps({"ports": [None, None]}) + "\n",
+        [sys.executable, "-m", "dslaunch.node.ctl", "probe"], input=json.dumps({"ports": [None, None]}) + "\n",
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     out = json.loads(res.stdout)
     assert out["dslaunch"] and out["cpus"] >= 1 and len(set(out["ports"])) == 2
-    bad = subprocess.run([sys.executable, "-m", "dslaunch.nodectl", "nope"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "dslaunch.node.ctl", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from dslaunch.errors import UserError
-from dslaunch.hostfile import Node, select_nodes
-from dslaunch.plan import choose_backend, make_plan
-from dslaunch.spec import JobSpec, collect_env, parse_env_pairs, read_env_file
+from dslaunch.launch.hostfile import Node, select_nodes
+from dslaunch.launch.plan import choose_backend, make_plan
+from dslaunch.launch.spec import JobSpec, collect_env, parse_env_pairs, read_env_file
 
 NODES = [Node("n0", 2, line=1), Node("n1", 3, line=2)]
 
@@ -41,7 +41,7 @@ def test_agent_command_is_torchrun_with_c10d_hosted_on_node0() -> None:
     assert a1[a1.index("--rdzv-conf") + 1].startswith("is_host=0")
     assert a0[a0.index("--max-restarts") + 1] == "3"
     assert a1[a1.index("--local-addr") + 1] == "10.0.0.2"
-    assert a0[-2:] == ("-m", "dslaunch.worker")
+    assert a0[-2:] == ("-m", "dslaunch.rank.worker")
     assert a0[a0.index("--rdzv-id") + 1] == plan.job_id == "default-r1"
 
 
@@ -127,7 +127,7 @@ def test_env_errors_name_the_source(tmp_path: Path) -> None:
 
 
 def test_restart_back_off_starts_at_the_second_restart_and_doubles() -> None:
-    from dslaunch.spec import MAX_BACKOFF_S, backoff_delay
+    from dslaunch.launch.spec import MAX_BACKOFF_S, backoff_delay
 
     assert [backoff_delay(1.5, a) for a in range(6)] == [0, 0, 1.5, 3, 6, 12]
     assert backoff_delay(1, 30) == MAX_BACKOFF_S

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dslaunch import protocol as P
-from dslaunch.decode import TextStream
-from dslaunch.front import Batcher, FrontConfig, Pending, Stats
-from dslaunch.protocol import Limits, ProtocolError, parse_request
+from dslaunch.engine.decode import TextStream
+from dslaunch.serving.front import Batcher, FrontConfig, Pending, Stats
+from dslaunch.wire import protocol as P
+from dslaunch.wire.protocol import Limits, ProtocolError, parse_request
 
 LIMITS = Limits(max_prompts=4, max_new_tokens=100)
 

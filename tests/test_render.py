@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from dslaunch import render
-from dslaunch.status import JobStatus, NodeStatus, RankStatus
+from dslaunch.cli import render
+from dslaunch.launch.status import JobStatus, NodeStatus, RankStatus
 
 
 def test_errors_with_brackets_are_printed_verbatim() -> None:

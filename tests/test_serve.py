@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dslaunch.client import Client, FrontError
-from dslaunch.tinymodel import NAME as TINY
+from dslaunch.engine.tinymodel import NAME as TINY
 from tests.conftest import Cli, job_pids, local_job
 
 PROMPTS = ["Hello world", "The quick brown fox", "One command starts the job", "Numbers 0 1 2"]

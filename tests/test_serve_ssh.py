@@ -38,7 +38,7 @@ def _reference(model_dir: Path, prompts: list[str], k: int) -> list[str]:
 def test_generation_across_nodes_matches_the_plain_model(
     sim: SimCluster, cli: Cli, tmp_path: Path, method: str, slots: int
 ) -> None:
-    from dslaunch.tinymodel import NAME
+    from dslaunch.engine.tinymodel import NAME
 
     extra = ["--rdzv-dir", str(tmp_path)] if method == "file" else []
     res = cli.up("-H", str(sim.hostfile(slots=slots)), "--init-method", method, "--timeout", "180", *extra)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dslaunch import state
 from dslaunch.errors import UserError
+from dslaunch.launch import store as state
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def test_corrupt_record_is_one_line() -> None:
 
 def test_lock_refuses_a_second_process() -> None:
     code = (
-        "from dslaunch import state\n"
+        "from dslaunch.launch import store as state\n"
         "try:\n    with state.locked('j'): print('got it')\n"
         "except Exception as e: print(type(e).__name__, e)\n"
     )

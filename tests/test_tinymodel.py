@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from dslaunch import tinymodel
+from dslaunch.engine import tinymodel
 
 
 def _digest(d: Path) -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dslaunch.client import Client, FrontError
-from dslaunch.tinymodel import NAME
+from dslaunch.engine.tinymodel import NAME
 from tests.conftest import Cli, job_pids, status_json
 from tests.simnodes import SimCluster
 

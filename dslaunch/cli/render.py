@@ -11,10 +11,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from dslaunch.launch import DownReport
-from dslaunch.plan import LaunchPlan
-from dslaunch.state import JobRecord
-from dslaunch.status import JobStatus
+from dslaunch.launch.lifecycle import DownReport
+from dslaunch.launch.plan import LaunchPlan
+from dslaunch.launch.status import JobStatus
+from dslaunch.launch.store import JobRecord
 
 STAGE_STYLE = {
     "waiting": "dim",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from dslaunch.errors import RemoteError
-from dslaunch.hostfile import Node
+from dslaunch.launch.hostfile import Node
 
 T = TypeVar("T")
 
@@ -110,7 +110,7 @@ def connect(node: Node, opts: ConnectOptions) -> Transport:
     """The transport for a node: local for `localhost`, SSH for everything else."""
     if node.is_local:
         return LocalTransport(node, opts)
-    from dslaunch.ssh import SSHTransport
+    from dslaunch.transport.ssh import SSHTransport
 
     return SSHTransport(node, opts)
 
@@ -153,7 +153,7 @@ def fan_out(items: list[Any], fn: Callable[[Any], T], parallelism: int = 32) -> 
 
 
 class NodeClient:
-    """Calls `python -m dslaunch.nodectl OP` on one node through its transport."""
+    """Calls `python -m dslaunch.node.ctl OP` on one node through its transport."""
 
     def __init__(self, node: Node, transport: Transport, python: str, timeout: float) -> None:
         self.node = node
@@ -163,7 +163,7 @@ class NodeClient:
         self._lock = threading.Lock()
 
     def argv(self, op: str) -> list[str]:
-        return [self.python, "-m", "dslaunch.nodectl", op]
+        return [self.python, "-m", "dslaunch.node.ctl", op]
 
     def call(self, op: str, args: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Run one op; decode its JSON answer or raise a RemoteError naming the host."""
@@ -175,7 +175,7 @@ class NodeClient:
         try:
             out = json.loads(res.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
-            raise RemoteError(f"{host}: unexpected answer from dslaunch.nodectl {op}: {res.stdout[:200]!r}") from None
+            raise RemoteError(f"{host}: unexpected answer from dslaunch.node.ctl {op}: {res.stdout[:200]!r}") from None
         return out
 
     def stream(self, op: str, args: dict[str, Any]) -> Iterator[str]:

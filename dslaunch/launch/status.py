@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dslaunch.launch import cluster_for
-from dslaunch.remote import Cluster
-from dslaunch.state import JobRecord
+from dslaunch.launch.lifecycle import cluster_for
+from dslaunch.launch.store import JobRecord
+from dslaunch.transport.nodes import Cluster
 
 # Job states: starting (not all ranks ready yet, or restarting), ready, degraded (a node or agent
 # gone while others run), failed (every agent ended with an error), gone (no process is left:

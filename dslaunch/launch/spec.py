@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dslaunch.errors import UserError
-from dslaunch.hostfile import Node
+from dslaunch.launch.hostfile import Node
 
 INIT_METHODS = ("tcp", "file", "env")
 BACKENDS = ("auto", "nccl", "gloo")

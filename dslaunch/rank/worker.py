@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dslaunch.nodectl import write_json_atomic
+from dslaunch.node.ctl import write_json_atomic
 
 PR_SET_PDEATHSIG = 1
 
@@ -80,7 +80,7 @@ class StopFlag:
 
 
 def main() -> int:
-    from dslaunch.group import GroupConfig, with_agreed_attempt
+    from dslaunch.rank.group import GroupConfig, with_agreed_attempt
 
     cfg = GroupConfig.from_env()
     node_dir = Path(os.environ["DSLAUNCH_NODE_DIR"])
@@ -124,7 +124,7 @@ def main() -> int:
 
 def _back_off(attempt: int, status: RankStatus, stop: StopFlag) -> bool:
     """Wait before a repeated restart (--restart-backoff); True when stopped meanwhile."""
-    from dslaunch.spec import backoff_delay
+    from dslaunch.launch.spec import backoff_delay
 
     delay = backoff_delay(float(os.environ.get("DSLAUNCH_RESTART_BACKOFF", "0")), attempt)
     if not delay:
@@ -137,9 +137,9 @@ def _back_off(attempt: int, status: RankStatus, stop: StopFlag) -> bool:
 def _run(cfg: Any, status: RankStatus, stop: StopFlag, threads: int | None) -> int:
     import torch
 
-    from dslaunch.engine import tiny_model
-    from dslaunch.group import form_group, prove_group
-    from dslaunch.spec import ServeSpec
+    from dslaunch.engine.base import tiny_model
+    from dslaunch.launch.spec import ServeSpec
+    from dslaunch.rank.group import form_group, prove_group
 
     if threads:
         torch.set_num_threads(threads)
@@ -167,9 +167,9 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     `unavailable`, finishes the running batch and tells every rank to stop. Other ranks never end
     on their own (an agent whose workers all exit 0 would leave the job); they wait for their signal.
     """
-    from dslaunch.engine import EngineContext, load_engine
-    from dslaunch.group import leave_group
-    from dslaunch.lockstep import RESTARTING, Channel, Progress, follow, lead, peer_lost
+    from dslaunch.engine.base import EngineContext, load_engine
+    from dslaunch.rank.group import leave_group
+    from dslaunch.rank.lockstep import RESTARTING, Channel, Progress, follow, lead, peer_lost
 
     progress = Progress()
     node_dir = Path(os.environ["DSLAUNCH_NODE_DIR"])
@@ -244,8 +244,8 @@ def _hung(progress: Any, limit: float, status: RankStatus, front: Any) -> None:
     Answer the running batch and the queue with `unavailable`, then end this rank with an error:
     the agent restarts the gang, killing the stuck rank on its way. Leaving the group would hang.
     """
-    from dslaunch.lockstep import RESTARTING
-    from dslaunch.protocol import UNAVAILABLE
+    from dslaunch.rank.lockstep import RESTARTING
+    from dslaunch.wire.protocol import UNAVAILABLE
 
     why = f"no progress for {progress.idle_for():.0f}s (--hang-timeout {limit:g}): a rank of the job is not responding"
     print(f"hung: {why}; ending this rank so that the job restarts", flush=True)
@@ -282,8 +282,8 @@ class _LoopThread(threading.Thread):
 
 
 def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any, node_dir: Path) -> Any:
-    from dslaunch.front import Batcher, Front, FrontConfig, Stats
-    from dslaunch.protocol import Limits
+    from dslaunch.serving.front import Batcher, Front, FrontConfig, Stats
+    from dslaunch.wire.protocol import Limits
 
     token_file = node_dir / "front.token"
     token = token_file.read_text().strip() if token_file.exists() else None

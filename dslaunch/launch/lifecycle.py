@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dslaunch import __version__, state
+from dslaunch import __version__
 from dslaunch.errors import RemoteError, UserError
-from dslaunch.hostfile import Node
-from dslaunch.plan import LaunchPlan, choose_backend, make_plan
-from dslaunch.remote import Cluster, ConnectOptions, HostResult, NodeClient
-from dslaunch.spec import JobSpec
-from dslaunch.state import JobRecord, NodeRecord
+from dslaunch.launch import store as state
+from dslaunch.launch.hostfile import Node
+from dslaunch.launch.plan import LaunchPlan, choose_backend, make_plan
+from dslaunch.launch.spec import JobSpec
+from dslaunch.launch.store import JobRecord, NodeRecord
+from dslaunch.transport.nodes import Cluster, ConnectOptions, HostResult, NodeClient
 
 # on_progress(node_index, stage, detail): stages are connecting, checked, started,
 # rendezvous, ready, failed — shown live by the CLI.
@@ -283,7 +284,7 @@ def _no_interrupts() -> Iterator[None]:
 
 def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
     """The plan as far as it can be known without contacting a node, and what is still open."""
-    from dslaunch.ssh import load_ssh_config
+    from dslaunch.transport.ssh import load_ssh_config
 
     head = spec.nodes[0]
     addr = spec.master_addr or (

@@ -23,8 +23,8 @@ from typing import Any
 import paramiko
 
 from dslaunch.errors import RemoteError
-from dslaunch.hostfile import Node
-from dslaunch.remote import ConnectOptions, RunResult
+from dslaunch.launch.hostfile import Node
+from dslaunch.transport.nodes import ConnectOptions, RunResult
 
 # paramiko logs transport errors to stderr by itself; dslaunch reports them once, in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())

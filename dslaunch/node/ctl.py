@@ -1,4 +1,4 @@
-"""Node-side operations, run on every node as `python -m dslaunch.nodectl OP` (JSON in, JSON out).
+"""Node-side operations, run on every node as `python -m dslaunch.node.ctl OP` (JSON in, JSON out).
 
 Standard library only, so it starts in milliseconds: the launch host polls it while waiting for a
 job. Each op gets its arguments as one JSON object on stdin and prints one JSON object. The job's
@@ -536,7 +536,7 @@ OPS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or (argv[0] not in OPS and argv[0] != "follow"):
-        print(f"usage: python -m dslaunch.nodectl {{{','.join([*OPS, 'follow'])}}}", file=sys.stderr)
+        print(f"usage: python -m dslaunch.node.ctl {{{','.join([*OPS, 'follow'])}}}", file=sys.stderr)
         return 2
     line = sys.stdin.readline()
     args = json.loads(line) if line.strip() else {}

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dslaunch import protocol as P
-from dslaunch.engine import OP_FOR_TASK, Work
-from dslaunch.nodectl import write_json_atomic
-from dslaunch.protocol import Limits, ProtocolError, Request
+from dslaunch.engine.base import OP_FOR_TASK, Work
+from dslaunch.node.ctl import write_json_atomic
+from dslaunch.wire import protocol as P
+from dslaunch.wire.protocol import Limits, ProtocolError, Request
 
 STOPPING = "the job is stopping or restarting; retry"
 DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients

@@ -12,8 +12,8 @@ import socket
 import time
 from typing import Any, Protocol
 
-from dslaunch.engine import Engine, Sink, Work
-from dslaunch.protocol import INTERNAL, UNAVAILABLE
+from dslaunch.engine.base import Engine, Sink, Work
+from dslaunch.wire.protocol import INTERNAL, UNAVAILABLE
 
 WORK, BEAT, STOP = "work", "beat", "stop"
 RESTARTING = "the job is restarting (a rank was lost); retry"

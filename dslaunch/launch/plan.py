@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dslaunch.spec import DEFAULT_FRONT_PORT, JobSpec
+from dslaunch.launch.spec import DEFAULT_FRONT_PORT, JobSpec
 
 AGENT_MODULE = "torch.distributed.run"
-WORKER_MODULE = "dslaunch.worker"
+WORKER_MODULE = "dslaunch.rank.worker"
 # Marks every process a job starts; `down` finds leftovers by it, whatever their process group.
 JOB_ENV = "DSLAUNCH_JOB_ID"
 NODE_ENV = "DSLAUNCH_NODE_RANK"

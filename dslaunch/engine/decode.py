@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dslaunch.protocol import GenParams
+from dslaunch.wire.protocol import GenParams
 
 REPLACEMENT = "\ufffd"
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dslaunch.decode import TextStream, make_generator, pick
-from dslaunch.protocol import BAD_REQUEST, GenParams, ProtocolError, Request
-from dslaunch.spec import ServeSpec
+from dslaunch.engine.decode import TextStream, make_generator, pick
+from dslaunch.launch.spec import ServeSpec
+from dslaunch.wire.protocol import BAD_REQUEST, GenParams, ProtocolError, Request
 
 OP_FOR_TASK = {"generate": "generate", "embed": "embed", "custom": "infer"}
 

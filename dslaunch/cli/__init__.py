@@ -11,11 +11,14 @@ from typing import Any
 import click
 from rich.console import Console
 
-from dslaunch import __version__, launch, render, state
-from dslaunch import status as jobstatus
-from dslaunch.errors import UserError
-from dslaunch.hostfile import Node, load_hostfile, select_nodes
-from dslaunch.spec import DTYPES, INIT_METHODS, TASKS, JobSpec, ServeSpec, collect_env
+from dslaunch import __version__
+from dslaunch.cli import render
+from dslaunch.errors import DslaunchError, UserError
+from dslaunch.launch import lifecycle as launch
+from dslaunch.launch import status as jobstatus
+from dslaunch.launch import store as state
+from dslaunch.launch.hostfile import Node, load_hostfile, select_nodes
+from dslaunch.launch.spec import DTYPES, INIT_METHODS, TASKS, JobSpec, ServeSpec, collect_env
 
 
 def _console(stderr: bool = False) -> Console:
@@ -99,7 +102,17 @@ def _name_option(f):  # type: ignore[no-untyped-def]
     return click.option("--name", "-n", default="default", show_default=True, help="Job name.")(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """Turns dslaunch's own errors into click's one `Error:` line (exit 1), never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DslaunchError as e:
+            raise click.ClickException(e.message) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dslaunch")
 def main() -> None:
     """Start, inspect and stop torch.distributed inference jobs on machines reachable over SSH."""

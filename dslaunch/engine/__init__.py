@@ -1,0 +1,1 @@
+"""Model loading and batched inference on every rank (transformers + DeepSpeed AutoTP)."""

@@ -1,0 +1,1 @@
+"""The launch host: hostfiles, the job spec and plan, pre-flight, up/down, status and logs."""

@@ -1,0 +1,1 @@
+"""The node side: `python -m dslaunch.node.ctl OP`, standard library only."""

@@ -1,0 +1,1 @@
+"""The rank side: the per-rank entry point, the process group and the lock-step loop."""
