@@ -26,7 +26,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch.distributed as dist
 
-    from dslaunch.engine.base import EngineContext, load_engine, tiny_model
+    from dslaunch.engine.base import EngineContext
+    from dslaunch.engine.loader import load_engine, tiny_model
     from dslaunch.launch.spec import ServeSpec
 
     work = Path(args.work)

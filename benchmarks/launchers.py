@@ -155,7 +155,7 @@ def main() -> None:
     sizes = [int(x) for x in args.nodes.split(",")]
     if not shutil.which("pdsh"):
         raise SystemExit("pdsh is not installed (apt-get install pdsh): needed for DeepSpeed's launcher")
-    from dslaunch.engine.base import tiny_model
+    from dslaunch.engine.loader import tiny_model
 
     with tempfile.TemporaryDirectory(prefix="dslaunch-bench-") as tmp_s:
         tmp = Path(tmp_s)

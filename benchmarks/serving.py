@@ -48,7 +48,8 @@ def offline_rank(rank: int, port: int, work: Path, seconds: float, out: Path) ->
     import torch
     import torch.distributed as dist
 
-    from dslaunch.engine.base import EngineContext, Work, load_engine, tiny_model
+    from dslaunch.engine.base import EngineContext, Work
+    from dslaunch.engine.loader import load_engine, tiny_model
     from dslaunch.launch.spec import ServeSpec
     from dslaunch.wire.protocol import GenParams
 

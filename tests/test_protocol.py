@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dslaunch.engine.decode import TextStream
-from dslaunch.serving.front import Batcher, FrontConfig, Pending, Stats
+from dslaunch.serving.batcher import Batcher, Pending
+from dslaunch.serving.config import FrontConfig
+from dslaunch.serving.stats import Stats
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import Limits, ProtocolError, parse_request
 

@@ -431,7 +431,7 @@ def make_tiny_model(directory: str) -> None:
     Example:
       dslaunch make-tiny-model /tmp/tiny && ls /tmp/tiny
     """
-    from dslaunch import tinymodel
+    from dslaunch.engine import tinymodel
 
     console.print(f"wrote {tinymodel.build(directory)}")
 

@@ -7,16 +7,14 @@ broadcast each step, so sampled generation cannot drift apart between ranks.
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dslaunch.engine.decode import TextStream, make_generator, pick
 from dslaunch.launch.spec import ServeSpec
-from dslaunch.wire.protocol import BAD_REQUEST, GenParams, ProtocolError, Request
+from dslaunch.wire.protocol import GenParams, Request
 
 OP_FOR_TASK = {"generate": "generate", "embed": "embed", "custom": "infer"}
 
@@ -70,24 +68,6 @@ class Engine(Protocol):
     def probe(self) -> None: ...
 
 
-def load_engine(opts: ServeSpec, ctx: EngineContext) -> Engine:
-    """The engine for this job: a user handler, or a transformers model sharded by DeepSpeed."""
-    if opts.handler:
-        return HandlerEngine(opts.handler, ctx)
-    path = opts.model or str(tiny_model(ctx.work_dir))
-    if opts.task == "embed":
-        return EmbedEngine(path, ctx, opts)
-    return CausalLMEngine(path, ctx, opts)
-
-
-def tiny_model(work_dir: Path) -> Path:
-    """The built-in model. Build it before the process group exists: transformers writes weights
-    only on rank 0 of an initialised group, and the rank that builds may be another."""
-    from dslaunch import tinymodel
-
-    return tinymodel.build(work_dir / "models" / tinymodel.NAME)
-
-
 def torch_dtype(name: str, device: str, config: Any) -> Any:
     """`auto` is fp32 on CPU (half precision is slow or missing there) and the model's own on GPU."""
     import torch
@@ -123,7 +103,7 @@ def shard(model: Any, ctx: EngineContext, dtype: Any, opts: ServeSpec) -> Any:
     return module
 
 
-def _broadcast(t: Any, ctx: EngineContext) -> Any:
+def broadcast(t: Any, ctx: EngineContext) -> Any:
     if ctx.world_size > 1:
         import torch.distributed as dist
 
@@ -132,7 +112,7 @@ def _broadcast(t: Any, ctx: EngineContext) -> Any:
     return t
 
 
-class _Pretrained:
+class Pretrained:
     """Config, dtype and tokenizer of a transformers model directory (or hub name)."""
 
     def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec, **tok_kw: Any) -> None:
@@ -145,196 +125,3 @@ class _Pretrained:
         self.tok = AutoTokenizer.from_pretrained(path, **tok_kw)
         # the front checks prompts on its own thread; a fast tokenizer must not be used by two at once
         self.tok_lock = threading.Lock()
-
-
-class CausalLMEngine(_Pretrained):
-    """Prompts in, text out: a decode loop with per-row parameters, stops and streaming."""
-
-    task = "generate"
-
-    def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec) -> None:
-        from transformers import AutoModelForCausalLM
-
-        super().__init__(path, ctx, opts, padding_side="left")
-        config = self.config
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        self.model = shard(model, ctx, self.dtype, opts)
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.tok.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
-
-    def check(self, req: Request) -> None:
-        for i, prompt in enumerate(req.inputs):
-            with self.tok_lock:
-                n = len(self.tok(prompt)["input_ids"])
-            if n >= self.max_positions:
-                raise ProtocolError(
-                    BAD_REQUEST, f"prompt {i} is {n} tokens; this model takes fewer than {self.max_positions}"
-                )
-
-    def _decode(self, ids: list[int]) -> str:
-        with self.tok_lock:
-            return self.tok.decode(ids, skip_special_tokens=True)
-
-    def probe(self) -> None:
-        import torch
-
-        ids = torch.tensor([[self.tok.pad_token_id]], device=self.ctx.device)
-        with torch.inference_mode():
-            self.model(input_ids=ids, use_cache=False)
-
-    def run(self, work: Work, sink: Sink | None) -> list[dict[str, Any]] | None:
-        import torch
-
-        ctx, params = self.ctx, work.params
-        with self.tok_lock:
-            enc = self.tok(work.inputs, return_tensors="pt", padding=True)
-        ids = enc["input_ids"].to(ctx.device)
-        mask = enc["attention_mask"].to(ctx.device)
-        rows = len(work.inputs)
-        prompt_lens = [int(n) for n in mask.sum(dim=1).tolist()]
-        # only rank 0 decodes and samples; the others feed the tokens it broadcasts
-        streams = [TextStream(self._decode, p.stop) for p in params] if ctx.lead else []
-        gens = [None if p.greedy else make_generator(p) for p in params] if ctx.lead else []
-        counts = [0] * rows
-        reasons: list[str | None] = [None] * rows
-        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        feed, past = ids, None
-        with torch.inference_mode():
-            for _step in range(max(p.max_new_tokens for p in params)):
-                out = self.model(
-                    input_ids=feed, attention_mask=mask, position_ids=position, past_key_values=past, use_cache=True
-                )
-                past = out.past_key_values
-                packet = torch.zeros(rows + 1, dtype=torch.long, device=ctx.device)
-                if ctx.lead:
-                    nxt = self._choose(out.logits[:, -1, :], params, gens, streams, counts, reasons, prompt_lens, sink)
-                    packet[:rows] = torch.tensor(nxt, dtype=torch.long)
-                    packet[rows] = int(all(r is not None for r in reasons))
-                _broadcast(packet, ctx)
-                if packet[rows].item():
-                    break
-                feed = packet[:rows].unsqueeze(1)
-                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-                position = position[:, -1:] + 1
-        if not ctx.lead:
-            return None
-        results = []
-        for i, s in enumerate(streams):
-            if reasons[i] is None:
-                reasons[i] = "length"
-            rest = s.finish()
-            if rest and sink is not None:
-                sink.chunk(i, rest)
-            results.append(
-                {"text": s.text, "tokens": counts[i], "prompt_tokens": prompt_lens[i], "finish_reason": reasons[i]}
-            )
-        return results
-
-    def _choose(
-        self,
-        logits: Any,
-        params: list[GenParams],
-        gens: list[Any],
-        streams: list[TextStream],
-        counts: list[int],
-        reasons: list[str | None],
-        prompt_lens: list[int],
-        sink: Sink | None,
-    ) -> list[int]:
-        """Rank 0: next token per row, and which rows are now finished (eos, stop, length, cancelled)."""
-        pad = self.tok.pad_token_id
-        nxt = []
-        for i, p in enumerate(params):
-            if reasons[i] is not None:
-                nxt.append(pad)
-                continue
-            token = pick(logits[i], p, gens[i])
-            nxt.append(token)
-            if token in self.eos:
-                reasons[i] = "eos"
-            else:
-                counts[i] += 1
-                text = streams[i].push(token)
-                if text and sink is not None:
-                    sink.chunk(i, text)
-                if streams[i].stopped:
-                    reasons[i] = "stop"
-                elif counts[i] >= p.max_new_tokens or prompt_lens[i] + counts[i] >= self.max_positions:
-                    reasons[i] = "length"
-            if reasons[i] is None and sink is not None and sink.cancelled(i):
-                reasons[i] = "cancelled"
-        return nxt
-
-
-class EmbedEngine(_Pretrained):
-    """Texts in, mean-pooled and L2-normalised vectors out (sentence-transformers style)."""
-
-    task = "embed"
-
-    def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec) -> None:
-        from transformers import AutoModel
-
-        super().__init__(path, ctx, opts)
-        config = self.config
-        self.max_len = min(int(getattr(config, "max_position_embeddings", 512) or 512), 512)
-        self.model = shard(AutoModel.from_pretrained(path, dtype=self.dtype), ctx, self.dtype, opts)
-
-    def check(self, req: Request) -> None:
-        return None  # long texts are truncated to the model's length, as sentence-transformers does
-
-    def probe(self) -> None:
-        self._embed(["ok"])
-
-    def run(self, work: Work, sink: Sink | None) -> list[list[float]] | None:
-        vectors = self._embed(work.inputs)
-        return vectors.tolist() if self.ctx.lead else None
-
-    def _embed(self, texts: list[str]) -> Any:
-        import torch
-
-        with self.tok_lock:
-            enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
-        enc = {k: v.to(self.ctx.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            hidden = self.model(**enc).last_hidden_state.float()
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu()
-
-
-class HandlerEngine:
-    """A user's `module:Class` with `load(ctx)` and `__call__(batch) -> list`, run on every rank."""
-
-    task = "custom"
-
-    def __init__(self, spec: str, ctx: EngineContext) -> None:
-        module_name, _, cls_name = spec.partition(":")
-        module = importlib.import_module(module_name)
-        self.obj = getattr(module, cls_name)()
-        self.name = spec
-        self.ctx = ctx
-        self.obj.load(ctx)
-
-    def check(self, req: Request) -> None:
-        check = getattr(self.obj, "check", None)
-        if check is not None:
-            try:
-                check(req.inputs)
-            except ValueError as e:
-                raise ProtocolError(BAD_REQUEST, str(e)) from None
-
-    def probe(self) -> None:
-        probe = getattr(self.obj, "probe", None)
-        if probe is not None:
-            probe()
-
-    def run(self, work: Work, sink: Sink | None) -> list[Any] | None:
-        out = list(self.obj(work.inputs))
-        if len(out) != len(work.inputs):
-            raise RuntimeError(f"handler {self.name} returned {len(out)} results for {len(work.inputs)} inputs")
-        return out if self.ctx.lead else None

@@ -137,7 +137,7 @@ def _back_off(attempt: int, status: RankStatus, stop: StopFlag) -> bool:
 def _run(cfg: Any, status: RankStatus, stop: StopFlag, threads: int | None) -> int:
     import torch
 
-    from dslaunch.engine.base import tiny_model
+    from dslaunch.engine.loader import tiny_model
     from dslaunch.launch.spec import ServeSpec
     from dslaunch.rank.group import form_group, prove_group
 
@@ -167,7 +167,8 @@ def _serve(cfg: Any, serve: Any, status: RankStatus, stop: StopFlag) -> int:
     `unavailable`, finishes the running batch and tells every rank to stop. Other ranks never end
     on their own (an agent whose workers all exit 0 would leave the job); they wait for their signal.
     """
-    from dslaunch.engine.base import EngineContext, load_engine
+    from dslaunch.engine.base import EngineContext
+    from dslaunch.engine.loader import load_engine
     from dslaunch.rank.group import leave_group
     from dslaunch.rank.lockstep import RESTARTING, Channel, Progress, follow, lead, peer_lost
 
@@ -282,7 +283,10 @@ class _LoopThread(threading.Thread):
 
 
 def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any, node_dir: Path) -> Any:
-    from dslaunch.serving.front import Batcher, Front, FrontConfig, Stats
+    from dslaunch.serving.batcher import Batcher
+    from dslaunch.serving.config import FrontConfig
+    from dslaunch.serving.front import Front
+    from dslaunch.serving.stats import Stats
     from dslaunch.wire.protocol import Limits
 
     token_file = node_dir / "front.token"

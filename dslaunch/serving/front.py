@@ -1,10 +1,7 @@
-"""Rank 0's socket front and the batcher that feeds the lock-step loop.
+"""Rank 0's socket front: an asyncio server in its own thread.
 
-The front is an asyncio server in its own thread: it reads request lines, answers `health` and
-`stats` itself, and queues work for the batcher. The batcher runs on rank 0's loop thread: it
-waits for the first request, then up to `--batch-wait-ms` for more (never more rows than
-`--max-batch-size`), and hands the batch to every rank. Answers and stream chunks travel back to
-the asyncio thread through each request's own queue.
+It reads request lines, answers `health` and `stats` itself, and queues work for the batcher
+(`serving.batcher`), which rank 0's loop thread drains.
 """
 
 from __future__ import annotations
@@ -16,240 +13,19 @@ import hmac
 import os
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dslaunch.engine.base import OP_FOR_TASK, Work
+from dslaunch.engine.base import OP_FOR_TASK
 from dslaunch.node.ctl import write_json_atomic
+from dslaunch.serving.batcher import STOPPING, Batcher, Pending
+from dslaunch.serving.config import FrontConfig
+from dslaunch.serving.stats import Stats
 from dslaunch.wire import protocol as P
-from dslaunch.wire.protocol import Limits, ProtocolError, Request
+from dslaunch.wire.protocol import ProtocolError, Request
 
-STOPPING = "the job is stopping or restarting; retry"
 DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients
-
-
-@dataclass(frozen=True)
-class FrontConfig:
-    bind: str = "127.0.0.1"
-    port: int = 7070
-    limits: Limits = field(default_factory=Limits)
-    max_batch_size: int = 8
-    batch_wait_ms: float = 5.0
-    max_queue: int = 256
-    request_timeout: float = 300.0
-    idle_timeout: float = 300.0
-    token: str | None = None
-
-
-class Pending:
-    """One request waiting for its answer; the loop thread and the asyncio thread share it."""
-
-    def __init__(self, req: Request, loop: asyncio.AbstractEventLoop) -> None:
-        self.req = req
-        self.kind = "probe" if req.op == "health" else req.op
-        self.rows = len(req.inputs) if req.inputs else 1
-        self.loop = loop
-        self.events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        self.t0 = time.monotonic()
-        self.cancelled = False  # set by the asyncio thread (time-out, client gone), read by the engine
-
-    def put(self, event: tuple[Any, ...]) -> None:
-        """Thread-safe: events arrive in the order they were put (chunks before the answer)."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-
-class RowBatch:
-    """A batch of requests flattened into rows; the engine's sink on rank 0."""
-
-    def __init__(self, jobs: list[Pending]) -> None:
-        self.jobs = jobs
-        self.rows: list[tuple[Pending, int]] = [(j, i) for j in jobs for i in range(j.rows)]
-        kind = jobs[0].kind
-        if kind == "probe":
-            self.work = Work("probe", [None])
-        else:
-            self.work = Work(kind, [x for j in jobs for x in j.req.inputs], [j.req.params for j, _ in self.rows])
-
-    def chunk(self, row: int, text: str) -> None:
-        job, index = self.rows[row]
-        if job.req.stream:
-            job.put(("chunk", index, text))
-
-    def cancelled(self, row: int) -> bool:
-        return self.rows[row][0].cancelled
-
-    def resolve(self, results: list[Any]) -> None:
-        if self.work.kind == "probe":
-            self.jobs[0].put(("done", results))
-            return
-        start = 0
-        for job in self.jobs:
-            job.put(("done", results[start : start + job.rows]))
-            start += job.rows
-
-    def fail(self, code: str, message: str) -> None:
-        for job in self.jobs:
-            job.put(("error", code, message))
-
-
-class Stats:
-    """Counters and a latency window for `stats`, `status` and the front's status file."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.started = time.time()
-        self.served = 0
-        self.errors: Counter[str] = Counter()
-        self.batches = 0
-        self.batch_sizes: Counter[int] = Counter()
-        self.latency: deque[float] = deque(maxlen=4096)
-        self.tokens = 0
-        self.busy_s = 0.0
-
-    def answered(self, seconds: float) -> None:
-        with self.lock:
-            self.served += 1
-            self.latency.append(seconds)
-
-    def failed(self, code: str) -> None:
-        with self.lock:
-            self.errors[code] += 1
-
-    def batch(self, rows: int, seconds: float, tokens: int) -> None:
-        with self.lock:
-            self.batches += 1
-            self.batch_sizes[rows] += 1
-            self.busy_s += seconds
-            self.tokens += tokens
-
-    def snapshot(self, queue: int, in_flight: int) -> dict[str, Any]:
-        with self.lock:
-            lat = sorted(self.latency)
-            sizes = dict(sorted(self.batch_sizes.items()))
-            rows = sum(k * v for k, v in sizes.items())
-            return {
-                "served": self.served,
-                "errors": dict(self.errors),
-                "queue": queue,
-                "in_flight": in_flight,
-                "batches": self.batches,
-                "batch_size": {
-                    "mean": round(rows / self.batches, 3) if self.batches else 0.0,
-                    "max": max(sizes, default=0),
-                    "histogram": {str(k): v for k, v in sizes.items()},
-                },
-                "latency_ms": {f"p{q}": _percentile(lat, q) for q in (50, 90, 99)},
-                "tokens_generated": self.tokens,
-                "engine_busy_s": round(self.busy_s, 4),
-                "tokens_per_s": round(self.tokens / self.busy_s, 1) if self.busy_s else 0.0,
-                "uptime_s": round(time.time() - self.started, 1),
-            }
-
-
-def _percentile(sorted_s: list[float], q: int) -> float | None:
-    if not sorted_s:
-        return None
-    i = min(len(sorted_s) - 1, max(0, round(q / 100 * len(sorted_s) + 0.5) - 1))
-    return round(sorted_s[i] * 1000, 2)
-
-
-class Batcher:
-    """Bounded queue of pending requests, cut into batches for rank 0's loop thread."""
-
-    def __init__(self, cfg: FrontConfig, stats: Stats) -> None:
-        self.cfg = cfg
-        self.stats = stats
-        self.cv = threading.Condition()
-        self.queue: deque[Pending] = deque()
-        self.closed = False
-        self.why = ""
-        self.in_flight = 0
-
-    @property
-    def depth(self) -> int:
-        return len(self.queue)
-
-    def submit(self, job: Pending) -> None:
-        with self.cv:
-            if self.closed:
-                raise ProtocolError(P.UNAVAILABLE, self.why)
-            if len(self.queue) >= self.cfg.max_queue:
-                raise ProtocolError(P.OVERLOADED, f"{len(self.queue)} requests queued (--max-queue); retry later")
-            self.queue.append(job)
-            self.cv.notify()
-
-    def close(self, why: str = STOPPING) -> None:
-        """Refuse new work and answer everything still queued with `unavailable`, saying why."""
-        with self.cv:
-            if self.closed:
-                return  # the first reason stands (a lost rank, then the agent's SIGTERM)
-            self.closed = True
-            self.why = why
-            left = list(self.queue)
-            self.queue.clear()
-            self.cv.notify_all()
-        for job in left:
-            job.put(("error", P.UNAVAILABLE, why))
-
-    def next_batch(self, timeout: float) -> RowBatch | bool | None:
-        wait_s = self.cfg.batch_wait_ms / 1000
-        with self.cv:
-            deadline = time.monotonic() + timeout
-            while not self._drop_cancelled() and not self.closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.cv.wait(left)
-            if self.closed:
-                return None
-            head = self.queue[0]
-            if head.kind != "probe":
-                # once the first request is here, wait a little for more of the same kind
-                until = head.t0 + wait_s
-                while not self.closed and self._rows(head.kind) < self.cfg.max_batch_size:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.cv.wait(left)
-            jobs = self._take(head.kind)
-            self.in_flight += sum(j.rows for j in jobs)
-        return RowBatch(jobs) if jobs else False
-
-    def ran(self, batch: Any, seconds: float, results: list[Any]) -> None:
-        tokens = sum(r.get("tokens", 0) for r in results if isinstance(r, dict))
-        self.stats.batch(len(batch.rows), seconds, tokens)
-        with self.cv:
-            self.in_flight -= len(batch.rows)
-
-    def _drop_cancelled(self) -> bool:
-        while self.queue and self.queue[0].cancelled:
-            self.queue.popleft()
-        return bool(self.queue)
-
-    def _rows(self, kind: str) -> int:
-        return sum(j.rows for j in self.queue if j.kind == kind and not j.cancelled)
-
-    def _take(self, kind: str) -> list[Pending]:
-        if kind == "probe":
-            return [self.queue.popleft()]
-        jobs: list[Pending] = []
-        rows = 0
-        keep: deque[Pending] = deque()
-        while self.queue:
-            job = self.queue.popleft()
-            if job.cancelled:
-                continue
-            if job.kind == kind and rows + job.rows <= self.cfg.max_batch_size:
-                jobs.append(job)
-                rows += job.rows
-            else:
-                keep.append(job)
-        self.queue = keep
-        return jobs
 
 
 class Front:

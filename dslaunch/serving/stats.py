@@ -1,0 +1,69 @@
+"""Counters and a latency window for `stats`, `status` and the front's status file."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+
+class Stats:
+    """Counters and a latency window for `stats`, `status` and the front's status file."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.served = 0
+        self.errors: Counter[str] = Counter()
+        self.batches = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self.latency: deque[float] = deque(maxlen=4096)
+        self.tokens = 0
+        self.busy_s = 0.0
+
+    def answered(self, seconds: float) -> None:
+        with self.lock:
+            self.served += 1
+            self.latency.append(seconds)
+
+    def failed(self, code: str) -> None:
+        with self.lock:
+            self.errors[code] += 1
+
+    def batch(self, rows: int, seconds: float, tokens: int) -> None:
+        with self.lock:
+            self.batches += 1
+            self.batch_sizes[rows] += 1
+            self.busy_s += seconds
+            self.tokens += tokens
+
+    def snapshot(self, queue: int, in_flight: int) -> dict[str, Any]:
+        with self.lock:
+            lat = sorted(self.latency)
+            sizes = dict(sorted(self.batch_sizes.items()))
+            rows = sum(k * v for k, v in sizes.items())
+            return {
+                "served": self.served,
+                "errors": dict(self.errors),
+                "queue": queue,
+                "in_flight": in_flight,
+                "batches": self.batches,
+                "batch_size": {
+                    "mean": round(rows / self.batches, 3) if self.batches else 0.0,
+                    "max": max(sizes, default=0),
+                    "histogram": {str(k): v for k, v in sizes.items()},
+                },
+                "latency_ms": {f"p{q}": _percentile(lat, q) for q in (50, 90, 99)},
+                "tokens_generated": self.tokens,
+                "engine_busy_s": round(self.busy_s, 4),
+                "tokens_per_s": round(self.tokens / self.busy_s, 1) if self.busy_s else 0.0,
+                "uptime_s": round(time.time() - self.started, 1),
+            }
+
+
+def _percentile(sorted_s: list[float], q: int) -> float | None:
+    if not sorted_s:
+        return None
+    i = min(len(sorted_s) - 1, max(0, round(q / 100 * len(sorted_s) + 0.5) - 1))
+    return round(sorted_s[i] * 1000, 2)
