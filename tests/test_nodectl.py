@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dslaunch.node import ctl as nodectl
+from dslaunch.node import agent, procs, report
 from tests.conftest import job_pids
 
 # An "agent" that starts a child which escapes into its own session, like torchrun's workers do.
@@ -32,7 +32,7 @@ def _args(jid: str, node_dir: Path, argv: list[str]) -> dict:
 def started(tmp_path: Path):
     jid = f"test-{os.getpid()}-{time.monotonic_ns()}"
     args = _args(jid, tmp_path / "n0", [sys.executable, "-c", AGENT])
-    out = nodectl.op_start(args)
+    out = agent.op_start(args)
     try:
         yield jid, args, out
     finally:
@@ -43,11 +43,11 @@ def started(tmp_path: Path):
 def _wait_count(jid: str, n: int) -> list[int]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        pids = nodectl.job_processes(jid, 0)
+        pids = procs.job_processes(jid, 0)
         if len(pids) >= n:
             return pids
         time.sleep(0.05)
-    return nodectl.job_processes(jid, 0)
+    return procs.job_processes(jid, 0)
 
 
 def test_start_detaches_and_stop_removes_every_marked_process(started, tmp_path: Path) -> None:
@@ -60,9 +60,9 @@ def test_start_detaches_and_stop_removes_every_marked_process(started, tmp_path:
     other_env = dict(os.environ, DSLAUNCH_JOB_ID=jid, DSLAUNCH_NODE_RANK="1")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=other_env)
     try:
-        st = nodectl.op_status({**args, "tail": 5})
+        st = report.op_status({**args, "tail": 5})
         assert st["agent"]["alive"] and st["procs"] == 3
-        res = nodectl.op_stop({**args, "grace": 2})
+        res = agent.op_stop({**args, "grace": 2})
         assert res["survivors"] == [] and res["found"] == 3 and res["removed"]
         assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == [other.pid]
         assert not (tmp_path / "n0").exists()
@@ -76,10 +76,10 @@ def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
     jid = f"stubborn-{time.monotonic_ns()}"
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
     args = _args(jid, tmp_path / "n", [sys.executable, "-c", code])
-    assert "pid" in nodectl.op_start(args)
+    assert "pid" in agent.op_start(args)
     try:
         _wait_count(jid, 2)
-        res = nodectl.op_stop({**args, "grace": 1, "keep_logs": True})
+        res = agent.op_stop({**args, "grace": 1, "keep_logs": True})
         assert res["survivors"] == [] and res["killed"] >= 1
         assert (tmp_path / "n" / "agent.log").exists(), "--keep-logs keeps the logs"
         assert not (tmp_path / "n" / "agent.pid").exists()
@@ -91,13 +91,13 @@ def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
 def test_agent_that_dies_at_once_is_reported(tmp_path: Path) -> None:
     args = {"job_id": "x-1", "node_rank": 0, "node_dir": str(tmp_path / "n"),
             "argv": ["/nonexistent/python", "-m", "x"], "env": {}}  # fmt: skip
-    out = nodectl.op_start(args)
+    out = agent.op_start(args)
     assert out["error"] == "the agent exited at once"
     assert any("nonexistent" in line for line in out["log"])
 
 
 def test_status_of_a_missing_node_dir(tmp_path: Path) -> None:
-    st = nodectl.op_status({"node_dir": str(tmp_path / "none"), "job_id": "nope-1", "node_rank": 0})
+    st = report.op_status({"node_dir": str(tmp_path / "none"), "job_id": "nope-1", "node_rank": 0})
     assert st["present"] is False and st["procs"] == 0
 
 
@@ -127,7 +127,7 @@ def test_agent_failure_summary_keeps_worker_words_and_root_cause() -> None:
         "  exitcode  : 1 (pid: 5)",
         "=======",
     ]
-    got = nodectl.agent_failure(log)
+    got = report.agent_failure(log)
     assert "ValueError: the real problem" in got
     assert "root cause: exitcode : 1 (pid: 5)" in got
     assert not any("torch/distributed/run.py" in g for g in got)
@@ -143,10 +143,10 @@ def test_start_refuses_a_port_taken_since_pre_flight(tmp_path: Path) -> None:
         jid = f"test-{os.getpid()}-{time.monotonic_ns()}"
         args = _args(jid, tmp_path / "n0", [sys.executable, "-c", AGENT])
         args["free_ports"] = {"master port (--master-port)": port}
-        out = nodectl.op_start(args)
+        out = agent.op_start(args)
     assert out == {"error": f"master port (--master-port) {port} was taken after pre-flight; "
                             "run 'up' again to pick free ports"}  # fmt: skip
-    assert nodectl.job_processes(jid, 0) == [], "nothing was started"
+    assert procs.job_processes(jid, 0) == [], "nothing was started"
 
 
 def test_worker_failures_name_the_rank_its_exit_and_its_last_words(tmp_path: Path) -> None:
@@ -166,10 +166,10 @@ def test_worker_failures_name_the_rank_its_exit_and_its_last_words(tmp_path: Pat
         "E1123 12:41:02.001000 1439 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 1)"
         " local_rank: 0 (pid: 200) of binary: /usr/bin/python",
     ]
-    got = nodectl.worker_failures(agent, logs)
+    got = report.worker_failures(agent, logs)
     assert got == [
         {"when": "11-23 12:40:56", "exit_code": -9, "local_rank": 0, "pid": 100, "rank": 1, "attempt": 0},
         {"when": "11-23 12:41:02", "exit_code": 1, "local_rank": 0, "pid": 200, "rank": 1, "attempt": 1,
          "last_line": "RuntimeError: out of cheese"},
     ]  # fmt: skip
-    assert nodectl.worker_failures(["nothing failed"], logs) == []
+    assert report.worker_failures(["nothing failed"], logs) == []

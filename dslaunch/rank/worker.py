@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dslaunch.node.ctl import write_json_atomic
+from dslaunch.wire.jsonio import write_json_atomic
 
 PR_SET_PDEATHSIG = 1
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from dslaunch.engine.base import OP_FOR_TASK
-from dslaunch.node.ctl import write_json_atomic
 from dslaunch.serving.batcher import STOPPING, Batcher, Pending
 from dslaunch.serving.config import FrontConfig
 from dslaunch.serving.stats import Stats
 from dslaunch.wire import protocol as P
+from dslaunch.wire.jsonio import write_json_atomic
 from dslaunch.wire.protocol import ProtocolError, Request
 
 DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients

@@ -1,0 +1,131 @@
+"""Starting the torchrun agent detached, and stopping every process of the job on this node."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from dslaunch.node.logs import tail
+from dslaunch.node.probe import port_free
+from dslaunch.node.procs import alive, job_processes, signal_all, wait_gone
+from dslaunch.wire.nodedir import NodeDir
+
+# The agent runs under a tiny shell that records its exit status: the agent is detached
+# (own session, survives the SSH session), so nobody else would ever see it.
+_AGENT_WRAPPER = '"$@"; rc=$?; echo $rc > "$0.tmp" && mv "$0.tmp" "$0"'
+
+
+def op_start(args: dict[str, Any]) -> dict[str, Any]:
+    """Start the torchrun agent detached (own session), logs to the node directory."""
+    nd = NodeDir.at(args["node_dir"])
+    ndir = nd.root
+    jid, node_rank = args["job_id"], args["node_rank"]
+    if job_processes(jid, node_rank):
+        return {"error": f"job {jid} is already running on this node"}
+    for label, port in (args.get("free_ports") or {}).items():
+        # pre-flight found these free, but anything may have taken them since: say so now rather
+        # than let every restart fail on the same bind
+        if not port_free(int(port)):
+            return {"error": f"{label} {port} was taken after pre-flight; run 'up' again to pick free ports"}
+    nd.create()
+    with contextlib.suppress(FileNotFoundError):
+        nd.agent_exit.unlink()
+    env = dict(os.environ)
+    env.update(args["env"])
+    env["DSLAUNCH_NODE_DIR"] = str(ndir)
+    for name, text in (args.get("files") or {}).items():
+        # secrets (the front's token) arrive on stdin and are written 0600, never in argv or env
+        fd = os.open(ndir / Path(name).name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    if env.pop("DSLAUNCH_AUTO_THREADS", None) == "1" and "OMP_NUM_THREADS" not in args["env"]:
+        # torchrun pins every rank to one thread when several share a node; divide the cores.
+        nprocs = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
+    # The plan cannot know how `~` expands here: it writes {node_dir} and we fill it in.
+    argv = [a.replace("{node_dir}", str(ndir)) for a in args["argv"]]
+    log = os.fdopen(os.open(nd.agent_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    try:
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", _AGENT_WRAPPER, str(nd.agent_exit), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(ndir),
+            start_new_session=True,
+            close_fds=True,
+        )
+    except OSError as e:
+        return {"error": f"cannot start the agent: {e.strerror}"}
+    finally:
+        log.close()
+    nd.agent_pid.write_text(str(proc.pid))
+    # A missing interpreter or a bad flag fails at once: report it instead of a silent wait.
+    time.sleep(float(args.get("settle", 0.3)))
+    if proc.poll() is not None:
+        return {"error": "the agent exited at once", "log": tail(nd.agent_log, 15)}
+    return {"pid": proc.pid}
+
+
+def agent_state(nd: NodeDir) -> dict[str, Any]:
+    """The agent's pid, whether it runs, and its exit code once its wrapper recorded one."""
+    pid_s = nd.agent_pid.read_text().strip() if nd.agent_pid.exists() else ""
+    pid = int(pid_s) if pid_s.isdigit() else None
+    exit_s = nd.agent_exit.read_text().strip() if nd.agent_exit.exists() else ""
+    return {
+        "pid": pid,
+        "alive": bool(pid and alive(pid)),
+        "exit_code": int(exit_s) if exit_s.lstrip("-").isdigit() else None,
+    }
+
+
+def op_stop(args: dict[str, Any]) -> dict[str, Any]:
+    """SIGTERM the agent's group, then stragglers, SIGKILL at the deadline; verify, then clean up."""
+    nd = NodeDir.at(args["node_dir"])
+    ndir = nd.root
+    jid, node_rank = args["job_id"], args["node_rank"]
+    grace = float(args.get("grace", 10.0))
+    found = job_processes(jid, node_rank)
+    agent = agent_state(nd) if ndir.is_dir() else {"pid": None, "alive": False}
+    start = time.monotonic()
+    if agent["alive"]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(agent["pid"], signal.SIGTERM)
+    # Give the agent half the grace to stop its workers itself (it forwards the signal).
+    left = wait_gone(jid, node_rank, start + (grace / 2 if agent["alive"] else 0))
+    signal_all(left, signal.SIGTERM)
+    left = wait_gone(jid, node_rank, start + grace)
+    killed = list(left)
+    signal_all(left, signal.SIGKILL)
+    left = wait_gone(jid, node_rank, time.monotonic() + 5)
+    out: dict[str, Any] = {"found": len(found), "killed": len(killed), "survivors": left}
+    if not left:
+        out["removed"] = _remove_run_files(nd, bool(args.get("keep_logs")), args.get("rdzv_glob"))
+    return out
+
+
+def _remove_run_files(nd: NodeDir, keep_logs: bool, rdzv_glob: str | None) -> bool:
+    if rdzv_glob:
+        for p in glob.glob(rdzv_glob):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+    ndir = nd.root
+    if not ndir.is_dir():
+        return False
+    if keep_logs:
+        for child in ndir.iterdir():
+            if child.name not in ("logs", nd.agent_log.name, "elastic"):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
+    else:
+        shutil.rmtree(ndir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            ndir.parent.rmdir()  # the job directory, once every node sharing it is gone
+    return True

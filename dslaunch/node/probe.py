@@ -1,0 +1,157 @@
+"""Pre-flight on this node: versions, GPUs, cores, free ports, the model and work directories,
+and the shared rendezvous directory check."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+PROBE_PREFIX = ".dslaunch-probe-"
+
+# The agent runs under a tiny shell that records its exit status: the agent is detached
+# (own session, survives the SSH session), so nobody else would ever see it.
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _front_port(bind: str, port: int | None, avoid: set[int], scan: int = 100) -> dict[str, Any]:
+    """The front's port on `bind`: the one asked for, or the first free from the default up."""
+    fixed = port is not None
+    first = port if port is not None else 7070
+    for p in range(first, first + (1 if fixed else scan)):
+        if p in avoid or p > 65535:
+            continue
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((bind, p))
+            except OSError as e:
+                if fixed or e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    return {"error": f"cannot listen on {bind}:{p}: {e.strerror}"}
+                continue
+        return {"port": p}
+    return {"error": f"no free port on {bind} from {first} to {first + scan - 1}"}
+
+
+def _free_port(avoid: set[int]) -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+    raise RuntimeError("no free TCP port found")
+
+
+def _gpu_count() -> int:
+    """Visible NVIDIA GPUs without importing torch (probing must be fast)."""
+    devs = [d for d in glob.glob("/dev/nvidia[0-9]*") if d[len("/dev/nvidia") :].isdigit()]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        return min(len(ids), len(devs))
+    return len(devs)
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def op_probe(args: dict[str, Any]) -> dict[str, Any]:
+    """Versions, GPUs, cores, and (on node 0) free ports for the rendezvous and the process group."""
+    import dslaunch
+
+    out: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "dslaunch": dslaunch.__version__,
+        "torch": _dist_version("torch"),
+        "deepspeed": _dist_version("deepspeed"),
+        "gpus": _gpu_count(),
+        "cpus": len(os.sched_getaffinity(0)),
+    }
+    want = args.get("ports")
+    if want is not None:
+        taken = {p for p in want if p is not None}
+        out["busy_ports"] = [p for p in want if p is not None and not port_free(p)]
+        chosen: list[int] = []
+        for p in want:
+            chosen.append(p if p is not None else _free_port(taken))
+            taken.add(chosen[-1])
+        out["ports"] = chosen
+        front = args.get("front")
+        if front is not None:
+            out["front"] = _front_port(front["bind"], front.get("port"), taken)
+    model = args.get("model_dir")
+    if model and not (Path(os.path.expanduser(model)) / "config.json").is_file():
+        out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
+    work = args.get("work_dir")
+    if work:
+        d = Path(os.path.expanduser(work))
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            out["work_dir"] = str(d)
+        except OSError as e:
+            out["work_dir_error"] = f"{d}: {e.strerror}"
+    return out
+
+
+def op_rdzv_write(args: dict[str, Any]) -> dict[str, Any]:
+    """Write a probe file in the rendezvous directory; the other nodes must see the same bytes."""
+    d = Path(args["dir"])
+    if not d.is_dir():
+        return {"error": f"{d} does not exist or is not a directory"}
+    token = uuid.uuid4().hex
+    path = d / f"{PROBE_PREFIX}{token}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, token.encode())
+        os.fsync(fd)
+        os.close(fd)
+    except OSError as e:
+        return {"error": f"cannot write in {d}: {e.strerror}"}
+    return {"path": str(path), "token": token}
+
+
+def op_rdzv_read(args: dict[str, Any]) -> dict[str, Any]:
+    d = Path(args["dir"])
+    if not d.is_dir():
+        return {"error": f"{d} does not exist or is not a directory"}
+    try:
+        seen = Path(args["path"]).read_text()
+    except OSError:
+        return {"error": f"{d} is not the same directory as on node 0 (probe file not visible)"}
+    if seen != args["token"]:
+        return {"error": f"{d} is not the same directory as on node 0 (probe file differs)"}
+    if not os.access(d, os.W_OK):
+        return {"error": f"{d} is not writable"}
+    return {"ok": True}
+
+
+def op_remove(args: dict[str, Any]) -> dict[str, Any]:
+    for p in args["paths"]:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+    return {"ok": True}
