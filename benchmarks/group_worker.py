@@ -28,7 +28,7 @@ def main() -> None:
 
     from dslaunch.engine.base import EngineContext
     from dslaunch.engine.loader import load_engine, tiny_model
-    from dslaunch.launch.spec import ServeSpec
+    from dslaunch.wire.serve import ServeSpec
 
     work = Path(args.work)
     tiny_model(work)

@@ -50,8 +50,8 @@ def offline_rank(rank: int, port: int, work: Path, seconds: float, out: Path) ->
 
     from dslaunch.engine.base import EngineContext, Work
     from dslaunch.engine.loader import load_engine, tiny_model
-    from dslaunch.launch.spec import ServeSpec
     from dslaunch.wire.protocol import GenParams
+    from dslaunch.wire.serve import ServeSpec
 
     torch.set_num_threads(THREADS)
     tiny_model(work)

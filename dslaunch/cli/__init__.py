@@ -18,7 +18,8 @@ from dslaunch.launch import lifecycle as launch
 from dslaunch.launch import status as jobstatus
 from dslaunch.launch import store as state
 from dslaunch.launch.hostfile import Node, load_hostfile, select_nodes
-from dslaunch.launch.spec import DTYPES, INIT_METHODS, TASKS, JobSpec, ServeSpec, collect_env
+from dslaunch.launch.spec import INIT_METHODS, JobSpec, collect_env
+from dslaunch.wire.serve import DTYPES, TASKS, ServeSpec
 
 
 def _console(stderr: bool = False) -> Console:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dslaunch.launch.spec import ServeSpec
 from dslaunch.wire.protocol import GenParams, Request
+from dslaunch.wire.serve import ServeSpec
 
 OP_FOR_TASK = {"generate": "generate", "embed": "embed", "custom": "infer"}
 

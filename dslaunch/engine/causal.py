@@ -6,8 +6,8 @@ from typing import Any
 
 from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, broadcast, shard
 from dslaunch.engine.decode import TextStream, make_generator, pick
-from dslaunch.launch.spec import ServeSpec
 from dslaunch.wire.protocol import BAD_REQUEST, GenParams, ProtocolError, Request
+from dslaunch.wire.serve import ServeSpec
 
 
 class CausalLMEngine(Pretrained):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, shard
-from dslaunch.launch.spec import ServeSpec
 from dslaunch.wire.protocol import Request
+from dslaunch.wire.serve import ServeSpec
 
 
 class EmbedEngine(Pretrained):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dslaunch.engine.base import Engine, EngineContext
-from dslaunch.launch.spec import ServeSpec
+from dslaunch.wire.serve import ServeSpec
 
 
 def load_engine(opts: ServeSpec, ctx: EngineContext) -> Engine:

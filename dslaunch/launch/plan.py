@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dslaunch.launch.spec import DEFAULT_FRONT_PORT, JobSpec
+from dslaunch.launch.spec import JobSpec
+from dslaunch.wire.serve import DEFAULT_FRONT_PORT
 
 AGENT_MODULE = "torch.distributed.run"
 WORKER_MODULE = "dslaunch.rank.worker"

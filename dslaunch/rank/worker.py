@@ -124,7 +124,7 @@ def main() -> int:
 
 def _back_off(attempt: int, status: RankStatus, stop: StopFlag) -> bool:
     """Wait before a repeated restart (--restart-backoff); True when stopped meanwhile."""
-    from dslaunch.launch.spec import backoff_delay
+    from dslaunch.wire.serve import backoff_delay
 
     delay = backoff_delay(float(os.environ.get("DSLAUNCH_RESTART_BACKOFF", "0")), attempt)
     if not delay:
@@ -138,8 +138,8 @@ def _run(cfg: Any, status: RankStatus, stop: StopFlag, threads: int | None) -> i
     import torch
 
     from dslaunch.engine.loader import tiny_model
-    from dslaunch.launch.spec import ServeSpec
     from dslaunch.rank.group import form_group, prove_group
+    from dslaunch.wire.serve import ServeSpec
 
     if threads:
         torch.set_num_threads(threads)
