@@ -175,22 +175,23 @@ class Client:
 def for_job(rec: Any, timeout: float = 300.0, token: str | None = None) -> Client:
     """A client for a recorded job's front, through an SSH tunnel when it listens on a remote loopback."""
     from dslaunch.errors import UserError
-    from dslaunch.launch.lifecycle import record_nodes, record_options
+    from dslaunch.transport.base import ConnectOptions
     from dslaunch.transport.nodes import connect
 
-    front = rec.extra.get("front")
-    if not front:
+    front = rec.front
+    if front is None:
         raise UserError(f"job {rec.name!r} has no front recorded (was it started by an older dslaunch?)")
-    port, bind = int(front["port"]), front["bind"]
-    token = token or front.get("token")
-    node0 = record_nodes(rec)[0]
-    if front["loopback"] and not node0.is_local:
-        transport = connect(node0, record_options(rec))
+    port, bind = int(front.port), front.bind
+    token = token or front.token
+    node0 = rec.nodes[0].node()
+    if front.loopback and not node0.is_local:
+        opts = ConnectOptions(rec.connect_timeout, rec.command_timeout, rec.accept_new_host_keys)
+        transport = connect(node0, opts)
         tunnel: Any = getattr(transport, "tunnel", None)
         return Client(f"{node0.host} → {bind}", port, token, timeout,
                       connect=lambda: tunnel(bind, port), cleanup=transport.close)  # fmt: skip
     host = bind
-    if front["loopback"]:
+    if front.loopback:
         host = "127.0.0.1" if bind == "localhost" else bind
     elif bind in ("0.0.0.0", "::"):
         host = rec.nodes[0].address or node0.host

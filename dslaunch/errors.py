@@ -28,3 +28,27 @@ class HostfileError(UserError):
 
 class RemoteError(UserError):
     """A node could not be reached or refused what was asked; the message names the host."""
+
+
+class NodeOpError(DslaunchError):
+    """A node operation (`python -m dslaunch.node.ctl OP`) refused or failed; raised on the node.
+
+    nodectl prints it as `{"error": message, **details}` with exit status 3, and the launch host's
+    NodeClient raises it again as a RemoteError naming the host.
+    """
+
+    EXIT_STATUS = 3
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.details = details
+
+
+class NodeOpFailed(RemoteError):
+    """The launch host's side of a NodeOpError: which host, why, and what the node added."""
+
+    def __init__(self, host: str, reason: str, details: dict[str, object]) -> None:
+        super().__init__(f"{host}: {reason}")
+        self.host = host
+        self.reason = reason
+        self.details = details

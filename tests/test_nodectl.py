@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dslaunch.errors import NodeOpError
 from dslaunch.node import agent, procs, report
 from tests.conftest import job_pids
 
@@ -91,9 +92,9 @@ def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
 def test_agent_that_dies_at_once_is_reported(tmp_path: Path) -> None:
     args = {"job_id": "x-1", "node_rank": 0, "node_dir": str(tmp_path / "n"),
             "argv": ["/nonexistent/python", "-m", "x"], "env": {}}  # fmt: skip
-    out = agent.op_start(args)
-    assert out["error"] == "the agent exited at once"
-    assert any("nonexistent" in line for line in out["log"])
+    with pytest.raises(NodeOpError, match="the agent exited at once") as e:
+        agent.op_start(args)
+    assert any("nonexistent" in line for line in e.value.details["log"])
 
 
 def test_status_of_a_missing_node_dir(tmp_path: Path) -> None:
@@ -143,9 +144,10 @@ def test_start_refuses_a_port_taken_since_pre_flight(tmp_path: Path) -> None:
         jid = f"test-{os.getpid()}-{time.monotonic_ns()}"
         args = _args(jid, tmp_path / "n0", [sys.executable, "-c", AGENT])
         args["free_ports"] = {"master port (--master-port)": port}
-        out = agent.op_start(args)
-    assert out == {"error": f"master port (--master-port) {port} was taken after pre-flight; "
-                            "run 'up' again to pick free ports"}  # fmt: skip
+        with pytest.raises(NodeOpError) as e:
+            agent.op_start(args)
+    assert e.value.message == (f"master port (--master-port) {port} was taken after pre-flight; "
+                               "run 'up' again to pick free ports")  # fmt: skip
     assert procs.job_processes(jid, 0) == [], "nothing was started"
 
 
@@ -173,3 +175,22 @@ def test_worker_failures_name_the_rank_its_exit_and_its_last_words(tmp_path: Pat
          "last_line": "RuntimeError: out of cheese"},
     ]  # fmt: skip
     assert report.worker_failures(["nothing failed"], logs) == []
+
+
+def test_a_refused_op_exits_3_with_its_reason_and_the_client_raises_it(tmp_path: Path) -> None:
+    """Node ops return a result or refuse; the launch host turns a refusal into an error naming the host."""
+    from dslaunch.errors import NodeOpFailed
+    from dslaunch.transport.base import ConnectOptions
+    from dslaunch.transport.nodes import Cluster
+    from dslaunch.wire.hosts import Node
+
+    res = subprocess.run([sys.executable, "-m", "dslaunch.node.ctl", "rdzv-read"], capture_output=True, text=True,
+                         input=json.dumps({"dir": str(tmp_path / "missing"), "path": "x", "token": "t"}))  # fmt: skip
+    assert res.returncode == 3
+    assert json.loads(res.stdout) == {"error": f"{tmp_path / 'missing'} does not exist or is not a directory"}
+    with Cluster([Node("localhost", 1)], ConnectOptions(), sys.executable) as cluster:
+        results = cluster.map(lambda c: c.call("rdzv-read", {"dir": str(tmp_path), "path": "/nope", "token": "t"}))
+    assert isinstance(results[0].error, NodeOpFailed)
+    assert results[0].error.host == "localhost" and "not the same directory" in results[0].error.reason
+    with pytest.raises(Exception, match=r"check failed on 1 of 1 node\(s\):\n  localhost: .*not the same directory"):
+        results.raise_failures("check")

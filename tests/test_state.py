@@ -12,6 +12,8 @@ import pytest
 
 from dslaunch.errors import UserError
 from dslaunch.launch import store as state
+from dslaunch.wire.records import FrontRecord, JobRecord, NodeRecord
+from dslaunch.wire.states import JobState
 
 
 @pytest.fixture(autouse=True)
@@ -19,9 +21,11 @@ def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSLAUNCH_HOME", str(tmp_path / "h"))
 
 
-def _rec(name: str = "j") -> state.JobRecord:
-    nodes = [state.NodeRecord(0, "n0", "u@n0", 2, 0, "/w/j-1/node0", "10.0.0.1", 123)]
-    return state.JobRecord(name, "1", f"{name}-1", "ready", 2, "tcp", "gloo", "/py", "10.0.0.1", 1, 2, nodes)
+def _rec(name: str = "j") -> JobRecord:
+    nodes = [NodeRecord(0, "n0", "u@n0", 2, 0, "/w/j-1/node0", "10.0.0.1", 123)]
+    front = FrontRecord("127.0.0.1", 7070, True, "generate", "m", token="t" * 20)
+    return JobRecord(name, "1", f"{name}-1", JobState.READY, 2, "tcp", "gloo", "/py", "10.0.0.1", 1, 2, nodes,
+                     front=front)  # fmt: skip
 
 
 def test_roundtrip_and_permissions() -> None:
@@ -62,3 +66,12 @@ def test_lock_refuses_a_second_process() -> None:
     assert "another dslaunch command is working on job 'j'" in res.stdout
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert res.stdout.strip() == "got it"
+
+
+def test_a_record_written_by_the_previous_layout_still_loads() -> None:
+    """Records of running jobs survive an upgrade: the front used to sit in an untyped `extra`."""
+    d = _rec().to_dict()
+    front = d.pop("front")
+    d["extra"] = {"front": front}
+    d["state"] = "ready"
+    assert JobRecord.from_dict(d) == _rec()

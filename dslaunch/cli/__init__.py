@@ -15,6 +15,7 @@ from dslaunch import __version__
 from dslaunch.cli import render
 from dslaunch.errors import DslaunchError, UserError
 from dslaunch.launch import lifecycle as launch
+from dslaunch.launch import logs as joblogs
 from dslaunch.launch import status as jobstatus
 from dslaunch.launch import store as state
 from dslaunch.launch.hostfile import Node, load_hostfile, select_nodes
@@ -227,7 +228,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     view = render.UpView(console, [n.host for n in nodes], [n.nprocs for n in nodes])
     try:
         with view:
-            rec = launch.up(spec, view.update)
+            rec = launch.up(spec, view.update, warn=lambda line: err_console.print(f"warning: {line}", markup=False))
     except launch.LaunchFailed as e:
         for line in e.details:
             err_console.print(line, markup=False, style="dim")
@@ -313,12 +314,12 @@ def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool) -> None:
             raise UserError(f"--rank {r}: job {name!r} has ranks 0..{rec.world_size - 1}")
     if follow:
         try:
-            for rank, text in jobstatus.follow_logs(rec, wanted):
+            for rank, text in joblogs.follow_logs(rec, wanted):
                 console.print(render.log_line(rank, text), markup=False)
         except KeyboardInterrupt:
             pass
         return
-    out, errors = jobstatus.read_logs(rec, wanted, lines)
+    out, errors = joblogs.read_logs(rec, wanted, lines)
     for rank, text_lines in out.items():
         for text in text_lines:
             console.print(render.log_line(rank, text), markup=False)

@@ -14,24 +14,35 @@ from rich.text import Text
 from dslaunch.launch.lifecycle import DownReport
 from dslaunch.launch.plan import LaunchPlan
 from dslaunch.launch.status import JobStatus
-from dslaunch.launch.store import JobRecord
+from dslaunch.wire.records import JobRecord
+from dslaunch.wire.states import JobState, NodeStage, RankStage
 
-STAGE_STYLE = {
-    "waiting": "dim",
-    "connecting": "cyan",
-    "checked": "cyan",
-    "started": "blue",
-    "rendezvous": "yellow",
-    "loading": "yellow",
-    "ready": "green",
-    "serving": "green",
-    "failed": "bold red",
-    "exited": "red",
-    "stopping": "magenta",
-    "pending": "dim",
+# Every state dslaunch reports has a style here (a test checks that none is missing).
+STAGE_STYLE: dict[str, str] = {
+    NodeStage.WAITING: "dim",
+    NodeStage.CONNECTING: "cyan",
+    NodeStage.CHECKED: "cyan",
+    NodeStage.STARTED: "blue",
+    RankStage.PENDING: "dim",
+    RankStage.STARTING: "blue",
+    RankStage.BACKOFF: "magenta",
+    RankStage.RENDEZVOUS: "yellow",
+    RankStage.LOADING: "yellow",
+    RankStage.READY: "green",
+    RankStage.LOST_PEER: "bold yellow",
+    RankStage.STOPPING: "magenta",
+    RankStage.STOPPED: "dim",
+    RankStage.FAILED: "bold red",
+    RankStage.EXITED: "red",
 }
-STATE_STYLE = {"ready": "bold green", "starting": "bold yellow", "degraded": "bold red",
-               "failed": "bold red", "gone": "bold magenta"}  # fmt: skip
+STATE_STYLE: dict[str, str] = {
+    JobState.READY: "bold green",
+    JobState.STARTING: "bold yellow",
+    JobState.DEGRADED: "bold red",
+    JobState.FAILED: "bold red",
+    JobState.GONE: "bold magenta",
+    JobState.STOPPING: "bold magenta",
+}
 RANK_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
 # Secrets never reach the terminal, even in a dry run.
@@ -79,7 +90,7 @@ class UpView:
         self.console = console
         self.hosts = hosts
         self.slots = slots
-        self.rows: list[tuple[str, str]] = [("waiting", "") for _ in hosts]
+        self.rows: list[tuple[str, str]] = [(NodeStage.WAITING, "") for _ in hosts]
         self.t0 = time.monotonic()
         self.live = Live(self._table(), console=console, refresh_per_second=8, transient=False)
 
@@ -110,11 +121,9 @@ QUERY_HINT = {"generate": 'query "Hello"', "embed": 'query --embed "Hello"', "cu
 
 
 def up_summary(rec: JobRecord, seconds: float) -> Text:
-    front = rec.extra.get("front") or {}
+    front = rec.front
     n = "" if rec.name == "default" else f" --name {rec.name}"
-    where = ""
-    if front:
-        where = f"front {front['bind']}:{front['port']} ({front.get('task')}, {front.get('model')})\n"
+    where = f"front {front.address} ({front.task}, {front.model})\n" if front else ""
     return Text.assemble(
         ("ready", "bold green"),
         f": job {rec.name!r} — {rec.world_size} ranks on {len(rec.nodes)} node(s), "
@@ -122,7 +131,7 @@ def up_summary(rec: JobRecord, seconds: float) -> Text:
         f"({seconds:.1f}s)\n",
         where,
         ("next: ", "dim"),
-        f"dslaunch {QUERY_HINT.get(front.get('task', ''), 'status')}{n}  ·  dslaunch status{n}  ·  "
+        f"dslaunch {QUERY_HINT.get(front.task if front else '', 'status')}{n}  ·  dslaunch status{n}  ·  "
         f"dslaunch logs{n}  ·  dslaunch down{n}",
     )
 

@@ -1,23 +1,15 @@
-"""What `status` and `logs` read from the nodes of a recorded job, gathered in parallel."""
+"""What `status` reads from the nodes of a recorded job, gathered in parallel, and how it judges it."""
 
 from __future__ import annotations
 
-import queue
 import signal
-import threading
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dslaunch.launch.lifecycle import cluster_for
-from dslaunch.launch.store import JobRecord
+from dslaunch.launch.records import cluster_for
 from dslaunch.transport.nodes import Cluster
-
-# Job states: starting (not all ranks ready yet, or restarting), ready, degraded (a node or agent
-# gone while others run), failed (every agent ended with an error), gone (no process is left:
-# the record is stale, e.g. after a reboot; `down` clears it).
-JOB_STATES = ("starting", "ready", "degraded", "failed", "gone")
+from dslaunch.wire.records import JobRecord
+from dslaunch.wire.states import JobState, RankStage, ranks_ready
 
 
 @dataclass
@@ -41,7 +33,7 @@ class RankStatus:
     node_rank: int
     local_rank: int
     pid: int | None = None
-    stage: str = "pending"
+    stage: str = RankStage.PENDING
     restarts: int = 0
     device: str | None = None
     alive: bool = False
@@ -53,7 +45,7 @@ class RankStatus:
 @dataclass
 class JobStatus:
     name: str
-    state: str
+    state: JobState
     world_size: int
     init_method: str
     backend: str
@@ -77,8 +69,8 @@ def _rank_from(rec: JobRecord, node_rank: int, raw: dict[str, Any] | None, rank:
         return rs
     rs.pid = raw.get("pid")
     rs.alive = bool(raw.get("alive"))
-    stage = raw.get("stage", "pending")
-    rs.stage = stage if rs.alive or stage == "failed" else "exited"
+    stage = raw.get("stage", RankStage.PENDING)
+    rs.stage = stage if rs.alive or stage == RankStage.FAILED else RankStage.EXITED
     rs.restarts = int(raw.get("restarts", 0))
     rs.device = raw.get("device")
     rs.rss_mb = raw.get("rss_mb")
@@ -87,31 +79,29 @@ def _rank_from(rec: JobRecord, node_rank: int, raw: dict[str, Any] | None, rank:
     return rs
 
 
-def classify(rec: JobRecord, nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[str, str]:
-    """The job's state and a one-line reason, from what every node reported."""
+def classify(nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[JobState, str]:
+    """The job's state and a one-line reason, from what every node reported (see JobState)."""
     unreachable = [n.host for n in nodes if not n.reachable]
     dead = [n for n in nodes if n.reachable and not n.agent_alive]
     alive = [n for n in nodes if n.reachable and n.agent_alive]
-    if unreachable and not alive:
-        return "degraded" if not dead else "failed", f"unreachable: {', '.join(unreachable)}"
     if unreachable:
-        return "degraded", f"unreachable: {', '.join(unreachable)}"
+        state = JobState.FAILED if dead and not alive else JobState.DEGRADED
+        return state, f"unreachable: {', '.join(unreachable)}"
     if dead and not alive:
         if all(n.exit_code is None and n.procs == 0 for n in dead):
-            return "gone", "no process of this job is left on any node (stale record)"
+            return JobState.GONE, "no process of this job is left on any node (stale record)"
         codes = ", ".join(f"{n.host} exit {n.exit_code if n.exit_code is not None else 'killed'}" for n in dead)
-        return "failed", f"every agent has ended ({codes})"
+        return JobState.FAILED, f"every agent has ended ({codes})"
     if dead:
-        hosts = ", ".join(n.host for n in dead)
-        return "degraded", f"agent not running on {hosts}"
-    if all(r.alive and r.stage == "ready" for r in ranks) and len({r.restarts for r in ranks}) == 1:
-        return "ready", f"{len(ranks)} ranks ready"
+        return JobState.DEGRADED, f"agent not running on {', '.join(n.host for n in dead)}"
+    if ranks_ready(((r.alive, r.stage, r.restarts) for r in ranks), len(ranks)):
+        return JobState.READY, f"{len(ranks)} ranks ready"
     restarts = max((r.restarts for r in ranks), default=0)
-    failed = [r for r in ranks if r.stage == "failed"]
+    failed = [r for r in ranks if r.stage == RankStage.FAILED]
     if failed:
-        return "starting", f"restarting after rank {failed[0].rank} failed: {failed[0].error}"
-    ready = sum(r.alive and r.stage == "ready" for r in ranks)
-    return "starting", f"{ready}/{len(ranks)} ranks ready" + (f" (restart {restarts})" if restarts else "")
+        return JobState.STARTING, f"restarting after rank {failed[0].rank} failed: {failed[0].error}"
+    ready = sum(r.alive and r.stage == RankStage.READY for r in ranks)
+    return JobState.STARTING, f"{ready}/{len(ranks)} ranks ready" + (f" (restart {restarts})" if restarts else "")
 
 
 def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
@@ -142,7 +132,7 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
         nodes.append(ns)
         by_rank = {int(x["rank"]): x for x in st.get("ranks", [])}
         ranks += [_rank_from(rec, i, by_rank.get(k), k) for k in range(n.rank_offset, n.rank_offset + n.nprocs)]
-    state_, reason = classify(rec, nodes, ranks)
+    state_, reason = classify(nodes, ranks)
     head = results[0].value or {} if results and results[0].ok else {}
     return JobStatus(
         name=rec.name, state=state_, world_size=rec.world_size, init_method=rec.init_method,
@@ -183,15 +173,15 @@ def describe_exit(code: int) -> str:
 
 def front_status(rec: JobRecord, raw: dict[str, Any] | None) -> dict[str, Any]:
     """The front as rank 0 last wrote it (once a second): address, ready, load and latency."""
-    recorded = rec.extra.get("front") or {}
-    if not recorded:
+    recorded = rec.front
+    if recorded is None:
         return {}
     out: dict[str, Any] = {
-        "address": f"{recorded['bind']}:{recorded['port']}",
+        "address": recorded.address,
         "ready": False,
-        "task": recorded.get("task"),
-        "model": recorded.get("model"),
-        "auth": bool(recorded.get("token")),
+        "task": recorded.task,
+        "model": recorded.model,
+        "auth": bool(recorded.token),
     }
     if raw:
         fresh = raw.get("alive") and float(raw.get("age_s", 1e9)) < 10
@@ -204,71 +194,3 @@ def front_status(rec: JobRecord, raw: dict[str, Any] | None) -> dict[str, Any]:
 def status(rec: JobRecord) -> JobStatus:
     with cluster_for(rec) as cluster:
         return gather(rec, cluster)
-
-
-def _ranks_on(rec: JobRecord, ranks: list[int] | None) -> list[int]:
-    """Node indices that hold any of the wanted ranks."""
-    if ranks is None:
-        return list(range(len(rec.nodes)))
-    return [i for i, n in enumerate(rec.nodes) if any(n.rank_offset <= r < n.rank_offset + n.nprocs for r in ranks)]
-
-
-def read_logs(rec: JobRecord, ranks: list[int] | None, lines: int) -> tuple[dict[int, list[str]], list[str]]:
-    """The last `lines` lines of each wanted rank's log, and one error line per unreachable node."""
-    out: dict[int, list[str]] = {}
-    errors: list[str] = []
-    with cluster_for(rec) as cluster:
-        want = _ranks_on(rec, ranks)
-        clients = [cluster.clients[i] for i in want]
-        results = cluster.map(
-            lambda c: c.call("logs", {"node_dir": rec.nodes[cluster.clients.index(c)].node_dir,
-                                      "ranks": ranks, "lines": lines}),
-            clients,
-        )  # fmt: skip
-        for r in results:
-            if not r.ok:
-                errors.append(str(r.error))
-                continue
-            for k, v in (r.value or {}).get("logs", {}).items():
-                out[int(k)] = v
-    return dict(sorted(out.items())), errors
-
-
-def follow_logs(rec: JobRecord, ranks: list[int] | None) -> Iterator[tuple[int, str]]:
-    """(rank, line) as lines are written on any node, until the caller stops iterating."""
-    q: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=10000)
-    cluster = cluster_for(rec)
-    want = _ranks_on(rec, ranks)
-    stop = threading.Event()
-
-    def pump(i: int) -> None:
-        c = cluster.clients[i]
-        try:
-            for line in c.stream("follow", {"node_dir": rec.nodes[i].node_dir, "ranks": ranks}):
-                rank, _, text = line.partition("\t")
-                if stop.is_set():
-                    break
-                if rank.isdigit():
-                    q.put((int(rank), text))
-        except Exception as e:
-            q.put((-1, f"{rec.nodes[i].host}: {e}"))
-        finally:
-            q.put(None)
-
-    threads = [threading.Thread(target=pump, args=(i,), daemon=True) for i in want]
-    for t in threads:
-        t.start()
-    open_streams = len(threads)
-    try:
-        while open_streams:
-            item = q.get()
-            if item is None:
-                open_streams -= 1
-                continue
-            yield item
-    finally:
-        stop.set()
-        cluster.close()
-        deadline = time.monotonic() + 3
-        for t in threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))

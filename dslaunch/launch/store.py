@@ -11,11 +11,10 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dslaunch.errors import UserError
+from dslaunch.wire.records import JobRecord
 
 
 def home() -> Path:
@@ -28,49 +27,6 @@ def jobs_dir() -> Path:
     return d
 
 
-@dataclass
-class NodeRecord:
-    node_rank: int
-    host: str
-    target: str
-    nprocs: int
-    rank_offset: int
-    node_dir: str
-    address: str | None = None
-    agent_pid: int | None = None
-
-
-@dataclass
-class JobRecord:
-    """What `status`, `logs` and `down` need to find every process of a job again."""
-
-    name: str
-    run_id: str
-    job_id: str
-    state: str  # starting | ready | failed | stopping
-    world_size: int
-    init_method: str
-    backend: str
-    python: str
-    master_addr: str
-    master_port: int
-    rdzv_port: int
-    nodes: list[NodeRecord]
-    rdzv_glob: str | None = None
-    connect_timeout: float = 10.0
-    command_timeout: float = 60.0
-    accept_new_host_keys: bool = False
-    keep_logs: bool = False
-    created: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobRecord:
-        d = dict(d)
-        d["nodes"] = [NodeRecord(**n) for n in d["nodes"]]
-        return cls(**d)
-
-
 def record_path(name: str) -> Path:
     return jobs_dir() / f"{name}.json"
 
@@ -80,7 +36,7 @@ def save(rec: JobRecord) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(asdict(rec), f, indent=1)
+        json.dump(rec.to_dict(), f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -96,7 +52,7 @@ def load(name: str) -> JobRecord | None:
         raise UserError(f"{path}: job record is unreadable ({e}); remove it by hand") from None
     try:
         return JobRecord.from_dict(data)
-    except (TypeError, KeyError) as e:
+    except (TypeError, KeyError, ValueError) as e:
         raise UserError(f"{path}: job record is from another dslaunch version ({e})") from None
 
 

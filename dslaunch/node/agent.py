@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dslaunch.errors import NodeOpError
 from dslaunch.node.logs import tail
 from dslaunch.node.probe import port_free
 from dslaunch.node.procs import alive, job_processes, signal_all, wait_gone
@@ -28,12 +29,12 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     ndir = nd.root
     jid, node_rank = args["job_id"], args["node_rank"]
     if job_processes(jid, node_rank):
-        return {"error": f"job {jid} is already running on this node"}
+        raise NodeOpError(f"job {jid} is already running on this node")
     for label, port in (args.get("free_ports") or {}).items():
         # pre-flight found these free, but anything may have taken them since: say so now rather
         # than let every restart fail on the same bind
         if not port_free(int(port)):
-            return {"error": f"{label} {port} was taken after pre-flight; run 'up' again to pick free ports"}
+            raise NodeOpError(f"{label} {port} was taken after pre-flight; run 'up' again to pick free ports")
     nd.create()
     with contextlib.suppress(FileNotFoundError):
         nd.agent_exit.unlink()
@@ -64,14 +65,14 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
             close_fds=True,
         )
     except OSError as e:
-        return {"error": f"cannot start the agent: {e.strerror}"}
+        raise NodeOpError(f"cannot start the agent: {e.strerror}") from None
     finally:
         log.close()
     nd.agent_pid.write_text(str(proc.pid))
     # A missing interpreter or a bad flag fails at once: report it instead of a silent wait.
     time.sleep(float(args.get("settle", 0.3)))
     if proc.poll() is not None:
-        return {"error": "the agent exited at once", "log": tail(nd.agent_log, 15)}
+        raise NodeOpError("the agent exited at once", log=tail(nd.agent_log, 15))
     return {"pid": proc.pid}
 
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from dslaunch.errors import NodeOpError
 from dslaunch.node.agent import op_start, op_stop
 from dslaunch.node.logs import follow, op_logs
 from dslaunch.node.probe import op_probe, op_rdzv_read, op_rdzv_write, op_remove
@@ -29,6 +30,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one op: its JSON answer on stdout; a refusal is `{"error": ...}` with exit status 3."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or (argv[0] not in OPS and argv[0] != "follow"):
         print(f"usage: python -m dslaunch.node.ctl {{{','.join([*OPS, 'follow'])}}}", file=sys.stderr)
@@ -43,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         except (BrokenPipeError, KeyboardInterrupt):
             pass
         return 0
-    json.dump(OPS[argv[0]](args), sys.stdout)
+    try:
+        out, status = OPS[argv[0]](args), 0
+    except NodeOpError as e:
+        out, status = {"error": e.message, **e.details}, NodeOpError.EXIT_STATUS
+    json.dump(out, sys.stdout)
     sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return status
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from dslaunch.errors import NodeOpError
+
 PROBE_PREFIX = ".dslaunch-probe-"
 
 # The agent runs under a tiny shell that records its exit status: the agent is detached
@@ -30,7 +32,10 @@ def port_free(port: int) -> bool:
 
 
 def _front_port(bind: str, port: int | None, avoid: set[int], scan: int = 100) -> dict[str, Any]:
-    """The front's port on `bind`: the one asked for, or the first free from the default up."""
+    """`front_port`: the one asked for, or the first free from the default up; else `front_error`.
+
+    A fact for pre-flight to judge along with the others, not a failure of the probe itself.
+    """
     fixed = port is not None
     first = port if port is not None else 7070
     for p in range(first, first + (1 if fixed else scan)):
@@ -43,10 +48,10 @@ def _front_port(bind: str, port: int | None, avoid: set[int], scan: int = 100) -
                 s.bind((bind, p))
             except OSError as e:
                 if fixed or e.errno not in (errno.EADDRINUSE, errno.EACCES):
-                    return {"error": f"cannot listen on {bind}:{p}: {e.strerror}"}
+                    return {"front_error": f"cannot listen on {bind}:{p}: {e.strerror}"}
                 continue
-        return {"port": p}
-    return {"error": f"no free port on {bind} from {first} to {first + scan - 1}"}
+        return {"front_port": p}
+    return {"front_error": f"no free port on {bind} from {first} to {first + scan - 1}"}
 
 
 def _free_port(avoid: set[int]) -> int:
@@ -103,7 +108,7 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
         out["ports"] = chosen
         front = args.get("front")
         if front is not None:
-            out["front"] = _front_port(front["bind"], front.get("port"), taken)
+            out.update(_front_port(front["bind"], front.get("port"), taken))
     model = args.get("model_dir")
     if model and not (Path(os.path.expanduser(model)) / "config.json").is_file():
         out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
@@ -122,7 +127,7 @@ def op_rdzv_write(args: dict[str, Any]) -> dict[str, Any]:
     """Write a probe file in the rendezvous directory; the other nodes must see the same bytes."""
     d = Path(args["dir"])
     if not d.is_dir():
-        return {"error": f"{d} does not exist or is not a directory"}
+        raise NodeOpError(f"{d} does not exist or is not a directory")
     token = uuid.uuid4().hex
     path = d / f"{PROBE_PREFIX}{token}"
     try:
@@ -131,22 +136,22 @@ def op_rdzv_write(args: dict[str, Any]) -> dict[str, Any]:
         os.fsync(fd)
         os.close(fd)
     except OSError as e:
-        return {"error": f"cannot write in {d}: {e.strerror}"}
+        raise NodeOpError(f"cannot write in {d}: {e.strerror}") from None
     return {"path": str(path), "token": token}
 
 
 def op_rdzv_read(args: dict[str, Any]) -> dict[str, Any]:
     d = Path(args["dir"])
     if not d.is_dir():
-        return {"error": f"{d} does not exist or is not a directory"}
+        raise NodeOpError(f"{d} does not exist or is not a directory")
     try:
         seen = Path(args["path"]).read_text()
     except OSError:
-        return {"error": f"{d} is not the same directory as on node 0 (probe file not visible)"}
+        raise NodeOpError(f"{d} is not the same directory as on node 0 (probe file not visible)") from None
     if seen != args["token"]:
-        return {"error": f"{d} is not the same directory as on node 0 (probe file differs)"}
+        raise NodeOpError(f"{d} is not the same directory as on node 0 (probe file differs)")
     if not os.access(d, os.W_OK):
-        return {"error": f"{d} is not writable"}
+        raise NodeOpError(f"{d} is not writable")
     return {"ok": True}
 
 

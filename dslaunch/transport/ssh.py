@@ -23,8 +23,8 @@ from typing import Any
 import paramiko
 
 from dslaunch.errors import RemoteError
-from dslaunch.launch.hostfile import Node
-from dslaunch.transport.nodes import ConnectOptions, RunResult
+from dslaunch.transport.base import ConnectOptions, RunResult
+from dslaunch.wire.hosts import Node
 
 # paramiko logs transport errors to stderr by itself; dslaunch reports them once, in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
@@ -72,7 +72,7 @@ class SSHTransport:
         self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
         self._channels: list[paramiko.Channel] = []
-        cfg = load_ssh_config(opts.ssh_config).lookup(node.host)
+        cfg = load_ssh_config(None).lookup(node.host)
         self.hostname: str = cfg.get("hostname", node.host)
         self.port = int(cfg.get("port", 22))
         self.user: str = node.user or cfg.get("user") or getpass.getuser()

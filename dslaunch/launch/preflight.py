@@ -1,0 +1,182 @@
+"""Pre-flight: check every node in parallel before anything starts, and learn what the plan needs.
+
+Every problem found on every node is reported at once, one line each naming the host and the
+flag to change, so a user fixes them in one go instead of one `up` at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from dslaunch import __version__
+from dslaunch.errors import NodeOpFailed, RemoteError, UserError
+from dslaunch.launch.plan import choose_backend
+from dslaunch.launch.spec import JobSpec
+from dslaunch.transport.base import ConnectOptions
+from dslaunch.transport.nodes import Cluster, NodeClient
+from dslaunch.wire.states import NodeStage
+
+# on_progress(node_index, stage, detail): shown live by the CLI while `up` runs.
+Progress = Callable[[int, NodeStage, str], None]
+# A node whose shell takes longer than this to start slows every dslaunch operation on it.
+SLOW_SHELL_S = 1.0
+
+
+def quiet(_i: int, _stage: NodeStage, _detail: str) -> None:
+    pass
+
+
+@dataclass
+class Facts:
+    """What pre-flight learned from the nodes; the inputs that make the plan concrete."""
+
+    master_addr: str
+    master_port: int
+    rdzv_port: int
+    backend: str
+    addresses: list[str]
+    front_port: int | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def connect_options(spec: JobSpec) -> ConnectOptions:
+    return ConnectOptions(
+        connect_timeout=spec.connect_timeout,
+        command_timeout=spec.command_timeout,
+        accept_new_host_keys=spec.accept_new_host_keys,
+    )
+
+
+def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Facts:
+    """Check every node in parallel before anything starts; raise one line per problem."""
+    nodes = spec.nodes
+    if len(nodes) > 1 and any(n.is_local for n in nodes) and not spec.master_addr:
+        raise UserError(
+            "'localhost' in a hostfile with other nodes: they cannot reach it as 127.0.0.1; "
+            "list this machine by a name the others can reach, or pass --master-addr"
+        )
+    for i in range(len(nodes)):
+        progress(i, NodeStage.CONNECTING, "")
+    results = cluster.map(lambda c: _probe(spec, cluster, c))
+    for i, r in enumerate(results):
+        progress(i, NodeStage.CHECKED if r.ok else NodeStage.FAILED, "" if r.ok else str(r.error))
+    results.raise_failures("pre-flight")
+    probes = [r.value or {} for r in results]
+    backend = choose_backend(spec.backend, [p.get("gpus", 0) for p in probes], [n.nprocs for n in nodes])
+    problems = _node_problems(spec, probes) + _backend_problems(spec, probes, backend) + _head_problems(spec, probes[0])
+    if problems:
+        raise UserError("pre-flight failed:\n  " + "\n  ".join(problems))
+    if spec.init_method == "file":
+        _check_shared_dir(spec, cluster)
+    master_port, rdzv_port = probes[0]["ports"]
+    addresses = [p["address"] for p in probes]
+    master_addr = spec.master_addr or addresses[0]
+    addresses[0] = master_addr
+    slow = [
+        f"{n.host}: its shell took {p['shell_s']:.1f}s to start (heavy shell start-up files slow every "
+        "dslaunch command on it)"
+        for n, p in zip(nodes, probes, strict=True)
+        if p.get("shell_s", 0) > SLOW_SHELL_S
+    ]
+    return Facts(master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow))
+
+
+def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
+    """One node's facts; node 0 also picks the ports. Times the node's shell start-up too."""
+    t0 = time.monotonic()
+    c.transport.run(["true"], timeout=spec.connect_timeout + spec.command_timeout)
+    shell_s = time.monotonic() - t0
+    args: dict[str, Any] = {"work_dir": spec.work_dir}
+    if c is cluster.clients[0]:
+        args["ports"] = [spec.master_port, spec.rdzv_port]
+        args["front"] = {"bind": spec.serve.bind, "port": spec.serve.port}
+    if spec.serve.model and spec.serve.model.startswith(("/", "~", ".")):
+        args["model_dir"] = spec.serve.model
+    out = c.call("probe", args, timeout=spec.connect_timeout + spec.command_timeout)
+    out["address"] = c.transport.address()
+    out["shell_s"] = shell_s
+    return out
+
+
+def _local_versions() -> tuple[str | None, str]:
+    try:
+        torch_v: str | None = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_v = None
+    return torch_v, __version__
+
+
+def _minor(v: str) -> str:
+    return ".".join(v.split("+")[0].split(".")[:2])
+
+
+def _node_problems(spec: JobSpec, probes: list[dict[str, Any]]) -> list[str]:
+    """Versions, interpreters, work and model directories, on every node."""
+    torch_v, ds_v = _local_versions()
+    problems: list[str] = []
+    for n, p in zip(spec.nodes, probes, strict=True):
+        if p.get("dslaunch") != ds_v:
+            problems.append(f"{n.host}: dslaunch {p.get('dslaunch')} there, {ds_v} here (install the same version)")
+        if p.get("torch") is None:
+            problems.append(f"{n.host}: torch is not installed for {p.get('executable')} (--python)")
+        elif torch_v and _minor(p["torch"]) != _minor(torch_v):
+            problems.append(f"{n.host}: torch {p['torch']} there, {torch_v} here (use the same minor version)")
+        if p.get("work_dir_error"):
+            problems.append(f"{n.host}: cannot create the work directory {p['work_dir_error']} (--work-dir)")
+        if p.get("model_dir_error"):
+            problems.append(f"{n.host}: --model {p['model_dir_error']}")
+        if p.get("deepspeed") is None and not spec.serve.handler:
+            problems.append(f"{n.host}: deepspeed is not installed for {p.get('executable')} (--python)")
+    return problems
+
+
+def _backend_problems(spec: JobSpec, probes: list[dict[str, Any]], backend: str) -> list[str]:
+    problems: list[str] = []
+    if backend == "nccl":
+        for n, p in zip(spec.nodes, probes, strict=True):
+            need = max(n.slot_ids) + 1
+            if p.get("gpus", 0) < need:
+                problems.append(
+                    f"{n.host}{n.where}: {n.nprocs} slot(s) up to GPU {need - 1} but {p.get('gpus', 0)} GPU(s) visible"
+                )
+    if spec.serve.kernel_inject and backend != "nccl":
+        problems.append("--kernel-inject needs GPUs (backend nccl); on CPU, leave it out (AutoTP is used)")
+    return problems
+
+
+def _head_problems(spec: JobSpec, head: dict[str, Any]) -> list[str]:
+    """Node 0's ports: the front's, and any the user fixed that are already taken."""
+    host = spec.nodes[0].host
+    problems: list[str] = []
+    if head.get("front_error"):
+        flag = "--port" if spec.serve.port else "--bind"
+        problems.append(f"{host}: the front {head['front_error']} ({flag})")
+    busy = head.get("busy_ports", [])
+    for flag, port in (("--master-port", spec.master_port), ("--rdzv-port", spec.rdzv_port)):
+        if port is not None and port in busy:
+            problems.append(f"{host}: port {port} is in use ({flag}; leave it out to pick a free one)")
+    return problems
+
+
+def _check_shared_dir(spec: JobSpec, cluster: Cluster) -> None:
+    """Write a probe on node 0 and read it on every other node: the directory must be one."""
+    head, rest = cluster.clients[0], cluster.clients[1:]
+    try:
+        wrote = head.call("rdzv-write", {"dir": spec.rdzv_dir})
+    except NodeOpFailed as e:
+        raise UserError(f"{e.host}: --rdzv-dir {e.reason}") from None
+    try:
+        args = {"dir": spec.rdzv_dir, "path": wrote["path"], "token": wrote["token"]}
+        results = cluster.map(lambda c: c.call("rdzv-read", args), rest)
+        if results.failed:
+            why = [f"{r.node.host}: --rdzv-dir {getattr(r.error, 'reason', r.error)}" for r in results.failed]
+            lines = "\n  ".join(why)
+            raise UserError(f"--init-method file needs one directory shared by all nodes (--rdzv-dir):\n  {lines}")
+    finally:
+        with contextlib.suppress(RemoteError):
+            head.call("remove", {"paths": [wrote["path"]]})

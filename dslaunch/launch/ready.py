@@ -1,0 +1,85 @@
+"""Waiting for a starting job: every node's stage as `up` shows it, and the rank logs on failure."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dslaunch.errors import UserError
+from dslaunch.launch.preflight import Progress, quiet
+from dslaunch.transport.nodes import Cluster
+from dslaunch.wire.records import JobRecord
+from dslaunch.wire.states import GROUP_FORMED, NodeStage, ranks_ready
+
+
+class LaunchFailed(UserError):
+    """`up` failed after starting something; `details` has the failing ranks' last log lines."""
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
+
+
+def node_summary(want: int, st: dict[str, Any]) -> tuple[NodeStage, str]:
+    """(stage, detail) of one node of `want` ranks, from its nodectl status answer."""
+    agent = st.get("agent", {})
+    if not agent.get("alive"):
+        code = agent.get("exit_code")
+        return NodeStage.FAILED, f"agent exited ({'code ' + str(code) if code is not None else 'killed'})"
+    ranks = st.get("ranks", [])
+    alive = [r for r in ranks if r.get("alive")]
+    ready = [r for r in alive if r.get("stage") == "ready"]
+    restarts = max((r.get("restarts", 0) for r in ranks), default=0)
+    note = f", restart {restarts}" if restarts else ""
+    if ranks_ready(((bool(r.get("alive")), r.get("stage", ""), r.get("restarts", 0)) for r in ranks), want):
+        return NodeStage.READY, f"{want}/{want} ranks{note}"
+    if any(r.get("stage") in GROUP_FORMED for r in alive):
+        return NodeStage.RENDEZVOUS, f"{len(ready)}/{want} ranks ready{note}"
+    return NodeStage.STARTED, f"{len(alive)}/{want} ranks up{note}"
+
+
+def wait_ready(rec: JobRecord, cluster: Cluster, timeout: float, progress: Progress = quiet) -> None:
+    """Poll every node until all ranks are ready; a failed agent or the deadline ends the wait."""
+    deadline = time.monotonic() + timeout
+    args = lambda i, _c: {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i}  # noqa: E731
+    while True:
+        results = cluster.call_all("status", args)
+        stages: list[NodeStage] = []
+        for i, r in enumerate(results):
+            if not r.ok:
+                progress(i, NodeStage.FAILED, str(r.error))
+                raise LaunchFailed(f"lost contact while starting: {r.error}")
+            stage, detail = node_summary(rec.nodes[i].nprocs, r.value or {})
+            progress(i, stage, detail)
+            stages.append(stage)
+        if NodeStage.FAILED in stages:
+            i = stages.index(NodeStage.FAILED)
+            raise LaunchFailed(
+                f"{rec.nodes[i].host}: the agent stopped before the job was ready", failure_details(rec, cluster)
+            )
+        ready_ranks = sum(rec.nodes[i].nprocs for i, s in enumerate(stages) if s == NodeStage.READY)
+        if ready_ranks == rec.world_size:
+            return
+        if time.monotonic() > deadline:
+            raise LaunchFailed(
+                f"not every rank was ready within {timeout:g}s (--timeout): {ready_ranks}/{rec.world_size} ready",
+                failure_details(rec, cluster),
+            )
+        time.sleep(0.3)
+
+
+def failure_details(rec: JobRecord, cluster: Cluster, lines: int = 12) -> list[str]:
+    """The last log lines of failed ranks (or of the agent) on every node, for the user to read."""
+    args = lambda i, _c: {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i, "tail": lines}  # noqa: E731
+    out: list[str] = []
+    for i, r in enumerate(cluster.call_all("status", args)):
+        st = r.value or {}
+        host = rec.nodes[i].host
+        for rk in st.get("ranks", []):
+            if rk.get("error"):
+                out.append(f"{host} rank {rk['rank']}: {rk['error']}")
+                out += [f"    {ln}" for ln in st.get("rank_logs", {}).get(str(rk["rank"]), [])]
+        if not (st.get("agent") or {}).get("alive") and st.get("agent_log"):
+            out.append(f"{host} agent log:")
+            out += [f"    {ln}" for ln in st["agent_log"]]
+    return out

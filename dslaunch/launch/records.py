@@ -1,0 +1,74 @@
+"""The job record as the launch host builds and uses it: from spec and plan, and back to nodes."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from dslaunch.launch.plan import LaunchPlan
+from dslaunch.launch.preflight import Facts
+from dslaunch.launch.spec import JobSpec
+from dslaunch.transport.base import ConnectOptions
+from dslaunch.transport.nodes import Cluster
+from dslaunch.wire.records import FrontRecord, JobRecord, NodeRecord
+from dslaunch.wire.states import JobState
+
+
+def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> JobRecord:
+    return JobRecord(
+        name=spec.name,
+        run_id=plan.run_id,
+        job_id=plan.job_id,
+        state=JobState.STARTING,
+        world_size=plan.world_size,
+        init_method=plan.init_method,
+        backend=plan.backend,
+        python=spec.python,
+        master_addr=plan.master_addr,
+        master_port=plan.master_port,
+        rdzv_port=plan.rdzv_port,
+        nodes=[
+            NodeRecord(
+                node_rank=np.node_rank,
+                host=np.host,
+                target=spec.nodes[np.node_rank].target,
+                nprocs=np.nprocs,
+                rank_offset=np.rank_offset,
+                node_dir=np.node_dir,
+                address=facts.addresses[np.node_rank],
+            )
+            for np in plan.nodes
+        ],
+        rdzv_glob=f"{spec.rdzv_dir.rstrip('/')}/{plan.job_id}-*" if spec.rdzv_dir else None,
+        connect_timeout=spec.connect_timeout,
+        command_timeout=spec.command_timeout,
+        accept_new_host_keys=spec.accept_new_host_keys,
+        keep_logs=spec.keep_logs,
+        created=time.time(),
+        front=front_record(spec, plan),
+    )
+
+
+def front_record(spec: JobSpec, plan: LaunchPlan) -> FrontRecord:
+    """Where `query` finds the front; the token lives only here (0600) and on node 0 (0600)."""
+    token = spec.serve.token
+    if token is None and not spec.serve.loopback:
+        token = secrets.token_urlsafe(32)
+    return FrontRecord(
+        bind=spec.serve.bind,
+        port=plan.front_port,
+        loopback=spec.serve.loopback,
+        task="custom" if spec.serve.handler else spec.serve.task,
+        model=spec.serve.handler or spec.serve.model or "tiny-llama (built in)",
+        token=token,
+    )
+
+
+def record_options(rec: JobRecord) -> ConnectOptions:
+    """The connection options the job was started with."""
+    return ConnectOptions(rec.connect_timeout, rec.command_timeout, rec.accept_new_host_keys)
+
+
+def cluster_for(rec: JobRecord, parallelism: int = 32) -> Cluster:
+    """Reconnect to a recorded job's nodes with the options it was started with."""
+    return Cluster(rec.node_list(), record_options(rec), rec.python, parallelism)

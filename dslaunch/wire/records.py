@@ -1,0 +1,86 @@
+"""The job record: what `status`, `logs`, `query` and `down` need to find a job again.
+
+Written by `up` on the launch host (see launch/store for where and how); plain data, typed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dslaunch.wire.hosts import Node
+from dslaunch.wire.states import JobState
+
+
+@dataclass
+class NodeRecord:
+    node_rank: int
+    host: str
+    target: str  # user@host as given in the hostfile, or the host
+    nprocs: int
+    rank_offset: int
+    node_dir: str
+    address: str | None = None  # how the other nodes reach this one
+    agent_pid: int | None = None
+
+    def node(self) -> Node:
+        """The recorded node as a hostfile node again (a user@host target split back)."""
+        user, _, host = self.target.rpartition("@")
+        return Node(host=host, slots=self.nprocs, user=user or None)
+
+
+@dataclass
+class FrontRecord:
+    """Where the front listens and what it serves; the token lives only here (0600) and on node 0."""
+
+    bind: str
+    port: int
+    loopback: bool
+    task: str  # generate | embed | custom
+    model: str
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.bind}:{self.port}"
+
+
+@dataclass
+class JobRecord:
+    name: str
+    run_id: str
+    job_id: str
+    state: JobState  # starting | ready | failed | stopping (as last written; `status` judges live)
+    world_size: int
+    init_method: str
+    backend: str
+    python: str
+    master_addr: str
+    master_port: int
+    rdzv_port: int
+    nodes: list[NodeRecord]
+    rdzv_glob: str | None = None
+    connect_timeout: float = 10.0
+    command_timeout: float = 60.0
+    accept_new_host_keys: bool = False
+    keep_logs: bool = False
+    created: float = 0.0
+    front: FrontRecord | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state"] = JobState(self.state).value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobRecord:
+        d = dict(d)
+        d["nodes"] = [NodeRecord(**n) for n in d["nodes"]]
+        front = d.pop("front", None) or (d.pop("extra", None) or {}).get("front")
+        d.pop("extra", None)
+        d["front"] = FrontRecord(**front) if front else None
+        d["state"] = JobState(d["state"])
+        return cls(**d)
+
+    def node_list(self) -> list[Node]:
+        return [n.node() for n in self.nodes]
