@@ -68,7 +68,7 @@ def main() -> None:
             if up.returncode != 0:
                 raise SystemExit(up.stdout + up.stderr)
             rec = json.loads((Path(env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
-            port = rec["extra"]["front"]["port"]
+            port = rec["front"]["port"]
             rows = [one_round(env, port, i + 1) for i in range(args.rounds)]
         finally:
             dslaunch(env, "down", "--grace", "5")

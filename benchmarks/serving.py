@@ -163,7 +163,7 @@ def served(env: dict[str, str], hosts: Path, work: Path, wait_ms: float, seconds
         raise SystemExit(up.stdout + up.stderr)
     try:
         rec = json.loads((Path(env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
-        port = rec["extra"]["front"]["port"]
+        port = rec["front"]["port"]
         clients(port, 4, 1.0)  # warm-up
         levels = {}
         with Client("127.0.0.1", port, timeout=60) as c:

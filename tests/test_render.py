@@ -21,3 +21,12 @@ def test_errors_with_brackets_are_printed_verbatim() -> None:
     console.print(render.status_view(st))
     text = console.export_text()
     assert gloo in text and "[bold]not markup[/bold]" in text and "[m]" in text
+
+
+def test_every_state_dslaunch_reports_has_a_style() -> None:
+    """A stage the worker or `up` produces and the renderer does not know would show unstyled."""
+    from dslaunch.wire.states import JobState, NodeStage, RankStage
+
+    assert {s.value for s in (*RankStage, *NodeStage)} <= set(render.STAGE_STYLE)
+    assert {s.value for s in JobState} == set(render.STATE_STYLE)
+    assert not set(render.STAGE_STYLE) - {s.value for s in (*RankStage, *NodeStage)}, "a style for no stage"

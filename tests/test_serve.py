@@ -27,7 +27,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[st
 
 @pytest.fixture
 def client(job: tuple[Cli, dict[str, Any]]) -> Iterator[Client]:
-    with Client("127.0.0.1", job[1]["extra"]["front"]["port"], timeout=120) as c:
+    with Client("127.0.0.1", job[1]["front"]["port"], timeout=120) as c:
         yield c
 
 
@@ -77,7 +77,7 @@ def test_query_command_prints_the_text(job: tuple[Cli, dict[str, Any]], referenc
 def test_thirty_two_clients_with_mixed_lengths_each_get_their_own_answer(
     job: tuple[Cli, dict[str, Any]], reference: Any
 ) -> None:
-    port = job[1]["extra"]["front"]["port"]
+    port = job[1]["front"]["port"]
     with Client("127.0.0.1", port) as c:
         before = c.stats()["batches"]
     asks = [(PROMPTS[i % len(PROMPTS)], 1 + i % 7) for i in range(32)]
@@ -150,7 +150,7 @@ def test_stop_strings_and_sampling(client: Client, reference: Any) -> None:
 def test_bad_input_gets_its_code_and_the_job_goes_on(
     job: tuple[Cli, dict[str, Any]], client: Client, payload: bytes, code: str
 ) -> None:
-    port = job[1]["extra"]["front"]["port"]
+    port = job[1]["front"]["port"]
     answer = _raw(port, payload)
     assert answer["ok"] is False and answer["error"]["code"] == code, answer
     assert answer["error"]["message"]
@@ -158,7 +158,7 @@ def test_bad_input_gets_its_code_and_the_job_goes_on(
 
 
 def test_a_bad_line_does_not_close_the_connection(job: tuple[Cli, dict[str, Any]]) -> None:
-    port = job[1]["extra"]["front"]["port"]
+    port = job[1]["front"]["port"]
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
         f = s.makefile("rb")
         s.sendall(b'garbage\n{"id": "a", "op": "health"}\n')
@@ -176,10 +176,10 @@ def test_health_stats_and_status_show_the_front(job: tuple[Cli, dict[str, Any]],
     assert stats["served"] >= 1 and stats["latency_ms"]["p50"] is not None
     cli, rec = job
     st = json.loads(cli("status", "--json").stdout)
-    assert st["front"]["address"] == f"127.0.0.1:{rec['extra']['front']['port']}"
+    assert st["front"]["address"] == f"127.0.0.1:{rec['front']['port']}"
     assert st["front"]["ready"] is True
     text = cli("status").stdout
-    assert f"front 127.0.0.1:{rec['extra']['front']['port']} ready" in text
+    assert f"front 127.0.0.1:{rec['front']['port']} ready" in text
 
 
 def test_the_job_still_serves_and_down_leaves_nothing(job: tuple[Cli, dict[str, Any]], client: Client) -> None:
@@ -191,5 +191,5 @@ def test_the_job_still_serves_and_down_leaves_nothing(job: tuple[Cli, dict[str, 
     assert res.returncode == 0 and "none left" in res.stdout, res.stdout + res.stderr
     assert job_pids(marker) == []
     with pytest.raises((ConnectionError, OSError, FrontError)):
-        Client("127.0.0.1", rec["extra"]["front"]["port"], retry_for=0, timeout=5).health()
+        Client("127.0.0.1", rec["front"]["port"], retry_for=0, timeout=5).health()
     assert not Path(rec["nodes"][0]["node_dir"]).exists()

@@ -91,7 +91,7 @@ def test_token_off_loopback_is_required_and_never_shown(cli: Cli) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     rec_path = Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json"
     rec = json.loads(rec_path.read_text())
-    token, port = rec["extra"]["front"]["token"], rec["extra"]["front"]["port"]
+    token, port = rec["front"]["token"], rec["front"]["port"]
     assert token and len(token) >= 32
     assert stat.S_IMODE(rec_path.stat().st_mode) == 0o600
     token_file = Path(rec["nodes"][0]["node_dir"]) / "front.token"

@@ -11,13 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from dslaunch.launch.spec import JobSpec
+from dslaunch.wire.nodedir import node_dir_path
+from dslaunch.wire.rankenv import NodeEnv
 from dslaunch.wire.serve import DEFAULT_FRONT_PORT
 
 AGENT_MODULE = "torch.distributed.run"
 WORKER_MODULE = "dslaunch.rank.worker"
-# Marks every process a job starts; `down` finds leftovers by it, whatever their process group.
-JOB_ENV = "DSLAUNCH_JOB_ID"
-NODE_ENV = "DSLAUNCH_NODE_RANK"
 
 
 @dataclass(frozen=True)
@@ -72,11 +71,6 @@ def init_url(spec: JobSpec, jid: str, master_addr: str, master_port: int) -> str
     return "env://"
 
 
-def node_dir(work_dir: str, jid: str, node_rank: int) -> str:
-    """Per-node directory; node rank is part of it so simulated nodes on one machine never collide."""
-    return f"{work_dir.rstrip('/')}/{jid}/node{node_rank}"
-
-
 def make_plan(
     spec: JobSpec,
     run_id: str,
@@ -91,82 +85,55 @@ def make_plan(
     jid = job_id(spec.name, run_id)
     serve = replace(spec.serve, port=front_port or spec.serve.port or DEFAULT_FRONT_PORT)
     url = init_url(spec, jid, master_addr, master_port)
-    world = spec.world_size
-    nnodes = len(spec.nodes)
     node_plans: list[NodePlan] = []
     ranks: list[RankPlan] = []
     offset = 0
     for i, node in enumerate(spec.nodes):
-        ndir = node_dir(spec.work_dir, jid, i)
+        ndir = node_dir_path(spec.work_dir, jid, i)
         for lr, slot in enumerate(node.slot_ids):
             device = f"cuda:{slot}" if backend == "nccl" else "cpu"
             ranks.append(RankPlan(offset + lr, i, lr, node.host, device))
-        argv: list[str] = [
-            spec.python, "-m", AGENT_MODULE,
-            "--nnodes", str(nnodes),
-            "--nproc-per-node", str(node.nprocs),
-            "--node-rank", str(i),
-            "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"{_bracket(master_addr)}:{rdzv_port}",
-            "--rdzv-id", jid,
-            "--rdzv-conf", f"is_host={1 if i == 0 else 0},join_timeout={int(spec.ready_timeout)}",
-            "--max-restarts", str(spec.max_restarts),
-            "--monitor-interval", "0.5",
-            "--log-dir", "{node_dir}/elastic",
-        ]  # fmt: skip
-        if local_addrs is not None:
-            argv += ["--local-addr", local_addrs[i]]
-        argv += ["-m", WORKER_MODULE]
-        env = dict(spec.env)
-        env.update(
-            {
-                JOB_ENV: jid,
-                NODE_ENV: str(i),
-                "DSLAUNCH_NAME": spec.name,
-                "DSLAUNCH_HOST": node.host,
-                "DSLAUNCH_NODE_DIR": ndir,
-                "DSLAUNCH_RANK_OFFSET": str(offset),
-                "DSLAUNCH_WORLD_SIZE": str(world),
-                "DSLAUNCH_INIT_METHOD": spec.init_method,
-                "DSLAUNCH_INIT_URL": url,
-                "DSLAUNCH_BACKEND": backend,
-                "DSLAUNCH_PG_TIMEOUT": str(int(spec.pg_timeout)),
-                "DSLAUNCH_RESTART_BACKOFF": f"{spec.restart_backoff:g}",
-                "DSLAUNCH_MASTER_ADDR": master_addr,
-                "DSLAUNCH_MASTER_PORT": str(master_port),
-                "MASTER_ADDR": master_addr,
-                "MASTER_PORT": str(master_port),
-                "WORLD_SIZE": str(world),
-                "LOCAL_WORLD_SIZE": str(node.nprocs),
-                # DeepSpeed's CPU shared-memory all-reduce reads LOCAL_SIZE; unset, it crashes.
-                "LOCAL_SIZE": str(node.nprocs),
-                "CROSS_SIZE": str(nnodes),
-                "PYTHONUNBUFFERED": "1",
-                "DSLAUNCH_SERVE": serve.to_json(),
-            }
-        )
-        if "OMP_NUM_THREADS" not in spec.env:
-            # torchrun would pin every rank to one thread; the worker divides the cores instead.
-            env["DSLAUNCH_AUTO_THREADS"] = "1"
+        argv = agent_argv(spec, jid, i, master_addr, rdzv_port, None if local_addrs is None else local_addrs[i])
+        node_env = NodeEnv(
+            job_id=jid, name=spec.name, node_rank=i, host=node.host, node_dir=ndir, rank_offset=offset,
+            world_size=spec.world_size, local_world_size=node.nprocs, nnodes=len(spec.nodes),
+            init_method=spec.init_method, init_url=url, backend=backend, master_addr=master_addr,
+            master_port=master_port, pg_timeout=spec.pg_timeout, restart_backoff=spec.restart_backoff,
+            # torchrun would pin every rank to one thread; nodectl divides the cores instead
+            auto_threads="OMP_NUM_THREADS" not in spec.env, serve=serve,
+        )  # fmt: skip
+        env = {**spec.env, **node_env.to_env()}
         if backend == "nccl" and not node.all_slots and "CUDA_VISIBLE_DEVICES" not in spec.env:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in node.slot_ids)
         node_plans.append(NodePlan(i, node.host, node.nprocs, offset, ndir, tuple(argv), env))
         offset += node.nprocs
     return LaunchPlan(
-        job_id=jid,
-        name=spec.name,
-        run_id=run_id,
-        world_size=world,
-        init_method=spec.init_method,
-        init_url=url,
-        backend=backend,
-        master_addr=master_addr,
-        master_port=master_port,
-        rdzv_port=rdzv_port,
-        front_port=serve.port or DEFAULT_FRONT_PORT,
-        nodes=tuple(node_plans),
-        ranks=tuple(ranks),
-    )
+        job_id=jid, name=spec.name, run_id=run_id, world_size=spec.world_size, init_method=spec.init_method,
+        init_url=url, backend=backend, master_addr=master_addr, master_port=master_port, rdzv_port=rdzv_port,
+        front_port=serve.port or DEFAULT_FRONT_PORT, nodes=tuple(node_plans), ranks=tuple(ranks),
+    )  # fmt: skip
+
+
+def agent_argv(
+    spec: JobSpec, jid: str, node_rank: int, master_addr: str, rdzv_port: int, local_addr: str | None
+) -> list[str]:
+    """The torchrun agent's command line on one node; c10d rendezvous hosted on node 0."""
+    argv = [
+        spec.python, "-m", AGENT_MODULE,
+        "--nnodes", str(len(spec.nodes)),
+        "--nproc-per-node", str(spec.nodes[node_rank].nprocs),
+        "--node-rank", str(node_rank),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"{_bracket(master_addr)}:{rdzv_port}",
+        "--rdzv-id", jid,
+        "--rdzv-conf", f"is_host={1 if node_rank == 0 else 0},join_timeout={int(spec.ready_timeout)}",
+        "--max-restarts", str(spec.max_restarts),
+        "--monitor-interval", "0.5",
+        "--log-dir", "{node_dir}/elastic",
+    ]  # fmt: skip
+    if local_addr is not None:
+        argv += ["--local-addr", local_addr]
+    return [*argv, "-m", WORKER_MODULE]
 
 
 def choose_backend(requested: str, gpus_per_node: list[int], slots_per_node: list[int]) -> str:

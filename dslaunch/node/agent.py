@@ -17,6 +17,7 @@ from dslaunch.node.logs import tail
 from dslaunch.node.probe import port_free
 from dslaunch.node.procs import alive, job_processes, signal_all, wait_gone
 from dslaunch.wire.nodedir import NodeDir
+from dslaunch.wire.rankenv import AUTO_THREADS_ENV, NODE_DIR_ENV
 
 # The agent runs under a tiny shell that records its exit status: the agent is detached
 # (own session, survives the SSH session), so nobody else would ever see it.
@@ -40,13 +41,13 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
         nd.agent_exit.unlink()
     env = dict(os.environ)
     env.update(args["env"])
-    env["DSLAUNCH_NODE_DIR"] = str(ndir)
+    env[NODE_DIR_ENV] = str(ndir)
     for name, text in (args.get("files") or {}).items():
         # secrets (the front's token) arrive on stdin and are written 0600, never in argv or env
         fd = os.open(ndir / Path(name).name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
-    if env.pop("DSLAUNCH_AUTO_THREADS", None) == "1" and "OMP_NUM_THREADS" not in args["env"]:
+    if env.pop(AUTO_THREADS_ENV, None) == "1" and "OMP_NUM_THREADS" not in args["env"]:
         # torchrun pins every rank to one thread when several share a node; divide the cores.
         nprocs = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nprocs))

@@ -11,10 +11,7 @@ import os
 import time
 from pathlib import Path
 
-JOB_ENV = "DSLAUNCH_JOB_ID"
-
-
-NODE_ENV = "DSLAUNCH_NODE_RANK"
+from dslaunch.wire.rankenv import JOB_ENV, NODE_ENV
 
 
 def alive(pid: int) -> bool:

@@ -12,13 +12,17 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
+from dslaunch.wire.nodedir import NodeDir
+from dslaunch.wire.rankenv import NodeEnv
+
 
 @dataclass(frozen=True)
 class GroupConfig:
+    """This rank's place in the job: its rank by hostfile order, and how to form the group."""
+
     rank: int
     world_size: int
     local_rank: int
-    local_world_size: int
     node_rank: int
     init_method: str
     init_url: str
@@ -29,26 +33,20 @@ class GroupConfig:
     timeout_s: float
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | os._Environ | None = None) -> GroupConfig:
-        """Read the plan's DSLAUNCH_* variables and the agent's LOCAL_RANK and restart count.
-
-        No I/O: the job-wide attempt is settled afterwards by `with_agreed_attempt`.
-        """
-        e = os.environ if env is None else env
-        local_rank = int(e["LOCAL_RANK"])
+    def of(cls, node: NodeEnv, local_rank: int, restart: int = 0) -> GroupConfig:
+        """No I/O: the job-wide attempt is settled afterwards by `with_agreed_attempt`."""
         return cls(
-            rank=int(e["DSLAUNCH_RANK_OFFSET"]) + local_rank,
-            world_size=int(e["DSLAUNCH_WORLD_SIZE"]),
+            rank=node.rank_offset + local_rank,
+            world_size=node.world_size,
             local_rank=local_rank,
-            local_world_size=int(e.get("LOCAL_WORLD_SIZE", "1")),
-            node_rank=int(e["DSLAUNCH_NODE_RANK"]),
-            init_method=e["DSLAUNCH_INIT_METHOD"],
-            init_url=e["DSLAUNCH_INIT_URL"],
-            backend=e.get("DSLAUNCH_BACKEND", "gloo"),
-            master_addr=e["DSLAUNCH_MASTER_ADDR"],
-            master_port=int(e["DSLAUNCH_MASTER_PORT"]),
-            restart=int(e.get("TORCHELASTIC_RESTART_COUNT", "0")),
-            timeout_s=float(e.get("DSLAUNCH_PG_TIMEOUT", "1800")),
+            node_rank=node.node_rank,
+            init_method=node.init_method,
+            init_url=node.init_url,
+            backend=node.backend,
+            master_addr=node.master_addr,
+            master_port=node.master_port,
+            restart=restart,
+            timeout_s=node.pg_timeout,
         )
 
     @property
@@ -93,9 +91,9 @@ def agree_attempt(env: dict[str, str] | os._Environ, rank: int, memo: Path, time
     return attempt
 
 
-def with_agreed_attempt(cfg: GroupConfig, node_dir: Path) -> GroupConfig:
+def with_agreed_attempt(cfg: GroupConfig, nd: NodeDir) -> GroupConfig:
     """`cfg` with `restart` replaced by the job-wide attempt (kept as is without an agent store)."""
-    attempt = agree_attempt(os.environ, cfg.rank, node_dir / "ranks" / f"rank{cfg.rank}.attempt")
+    attempt = agree_attempt(os.environ, cfg.rank, nd.rank_attempt(cfg.rank))
     return cfg if attempt is None else replace(cfg, restart=attempt)
 
 

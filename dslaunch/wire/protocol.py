@@ -13,6 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dslaunch.wire.serve import ServeSpec
+
+_DEFAULTS = ServeSpec()  # the defaults of `up`'s serving flags live there
+
 # Stable error codes: clients may branch on them.
 BAD_REQUEST = "bad_request"  # malformed JSON, unknown op or field, wrong type, out of range
 TOO_LARGE = "too_large"  # the line is longer than --max-request-bytes
@@ -43,9 +47,9 @@ class ProtocolError(Exception):
 class Limits:
     """What the front accepts; set from `dslaunch up` flags."""
 
-    max_request_bytes: int = 1 << 20
-    max_prompts: int = 8  # per request; at most --max-batch-size
-    max_new_tokens: int = 1024
+    max_request_bytes: int = _DEFAULTS.max_request_bytes
+    max_prompts: int = _DEFAULTS.max_batch_size  # per request; at most --max-batch-size
+    max_new_tokens: int = _DEFAULTS.max_new_tokens
     default_max_new_tokens: int = 32
     max_timeout: float = 3600.0
 

@@ -27,7 +27,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[st
 
 @pytest.fixture(scope="module")
 def front(job: tuple[Cli, dict[str, Any]]) -> tuple[Cli, int]:
-    return job[0], job[1]["extra"]["front"]["port"]
+    return job[0], job[1]["front"]["port"]
 
 
 def _still_answers(port: int) -> None:

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ssh
 
 def _front_port(cli: Cli) -> int:
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
-    return int(rec["extra"]["front"]["port"])
+    return int(rec["front"]["port"])
 
 
 def _gone(pid: int) -> bool:

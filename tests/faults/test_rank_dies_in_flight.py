@@ -41,7 +41,7 @@ def test_every_request_gets_one_answer_and_clients_ride_through_the_restart(sim:
     res = cli.up("-H", str(sim.hostfile(slots=1)), "--timeout", "180")
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
-    port = rec["extra"]["front"]["port"]
+    port = rec["front"]["port"]
     want = _reference(cli.work_dir / "models" / NAME, 24)
     victim = status_json(cli)["ranks"][1]["pid"]
 

@@ -1,0 +1,175 @@
+"""`up`, `status`, `down`, `logs` and `make-tiny-model`: parse, call the launch host, render."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from dslaunch.cli import render
+from dslaunch.cli.app import _read_token, console, err_console, main
+from dslaunch.cli.options import GRACE_DEFAULT, SERVE_OPTIONS, UP_EXAMPLES, UP_OPTIONS, apply, name_option
+from dslaunch.errors import UserError
+from dslaunch.launch import lifecycle as launch
+from dslaunch.launch import logs as joblogs
+from dslaunch.launch import status as jobstatus
+from dslaunch.launch import store as state
+from dslaunch.launch.hostfile import Node, load_hostfile, select_nodes
+from dslaunch.launch.spec import JobSpec, collect_env
+from dslaunch.wire.serve import ServeSpec
+
+
+@main.command(epilog=UP_EXAMPLES)
+@apply(UP_OPTIONS)
+@apply(SERVE_OPTIONS)
+@name_option
+def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes: int | None,
+       num_gpus: int | None, init_method: str, rdzv_dir: str | None, master_addr: str | None,
+       master_port: int | None, rdzv_port: int | None, max_restarts: int, restart_backoff: float, backend: str,
+       python: str,
+       work_dir: str, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
+       connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
+       parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None,
+       **serve_opts: Any) -> None:  # fmt: skip
+    """Start a job on every node of the hostfile, load the model on every rank and serve it.
+
+    Rank 0 answers on a socket front (newline-delimited JSON; see 'dslaunch query').
+    """
+    serve = ServeSpec(**serve_opts, token=_read_token(token_file))
+    nodes = load_hostfile(hostfile) if hostfile else [Node("localhost", 1)]
+    nodes = select_nodes(nodes, include, exclude, num_nodes, num_gpus)
+    spec = JobSpec(
+        nodes=nodes, name=name, init_method=init_method, rdzv_dir=rdzv_dir, master_addr=master_addr,
+        master_port=master_port, rdzv_port=rdzv_port, max_restarts=max_restarts, restart_backoff=restart_backoff,
+        python=python,
+        work_dir=work_dir, backend=backend, env=collect_env(os.environ, env_pairs, env_file),
+        ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
+        pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
+        keep_logs=keep_logs, serve=serve,
+    )  # fmt: skip
+    if dry_run:
+        plan, note = launch.dry_plan(spec)
+        console.print(render.plan_view(plan, note))
+        return
+    t0 = time.monotonic()
+    view = render.UpView(console, [n.host for n in nodes], [n.nprocs for n in nodes])
+    try:
+        with view:
+            rec = launch.up(spec, view.update, warn=lambda line: err_console.print(f"warning: {line}", markup=False))
+    except launch.LaunchFailed as e:
+        for line in e.details:
+            err_console.print(line, markup=False, style="dim")
+        raise
+    except KeyboardInterrupt:
+        err_console.print("interrupted: everything 'up' had started was removed from every node")
+        sys.exit(130)
+    console.print(render.up_summary(rec, time.monotonic() - t0))
+
+
+@main.command()
+@name_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--watch", "-w", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+def status(name: str, as_json: bool, watch: bool, interval: float) -> None:
+    """Show the job: its state, every node (agent alive?) and every rank (pid, stage, restarts).
+
+    \b
+    Examples:
+      dslaunch status
+      dslaunch status --name big --json
+      dslaunch status --watch
+    """
+    rec = state.require(name)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(jobstatus.status(rec).to_json(), indent=1))
+        return
+    if not watch:
+        console.print(render.status_view(jobstatus.status(rec)))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(render.status_view(jobstatus.status(rec)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(render.status_view(jobstatus.status(rec)), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@name_option
+@click.option(
+    "--grace", type=float, default=GRACE_DEFAULT, show_default=True, help="Seconds between SIGTERM and SIGKILL."
+)
+def down(name: str, grace: float) -> None:
+    """Stop every process the job started on every node, and verify that none is left.
+
+    \b
+    Examples:
+      dslaunch down
+      dslaunch down --name big --grace 30
+    """
+    rep = launch.down(name, grace)
+    if rep is None:
+        console.print(f"no job named {name!r}: nothing to stop")
+        return
+    if not rep.clean:
+        err_console.print(render.down_text(rep))
+        sys.exit(1)
+    console.print(render.down_text(rep))
+
+
+@main.command()
+@name_option
+@click.option("--rank", "-r", "ranks", type=int, multiple=True, help="Only this rank (repeatable).")
+@click.option("--lines", "-l", type=int, default=50, show_default=True, help="Lines per rank.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool) -> None:
+    """Print the ranks' logs from every node, each line prefixed with its rank.
+
+    \b
+    Examples:
+      dslaunch logs
+      dslaunch logs --rank 1 -f
+    """
+    rec = state.require(name)
+    wanted = list(ranks) or None
+    for r in wanted or []:
+        if not 0 <= r < rec.world_size:
+            raise UserError(f"--rank {r}: job {name!r} has ranks 0..{rec.world_size - 1}")
+    if follow:
+        try:
+            for rank, text in joblogs.follow_logs(rec, wanted):
+                console.print(render.log_line(rank, text), markup=False)
+        except KeyboardInterrupt:
+            pass
+        return
+    out, errors = joblogs.read_logs(rec, wanted, lines)
+    for rank, text_lines in out.items():
+        for text in text_lines:
+            console.print(render.log_line(rank, text), markup=False)
+    for e in errors:
+        err_console.print(render.log_line(-1, e))
+    if errors:
+        sys.exit(1)
+
+
+@main.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+def make_tiny_model(directory: str) -> None:
+    """Write a tiny random causal LM with its tokenizer to DIRECTORY (no download needed).
+
+    \b
+    Example:
+      dslaunch make-tiny-model /tmp/tiny && ls /tmp/tiny
+    """
+    from dslaunch.engine import tinymodel
+
+    console.print(f"wrote {tinymodel.build(directory)}")

@@ -1,0 +1,193 @@
+"""One attempt of a rank once its group works: start serving, watch it, and stop it.
+
+startup  load the engine on every rank, agree on the ranks' identities, start the front on
+         rank 0, run the lock-step loop in a thread (the main thread stays free for signals)
+watch    until a signal (`down`, a gang restart), a loop error, or no progress (a hung peer)
+shutdown rank 0 closes the front, answers what is queued with `unavailable`, finishes the running
+         batch and tells every rank to stop; then the rank leaves the group. Other ranks never end
+         on their own: an agent whose workers all exit 0 would leave the job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from dslaunch.rank.group import GroupConfig, leave_group
+from dslaunch.rank.process import RankStatus, StopFlag, memory
+from dslaunch.wire.nodedir import NodeDir
+from dslaunch.wire.rankenv import NodeEnv
+from dslaunch.wire.states import RankStage
+
+HUNG_EXIT = 75  # the exit code of a rank that ended itself because the job stopped making progress
+STOP_WAIT_S = 8.0  # after SIGTERM, how long the running batch may take to finish
+PEER_LOSS_WAIT_S = 20.0  # after a lost peer, how long to wait for the agent's restart signal
+
+
+class Outcome(Enum):
+    """Why `watch` returned."""
+
+    SIGNALLED = "signalled"  # SIGTERM/SIGINT: stop cleanly
+    LOOP_FAILED = "loop_failed"  # the loop raised (a lost peer, once the wait for a signal ran out)
+
+
+class LoopThread(threading.Thread):
+    """The serving loop; its exception (a failed collective, a dead peer) ends the rank."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__(name="dslaunch-loop", daemon=True)
+        self._fn = target
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as e:
+            self.error = e
+
+
+@dataclass
+class Session:
+    cfg: GroupConfig
+    node: NodeEnv
+    nd: NodeDir
+    status: RankStatus
+    stop: StopFlag
+    progress: Any  # lockstep.Progress
+    loop: LoopThread
+    front: Any = None  # serving.front.Front on rank 0
+
+
+def startup(cfg: GroupConfig, node: NodeEnv, nd: NodeDir, status: RankStatus, stop: StopFlag) -> Session:
+    """Load the engine, start the front on rank 0 and the lock-step loop; the rank is then ready."""
+    from dslaunch.engine.base import EngineContext
+    from dslaunch.engine.loader import load_engine
+    from dslaunch.rank.lockstep import Channel, Progress, follow, lead
+
+    serve = node.serve
+    progress = Progress()
+    ctx = EngineContext(
+        rank=cfg.rank, world_size=cfg.world_size, local_rank=cfg.local_rank, device=cfg.device,
+        multi_node=node.nnodes > 1, work_dir=nd.work_dir, group=_default_group(), options=serve,
+        beat=progress.beat,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    engine = load_engine(ctx.options, ctx)
+    print(f"engine ready: task {engine.task}, model {engine.name}, {time.monotonic() - t0:.1f}s", flush=True)
+    channel = Channel(cfg.rank, cfg.world_size, cfg.timeout_s, progress)
+    ranks = channel.gather({"rank": cfg.rank, "host": socket.gethostname(), "device": cfg.device})
+    heartbeat = min(serve.heartbeat_s, cfg.timeout_s / 3)
+    front = None
+    if cfg.rank == 0:
+        front = start_front(node, engine, ranks, cfg, nd)
+        target: Any = lambda: lead(engine, channel, front.batcher, heartbeat)  # noqa: E731
+    else:
+        target = lambda: follow(engine, channel)  # noqa: E731
+    loop = LoopThread(target)
+    loop.start()
+    status.update(RankStage.READY, front=front.address if front else None, **memory(cfg.device))
+    print("serving" + (f" on {front.address}" if front else ""), flush=True)
+    return Session(cfg, node, nd, status, stop, progress, loop, front)
+
+
+def watch(s: Session) -> Outcome:
+    """Wait for a signal or a loop error; end the rank (exit 75) when the job stops making progress."""
+    from dslaunch.rank.lockstep import RESTARTING, peer_lost
+
+    cfg, loop, stop = s.cfg, s.loop, s.stop
+    # rank 0 judges first; the others only act when rank 0 itself hangs
+    hang_limit = s.node.serve.hang_timeout * (1 if cfg.rank == 0 else 2) if cfg.world_size > 1 else 0
+    s.progress.beat()
+    while not stop.event.wait(0.5):
+        if loop.error is not None:
+            break
+        if hang_limit and s.progress.idle_for() > hang_limit:
+            hung(s, hang_limit)
+    if loop.error is not None and peer_lost(loop.error) and stop.signum is None:
+        # Another rank is gone. Its agent starts a new round and ours restarts every worker with
+        # SIGTERM within moments; failing here too would count a second failure and make torchrun
+        # restart the gang twice for one lost rank. Wait for that signal (bounded), then stop.
+        print(f"lost a peer ({loop.error}); waiting for the agent's restart", flush=True)
+        s.status.update(RankStage.LOST_PEER, error=f"lost a peer: {loop.error}"[:500])
+        if s.front is not None:
+            s.front.stop_accepting(RESTARTING)
+        if stop.event.wait(PEER_LOSS_WAIT_S):
+            loop.error = None
+    return Outcome.SIGNALLED if stop.signum is not None and loop.error is None else Outcome.LOOP_FAILED
+
+
+def shutdown(s: Session, outcome: Outcome) -> int:
+    """Stop serving and leave the group; raise the loop's error when that is why we stop."""
+    loop = s.loop
+    if s.stop.signum is not None:
+        print(f"stopping (signal {s.stop.signum})", flush=True)
+        s.status.update(RankStage.STOPPING)
+        if s.front is not None:
+            s.front.stop_accepting()
+        loop.join(STOP_WAIT_S)
+    if s.front is not None:
+        s.front.close()
+    if outcome is Outcome.LOOP_FAILED and loop.error is not None:
+        raise loop.error
+    if loop.is_alive():
+        # still inside a collective with a rank that is gone: leaving the group would hang
+        s.status.update(RankStage.STOPPED)
+        sys.stdout.flush()
+        os._exit(0)
+    leave_group()
+    s.status.update(RankStage.STOPPED)
+    return 0
+
+
+def hung(s: Session, limit: float) -> None:
+    """A peer is alive but not answering (stopped, stuck in a driver): no collective will ever fail.
+
+    Answer the running batch and the queue with `unavailable`, then end this rank with an error:
+    the agent restarts the gang, killing the stuck rank on its way. Leaving the group would hang.
+    """
+    from dslaunch.rank.lockstep import RESTARTING
+    from dslaunch.wire.protocol import UNAVAILABLE
+
+    idle = s.progress.idle_for()
+    why = f"no progress for {idle:.0f}s (--hang-timeout {limit:g}): a rank of the job is not responding"
+    print(f"hung: {why}; ending this rank so that the job restarts", flush=True)
+    s.status.update(RankStage.FAILED, error=f"hung: {why}")
+    if s.front is not None:
+        batch = s.progress.batch
+        if batch is not None:
+            batch.fail(UNAVAILABLE, RESTARTING)
+        s.front.stop_accepting(RESTARTING)
+        s.front.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(HUNG_EXIT)
+
+
+def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: GroupConfig, nd: NodeDir) -> Any:
+    """Rank 0's front, configured from the job's ServeSpec; the token comes from its 0600 file."""
+    from dslaunch.serving.batcher import Batcher
+    from dslaunch.serving.config import FrontConfig
+    from dslaunch.serving.front import Front
+    from dslaunch.serving.stats import Stats
+
+    token = nd.front_token.read_text().strip() if nd.front_token.exists() else None
+    fcfg = FrontConfig.from_serve(node.serve, token or None)
+    stats = Stats()
+    batcher = Batcher(fcfg, stats)
+    info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
+            "task": engine.task}  # fmt: skip
+    front = Front(fcfg, info, engine.check, batcher, stats, nd.front_status)
+    front.start()
+    return front
+
+
+def _default_group() -> Any:
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_initialized() else None

@@ -1,0 +1,143 @@
+"""The client's retry rules against a real TCP server that answers as scripted.
+
+Rules: `unavailable` is retried with a growing pause until `retry_for` runs out; a dropped
+connection is reconnected and the request resent only if nothing of its answer came yet; a
+time-out is never resent (the work may be running); other error codes are raised at once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from dslaunch.client import Client, FrontError
+
+Script = Callable[[dict, socket.socket, int], bool]  # (request, conn, n) -> keep the connection open
+
+
+@contextmanager
+def scripted_front(script: Script) -> Iterator[tuple[int, list[dict]]]:
+    """A loopback server that hands every request line (and how many came before) to `script`."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    seen: list[dict] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                buf = b""
+                while not stop.is_set():
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        break
+                    if not data:
+                        break
+                    buf += data
+                    keep = True
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        req = json.loads(line)
+                        seen.append(req)
+                        keep = script(req, conn, len(seen) - 1)
+                    if not keep:
+                        break
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1], seen
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+def _send(conn: socket.socket, obj: dict) -> None:
+    conn.sendall(json.dumps(obj).encode() + b"\n")
+
+
+def test_unavailable_is_retried_until_the_job_is_back() -> None:
+    def script(req: dict, conn: socket.socket, n: int) -> bool:
+        if n < 2:
+            _send(conn, {"id": req["id"], "ok": False, "error": {"code": "unavailable", "message": "restarting"}})
+        else:
+            _send(conn, {"id": req["id"], "ok": True, "text": "back"})
+        return True
+
+    with scripted_front(script) as (port, seen), Client("127.0.0.1", port, retry_for=10) as c:
+        assert c.generate("x")["text"] == "back"
+    assert len(seen) == 3 and len({r["id"] for r in seen}) == 3, "each retry is a new request id"
+
+
+def test_unavailable_gives_up_after_retry_for() -> None:
+    def script(req: dict, conn: socket.socket, n: int) -> bool:
+        _send(conn, {"id": req["id"], "ok": False, "error": {"code": "unavailable", "message": "restarting"}})
+        return True
+
+    with scripted_front(script) as (port, seen), Client("127.0.0.1", port, retry_for=0.5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(FrontError) as e:
+            c.generate("x")
+    assert e.value.code == "unavailable" and time.monotonic() - t0 < 3 and 2 <= len(seen) <= 4
+
+
+def test_other_errors_are_not_retried() -> None:
+    def script(req: dict, conn: socket.socket, n: int) -> bool:
+        _send(conn, {"id": req["id"], "ok": False, "error": {"code": "bad_request", "message": "no"}})
+        return True
+
+    with (
+        scripted_front(script) as (port, seen),
+        Client("127.0.0.1", port, retry_for=10) as c,
+        pytest.raises(FrontError, match="bad_request: no"),
+    ):
+        c.generate("x")
+    assert len(seen) == 1
+
+
+def test_a_dropped_connection_is_reconnected_before_any_answer_but_not_after_a_stream_began() -> None:
+    def drop_first(req: dict, conn: socket.socket, n: int) -> bool:
+        if n == 0:
+            return False  # close without answering: nothing came, so the client may resend
+        _send(conn, {"id": req["id"], "ok": True, "text": "ok"})
+        return True
+
+    with scripted_front(drop_first) as (port, seen), Client("127.0.0.1", port, retry_for=10) as c:
+        assert c.generate("x")["text"] == "ok"
+    assert len(seen) == 2
+
+    def drop_mid_stream(req: dict, conn: socket.socket, n: int) -> bool:
+        _send(conn, {"id": req["id"], "ok": True, "index": 0, "chunk": "partial"})
+        return False
+
+    with scripted_front(drop_mid_stream) as (port, seen), Client("127.0.0.1", port, retry_for=10) as c:
+        events = c.stream("x")
+        assert next(events)["chunk"] == "partial"
+        with pytest.raises(ConnectionError):
+            next(events)
+    assert len(seen) == 1, "never resent once the answer had started"
+
+
+def test_a_time_out_is_never_resent() -> None:
+    def silent(req: dict, conn: socket.socket, n: int) -> bool:
+        return True
+
+    with (
+        scripted_front(silent) as (port, seen),
+        Client("127.0.0.1", port, timeout=0.5, retry_for=10) as c,
+        pytest.raises(TimeoutError, match=r"no answer within 0\.5s"),
+    ):
+        c.generate("x")
+    assert len(seen) == 1

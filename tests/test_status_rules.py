@@ -1,0 +1,86 @@
+"""How `up` and `status` judge a job from what the nodes report: pure rules, tested directly.
+
+The end-to-end fault tests exercise the same rules on live jobs; these pin each rule down.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dslaunch.launch.ready import node_summary
+from dslaunch.launch.status import NodeStatus, RankStatus, classify, describe_exit, last_failure
+from dslaunch.wire.records import JobRecord, NodeRecord
+from dslaunch.wire.states import JobState, NodeStage, RankStage, ranks_ready
+
+
+def _rec() -> JobRecord:
+    nodes = [NodeRecord(0, "n0", "n0", 2, 0, "/w/j/node0"), NodeRecord(1, "n1", "n1", 2, 2, "/w/j/node1")]
+    return JobRecord("j", "r", "j-r", JobState.READY, 4, "tcp", "gloo", "/py", "10.0.0.1", 1, 2, nodes)
+
+
+def _ranks(stage: str = "ready", alive: bool = True, restarts: int = 0) -> list[RankStatus]:
+    return [RankStatus(r, f"n{r // 2}", r // 2, r % 2, pid=100 + r, stage=stage, restarts=restarts, alive=alive)
+            for r in range(4)]  # fmt: skip
+
+
+def _nodes(**kw: Any) -> list[NodeStatus]:
+    return [NodeStatus(i, f"n{i}", **{"reachable": True, "agent_alive": True, **kw}) for i in range(2)]
+
+
+def test_ready_needs_every_rank_alive_ready_and_in_one_attempt() -> None:
+    assert ranks_ready([(True, "ready", 1), (True, "ready", 1)], 2)
+    assert not ranks_ready([(True, "ready", 1)], 2), "a rank missing"
+    assert not ranks_ready([(True, "ready", 1), (False, "ready", 1)], 2), "a dead rank"
+    assert not ranks_ready([(True, "ready", 0), (True, "ready", 1)], 2), "mid gang restart"
+    assert not ranks_ready([(True, "ready", 0), (True, "loading", 0)], 2)
+
+
+def test_classify_each_job_state() -> None:
+    assert classify(_nodes(), _ranks()) == (JobState.READY, "4 ranks ready")
+    state, why = classify(_nodes(), [*_ranks()[:3], RankStatus(3, "n1", 1, 1, stage="loading", alive=True)])
+    assert state is JobState.STARTING and why == "3/4 ranks ready"
+    failed = _ranks()
+    failed[2].stage, failed[2].error = RankStage.FAILED, "boom"
+    assert classify(_nodes(), failed) == (JobState.STARTING, "restarting after rank 2 failed: boom")
+    one_dead = [_nodes()[0], NodeStatus(1, "n1", True, agent_alive=False, exit_code=1)]
+    assert classify(one_dead, _ranks()) == (JobState.DEGRADED, "agent not running on n1")
+    all_dead = [NodeStatus(i, f"n{i}", True, agent_alive=False, exit_code=1) for i in range(2)]
+    assert classify(all_dead, _ranks(alive=False))[0] is JobState.FAILED
+    stale = [NodeStatus(i, f"n{i}", True, agent_alive=False) for i in range(2)]
+    assert classify(stale, _ranks(alive=False))[0] is JobState.GONE
+    cut = [_nodes()[0], NodeStatus(1, "n1", reachable=False)]
+    assert classify(cut, _ranks()) == (JobState.DEGRADED, "unreachable: n1")
+    cut_and_dead = [NodeStatus(0, "n0", True, agent_alive=False, exit_code=1), NodeStatus(1, "n1", reachable=False)]
+    assert classify(cut_and_dead, _ranks())[0] is JobState.FAILED
+
+
+def test_the_first_failure_of_the_latest_attempt_is_the_cause() -> None:
+    """Peers that lost the failed rank fail a little later: effects, not the cause."""
+    early = {"when": "11-24 10:00:00", "exit_code": -9, "local_rank": 1, "pid": 11, "rank": 1, "attempt": 1}
+    effect = {"when": "11-24 10:00:03", "exit_code": 1, "local_rank": 0, "pid": 20, "rank": 2, "attempt": 1}
+    older = {"when": "11-24 09:00:00", "exit_code": 1, "local_rank": 0, "pid": 5, "rank": 0, "attempt": 0}
+    nodes = [NodeStatus(0, "n0", True, failures=[older, early]), NodeStatus(1, "n1", True, failures=[effect])]
+    got = last_failure(_rec(), nodes)
+    assert (got["rank"], got["host"], got["cause"]) == (1, "n0", "killed by SIGKILL")
+    unnumbered = {"when": "11-24 10:00:00", "exit_code": 3, "local_rank": 1, "pid": 30}
+    got = last_failure(_rec(), [_nodes()[0], NodeStatus(1, "n1", True, failures=[unnumbered])])
+    assert got["rank"] == 3, "rank from the node's offset and the local rank" and got["cause"] == "exited with code 3"
+    assert last_failure(_rec(), _nodes()) == {}
+    assert describe_exit(-15) == "killed by SIGTERM" and describe_exit(-99) == "killed by signal 99"
+
+
+def _rank(stage: str, alive: bool = True, restarts: int = 0) -> dict[str, Any]:
+    return {"stage": stage, "alive": alive, "restarts": restarts}
+
+
+def test_node_summary_as_up_shows_it() -> None:
+    alive = {"alive": True}
+    assert node_summary(2, {"agent": {"alive": False, "exit_code": 1}}) == (NodeStage.FAILED, "agent exited (code 1)")
+    assert node_summary(2, {"agent": {"alive": False}})[1] == "agent exited (killed)"
+    assert node_summary(2, {"agent": alive, "ranks": []}) == (NodeStage.STARTED, "0/2 ranks up")
+    starting = {"agent": alive, "ranks": [_rank("starting"), _rank("rendezvous")]}
+    assert node_summary(2, starting) == (NodeStage.RENDEZVOUS, "0/2 ranks ready")
+    ready = {"agent": alive, "ranks": [_rank("ready", restarts=1), _rank("ready", restarts=1)]}
+    assert node_summary(2, ready) == (NodeStage.READY, "2/2 ranks, restart 1")
+    mixed = {"agent": alive, "ranks": [_rank("ready", restarts=0), _rank("ready", restarts=1)]}
+    assert node_summary(2, mixed)[0] is NodeStage.RENDEZVOUS, "ranks of two attempts are not ready"
