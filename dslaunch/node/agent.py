@@ -16,6 +16,7 @@ from dslaunch.errors import NodeOpError
 from dslaunch.node.logs import tail
 from dslaunch.node.probe import port_free
 from dslaunch.node.procs import alive, job_processes, signal_all, wait_gone
+from dslaunch.wire.envscrub import without_own
 from dslaunch.wire.nodedir import NodeDir
 
 # The agent runs under a tiny shell that records its exit status: the agent is detached
@@ -38,7 +39,8 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     nd.create()
     with contextlib.suppress(FileNotFoundError):
         nd.agent_exit.unlink()
-    env = dict(os.environ)
+    # Not the caller's DSLAUNCH_* variables (DSLAUNCH_TOKEN above all): the job's come from the plan.
+    env = without_own(os.environ)
     env.update(args["env"])
     env["DSLAUNCH_NODE_DIR"] = str(ndir)
     for name, text in (args.get("files") or {}).items():

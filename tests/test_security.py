@@ -1,0 +1,119 @@
+"""Hardening of the lifecycle against other local users and against text from the job.
+
+Every test runs real processes: `python -m dslaunch.node.ctl` and the `dslaunch` CLI against
+stale job records, unrelated processes that must survive, and a fake front on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dslaunch.wire.records import FrontRecord, JobRecord, NodeRecord
+from dslaunch.wire.states import JobState
+from tests.conftest import Cli, job_pids
+
+ROOT = os.geteuid() == 0
+OTHER_UID = 65534  # nobody
+# The CLI as its console script runs it: the script's directory, not the working directory, on sys.path.
+CLI_ENTRY = "import sys; sys.path.pop(0); from dslaunch.cli import main; main(prog_name='dslaunch')"
+
+
+def _record(node_dir: Path, name: str = "default", python: str = sys.executable, port: int = 1) -> JobRecord:
+    nodes = [NodeRecord(0, "localhost", "localhost", 1, 0, str(node_dir), "127.0.0.1")]
+    front = FrontRecord("127.0.0.1", port, True, "generate", "m")
+    return JobRecord(name, "1", f"{name}-1", JobState.READY, 1, "tcp", "gloo", python, "127.0.0.1", 2, 3, nodes,
+                     command_timeout=30, front=front)  # fmt: skip
+
+
+def _save(cli: Cli, rec: JobRecord, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Save a record where the CLI finds it, through the store (private directories)."""
+    from dslaunch.launch import store
+
+    monkeypatch.setenv("DSLAUNCH_HOME", cli.env["DSLAUNCH_HOME"])
+    store.save(rec)
+
+
+def _evil_python(tmp_path: Path) -> tuple[str, Path]:
+    """An 'interpreter' that leaves a mark when run: a planted record must never get it run."""
+    marker = tmp_path / "ran"
+    script = tmp_path / "evil-python"
+    script.write_text(f"#!/bin/sh\necho ran >> {marker}\nexit 1\n")
+    script.chmod(0o755)
+    return str(script), marker
+
+
+def _one_line_error(res: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def _nodectl(
+    op: str, args: dict[str, Any], env: dict[str, str] | None = None, umask: int = -1
+) -> tuple[int, dict[str, Any]]:
+    """Run one real node op, as the launch host does, and decode its answer."""
+    res = subprocess.run([sys.executable, "-m", "dslaunch.node.ctl", op], input=json.dumps(args) + "\n",
+                         capture_output=True, text=True, timeout=60, env=env, umask=umask)  # fmt: skip
+    assert res.stdout.strip(), res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+# -- secrets of the caller's environment never reach the job ---------------------------------------
+
+
+def test_nodectl_start_keeps_dslaunch_variables_of_its_caller_out_of_the_agent(tmp_path: Path) -> None:
+    """Over SSH nodectl's own environment is passed on: DSLAUNCH_TOKEN there must not be."""
+    jid = f"envtest-{time.monotonic_ns()}"
+    node_dir = tmp_path / "work" / jid / "node0"
+    env = dict(os.environ, DSLAUNCH_TOKEN="s3cret-token-value-123456", DSLAUNCH_HOME=str(tmp_path / "h"))
+    args = {"job_id": jid, "node_rank": 0, "node_dir": str(node_dir),
+            "argv": [sys.executable, "-c", "import time; time.sleep(60)"],
+            "env": {"DSLAUNCH_JOB_ID": jid, "DSLAUNCH_NODE_RANK": "0", "KEEP": "me"}}  # fmt: skip
+    try:
+        code, out = _nodectl("start", args, env)
+        assert code == 0, out
+        pids = job_pids(f"DSLAUNCH_JOB_ID={jid}")
+        assert len(pids) >= 2, "the shell wrapper and the agent"
+        for pid in pids:
+            environ = _environ(pid)
+            assert b"s3cret-token-value" not in environ and b"DSLAUNCH_HOME=" not in environ
+            assert b"KEEP=me" in environ, "the plan's variables do reach the job"
+    finally:
+        _nodectl("stop", {"job_id": jid, "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
+    assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == []
+
+
+def test_the_local_transport_passes_no_token_or_credential(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dslaunch.transport.base import ConnectOptions
+    from dslaunch.transport.local import LocalTransport
+    from dslaunch.wire.hosts import Node
+
+    monkeypatch.setenv("DSLAUNCH_TOKEN", "tok-tok-tok-tok-tok-tok")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    monkeypatch.setenv("GITHUB_TOKEN", "gh-secret")
+    monkeypatch.setenv("MY_SETTING", "kept")
+    res = LocalTransport(Node("localhost", 1), ConnectOptions()).run(
+        [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+    )
+    seen = json.loads(res.stdout)
+    assert not {"DSLAUNCH_TOKEN", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN"} & set(seen)
+    assert seen["MY_SETTING"] == "kept" and "PATH" in seen
