@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +118,53 @@ def test_the_local_transport_passes_no_token_or_credential(monkeypatch: pytest.M
     seen = json.loads(res.stdout)
     assert not {"DSLAUNCH_TOKEN", "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN"} & set(seen)
     assert seen["MY_SETTING"] == "kept" and "PATH" in seen
+
+
+# -- `down` signals only processes that carry the job's marker -------------------------------------
+
+
+@pytest.fixture
+def unrelated_session_leader() -> Iterator[subprocess.Popen[bytes]]:
+    """`setsid sleep 60`: a process group leader that has nothing to do with any job."""
+    p = subprocess.Popen(["setsid", "sleep", "60"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{p.pid}/comm") as f:
+            if f.read().strip() == "sleep" and os.getsid(p.pid) == p.pid:
+                break
+        time.sleep(0.02)
+    assert os.getpgid(p.pid) == p.pid
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_down_spares_a_stale_agent_pid_reused_by_an_unrelated_process(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unrelated_session_leader: subprocess.Popen[bytes]
+) -> None:
+    """A stale record (as after a reboot) whose agent.pid now names someone else's session leader."""
+    job_dir = cli.work_dir / "default-1"
+    job_dir.mkdir(mode=0o700)
+    node_dir = job_dir / "node0"
+    node_dir.mkdir(mode=0o700)
+    (node_dir / "agent.pid").write_text(str(unrelated_session_leader.pid))
+    _save(cli, _record(node_dir), monkeypatch)
+    st = json.loads(cli("status", "--json").stdout)
+    assert st["state"] == "gone" and not st["nodes"][0]["agent_alive"], st
+    res = cli("down", "--grace", "2")
+    assert res.returncode == 0 and "none left" in res.stdout, res.stdout + res.stderr
+    time.sleep(0.2)
+    assert unrelated_session_leader.poll() is None, "down signalled a process that is not the job's"
+    assert not node_dir.exists()
+
+
+def test_nodectl_stop_spares_it_too(tmp_path: Path, unrelated_session_leader: subprocess.Popen[bytes]) -> None:
+    node_dir = tmp_path / "node0"
+    node_dir.mkdir(mode=0o700)
+    (node_dir / "agent.pid").write_text(str(unrelated_session_leader.pid))
+    code, out = _nodectl("stop", {"job_id": "stale-2", "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
+    assert code == 0 and out["found"] == 0 and out["survivors"] == [], out
+    time.sleep(0.2)
+    assert unrelated_session_leader.poll() is None

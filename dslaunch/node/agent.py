@@ -15,7 +15,7 @@ from typing import Any
 from dslaunch.errors import NodeOpError
 from dslaunch.node.logs import tail
 from dslaunch.node.probe import port_free
-from dslaunch.node.procs import alive, job_processes, signal_all, wait_gone
+from dslaunch.node.procs import is_job_process, job_processes, signal_all, wait_gone
 from dslaunch.wire.envscrub import without_own
 from dslaunch.wire.nodedir import NodeDir
 
@@ -78,14 +78,18 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     return {"pid": proc.pid}
 
 
-def agent_state(nd: NodeDir) -> dict[str, Any]:
-    """The agent's pid, whether it runs, and its exit code once its wrapper recorded one."""
+def agent_state(nd: NodeDir, jid: str, node_rank: int | str) -> dict[str, Any]:
+    """The agent's pid, whether it runs, and its exit code once its wrapper recorded one.
+
+    `alive` only when that pid still carries the job's marker: after a reboot the recorded pid
+    may belong to anything.
+    """
     pid_s = nd.agent_pid.read_text().strip() if nd.agent_pid.exists() else ""
     pid = int(pid_s) if pid_s.isdigit() else None
     exit_s = nd.agent_exit.read_text().strip() if nd.agent_exit.exists() else ""
     return {
         "pid": pid,
-        "alive": bool(pid and alive(pid)),
+        "alive": bool(pid and is_job_process(pid, jid, node_rank)),
         "exit_code": int(exit_s) if exit_s.lstrip("-").isdigit() else None,
     }
 
@@ -97,9 +101,9 @@ def op_stop(args: dict[str, Any]) -> dict[str, Any]:
     jid, node_rank = args["job_id"], args["node_rank"]
     grace = float(args.get("grace", 10.0))
     found = job_processes(jid, node_rank)
-    agent = agent_state(nd) if ndir.is_dir() else {"pid": None, "alive": False}
+    agent = agent_state(nd, jid, node_rank) if ndir.is_dir() else {"pid": None, "alive": False}
     start = time.monotonic()
-    if agent["alive"]:
+    if agent["alive"]:  # a process group led by a process of this job, never a reused pid's
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(agent["pid"], signal.SIGTERM)
     # Give the agent half the grace to stop its workers itself (it forwards the signal).
