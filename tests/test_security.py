@@ -168,3 +168,28 @@ def test_nodectl_stop_spares_it_too(tmp_path: Path, unrelated_session_leader: su
     assert code == 0 and out["found"] == 0 and out["survivors"] == [], out
     time.sleep(0.2)
     assert unrelated_session_leader.poll() is None
+
+
+# -- job names never leave the jobs directory --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "--name", "../../x"],
+        ["logs", "--name", "../../x"],
+        ["query", "--name", "../../x", "Hello"],
+        ["down", "--name", "../../x"],
+        ["down", "--name", "../x"],
+        ["status", "--name", "x\n"],
+    ],
+)
+def test_a_name_that_leaves_the_jobs_directory_is_one_line_error(cli: Cli, tmp_path: Path, argv: list[str]) -> None:
+    python, marker = _evil_python(tmp_path)
+    home = Path(cli.env["DSLAUNCH_HOME"])
+    (home / "jobs").mkdir(parents=True, mode=0o700)
+    home.chmod(0o700)
+    for planted in (tmp_path / "x.json", home / "x.json"):  # jobs/../../x.json, jobs/../x.json
+        planted.write_text(json.dumps(_record(tmp_path / "n", python=python).to_dict()))
+    _one_line_error(cli(*argv), "--name", "use letters, digits")
+    assert not marker.exists(), "a record outside the jobs directory was used"

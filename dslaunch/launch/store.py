@@ -10,11 +10,23 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from dslaunch.errors import UserError
 from dslaunch.wire.records import JobRecord
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_name(name: str) -> str:
+    """The job name, or a UserError: it becomes a file name, so no '/', no '..', nothing hidden."""
+    if not NAME_RE.fullmatch(name):
+        raise UserError(
+            f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 63, starting with a letter or digit)"
+        )
+    return name
 
 
 def home() -> Path:
@@ -28,7 +40,7 @@ def jobs_dir() -> Path:
 
 
 def record_path(name: str) -> Path:
-    return jobs_dir() / f"{name}.json"
+    return jobs_dir() / f"{check_name(name)}.json"
 
 
 def save(rec: JobRecord) -> None:
@@ -71,13 +83,13 @@ def remove(name: str) -> None:
 
 
 def list_names() -> list[str]:
-    return sorted(p.stem for p in jobs_dir().glob("*.json"))
+    return sorted(p.stem for p in jobs_dir().glob("*.json") if NAME_RE.fullmatch(p.stem))
 
 
 @contextlib.contextmanager
 def locked(name: str) -> Iterator[None]:
     """Hold the job's lock; a second holder is refused at once rather than made to wait."""
-    path = jobs_dir() / f".{name}.lock"
+    path = jobs_dir() / f".{check_name(name)}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
