@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -193,3 +194,110 @@ def test_a_name_that_leaves_the_jobs_directory_is_one_line_error(cli: Cli, tmp_p
         planted.write_text(json.dumps(_record(tmp_path / "n", python=python).to_dict()))
     _one_line_error(cli(*argv), "--name", "use letters, digits")
     assert not marker.exists(), "a record outside the jobs directory was used"
+
+
+# -- state and work directories are the user's alone -------------------------------------------------
+
+
+def _plant_default(jobs: Path, tmp_path: Path) -> Path:
+    python, marker = _evil_python(tmp_path)
+    (jobs / "default.json").write_text(json.dumps(_record(tmp_path / "n", python=python).to_dict()))
+    return marker
+
+
+CASES = ["jobs-symlink", "jobs-world-writable", "home-group-writable", "home-symlink", "jobs-not-yours"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_job_records_are_read_only_from_private_directories(cli: Cli, tmp_path: Path, case: str) -> None:
+    if case == "jobs-not-yours" and not ROOT:
+        pytest.skip("needs root to give a directory to another user")
+    home = Path(cli.env["DSLAUNCH_HOME"])
+    env = dict(cli.env)
+    if case == "home-symlink":
+        real = tmp_path / "real-home"
+        (real / "jobs").mkdir(parents=True, mode=0o700)
+        real.chmod(0o700)
+        home.symlink_to(real)
+        marker, why = _plant_default(real / "jobs", tmp_path), "is a symbolic link"
+    else:
+        home.mkdir(mode=0o700)
+        jobs = home / "jobs"
+        if case == "jobs-symlink":
+            elsewhere = tmp_path / "elsewhere"
+            elsewhere.mkdir(mode=0o700)
+            jobs.symlink_to(elsewhere)
+            why = "is a symbolic link"
+        else:
+            jobs.mkdir(mode=0o700)
+        marker = _plant_default(jobs, tmp_path)
+        if case == "jobs-world-writable":
+            jobs.chmod(0o777)
+            why = "is writable by other users"
+        elif case == "home-group-writable":
+            home.chmod(0o770)
+            why = "is writable by other users"
+        elif case == "jobs-not-yours":
+            os.chown(jobs, OTHER_UID, OTHER_UID)
+            why = f"is owned by uid {OTHER_UID}"
+    for argv in (["status"], ["down"]):
+        res = subprocess.run([sys.executable, "-m", "dslaunch", *argv], env=env, capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        _one_line_error(res, why, str(home))
+    assert not marker.exists(), "a planted record was used"
+
+
+def test_start_creates_the_job_directories_private(tmp_path: Path) -> None:
+    jid = f"mode-{time.monotonic_ns()}"
+    node_dir = tmp_path / "work" / jid / "node0"
+    args = {"job_id": jid, "node_rank": 0, "node_dir": str(node_dir),
+            "argv": [sys.executable, "-c", "import time; time.sleep(60)"],
+            "env": {"DSLAUNCH_JOB_ID": jid, "DSLAUNCH_NODE_RANK": "0"}}  # fmt: skip
+    try:
+        code, out = _nodectl("start", args, umask=0o002)  # a lax umask (user-private groups) changes nothing
+        assert code == 0, out
+        for d in (tmp_path / "work", node_dir.parent, node_dir, node_dir / "logs", node_dir / "ranks"):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    finally:
+        _nodectl("stop", {"job_id": jid, "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
+    assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == []
+
+
+@pytest.mark.parametrize("case", ["world-writable", "job-dir-world-writable", "symlink", "not-yours"])
+def test_start_refuses_a_job_directory_others_could_change(tmp_path: Path, case: str) -> None:
+    if case == "not-yours" and not ROOT:
+        pytest.skip("needs root to give a directory to another user")
+    jid = f"dirs-{time.monotonic_ns()}"
+    job_dir = tmp_path / "work" / jid
+    job_dir.mkdir(parents=True, mode=0o700)
+    node_dir = job_dir / "node0"
+    if case == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        node_dir.symlink_to(tmp_path / "elsewhere")
+    else:
+        node_dir.mkdir(mode=0o700)
+    if case == "world-writable":
+        node_dir.chmod(0o777)
+    elif case == "job-dir-world-writable":
+        job_dir.chmod(0o777)
+    elif case == "not-yours":
+        os.chown(node_dir, OTHER_UID, OTHER_UID)
+    args = {"job_id": jid, "node_rank": 0, "node_dir": str(node_dir),
+            "argv": [sys.executable, "-c", "import time; time.sleep(60)"],
+            "env": {"DSLAUNCH_JOB_ID": jid, "DSLAUNCH_NODE_RANK": "0"}}  # fmt: skip
+    code, out = _nodectl("start", args)
+    assert code == 3 and "refusing to run a job in it" in out["error"], out
+    assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == [], "nothing was started"
+
+
+@pytest.mark.parametrize("case", ["node-dir", "job-dir"])
+def test_stop_does_not_remove_a_directory_others_could_change(tmp_path: Path, case: str) -> None:
+    job_dir = tmp_path / "work" / "j-1"
+    job_dir.mkdir(parents=True, mode=0o700)
+    node_dir = job_dir / "node0"
+    node_dir.mkdir(mode=0o700)
+    (node_dir / "precious").write_text("x")
+    (node_dir if case == "node-dir" else job_dir).chmod(0o777)
+    code, out = _nodectl("stop", {"job_id": "j-1", "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
+    assert code == 3 and "processes are stopped" in out["error"] and "writable by other users" in out["error"], out
+    assert (node_dir / "precious").exists()
