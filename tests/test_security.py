@@ -301,3 +301,27 @@ def test_stop_does_not_remove_a_directory_others_could_change(tmp_path: Path, ca
     code, out = _nodectl("stop", {"job_id": "j-1", "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
     assert code == 3 and "processes are stopped" in out["error"] and "writable by other users" in out["error"], out
     assert (node_dir / "precious").exists()
+
+
+@pytest.mark.parametrize("argv", [["status"], ["down"], ["up", "--model", "/nonexistent/model"]])
+def test_a_json_py_in_the_working_directory_is_never_imported(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """nodectl runs as `python -m`, which would put the caller's directory first on sys.path."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "imported"
+    (cwd / "json.py").write_text(f"open({str(marker)!r}, 'a').write('imported\\n')\nfrom_cwd = True\n")
+    if argv[0] != "up":
+        node_dir = cli.work_dir / "default-1" / "node0"
+        _save(cli, _record(node_dir), monkeypatch)
+    else:
+        argv = [*argv, "--work-dir", str(cli.work_dir)]
+    res = subprocess.run([sys.executable, "-c", CLI_ENTRY, *argv], env=cli.env, cwd=cwd, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert "Traceback" not in res.stderr, res.stderr
+    if argv[0] == "up":
+        assert res.returncode == 1 and "no such model directory" in res.stderr, res.stderr
+    else:
+        assert res.returncode == 0, res.stdout + res.stderr
+    assert not marker.exists(), "nodectl imported json.py from the caller's working directory"

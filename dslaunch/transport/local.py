@@ -25,7 +25,8 @@ def node_env() -> dict[str, str]:
 class LocalTransport:
     """`localhost` without sshd: the same commands, run as child processes.
 
-    Commands get `node_env()`, not the CLI's environment.
+    Commands get `node_env()`, not the CLI's environment; the command itself keeps the working
+    directory out of `sys.path` (see NodeClient.argv), as over SSH.
     """
 
     def __init__(self, node: Node, opts: ConnectOptions) -> None:
