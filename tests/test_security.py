@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -325,3 +327,97 @@ def test_a_json_py_in_the_working_directory_is_never_imported(
     else:
         assert res.returncode == 0, res.stdout + res.stderr
     assert not marker.exists(), "nodectl imported json.py from the caller's working directory"
+
+
+# -- terminal escapes: text from the job is printed, never acted on ----------------------------------
+
+NASTY = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x1b[0m text\x9b1m and\x07 more\x1b[8m"
+
+
+def _assert_inert(out: str) -> None:
+    for c in ("\x1b", "\x9b", "\x07", "\r"):
+        assert c not in out, repr(out)
+
+
+def test_logs_print_escape_sequences_as_inert_text(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node_dir = tmp_path / "n0"
+    (node_dir / "logs").mkdir(parents=True)
+    (node_dir / "logs" / "rank0.log").write_text(f"hello\n{NASTY}\nprogress 10%\rprogress 100%\nbye\n")
+    _save(cli, _record(node_dir), monkeypatch)
+    res = cli("logs")
+    assert res.returncode == 0, res.stderr
+    _assert_inert(res.stdout)
+    assert "red text and more" in res.stdout and "[rank 0] hello" in res.stdout and "progress 100%" in res.stdout
+
+
+class _FakeFront:
+    """A front on loopback that answers every request with text full of escape sequences."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                for line in f:
+                    req = json.loads(line)
+                    answers: list[dict[str, Any]] = []
+                    if req.get("stream"):  # cut inside escape sequences too: each chunk is printed alone
+                        cuts = [NASTY[:3], NASTY[3:25], NASTY[25:]]
+                        answers += [{"id": req["id"], "ok": True, "index": 0, "chunk": c} for c in cuts]
+                    answers.append({"id": req["id"], "ok": True, "text": NASTY, "tokens": 3, "done": True})
+                    for a in answers:
+                        f.write(json.dumps(a).encode() + b"\n")
+                    f.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+def test_query_prints_model_output_as_inert_text_but_json_keeps_it(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    front = _FakeFront()
+    try:
+        _save(cli, _record(tmp_path / "n0", port=front.port), monkeypatch)
+        res = cli("query", "Hello")
+        assert res.returncode == 0, res.stderr
+        _assert_inert(res.stdout)
+        assert res.stdout.strip() == "red text and more"
+        res = cli("query", "Hello", "--stream")
+        assert res.returncode == 0, res.stderr
+        _assert_inert(res.stdout)
+        assert res.stdout.rstrip().endswith("text and more")
+        res = cli("query", "Hello", "--json")
+        assert json.loads(res.stdout)["text"] == NASTY, "--json output is the answer as it is"
+    finally:
+        front.close()
+
+
+def test_status_shows_errors_from_the_nodes_as_inert_text() -> None:
+    from rich.console import Console
+
+    from dslaunch.cli import render
+    from dslaunch.launch.status import JobStatus, NodeStatus, RankStatus
+
+    st = JobStatus(
+        name="j", state=JobState.FAILED, world_size=1, init_method="tcp", backend="gloo", run_id="r",
+        master="127.0.0.1:1", created=0.0, reason="every agent has ended",
+        nodes=[NodeStatus(0, "node0", True, error=NASTY, log_tail=[NASTY])],
+        ranks=[RankStatus(0, "node0", 0, 0, stage="failed", error=NASTY, device=NASTY)],
+        last_failure={"rank": 0, "host": "node0", "cause": "exit 1", "when": "now", "last_line": NASTY},
+        front={"address": "127.0.0.1:7070", "ready": False, "task": "generate", "model": NASTY},
+    )  # fmt: skip
+    console = Console(width=400, record=True, force_terminal=False)
+    console.print(render.status_view(st))
+    _assert_inert(console.export_text())

@@ -111,7 +111,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DslaunchError as e:
-            raise click.ClickException(e.message) from None
+            raise click.ClickException(render.plain(e.message)) from None  # may quote a node's words
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -228,10 +228,12 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     view = render.UpView(console, [n.host for n in nodes], [n.nprocs for n in nodes])
     try:
         with view:
-            rec = launch.up(spec, view.update, warn=lambda line: err_console.print(f"warning: {line}", markup=False))
+            rec = launch.up(
+                spec, view.update, warn=lambda line: err_console.print(f"warning: {render.plain(line)}", markup=False)
+            )
     except launch.LaunchFailed as e:
         for line in e.details:
-            err_console.print(line, markup=False, style="dim")
+            err_console.print(render.plain(line), markup=False, style="dim")
         raise
     except KeyboardInterrupt:
         err_console.print("interrupted: everything 'up' had started was removed from every node")
@@ -414,7 +416,7 @@ def _ask(c: Any, texts: list[str], params: dict[str, Any], stream: bool, embed: 
     final = None
     for event in c.stream(texts[0], **params):
         if "chunk" in event and not as_json:
-            click.echo(event["chunk"], nl=False)
+            click.echo(render.plain(event["chunk"]), nl=False)
             sys.stdout.flush()
         elif "chunk" not in event:
             final = event
