@@ -108,7 +108,7 @@ def local_job(
     extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
     env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200", **extra)
-    (tmp / "work").mkdir()
+    (tmp / "work").mkdir(mode=0o700)
     cli = Cli(env, tmp / "work")
     try:
         res = cli.up(*up_args)
@@ -161,7 +161,7 @@ def cli(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cli]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
         env.update(DSLAUNCH_HOME=str(tmp_path / "dshome"), COLUMNS="200")
     work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir(mode=0o700)
     runner = Cli(env, work)
     try:
         yield runner

@@ -92,7 +92,7 @@ def _make_dirs(nd: NodeDir) -> None:
         raise NodeOpError(f"cannot create the work directory {work}: {e.strerror}") from None
     why = shared_parent_reason(work)
     if why:
-        raise NodeOpError(f"work directory {work} {why}; pick another --work-dir")
+        raise NodeOpError(f"work directory {work} {why}; fix that or pick another --work-dir")
     for d in (nd.root.parent, nd.root, nd.ranks, nd.logs, nd.elastic):
         why = make_private(d)
         if why:
