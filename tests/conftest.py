@@ -97,12 +97,18 @@ def wait_status(cli: Cli, pred: Callable[[dict[str, Any]], bool], timeout: float
     return st
 
 
-def local_job(tmp_path_factory: pytest.TempPathFactory, *up_args: str) -> Iterator[tuple[Cli, dict[str, Any]]]:
-    """A localhost job for a whole module (no sshd): yields the CLI runner and the job record."""
+def local_job(
+    tmp_path_factory: pytest.TempPathFactory, *up_args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[Cli, dict[str, Any]]]:
+    """A localhost job for a whole module (no sshd): yields the CLI runner and the job record.
+
+    `env` is added to the CLI's environment (e.g. DSLAUNCH_TOKEN).
+    """
     tmp = tmp_path_factory.mktemp("job")
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
-    env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200")
-    (tmp / "work").mkdir()
+    env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200", **extra)
+    (tmp / "work").mkdir(mode=0o700)
     cli = Cli(env, tmp / "work")
     try:
         res = cli.up(*up_args)
@@ -155,7 +161,7 @@ def cli(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cli]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
         env.update(DSLAUNCH_HOME=str(tmp_path / "dshome"), COLUMNS="200")
     work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir(mode=0o700)
     runner = Cli(env, work)
     try:
         yield runner

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from dslaunch import __version__
+from dslaunch.cli import render
 from dslaunch.errors import DslaunchError, UserError
 
 
@@ -41,7 +42,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except DslaunchError as e:
-            raise click.ClickException(e.message) from None
+            raise click.ClickException(render.plain(e.message)) from None  # may quote a node's words
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -58,10 +58,12 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     view = render.UpView(console, [n.host for n in nodes], [n.nprocs for n in nodes])
     try:
         with view:
-            rec = launch.up(spec, view.update, warn=lambda line: err_console.print(f"warning: {line}", markup=False))
+            rec = launch.up(
+                spec, view.update, warn=lambda line: err_console.print(f"warning: {render.plain(line)}", markup=False)
+            )
     except launch.LaunchFailed as e:
         for line in e.details:
-            err_console.print(line, markup=False, style="dim")
+            err_console.print(render.plain(line), markup=False, style="dim")
         raise
     except KeyboardInterrupt:
         err_console.print("interrupted: everything 'up' had started was removed from every node")

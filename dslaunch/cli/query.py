@@ -102,7 +102,7 @@ def _ask(c: Any, texts: list[str], params: dict[str, Any], stream: bool, embed: 
     final = None
     for event in c.stream(texts[0], **params):
         if "chunk" in event and not as_json:
-            click.echo(event["chunk"], nl=False)
+            click.echo(render.plain(event["chunk"]), nl=False)
             sys.stdout.flush()
         elif "chunk" not in event:
             final = event

@@ -1,7 +1,13 @@
-"""Everything dslaunch shows a person: rich tables and the live `up` view. No logic."""
+"""Everything dslaunch shows a person: rich tables and the live `up` view. No logic.
+
+Text from the nodes (log lines, errors, model output) goes through `plain` first: it is written
+by the job, and escape sequences in it would reach the user's terminal (rewrite the screen, set
+the title, hide lines). `--json` output is not rendered here and keeps the text as it is.
+"""
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
 from typing import Any
@@ -49,8 +55,28 @@ RANK_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cya
 _SECRET_HINTS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 
 
+# Whole escape sequences first (CSI, OSC/DCS/PM/APC strings, two-byte ESC x), 7- and 8-bit forms,
+# then any control character left: C0 but tab and newline, DEL, and C1.
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+    r"|(?:\x1b[\]P^_X]|[\x9d\x90\x9e\x9f\x98])[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?"
+    r"|\x1b[ -~]?"
+)
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: str) -> str:
+    """`text` without escape sequences or control characters (newline and tab are kept)."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+def _t(text: object, style: str = "") -> Text:
+    """A table cell from untrusted text: never markup, never a control character."""
+    return Text(plain(str(text)), style=style)
+
+
 def _stage(s: str) -> Text:
-    return Text(s, style=STAGE_STYLE.get(s, ""))
+    return _t(s, STAGE_STYLE.get(s, ""))
 
 
 def plan_view(plan: LaunchPlan, facts_note: str = "") -> Group:
@@ -99,7 +125,7 @@ class UpView:
         for col in ("node", "host", "slots", "stage", "detail"):
             t.add_column(col, overflow="fold")
         for i, (h, (stage, detail)) in enumerate(zip(self.hosts, self.rows, strict=True)):
-            t.add_row(str(i), Text(h), str(self.slots[i]), _stage(stage), Text(detail))
+            t.add_row(str(i), _t(h), str(self.slots[i]), _stage(stage), _t(detail))
         return t
 
     def update(self, i: int, stage: str, detail: str) -> None:
@@ -144,7 +170,7 @@ def _age(created: float) -> str:
 def status_view(st: JobStatus) -> Group:
     head = Text.assemble(
         (f"job {st.name}", "bold"), "  ", (st.state, STATE_STYLE.get(st.state, "")),
-        f"  {st.reason}\n",
+        f"  {plain(st.reason)}\n",
         f"world size {st.world_size} · init {st.init_method} · backend {st.backend} · "
         f"master {st.master} · run {st.run_id} · up {_age(st.created)}",
     )  # fmt: skip
@@ -158,8 +184,8 @@ def status_view(st: JobStatus) -> Group:
                       f"exited {n.exit_code}" if n.exit_code is not None else "not running", "red")
         )  # fmt: skip
         nodes.add_row(
-            str(n.node_rank), n.host, "yes" if n.reachable else Text("no", "red"), agent,
-            str(n.agent_pid or "-"), str(n.procs) if n.reachable else "?", Text(n.error or ""),
+            str(n.node_rank), _t(n.host), "yes" if n.reachable else Text("no", "red"), agent,
+            str(n.agent_pid or "-"), str(n.procs) if n.reachable else "?", _t(n.error or ""),
         )  # fmt: skip
     ranks = Table(title="ranks", title_justify="left")
     for col in ("rank", "host", "local", "pid", "stage", "restarts", "device", "memory", "error"):
@@ -169,8 +195,8 @@ def status_view(st: JobStatus) -> Group:
         if r.gpu_mem_mb is not None:
             mem += f" / gpu {r.gpu_mem_mb:.0f} MiB"
         ranks.add_row(
-            str(r.rank), r.host, str(r.local_rank), str(r.pid or "-"), _stage(r.stage),
-            str(r.restarts), r.device or "-", mem, Text(r.error or ""),  # not markup: '[/path]' is common
+            str(r.rank), _t(r.host), str(r.local_rank), str(r.pid or "-"), _stage(r.stage),
+            str(r.restarts), _t(r.device or "-"), mem, _t(r.error or ""),  # not markup: '[/path]' is common
         )  # fmt: skip
     parts: list[Any] = [head, nodes, ranks]
     if st.last_failure:
@@ -179,8 +205,8 @@ def status_view(st: JobStatus) -> Group:
         parts.append(front_line(st.front))
     for n in st.nodes:
         if n.log_tail:
-            parts.append(Text(f"last lines of the agent log on {n.host}:", style="bold"))
-            parts.append(Text("\n".join(f"  {ln}" for ln in n.log_tail), style="dim"))
+            parts.append(_t(f"last lines of the agent log on {n.host}:", style="bold"))
+            parts.append(_t("\n".join(f"  {ln}" for ln in n.log_tail), style="dim"))
     return Group(*parts)
 
 
@@ -189,7 +215,7 @@ def failure_line(f: dict[str, Any]) -> Text:
     words = f": {f['last_line']}" if f.get("last_line") else ""
     return Text.assemble(
         ("last failure ", "bold"),
-        f"rank {f['rank']} on {f['host']} (pid {f.get('pid')}) {f['cause']} at {f['when']}{words}",
+        plain(f"rank {f['rank']} on {f['host']} (pid {f.get('pid')}) {f['cause']} at {f['when']}{words}"),
     )
 
 
@@ -198,8 +224,8 @@ def front_line(f: dict[str, Any]) -> Text:
     ready = Text("ready", "green") if f.get("ready") else Text("not serving", "yellow")
     ms = lambda v: "-" if v is None else f"{v:g} ms"  # noqa: E731
     return Text.assemble(
-        ("front ", "bold"), f"{f['address']} ", ready,
-        f"  {f.get('task')} · {f.get('model')}" + (" · token required" if f.get("auth") else ""),
+        ("front ", "bold"), plain(f"{f['address']} "), ready,
+        plain(f"  {f.get('task')} · {f.get('model')}") + (" · token required" if f.get("auth") else ""),
         f"\n      served {f.get('served', 0)} · errors {f.get('errors', 0)} · queue {f.get('queue', 0)}"
         f" · p50 {ms(f.get('p50_ms'))} · p99 {ms(f.get('p99_ms'))} · {f.get('tokens_per_s') or 0:g} tokens/s",
     )  # fmt: skip
@@ -216,14 +242,15 @@ def down_text(rep: DownReport) -> Text:
     lines += [f"  {u}" for u in rep.unreachable]
     lines += [f"  {h}: processes still running: {' '.join(map(str, p))}" for h, p in rep.survivors.items()]
     lines.append(f"the record is kept; run 'dslaunch down --name {rep.name}' again once the node answers")
-    return Text("\n".join(lines), style="red")
+    return _t("\n".join(lines), style="red")
 
 
 def log_line(rank: int, text: str) -> Text:
+    """One log line as the rank wrote it, minus anything a terminal would act on."""
     if rank < 0:
-        return Text(text, style="red")
+        return _t(text, style="red")
     colour = RANK_COLOURS[rank % len(RANK_COLOURS)]
-    return Text.assemble((f"[rank {rank}] ", colour), text)
+    return Text.assemble((f"[rank {rank}] ", colour), plain(text))
 
 
 def answer_text(a: dict[str, Any]) -> Text:
@@ -233,5 +260,5 @@ def answer_text(a: dict[str, Any]) -> Text:
         lines = [f"[{i}] dim {len(v)}: [" + ", ".join(f"{x:.4f}" for x in v[:6]) + ", …]" for i, v in enumerate(vecs)]
         return Text("\n".join(lines))
     if "results" in a:
-        return Text("\n".join(f"[{i}] {r['text']}" for i, r in enumerate(a["results"])))
-    return Text(a.get("text", ""))
+        return _t("\n".join(f"[{i}] {r['text']}" for i, r in enumerate(a["results"])))
+    return _t(a.get("text", ""))

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from dslaunch.errors import UserError
 from dslaunch.launch.hostfile import Node
+from dslaunch.launch.store import check_name
 from dslaunch.wire.serve import MAX_BACKOFF_S, ServeSpec, positive_seconds
 
 INIT_METHODS = ("tcp", "file", "env")
 BACKENDS = ("auto", "nccl", "gloo")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Launch-host variables forwarded to every node, as DeepSpeed's launcher does for NCCL_* & co.
 FORWARD_PREFIXES = ("NCCL_", "GLOO_", "UCX_", "FI_", "HF_", "TRANSFORMERS_", "TORCH_")
@@ -49,11 +49,7 @@ class JobSpec:
     serve: ServeSpec = field(default_factory=ServeSpec)
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
-            raise UserError(
-                f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (at most 63, "
-                "starting with a letter or digit)"
-            )
+        check_name(self.name)
         if self.init_method not in INIT_METHODS:
             raise UserError(f"--init-method {self.init_method!r}: choose one of {', '.join(INIT_METHODS)}")
         if self.init_method == "file":

@@ -15,9 +15,11 @@ from typing import Any
 from dslaunch.errors import NodeOpError
 from dslaunch.node.logs import tail
 from dslaunch.node.probe import port_free
-from dslaunch.node.procs import alive, job_processes, signal_all, wait_gone
+from dslaunch.node.procs import is_job_process, job_processes, signal_all, wait_gone
+from dslaunch.wire.envscrub import without_own
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.rankenv import AUTO_THREADS_ENV, NODE_DIR_ENV
+from dslaunch.wire.safedir import make_private, shared_parent_reason, unsafe_reason
 
 # The agent runs under a tiny shell that records its exit status: the agent is detached
 # (own session, survives the SSH session), so nobody else would ever see it.
@@ -36,15 +38,16 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
         # than let every restart fail on the same bind
         if not port_free(int(port)):
             raise NodeOpError(f"{label} {port} was taken after pre-flight; run 'up' again to pick free ports")
-    nd.create()
+    _make_dirs(nd)
     with contextlib.suppress(FileNotFoundError):
         nd.agent_exit.unlink()
-    env = dict(os.environ)
+    # Not the caller's DSLAUNCH_* variables (DSLAUNCH_TOKEN above all): the job's come from the plan.
+    env = without_own(os.environ)
     env.update(args["env"])
     env[NODE_DIR_ENV] = str(ndir)
     for name, text in (args.get("files") or {}).items():
         # secrets (the front's token) arrive on stdin and are written 0600, never in argv or env
-        fd = os.open(ndir / Path(name).name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(ndir / Path(name).name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
     if env.pop(AUTO_THREADS_ENV, None) == "1" and "OMP_NUM_THREADS" not in args["env"]:
@@ -53,7 +56,7 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
     # The plan cannot know how `~` expands here: it writes {node_dir} and we fill it in.
     argv = [a.replace("{node_dir}", str(ndir)) for a in args["argv"]]
-    log = os.fdopen(os.open(nd.agent_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    log = os.fdopen(os.open(nd.agent_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "ab")
     try:
         proc = subprocess.Popen(
             ["/bin/sh", "-c", _AGENT_WRAPPER, str(nd.agent_exit), *argv],
@@ -77,14 +80,38 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     return {"pid": proc.pid}
 
 
-def agent_state(nd: NodeDir) -> dict[str, Any]:
-    """The agent's pid, whether it runs, and its exit code once its wrapper recorded one."""
+def _make_dirs(nd: NodeDir) -> None:
+    """Create the job's directories 0700, refusing any that another user owns or may write into.
+
+    `down` removes them with rmtree and the agent runs in them: nobody else may place or swap
+    anything there.
+    """
+    work = nd.work_dir
+    try:
+        work.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise NodeOpError(f"cannot create the work directory {work}: {e.strerror}") from None
+    why = shared_parent_reason(work)
+    if why:
+        raise NodeOpError(f"work directory {work} {why}; fix that or pick another --work-dir")
+    for d in (nd.root.parent, nd.root, nd.ranks, nd.logs, nd.elastic):
+        why = make_private(d)
+        if why:
+            raise NodeOpError(f"{d} {why}; refusing to run a job in it")
+
+
+def agent_state(nd: NodeDir, jid: str, node_rank: int | str) -> dict[str, Any]:
+    """The agent's pid, whether it runs, and its exit code once its wrapper recorded one.
+
+    `alive` only when that pid still carries the job's marker: after a reboot the recorded pid
+    may belong to anything.
+    """
     pid_s = nd.agent_pid.read_text().strip() if nd.agent_pid.exists() else ""
     pid = int(pid_s) if pid_s.isdigit() else None
     exit_s = nd.agent_exit.read_text().strip() if nd.agent_exit.exists() else ""
     return {
         "pid": pid,
-        "alive": bool(pid and alive(pid)),
+        "alive": bool(pid and is_job_process(pid, jid, node_rank)),
         "exit_code": int(exit_s) if exit_s.lstrip("-").isdigit() else None,
     }
 
@@ -96,9 +123,9 @@ def op_stop(args: dict[str, Any]) -> dict[str, Any]:
     jid, node_rank = args["job_id"], args["node_rank"]
     grace = float(args.get("grace", 10.0))
     found = job_processes(jid, node_rank)
-    agent = agent_state(nd) if ndir.is_dir() else {"pid": None, "alive": False}
+    agent = agent_state(nd, jid, node_rank) if ndir.is_dir() else {"pid": None, "alive": False}
     start = time.monotonic()
-    if agent["alive"]:
+    if agent["alive"]:  # a process group led by a process of this job, never a reused pid's
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(agent["pid"], signal.SIGTERM)
     # Give the agent half the grace to stop its workers itself (it forwards the signal).
@@ -120,8 +147,13 @@ def _remove_run_files(nd: NodeDir, keep_logs: bool, rdzv_glob: str | None) -> bo
             with contextlib.suppress(OSError):
                 os.unlink(p)
     ndir = nd.root
-    if not ndir.is_dir():
+    if not os.path.lexists(ndir):
         return False
+    for d in (ndir.parent, ndir):
+        why = unsafe_reason(d)
+        if why:
+            # every process is gone already; only the removal is refused
+            raise NodeOpError(f"the job's processes are stopped, but {d} {why}: not removing it, check it by hand")
     if keep_logs:
         for child in ndir.iterdir():
             if child.name not in ("logs", nd.agent_log.name, "elastic"):

@@ -35,20 +35,37 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def _markers(jid: str, node_rank: int | str) -> set[bytes]:
+    return {f"{JOB_ENV}={jid}".encode(), f"{NODE_ENV}={node_rank}".encode()}
+
+
+def _carries(pid: int | str, want: set[bytes]) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = set(f.read().split(b"\0"))
+    except OSError:
+        return False
+    return want <= env
+
+
+def is_job_process(pid: int, jid: str, node_rank: int | str) -> bool:
+    """True when `pid` runs and carries this job's and node's marker.
+
+    A pid read from a file (`agent.pid`) may have been reused by anything since, e.g. after a
+    reboot: only a process that carries the marker is the job's.
+    """
+    return pid > 0 and _carries(pid, _markers(jid, node_rank)) and alive(pid)
+
+
 def job_processes(jid: str, node_rank: int | str) -> list[int]:
     """Pids of live processes whose environment carries this job's and node's marker."""
-    want = {f"{JOB_ENV}={jid}".encode(), f"{NODE_ENV}={node_rank}".encode()}
+    want = _markers(jid, node_rank)
     me = os.getpid()
     found: list[int] = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                env = set(f.read().split(b"\0"))
-        except OSError:
-            continue
-        if want <= env and alive(int(entry.name)):
+        if _carries(entry.name, want) and alive(int(entry.name)):
             found.append(int(entry.name))
     return sorted(found)
 

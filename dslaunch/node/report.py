@@ -21,7 +21,7 @@ def op_status(args: dict[str, Any]) -> dict[str, Any]:
     if not ndir.is_dir():
         return {"present": False, "agent": {"pid": None, "alive": False, "exit_code": None},
                 "ranks": [], "procs": len(job_processes(args["job_id"], args["node_rank"]))}  # fmt: skip
-    agent = agent_state(nd)
+    agent = agent_state(nd, args["job_id"], args["node_rank"])
     ranks = []
     for f in sorted(nd.ranks.glob("rank*.json")):
         r = read_json(f)

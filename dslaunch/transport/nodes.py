@@ -17,6 +17,16 @@ from dslaunch.wire.hosts import Node
 
 T = TypeVar("T")
 
+NODECTL = "dslaunch.node.ctl"
+# `python -m` puts the working directory first on sys.path: a `json.py` in the caller's directory
+# (local transport) or in the home directory (SSH) would be imported instead of the standard
+# library's. `-P` fixes that only from Python 3.11; this works on every version: `-c` adds ''
+# after site initialisation, so it is dropped here before anything else is imported.
+_SAFE_RUN = (
+    "import sys; sys.path[:1] == [''] and sys.path.pop(0); import runpy; del sys.argv[0]; "
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+)
+
 
 def connect(node: Node, opts: ConnectOptions) -> Transport:
     """The transport for a node: local for `localhost`, SSH for everything else."""
@@ -38,7 +48,8 @@ class NodeClient:
         self._lock = threading.Lock()
 
     def argv(self, op: str) -> list[str]:
-        return [self.python, "-m", "dslaunch.node.ctl", op]
+        """`python -m dslaunch.node.ctl OP`, without the working directory on sys.path."""
+        return [self.python, "-c", _SAFE_RUN, NODECTL, op]
 
     def call(self, op: str, args: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Run one op; decode its JSON answer or raise a RemoteError naming the host."""

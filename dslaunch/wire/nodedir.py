@@ -91,7 +91,3 @@ class NodeDir:
             if r.isdigit() and (ranks is None or int(r) in ranks):
                 out[int(r)] = p
         return dict(sorted(out.items()))
-
-    def create(self) -> None:
-        for d in (self.root, self.ranks, self.logs, self.elastic):
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
