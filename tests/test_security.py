@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from tests.conftest import Cli, job_pids
 
 ROOT = os.geteuid() == 0
 OTHER_UID = 65534  # nobody
+# Job ids here are unique to this run: `down` ends whatever carries a job id, on a shared machine too.
+RUN = uuid.uuid4().hex[:8]
 # The CLI as its console script runs it: the script's directory, not the working directory, on sys.path.
 CLI_ENTRY = "import sys; sys.path.pop(0); from dslaunch.cli import main; main(prog_name='dslaunch')"
 
@@ -33,7 +36,7 @@ CLI_ENTRY = "import sys; sys.path.pop(0); from dslaunch.cli import main; main(pr
 def _record(node_dir: Path, name: str = "default", python: str = sys.executable, port: int = 1) -> JobRecord:
     nodes = [NodeRecord(0, "localhost", "localhost", 1, 0, str(node_dir), "127.0.0.1")]
     front = FrontRecord("127.0.0.1", port, True, "generate", "m")
-    return JobRecord(name, "1", f"{name}-1", JobState.READY, 1, "tcp", "gloo", python, "127.0.0.1", 2, 3, nodes,
+    return JobRecord(name, RUN, f"{name}-{RUN}", JobState.READY, 1, "tcp", "gloo", python, "127.0.0.1", 2, 3, nodes,
                      command_timeout=30, front=front)  # fmt: skip
 
 
@@ -148,7 +151,7 @@ def test_down_spares_a_stale_agent_pid_reused_by_an_unrelated_process(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unrelated_session_leader: subprocess.Popen[bytes]
 ) -> None:
     """A stale record (as after a reboot) whose agent.pid now names someone else's session leader."""
-    job_dir = cli.work_dir / "default-1"
+    job_dir = cli.work_dir / f"default-{RUN}"
     job_dir.mkdir(mode=0o700)
     node_dir = job_dir / "node0"
     node_dir.mkdir(mode=0o700)
@@ -167,7 +170,7 @@ def test_nodectl_stop_spares_it_too(tmp_path: Path, unrelated_session_leader: su
     node_dir = tmp_path / "node0"
     node_dir.mkdir(mode=0o700)
     (node_dir / "agent.pid").write_text(str(unrelated_session_leader.pid))
-    code, out = _nodectl("stop", {"job_id": "stale-2", "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
+    code, out = _nodectl("stop", {"job_id": f"stale-{RUN}", "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
     assert code == 0 and out["found"] == 0 and out["survivors"] == [], out
     time.sleep(0.2)
     assert unrelated_session_leader.poll() is None
@@ -294,13 +297,13 @@ def test_start_refuses_a_job_directory_others_could_change(tmp_path: Path, case:
 
 @pytest.mark.parametrize("case", ["node-dir", "job-dir"])
 def test_stop_does_not_remove_a_directory_others_could_change(tmp_path: Path, case: str) -> None:
-    job_dir = tmp_path / "work" / "j-1"
+    job_dir = tmp_path / "work" / f"j-{RUN}"
     job_dir.mkdir(parents=True, mode=0o700)
     node_dir = job_dir / "node0"
     node_dir.mkdir(mode=0o700)
     (node_dir / "precious").write_text("x")
     (node_dir if case == "node-dir" else job_dir).chmod(0o777)
-    code, out = _nodectl("stop", {"job_id": "j-1", "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
+    code, out = _nodectl("stop", {"job_id": f"j-{RUN}", "node_rank": 0, "node_dir": str(node_dir), "grace": 1})
     assert code == 3 and "processes are stopped" in out["error"] and "writable by other users" in out["error"], out
     assert (node_dir / "precious").exists()
 
@@ -315,7 +318,7 @@ def test_a_json_py_in_the_working_directory_is_never_imported(
     marker = tmp_path / "imported"
     (cwd / "json.py").write_text(f"open({str(marker)!r}, 'a').write('imported\\n')\nfrom_cwd = True\n")
     if argv[0] != "up":
-        node_dir = cli.work_dir / "default-1" / "node0"
+        node_dir = cli.work_dir / f"default-{RUN}" / "node0"
         _save(cli, _record(node_dir), monkeypatch)
     else:
         argv = [*argv, "--work-dir", str(cli.work_dir)]
