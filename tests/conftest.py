@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.simnodes import SimCluster, sshd_available
+from tests.simnodes import SimCluster, node_port, sshd_available
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,14 @@ def kill_marked(marker: str) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
     return pids
+
+
+def front_port() -> str:
+    """A `--port` for a job that restarts: after a restart the front listens again on the port it
+    had, and the default (7070, or the next free one) may have been taken meanwhile by a job that
+    some other test run on the machine started. This one is picked at random outside the range the
+    kernel hands out by itself."""
+    return str(node_port(["127.0.0.1"]))
 
 
 def job_dirs(work_dir: Path) -> list[str]:

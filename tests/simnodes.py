@@ -17,6 +17,7 @@ import fcntl
 import getpass
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -78,6 +79,36 @@ def free_port(addr: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
+def node_port(addrs: list[str]) -> int:
+    """A port free on every node address, outside the kernel's ephemeral range when it can be.
+
+    A node's sshd gives its port up when a test stops or cuts the node; an ephemeral port could be
+    handed meanwhile to any process's `bind(0)` or `connect` on the machine (a rank's store, a
+    client), and the node (or a test's stand-in listener) could then not take it back.
+    """
+    lo, hi = _ephemeral_ports()
+    ranges = [r for r in ((20000, lo), (hi + 1, 65536)) if r[1] - r[0] > 1000]
+    rng = random.SystemRandom()
+    for _ in range(200 if ranges else 0):
+        port = rng.randrange(*rng.choice(ranges))
+        try:
+            for addr in addrs:
+                with socket.socket() as s:
+                    s.bind((addr, port))
+        except OSError:
+            continue
+        return port
+    return free_port()
+
+
 def _wait_listening(addr: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,7 +155,7 @@ class SimCluster:
         self.ssh_dir = self.home / ".ssh"
         self.etc = root / "sshd"
         self.user, self.node_home = sim_login()  # who the nodes run commands as, and their HOME
-        port = free_port()
+        port = node_port([f"127.0.0.{first_ip + i}" for i in range(n)])
         self.nodes = [
             SimNode(f"node{i}", f"127.0.0.{first_ip + i}", port, private_dirs=(private_dirs or {}).get(i, []))
             for i in range(n)

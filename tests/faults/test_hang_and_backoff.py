@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dslaunch.client import Client, FrontError
-from tests.conftest import Cli, job_pids, status_json, wait_status
+from tests.conftest import Cli, front_port, job_pids, status_json, wait_status
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -33,7 +33,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_a_stopped_rank_is_declared_hung_and_the_job_restarts(sim: SimCluster, cli: Cli) -> None:
-    up = cli.up("-H", str(sim.hostfile(slots=1)), "--hang-timeout", "4", "--heartbeat", "1")
+    up = cli.up("-H", str(sim.hostfile(slots=1)), "--hang-timeout", "4", "--heartbeat", "1", "--port", front_port())
     assert up.returncode == 0, up.stdout + up.stderr
     st = status_json(cli)
     victim = st["ranks"][1]["pid"]
@@ -92,6 +92,7 @@ def test_repeated_crashes_back_off_and_status_keeps_the_reason(sim: SimCluster, 
     up = cli.up(
         "-H", str(sim.hostfile(slots=1)), "--handler", "flaky_handler:Flaky", "--max-restarts", "3",
         "--restart-backoff", "1", "--env", f"PYTHONPATH={tmp_path}", "--env", f"FLAKY_MARKER={marker}",
+        "--port", front_port(),
     )  # fmt: skip
     assert up.returncode == 0, up.stdout + up.stderr
     st = status_json(cli)
