@@ -18,6 +18,7 @@ import pytest
 from tests.simnodes import SimCluster, node_port, sshd_available
 
 REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["Hello world", "Tensor parallel layers shard"]
 
 
 def job_pids(marker: str) -> list[int]:
@@ -105,6 +106,20 @@ def wait_status(cli: Cli, pred: Callable[[dict[str, Any]], bool], timeout: float
     return st
 
 
+def plain_generate(model_dir: Path, prompts: list[str], k: int) -> list[str]:
+    """The plain transformers model in this process: greedy, one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out
+
+
 def local_job(tmp_path_factory: pytest.TempPathFactory, *up_args: str) -> Iterator[tuple[Cli, dict[str, Any]]]:
     """A localhost job for a whole module (no sshd): yields the CLI runner and the job record."""
     tmp = tmp_path_factory.mktemp("job")
@@ -141,7 +156,9 @@ def sim3(tmp_path: Path) -> Iterator[SimCluster]:
     yield from _sim(tmp_path, 3)
 
 
-def _sim(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
+@contextlib.contextmanager
+def sim_nodes(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
+    """`n` simulated nodes under `tmp_path/sim`, stopped on the way out (skips without sshd)."""
     if not sshd_available():
         if os.environ.get("CI"):
             pytest.fail("sshd is not installed (apt-get install openssh-server)")
@@ -151,6 +168,28 @@ def _sim(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def _sim(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
+    with sim_nodes(tmp_path, n, **kw) as cluster:
+        yield cluster
+
+
+def ssh_job(
+    tmp_path_factory: pytest.TempPathFactory, *up_args: str, nodes: int = 2, slots: int = 1
+) -> Iterator[tuple[SimCluster, Cli, subprocess.CompletedProcess[str]]]:
+    """A job on simulated nodes for a whole module, for tests that only read it or put back what
+    they change: yields the nodes, the CLI runner and what `up` printed (it must have succeeded)."""
+    tmp = tmp_path_factory.mktemp("sshjob")
+    with sim_nodes(tmp, nodes) as cluster:
+        (tmp / "work").mkdir()
+        cli = Cli(cluster.env(), tmp / "work")
+        try:
+            res = cli.up("-H", str(cluster.hostfile(slots=slots)), *up_args)
+            assert res.returncode == 0, res.stdout + res.stderr
+            yield cluster, cli, res
+        finally:
+            _guard(cli)
 
 
 @pytest.fixture
