@@ -47,20 +47,22 @@ def test_a_remote_command_runs_without_the_machines_shell_start_up_files(
     root = os.geteuid() == 0 and sim.user == SIM_USER
     if not root and Path(me.pw_shell).name not in ("sh", "dash", "bash"):
         pytest.skip(f"not root and the login shell is {me.pw_shell}: only bash's ~/.bashrc is kept out")
-    markers: list[Path] = []
+    planted: list[Path] = []  # files and directories, removed afterwards (deepest first)
     if root:  # the home is the suite's own: plant start-up files that would leave a trace if run
         for name in RC_FILES:
             rc = sim.node_home / name
-            rc.parent.mkdir(mode=0o700, exist_ok=True)
+            if not rc.parent.exists():
+                rc.parent.mkdir(mode=0o700)
+                planted.append(rc.parent)
             ran = tmp_path / f"ran{name.replace('/', '_')}"
             rc.write_text(f"export DSLAUNCH_RC_MARKER={name}\ntouch {shlex.quote(str(ran))}\n")
-            markers.append(rc)
+            planted.append(rc)
     try:
         # $0: the login shell sshd ran the command line through
         out = _run(sim, monkeypatch, 'echo "$0"; id -u; env')
     finally:
-        for rc in markers:
-            rc.unlink()
+        for path in reversed(planted):
+            path.rmdir() if path.is_dir() else path.unlink()
     lines = out.splitlines()
     env = _env("\n".join(lines[2:]))
     assert "DSLAUNCH_RC_MARKER" not in env, f"{env['DSLAUNCH_RC_MARKER']} was run"
