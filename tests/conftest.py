@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.simnodes import SimCluster, sshd_available
+from tests.simnodes import SimCluster, node_port, sshd_available
 
 REPO = Path(__file__).resolve().parent.parent
+PROMPTS = ["Hello world", "Tensor parallel layers shard"]
 
 
 def job_pids(marker: str) -> list[int]:
@@ -38,6 +39,14 @@ def kill_marked(marker: str) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
     return pids
+
+
+def front_port() -> str:
+    """A `--port` for a job that restarts: after a restart the front listens again on the port it
+    had, and the default (7070, or the next free one) may have been taken meanwhile by a job that
+    some other test run on the machine started. This one is picked at random outside the range the
+    kernel hands out by itself."""
+    return str(node_port(["127.0.0.1"]))
 
 
 def job_dirs(work_dir: Path) -> list[str]:
@@ -87,14 +96,50 @@ def status_json(cli: Cli, name: str = "default") -> dict[str, Any]:
     return json.loads(res.stdout)
 
 
+def _state_files(work_dir: Path) -> set[tuple[str, int, int]]:
+    """The files on the nodes that change with a job's state, with their mtime and size: the ranks'
+    status files and the agents' pid and exit files (not the front's, rewritten every second)."""
+    out = set()
+    for pattern in ("*/node*/ranks/*.json", "*/node*/agent.pid", "*/node*/agent.exit"):
+        for p in work_dir.glob(pattern):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                out.add((str(p), st.st_mtime_ns, st.st_size))
+    return out
+
+
 def wait_status(cli: Cli, pred: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
-    """Poll `status --json` until `pred` holds (or the time-out); returns the last status."""
+    """Ask `status --json` until `pred` holds (or the time-out); returns the last status.
+
+    Each `status` is a process and an SSH round to every node, costly on a small machine where
+    the ranks being waited for need the CPU: ask again when a state file of the job changed (the
+    simulated nodes share this file system), or every 2 s for what leaves no file (a lost node).
+    """
     deadline = time.monotonic() + timeout
+    seen = _state_files(cli.work_dir)
     st = status_json(cli)
     while not pred(st) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        ask_by = min(deadline, time.monotonic() + 2)
+        time.sleep(0.2)
+        while (now := _state_files(cli.work_dir)) == seen and time.monotonic() < ask_by:
+            time.sleep(0.1)
+        seen = now
         st = status_json(cli)
     return st
+
+
+def plain_generate(model_dir: Path, prompts: list[str], k: int) -> list[str]:
+    """The plain transformers model in this process: greedy, one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out
 
 
 def local_job(
@@ -139,7 +184,9 @@ def sim3(tmp_path: Path) -> Iterator[SimCluster]:
     yield from _sim(tmp_path, 3)
 
 
-def _sim(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
+@contextlib.contextmanager
+def sim_nodes(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
+    """`n` simulated nodes under `tmp_path/sim`, stopped on the way out (skips without sshd)."""
     if not sshd_available():
         if os.environ.get("CI"):
             pytest.fail("sshd is not installed (apt-get install openssh-server)")
@@ -149,6 +196,28 @@ def _sim(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+def _sim(tmp_path: Path, n: int, **kw: object) -> Iterator[SimCluster]:
+    with sim_nodes(tmp_path, n, **kw) as cluster:
+        yield cluster
+
+
+def ssh_job(
+    tmp_path_factory: pytest.TempPathFactory, *up_args: str, nodes: int = 2, slots: int = 1
+) -> Iterator[tuple[SimCluster, Cli, subprocess.CompletedProcess[str]]]:
+    """A job on simulated nodes for a whole module, for tests that only read it or put back what
+    they change: yields the nodes, the CLI runner and what `up` printed (it must have succeeded)."""
+    tmp = tmp_path_factory.mktemp("sshjob")
+    with sim_nodes(tmp, nodes) as cluster:
+        (tmp / "work").mkdir()
+        cli = Cli(cluster.env(), tmp / "work")
+        try:
+            res = cli.up("-H", str(cluster.hostfile(slots=slots)), *up_args)
+            assert res.returncode == 0, res.stdout + res.stderr
+            yield cluster, cli, res
+        finally:
+            _guard(cli)
 
 
 @pytest.fixture

@@ -2,13 +2,22 @@
 
 Everything lives in a throw-away directory: host key, user key, known_hosts, ssh_config (with an
 alias `nodeI` per node) and a HOME that points at them. Used by the test suite and the benchmarks.
+
+The nodes do not depend on the machine's shell start-up files: sshd runs every command through the
+login's shell, and a user's ~/.bashrc (pyenv, conda, ...) can be slow, print, or wait on a lock a
+killed session left behind. As root the nodes are reached as `dslaunch-sim`, a second name for
+uid 0 (same file permissions) whose shell is /bin/sh and whose home is an empty directory of its
+own; otherwise as the current user, with sshd setting SHLVL=1 so that bash skips ~/.bashrc.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
 import os
+import pwd
+import random
 import shutil
 import signal
 import socket
@@ -19,15 +28,85 @@ from pathlib import Path
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
+# The login the nodes are reached as when the tests run as root. sshd takes HOME and the shell
+# from the passwd entry, so the home is one fixed directory; nothing needs to be in it (keys are
+# given by IdentityFile and AuthorizedKeysFile, the job's files go to --work-dir).
+SIM_USER = "dslaunch-sim"
+SIM_HOME = Path("/var/lib/dslaunch-sim")
+SIM_SHELL = "/bin/sh"
+
 
 def sshd_available() -> bool:
     return Path(SSHD).exists() and shutil.which("ssh-keygen") is not None
+
+
+def _sim_user_ok(name: str) -> bool:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return (pw.pw_uid, pw.pw_gid, pw.pw_dir, pw.pw_shell) == (0, 0, str(SIM_HOME), SIM_SHELL)
+
+
+def sim_login() -> tuple[str, Path]:
+    """The user the nodes are reached as, and the HOME its commands get there.
+
+    As root: `SIM_USER` (uid 0, gid 0, /bin/sh, `SIM_HOME`), created or corrected here when needed.
+    Otherwise, or without useradd: the current user and their own home.
+    """
+    if os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("usermod")):
+        return getpass.getuser(), Path(pwd.getpwuid(os.getuid()).pw_dir)
+    SIM_HOME.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(SIM_HOME.parent / f".{SIM_USER}.lock", "w") as lock:  # several test processes at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _sim_user_ok(SIM_USER):
+            # -o: a second name for uid 0; -p '*': no password, but not locked ('!'), which sshd
+            # without PAM would refuse even for a key.
+            flags = ["-o", "-u", "0", "-g", "0", "-d", str(SIM_HOME), "-s", SIM_SHELL, "-p", "*", SIM_USER]
+            try:
+                pwd.getpwnam(SIM_USER)
+                subprocess.run(["usermod", *flags], check=True, capture_output=True)
+            except KeyError:
+                subprocess.run(["useradd", "-M", *flags], check=True, capture_output=True)
+    if not _sim_user_ok(SIM_USER):
+        raise RuntimeError(f"could not set up the login {SIM_USER!r} for the simulated nodes")
+    return SIM_USER, SIM_HOME
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return lo, hi
+
+
+def node_port(addrs: list[str]) -> int:
+    """A port free on every node address, outside the kernel's ephemeral range when it can be.
+
+    A node's sshd gives its port up when a test stops or cuts the node; an ephemeral port could be
+    handed meanwhile to any process's `bind(0)` or `connect` on the machine (a rank's store, a
+    client), and the node (or a test's stand-in listener) could then not take it back.
+    """
+    lo, hi = _ephemeral_ports()
+    ranges = [r for r in ((20000, lo), (hi + 1, 65536)) if r[1] - r[0] > 1000]
+    rng = random.SystemRandom()
+    for _ in range(200 if ranges else 0):
+        port = rng.randrange(*rng.choice(ranges))
+        try:
+            for addr in addrs:
+                with socket.socket() as s:
+                    s.bind((addr, port))
+        except OSError:
+            continue
+        return port
+    return free_port()
 
 
 def _wait_listening(addr: str, port: int, timeout: float = 10.0) -> None:
@@ -75,8 +154,8 @@ class SimCluster:
         self.home = root / "home"
         self.ssh_dir = self.home / ".ssh"
         self.etc = root / "sshd"
-        self.user = getpass.getuser()
-        port = free_port()
+        self.user, self.node_home = sim_login()  # who the nodes run commands as, and their HOME
+        port = node_port([f"127.0.0.{first_ip + i}" for i in range(n)])
         self.nodes = [
             SimNode(f"node{i}", f"127.0.0.{first_ip + i}", port, private_dirs=(private_dirs or {}).get(i, []))
             for i in range(n)
@@ -123,6 +202,9 @@ class SimCluster:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
             "PermitRootLogin prohibit-password\nStrictModes no\nMaxSessions 64\nMaxStartups 64\n"
             "LogLevel ERROR\nPrintMotd no\nAcceptEnv none\n"
+            # no ~/.ssh/rc; and bash (when it is the login's shell) reads ~/.bashrc for a command
+            # from sshd only at SHLVL < 2: it counts this 1 up to 2
+            "PermitUserRC no\nPermitUserEnvironment no\nSetEnv SHLVL=1\n"
         )
         return conf
 

@@ -2,23 +2,66 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, job_dirs, job_pids, rank_hook, status_json
+from tests.conftest import PROMPTS, Cli, job_dirs, job_pids, plain_generate, rank_hook, ssh_job, status_json
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
 
 
-@pytest.mark.parametrize("method", ["tcp", "file", "env"])
-def test_up_status_down_two_nodes(sim: SimCluster, cli: Cli, tmp_path: Path, method: str) -> None:
-    hosts = sim.hostfile(slots=2)
-    extra = ["--rdzv-dir", str(tmp_path)] if method == "file" else []
-    res = cli.up("--hostfile", str(hosts), "--init-method", method, "--timeout", "120", *extra)
-    assert res.returncode == 0, res.stdout + res.stderr
+def _pids_of(command: str) -> list[tuple[int, str]]:
+    """(pid, command line and environment) of each process whose command line has `command`."""
+    out = subprocess.run(["ps", "axeww", "-o", "pid=,args="], capture_output=True, text=True).stdout
+    rows = [line.strip().split(None, 1) for line in out.splitlines()]
+    return [(int(r[0]), r[1]) for r in rows if len(r) == 2 and command in r[1] and int(r[0]) != os.getpid()]
+
+
+@dataclass
+class FourRanks:
+    sim: SimCluster
+    cli: Cli
+    up: subprocess.CompletedProcess[str]
+    method: str
+    rdzv_dir: Path
+
+
+@pytest.fixture(scope="module", params=["tcp", "file", "env"])
+def four(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FourRanks]:
+    """Two nodes with two slots each, per init method; the tests below take turns on the one job:
+    serving first, then status, logs and `down` (which ends it)."""
+    method = request.param
+    rdzv = tmp_path_factory.mktemp("rdzv")
+    extra = ["--rdzv-dir", str(rdzv)] if method == "file" else []
+    job = ssh_job(tmp_path_factory, "--init-method", method, "--timeout", "180", *extra, slots=2)
+    for sim, cli, up in job:
+        yield FourRanks(sim, cli, up, method, rdzv)
+
+
+def test_four_ranks_generate_like_the_plain_model(four: FourRanks) -> None:
+    """World size 4 (2 nodes x 2 slots) answers token for token like the plain model."""
+    from dslaunch.engine.tinymodel import NAME
+
+    cli = four.cli
+    q = cli("query", *PROMPTS, "-k", "12", "--json")
+    assert q.returncode == 0, q.stderr
+    got = [r["text"] for r in json.loads(q.stdout)["results"]]
+    assert got == plain_generate(cli.work_dir / "models" / NAME, PROMPTS, 12)
+    health = json.loads(cli("query", "--health", "--deep").stdout)
+    assert health["world_size"] == 4 and len(health["ranks"]) == 4
+    st = json.loads(cli("status", "--json").stdout)
+    assert st["front"]["ready"] and st["front"]["address"].startswith("127.0.0.1:")
+
+
+def test_up_status_down_two_nodes(four: FourRanks) -> None:
+    cli, method, tmp_path, res = four.cli, four.method, four.rdzv_dir, four.up
     assert "ready" in res.stdout
 
     st = status_json(cli)
@@ -55,13 +98,67 @@ def test_up_status_down_two_nodes(sim: SimCluster, cli: Cli, tmp_path: Path, met
     assert gone.returncode != 0 and "no job named 'default'" in gone.stderr
 
 
-def test_second_up_with_live_name_is_refused(sim: SimCluster, cli: Cli) -> None:
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimCluster, Cli]]:
+    """One job (two nodes, one slot each) for the tests that only look at it or put back what they
+    change; the last of them takes it down."""
+    for sim, cli, _ in ssh_job(tmp_path_factory):
+        yield sim, cli
+
+
+def test_second_up_with_live_name_is_refused(shared: tuple[SimCluster, Cli]) -> None:
+    sim, cli = shared
     hosts = sim.hostfile(slots=1)
-    assert cli.up("-H", str(hosts)).returncode == 0
     res = cli.up("-H", str(hosts))
     assert res.returncode == 1
     assert "a job named 'default' already exists" in res.stderr
     assert status_json(cli)["state"] == "ready", "the refused up must not disturb the running job"
+
+
+def test_logs_follow_prefixes_ranks_and_stops_cleanly_on_ctrl_c(shared: tuple[SimCluster, Cli]) -> None:
+    import signal
+    import time
+
+    sim, cli = shared
+    proc = cli.popen("logs", "-f")
+    seen: set[str] = set()
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while len(seen) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            for rank in ("0", "1"):
+                if line.startswith(f"[rank {rank}] group ready"):
+                    seen.add(rank)
+        assert seen == {"0", "1"}
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # the node-side followers: started by these nodes' sshd (SSH_CONNECTION names node and port)
+    followers = [f"{n.addr} {n.port}" for n in sim.nodes]
+    deadline = time.monotonic() + 15
+    while (left := [p for p in _pids_of("dslaunch.node.ctl follow") if any(f in p[1] for f in followers)]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert left == [], "the node-side follower ends when the client goes away"
+
+
+def test_status_reports_an_unreachable_node(shared: tuple[SimCluster, Cli]) -> None:
+    """The last test of the shared job: the node comes back, and `down` ends the job."""
+    sim, cli = shared
+    sim.stop_node(sim.nodes[1])
+    try:
+        st = status_json(cli)
+        assert st["state"] == "degraded"
+        assert [n["reachable"] for n in st["nodes"]] == [True, False]
+        assert st["ranks"][0]["stage"] == "ready"
+    finally:
+        sim.start_node(sim.nodes[1])
+    assert cli("down").returncode == 0
 
 
 def test_unreachable_node_is_named_and_nothing_starts(sim: SimCluster, cli: Cli) -> None:
@@ -111,8 +208,6 @@ def test_unknown_host_key_refused_then_accepted(sim: SimCluster, cli: Cli) -> No
 
 
 def test_changed_host_key_refused_even_with_accept_new(sim: SimCluster, cli: Cli) -> None:
-    import subprocess
-
     other = sim.root / "otherkey"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
     pub = (other.with_suffix(".pub")).read_text().split()
@@ -168,19 +263,6 @@ def test_failing_rank_makes_up_fail_and_clean_everything(sim: SimCluster, cli: C
     assert cli("status").returncode != 0
 
 
-def test_status_reports_an_unreachable_node(sim: SimCluster, cli: Cli) -> None:
-    assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
-    sim.stop_node(sim.nodes[1])
-    try:
-        st = status_json(cli)
-        assert st["state"] == "degraded"
-        assert [n["reachable"] for n in st["nodes"]] == [True, False]
-        assert st["ranks"][0]["stage"] == "ready"
-    finally:
-        sim.start_node(sim.nodes[1])
-    assert cli("down").returncode == 0
-
-
 def test_localhost_without_sshd(cli: Cli) -> None:
     res = cli.up("-H", "hostfiles/localhost", "--init-method", "env")
     assert res.returncode == 0, res.stderr
@@ -189,31 +271,3 @@ def test_localhost_without_sshd(cli: Cli) -> None:
     jid = f"DSLAUNCH_JOB_ID=default-{st['run_id']}"
     assert cli("down").returncode == 0
     assert job_pids(jid) == []
-
-
-def test_logs_follow_prefixes_ranks_and_stops_cleanly_on_ctrl_c(sim: SimCluster, cli: Cli) -> None:
-    import signal
-    import subprocess
-    import time
-
-    assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
-    proc = cli.popen("logs", "-f")
-    seen: set[str] = set()
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        while len(seen) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            for rank in ("0", "1"):
-                if line.startswith(f"[rank {rank}] group ready"):
-                    seen.add(rank)
-        assert seen == {"0", "1"}
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=15)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", "dslaunch.node.ctl follow"], capture_output=True, text=True).stdout
-    assert left.strip() == "", "the node-side follower ends when the client goes away"

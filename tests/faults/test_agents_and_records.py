@@ -14,17 +14,16 @@ from tests.simnodes import SimCluster
 pytestmark = pytest.mark.ssh
 
 
-def _agent_pid(job_id: str, node_rank: int) -> int:
-    """The torchrun agent itself (the recorded pid is the shell that waits for it).
-
-    Matched by job id too: other jobs on the same machine have a node 1 as well.
-    """
+def _agent_pid(run_id: str, node_rank: int) -> int:
+    """This job's torchrun agent itself (the recorded pid is the shell that waits for it); only
+    this job's: other jobs on the machine (another test run) have agents too."""
     out = subprocess.run(["ps", "axeww", "-o", "pid=,args="], capture_output=True, text=True).stdout
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
         is_agent = "-m torch.distributed.run" in args and not args.startswith("/bin/sh")
-        words = args.split()
-        if is_agent and f"DSLAUNCH_NODE_RANK={node_rank}" in words and f"DSLAUNCH_JOB_ID={job_id}" in words:
+        words = set(args.split())
+        ours = {f"DSLAUNCH_JOB_ID=default-{run_id}", f"DSLAUNCH_NODE_RANK={node_rank}"} <= words
+        if is_agent and ours:
             return int(pid)
     raise AssertionError(f"no agent for node {node_rank}")
 
@@ -32,7 +31,7 @@ def _agent_pid(job_id: str, node_rank: int) -> int:
 def test_a_dead_agent_is_named_in_status_and_down_still_cleans_every_node(sim: SimCluster, cli: Cli) -> None:
     assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
     run_id = status_json(cli)["run_id"]
-    os.kill(_agent_pid(f"default-{run_id}", 1), signal.SIGKILL)
+    os.kill(_agent_pid(run_id, 1), signal.SIGKILL)
     st = wait_status(cli, lambda s: s["state"] != "ready")
     assert st["state"] == "degraded" and "node1" in st["reason"], st
     assert not st["nodes"][1]["agent_alive"] and st["nodes"][0]["agent_alive"]

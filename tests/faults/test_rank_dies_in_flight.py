@@ -16,7 +16,7 @@ import pytest
 
 from dslaunch.client import Client, FrontError
 from dslaunch.engine.tinymodel import NAME
-from tests.conftest import Cli, job_pids, status_json
+from tests.conftest import Cli, front_port, job_pids, status_json
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -38,7 +38,7 @@ def _reference(model_dir: Path, k: int) -> dict[str, str]:
 
 
 def test_every_request_gets_one_answer_and_clients_ride_through_the_restart(sim: SimCluster, cli: Cli) -> None:
-    res = cli.up("-H", str(sim.hostfile(slots=1)), "--timeout", "180")
+    res = cli.up("-H", str(sim.hostfile(slots=1)), "--timeout", "180", "--port", front_port())
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
     port = rec["front"]["port"]

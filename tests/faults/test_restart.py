@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cli, job_dirs, job_pids, rank_hook, status_json, wait_status
+from tests.conftest import Cli, front_port, job_dirs, job_pids, rank_hook, status_json, wait_status
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -22,7 +22,7 @@ def test_killed_rank_restarts_the_gang_and_rank0_stays_on_node0(
     extra = ["--rdzv-dir", str(tmp_path)] if method == "file" else []
     # node1 listed first in the hostfile sorts after node0 by address: the agent's own order differs
     hosts = sim.hostfile(slots=1, nodes=[sim.nodes[1], sim.nodes[0]])
-    assert cli.up("-H", str(hosts), "--init-method", method, *extra).returncode == 0
+    assert cli.up("-H", str(hosts), "--init-method", method, "--port", front_port(), *extra).returncode == 0
     st = status_json(cli)
     assert [r["host"] for r in st["ranks"]] == ["node1", "node0"]
     victim = st["ranks"][1]["pid"]
