@@ -7,6 +7,7 @@ group). Each phase is written to the rank's status file so `dslaunch status` can
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -36,11 +37,22 @@ class RankStatus:
         write_json_atomic(self.path, self.data)
 
 
+LOG_ROTATE_BYTES = 64 << 20
+
+
 def _redirect_output(node_dir: Path, rank: int) -> None:
-    """Append stdout/stderr to the rank's log (one file across restarts, with a marker line)."""
+    """Append stdout/stderr to the rank's log (one file across restarts, with a marker line).
+
+    A log over LOG_ROTATE_BYTES at start-up becomes rank<R>.log.1 (one generation kept), so
+    restarts never let it grow without bound.
+    """
     logs = node_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    fd = os.open(logs / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    path = logs / f"rank{rank}.log"
+    with contextlib.suppress(OSError):
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, logs / f"rank{rank}.log.1")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)
@@ -286,11 +298,12 @@ def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any,
     from dslaunch.serving.batcher import Batcher
     from dslaunch.serving.config import FrontConfig
     from dslaunch.serving.front import Front
+    from dslaunch.serving.openai_api import TextTools
     from dslaunch.serving.stats import Stats
     from dslaunch.wire.protocol import Limits
 
-    token_file = node_dir / "front.token"
-    token = token_file.read_text().strip() if token_file.exists() else None
+    secret = lambda name: (node_dir / name).read_text().strip() if (node_dir / name).exists() else None  # noqa: E731
+    token = secret("front.token")
     fcfg = FrontConfig(
         bind=serve.bind,
         port=serve.port,
@@ -304,13 +317,19 @@ def _start_front(serve: Any, engine: Any, ranks: list[dict[str, Any]], cfg: Any,
         max_queue=serve.max_queue,
         request_timeout=serve.request_timeout,
         idle_timeout=serve.idle_timeout,
+        max_connections=serve.max_connections,
+        max_inflight=serve.max_inflight,
+        write_timeout=serve.write_timeout,
         token=token or None,
+        nonce=secret("front.nonce") or None,
+        served_model_name=serve.served_model_name or Path(str(engine.name)).name,
     )
     stats = Stats()
     batcher = Batcher(fcfg, stats)
     info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
             "task": engine.task}  # fmt: skip
-    front = Front(fcfg, info, engine.check, batcher, stats, node_dir / "front.json")
+    text = TextTools.of(engine)
+    front = Front(fcfg, info, engine.check, batcher, stats, node_dir / "front.json", text)
     front.start()
     return front
 
