@@ -74,6 +74,14 @@ SERVE_OPTIONS = [
                  help="Default per-request time-out (a request may ask for less or more)."),
     click.option("--idle-timeout", type=float, default=300.0, show_default=True,
                  help="Seconds a client connection may stay silent with nothing in flight."),
+    click.option("--max-connections", type=int, default=512, show_default=True,
+                 help="Open client connections beyond which new ones get 'overloaded' (HTTP 429)."),
+    click.option("--max-inflight", type=int, default=16, show_default=True,
+                 help="Requests one connection may have running at once; reading pauses at the cap."),
+    click.option("--write-timeout", type=float, default=30.0, show_default=True,
+                 help="Seconds a client may take to read an answer before it is cut off."),
+    click.option("--served-model-name", default=None,
+                 help="Model id of the OpenAI-compatible API. Default: the model directory's name."),
     click.option("--max-new-tokens", type=int, default=1024, show_default=True,
                  help="Most tokens one prompt may ask for."),
     click.option("--heartbeat", "heartbeat_s", type=float, default=5.0, show_default=True,
@@ -421,6 +429,35 @@ def _ask(c: Any, texts: list[str], params: dict[str, Any], stream: bool, embed: 
         click.echo()
         return None
     return final
+
+
+@main.command()
+@_name_option
+@click.option(
+    "--local-port", type=int, default=8000, show_default=True, help="Port on 127.0.0.1 to listen on (0: any)."
+)
+def tunnel(name: str, local_port: int) -> None:
+    """Keep a local port forwarded to the job's front (over SSH when it listens on node 0's loopback).
+
+    \b
+    Examples:
+      dslaunch tunnel --local-port 8000 &
+      OPENAI_BASE_URL=http://127.0.0.1:8000/v1 python my_openai_script.py
+    """
+    from dslaunch import client as front_client
+
+    rec = state.require(name)
+
+    def ready(port: int) -> None:
+        console.print(f"forwarding 127.0.0.1:{port} to job {name!r}'s front; OPENAI_BASE_URL=http://127.0.0.1:{port}/v1"
+                      " (Ctrl-C to stop)")  # fmt: skip
+
+    try:
+        front_client.forward(rec, local_port, ready)
+    except OSError as e:
+        raise UserError(f"--local-port {local_port}: {e.strerror or e}") from None
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command("make-tiny-model")

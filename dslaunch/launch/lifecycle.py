@@ -224,6 +224,8 @@ def front_record(spec: JobSpec, plan: LaunchPlan) -> dict[str, Any]:
         "task": "custom" if spec.serve.handler else spec.serve.task,
         "model": spec.serve.handler or spec.serve.model or "tiny-llama (built in)",
         "token": token,
+        # the front proves it knows this before a client sends it the token (a squatter on the port cannot)
+        "nonce": secrets.token_urlsafe(24),
     }
 
 
@@ -304,6 +306,7 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
 
 def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progress) -> None:
     token = rec.extra.get("front", {}).get("token")
+    nonce = rec.extra.get("front", {}).get("nonce")
     # pre-flight found these free on node 0; the start checks them again
     ports = {"rendezvous port (--rdzv-port)": plan.rdzv_port}
     if plan.init_method in ("tcp", "env"):
@@ -312,7 +315,7 @@ def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progres
     def start(c: NodeClient) -> dict[str, Any]:
         np = plan.nodes[cluster.clients.index(c)]
         head = np.node_rank == 0
-        files = {"front.token": token} if token and head else {}
+        files = {k: v for k, v in (("front.token", token), ("front.nonce", nonce)) if v and head}
         return c.call(
             "start",
             {"job_id": plan.job_id, "node_rank": np.node_rank, "node_dir": np.node_dir,

@@ -17,4 +17,10 @@ class FrontConfig:
     max_queue: int = 256
     request_timeout: float = 300.0
     idle_timeout: float = 300.0
+    max_connections: int = 512  # beyond this a new connection gets `overloaded` (HTTP 429) and is closed
+    max_inflight: int = 16  # requests running at once on one connection; reading pauses at the cap
+    write_timeout: float = 30.0  # a client that does not take an answer within this is cut off
+    auth_timeout: float = 10.0  # a connection that must authenticate does so within this, fixed
     token: str | None = None
+    nonce: str | None = None  # proves to clients that this is their job's front (see `health` challenge)
+    served_model_name: str | None = None  # the model id of the HTTP API (default: the model dir's name)
