@@ -451,6 +451,7 @@ def tunnel(name: str, local_port: int) -> None:
     def ready(port: int) -> None:
         console.print(f"forwarding 127.0.0.1:{port} to job {name!r}'s front; OPENAI_BASE_URL=http://127.0.0.1:{port}/v1"
                       " (Ctrl-C to stop)")  # fmt: skip
+        sys.stdout.flush()
 
     try:
         front_client.forward(rec, local_port, ready)

