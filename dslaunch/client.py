@@ -13,14 +13,17 @@ growing pause. A request whose answer had started (a stream) or timed out is nev
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 import itertools
 import json
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from dslaunch.wire.protocol import UNAVAILABLE, encode
+from dslaunch.wire.protocol import UNAVAILABLE, encode, proof
 
 
 class Conn(Protocol):
@@ -56,9 +59,11 @@ class Client:
         retry_for: float = 60.0,
         connect: Callable[[], Conn] | None = None,
         cleanup: Callable[[], None] | None = None,
+        nonce: str | None = None,
     ) -> None:
         self.address = f"{host}:{port}"
         self.token = token
+        self.nonce = nonce  # the job's: each new connection checks the front knows it before the token goes
         self.timeout = timeout
         self.retry_for = retry_for
         self._connect = connect or (lambda: socket.create_connection((host, port), timeout=min(timeout, 10.0)))
@@ -153,9 +158,25 @@ class Client:
         if self._conn is None:
             self._conn = self._connect()
             self._conn.settimeout(self.timeout)
+            if self.nonce:
+                self._verify()
         self._conn.sendall(data)
 
-    def _read(self, rid: int) -> dict[str, Any]:
+    def _verify(self) -> None:
+        """Make the front prove it knows the job's nonce, so the token never reaches a squatter."""
+        assert self._conn is not None
+        challenge = secrets.token_hex(16)
+        self._conn.sendall(encode({"id": "verify", "op": "health", "challenge": challenge}))
+        answer = self._read("verify")
+        if not hmac.compare_digest(str(answer.get("proof")), proof(self.nonce or "", challenge)):
+            self.close()
+            raise FrontError(
+                "not_this_job",
+                f"whatever listens on {self.address} is not this job's front (it cannot prove the job's nonce); "
+                "the token was not sent",
+            )
+
+    def _read(self, rid: int | str) -> dict[str, Any]:
         """The next answer line for `rid` (lines for other ids, from an abandoned request, are skipped)."""
         assert self._conn is not None
         while True:
@@ -174,25 +195,86 @@ class Client:
 
 def for_job(rec: Any, timeout: float = 300.0, token: str | None = None) -> Client:
     """A client for a recorded job's front, through an SSH tunnel when it listens on a remote loopback."""
+    front = _front(rec)
+    label, connect, cleanup = connector(rec)
+    host, _, port = label.rpartition(":")
+    return Client(host, int(port), token or front.token, timeout, connect=connect, cleanup=cleanup,
+                  nonce=front.nonce)  # fmt: skip
+
+
+def _front(rec: Any) -> Any:
     from dslaunch.errors import UserError
-    from dslaunch.transport.base import ConnectOptions
-    from dslaunch.transport.nodes import connect
 
     front = rec.front
     if front is None:
         raise UserError(f"job {rec.name!r} has no front recorded (was it started by an older dslaunch?)")
+    return front
+
+
+def connector(rec: Any) -> tuple[str, Callable[[], Conn], Callable[[], None] | None]:
+    """Where a job's front is ("host:port", for messages), how to open a connection, and what closes
+    the SSH connection a tunnel runs over (None when it is reached directly)."""
+    from dslaunch.transport.base import ConnectOptions
+    from dslaunch.transport.nodes import connect
+
+    front = _front(rec)
     port, bind = int(front.port), front.bind
-    token = token or front.token
     node0 = rec.nodes[0].node()
     if front.loopback and not node0.is_local:
-        opts = ConnectOptions(rec.connect_timeout, rec.command_timeout, rec.accept_new_host_keys)
-        transport = connect(node0, opts)
+        transport = connect(node0, ConnectOptions(rec.connect_timeout, rec.command_timeout, rec.accept_new_host_keys))
         tunnel: Any = getattr(transport, "tunnel", None)
-        return Client(f"{node0.host} → {bind}", port, token, timeout,
-                      connect=lambda: tunnel(bind, port), cleanup=transport.close)  # fmt: skip
+        return f"{node0.host} → {bind}:{port}", lambda: tunnel(bind, port), transport.close
     host = bind
     if front.loopback:
         host = "127.0.0.1" if bind == "localhost" else bind
     elif bind in ("0.0.0.0", "::"):
         host = rec.nodes[0].address or node0.host
-    return Client(host, port, token, timeout)
+    return f"{host}:{port}", lambda: socket.create_connection((host, port), timeout=10.0), None
+
+
+def forward(rec: Any, local_port: int, ready: Callable[[int], None] | None = None) -> None:
+    """Forward 127.0.0.1:local_port to the job's front until interrupted (`dslaunch tunnel`).
+
+    Each local connection gets its own connection to the front (an SSH channel when tunnelled),
+    so HTTP clients such as curl or the openai package reach a node-0 loopback front.
+    """
+    import threading
+
+    _label, connect, cleanup = connector(rec)
+    server = socket.create_server(("127.0.0.1", local_port))
+    if ready is not None:
+        ready(server.getsockname()[1])
+    try:
+        while True:
+            local, _ = server.accept()
+            threading.Thread(target=_splice, args=(local, connect), daemon=True).start()
+    finally:
+        server.close()
+        if cleanup is not None:
+            cleanup()
+
+
+def _splice(local: socket.socket, connect: Callable[[], Conn]) -> None:
+    """Copy bytes both ways between a local connection and a new connection to the front."""
+    import threading
+
+    try:
+        remote = connect()
+    except Exception:
+        local.close()
+        return
+
+    def pump(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (src, dst):
+                with contextlib.suppress(Exception):
+                    end.close()
+
+    remote.settimeout(None)
+    threading.Thread(target=pump, args=(remote, local), daemon=True).start()
+    pump(local, remote)

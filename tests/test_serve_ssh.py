@@ -65,6 +65,20 @@ def test_embeddings_across_nodes_match_the_single_process_model(sim: SimCluster,
     assert (got - want).abs().max().item() < 1e-5
     sims = got @ got.T
     assert sims[0, 1] > sims[0, 2] + 0.3 and sims[0, 1] > sims[1, 2] + 0.3, "paraphrases score higher"
+    # the OpenAI-compatible route, through the official client: base64 (its default) and float
+    import openai
+
+    port = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())["front"]["port"]
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="loopback", max_retries=0)
+    model = oai.models.list().data[0].id
+    assert model == Path(model_dir).name
+    b64 = oai.embeddings.create(model=model, input=texts)
+    floats = oai.embeddings.create(model=model, input=texts, encoding_format="float")
+    assert [d.index for d in b64.data] == [0, 1, 2] and b64.usage.prompt_tokens > 0
+    assert (torch.tensor([d.embedding for d in b64.data]) - got).abs().max().item() < 1e-6
+    assert (torch.tensor([d.embedding for d in floats.data]) - got).abs().max().item() < 1e-6
+    one = oai.embeddings.create(model=model, input="hello", encoding_format="float")
+    assert len(one.data) == 1 and len(one.data[0].embedding) == 384
     text = cli("query", "--embed", "hello")
     assert text.returncode == 0 and "dim 384" in text.stdout
     wrong = cli("query", "Hello")

@@ -163,6 +163,36 @@ def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool) -> None:
         sys.exit(1)
 
 
+@main.command()
+@name_option
+@click.option(
+    "--local-port", type=int, default=8000, show_default=True, help="Port on 127.0.0.1 to listen on (0: any)."
+)
+def tunnel(name: str, local_port: int) -> None:
+    """Keep a local port forwarded to the job's front (over SSH when it listens on node 0's loopback).
+
+    \b
+    Examples:
+      dslaunch tunnel --local-port 8000 &
+      OPENAI_BASE_URL=http://127.0.0.1:8000/v1 python my_openai_script.py
+    """
+    from dslaunch import client as front_client
+
+    rec = state.require(name)
+
+    def ready(port: int) -> None:
+        console.print(f"forwarding 127.0.0.1:{port} to job {name!r}'s front; OPENAI_BASE_URL=http://127.0.0.1:{port}/v1"
+                      " (Ctrl-C to stop)")  # fmt: skip
+        sys.stdout.flush()
+
+    try:
+        front_client.forward(rec, local_port, ready)
+    except OSError as e:
+        raise UserError(f"--local-port {local_port}: {e.strerror or e}") from None
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False))
 def make_tiny_model(directory: str) -> None:

@@ -146,10 +146,35 @@ class UpView:
 QUERY_HINT = {"generate": 'query "Hello"', "embed": 'query --embed "Hello"', "custom": "query --infer '{...}'"}
 
 
+def http_base(address: str) -> str:
+    """The OpenAI-compatible base URL of a front listening on `address` (host:port)."""
+    host, _, port = address.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "localhost", "") else f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/v1"
+
+
+def http_hint(rec: JobRecord) -> str:
+    """OPENAI_BASE_URL and a curl line to paste; tunnelled when the front is on a remote loopback."""
+    front = rec.front
+    if front is None or front.task != "generate":
+        return ""
+    n = "" if rec.name == "default" else f" --name {rec.name}"
+    remote = front.loopback and rec.nodes and rec.nodes[0].host not in ("localhost", "127.0.0.1")
+    base = "http://127.0.0.1:8000/v1" if remote else http_base(front.address)
+    auth = ' -H "Authorization: Bearer $DSLAUNCH_TOKEN"' if front.token else ""
+    lines = [f"dslaunch tunnel{n} --local-port 8000 &   # node 0's loopback, forwarded over SSH"] if remote else []
+    lines += [
+        f"export OPENAI_BASE_URL={base}" + ("  OPENAI_API_KEY=$DSLAUNCH_TOKEN" if auth else ""),
+        f"curl {base}/completions{auth} -H 'Content-Type: application/json' "
+        """-d '{"prompt": "Hello", "max_tokens": 16}'""",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def up_summary(rec: JobRecord, seconds: float) -> Text:
     front = rec.front
     n = "" if rec.name == "default" else f" --name {rec.name}"
-    where = f"front {front.address} ({front.task}, {front.model})\n" if front else ""
+    where = f"front {front.address} ({front.task}, {front.model})\n" + http_hint(rec) if front else ""
     return Text.assemble(
         ("ready", "bold green"),
         f": job {rec.name!r} — {rec.world_size} ranks on {len(rec.nodes)} node(s), "
@@ -226,6 +251,7 @@ def front_line(f: dict[str, Any]) -> Text:
     return Text.assemble(
         ("front ", "bold"), plain(f"{f['address']} "), ready,
         plain(f"  {f.get('task')} · {f.get('model')}") + (" · token required" if f.get("auth") else ""),
+        plain(f"\n      HTTP (OpenAI-compatible) {http_base(f['address'])}"),
         f"\n      served {f.get('served', 0)} · errors {f.get('errors', 0)} · queue {f.get('queue', 0)}"
         f" · p50 {ms(f.get('p50_ms'))} · p99 {ms(f.get('p99_ms'))} · {f.get('tokens_per_s') or 0:g} tokens/s",
     )  # fmt: skip

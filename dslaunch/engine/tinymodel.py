@@ -21,7 +21,7 @@ CORPUS = [
 SEED = 1234
 MARKER = "dslaunch-tiny-model"
 # bumped whenever the built files change, so a cached copy of an older build is never reused
-NAME = "tiny-llama-v2"
+NAME = "tiny-llama-v3"
 
 
 def build_tokenizer():  # type: ignore[no-untyped-def]
@@ -41,9 +41,18 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# one line per message, then the assistant's turn: enough for /v1/chat/completions on the demo model
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def build(path: str | Path, heads: int = 4, layers: int = 2, hidden: int = 64) -> Path:

@@ -114,6 +114,7 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
 def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progress) -> None:
     """Start one detached agent per node; the front's token travels to node 0 on stdin."""
     token = rec.front.token if rec.front else None
+    nonce = rec.front.nonce if rec.front else None
     # pre-flight found these free on node 0; the start checks them again
     ports = {"rendezvous port (--rdzv-port)": plan.rdzv_port}
     if plan.init_method in ("tcp", "env"):
@@ -122,7 +123,7 @@ def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progres
     def start(c: NodeClient) -> dict[str, Any]:
         np = plan.nodes[cluster.clients.index(c)]
         head = np.node_rank == 0
-        files = {"front.token": token} if token and head else {}
+        files = {k: v for k, v in (("front.token", token), ("front.nonce", nonce)) if v and head}
         return c.call(
             "start",
             {"job_id": plan.job_id, "node_rank": np.node_rank, "node_dir": np.node_dir,

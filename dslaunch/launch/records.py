@@ -61,6 +61,7 @@ def front_record(spec: JobSpec, plan: LaunchPlan) -> FrontRecord:
         task="custom" if spec.serve.handler else spec.serve.task,
         model=spec.serve.handler or spec.serve.model or "tiny-llama (built in)",
         token=token,
+        nonce=secrets.token_urlsafe(24),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -32,10 +33,21 @@ class RankStatus:
         write_json_atomic(self.path, self.data)
 
 
+LOG_ROTATE_BYTES = 64 << 20
+
+
 def redirect_output(nd: NodeDir, rank: int) -> None:
-    """Append stdout/stderr to the rank's log (one file across restarts, with a marker line)."""
+    """Append stdout/stderr to the rank's log (one file across restarts, with a marker line).
+
+    A log over LOG_ROTATE_BYTES at start-up becomes rank<R>.log.1 (one generation kept), so
+    restarts never let it grow without bound.
+    """
     nd.logs.mkdir(parents=True, exist_ok=True)
-    fd = os.open(nd.rank_log(rank), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    path = nd.rank_log(rank)
+    with contextlib.suppress(OSError):
+        if path.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(path, path.with_name(f"{path.name}.1"))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(fd, 1)

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from dslaunch.rank.group import GroupConfig, leave_group
@@ -174,15 +175,17 @@ def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: Gr
     from dslaunch.serving.batcher import Batcher
     from dslaunch.serving.config import FrontConfig
     from dslaunch.serving.front import Front
+    from dslaunch.serving.openai_api import TextTools
     from dslaunch.serving.stats import Stats
 
-    token = nd.front_token.read_text().strip() if nd.front_token.exists() else None
-    fcfg = FrontConfig.from_serve(node.serve, token or None)
+    secret = lambda p: (p.read_text().strip() or None) if p.exists() else None  # noqa: E731
+    model_name = Path(str(engine.name)).name
+    fcfg = FrontConfig.from_serve(node.serve, secret(nd.front_token), secret(nd.front_nonce), model_name)
     stats = Stats()
     batcher = Batcher(fcfg, stats)
     info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
             "task": engine.task}  # fmt: skip
-    front = Front(fcfg, info, engine.check, batcher, stats, nd.front_status)
+    front = Front(fcfg, info, engine.check, batcher, stats, nd.front_status, TextTools.of(engine))
     front.start()
     return front
 

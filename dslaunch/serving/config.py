@@ -23,11 +23,19 @@ class FrontConfig:
     max_queue: int = _DEFAULTS.max_queue
     request_timeout: float = _DEFAULTS.request_timeout
     idle_timeout: float = _DEFAULTS.idle_timeout
+    max_connections: int = _DEFAULTS.max_connections  # beyond this a new connection gets `overloaded`, then close
+    max_inflight: int = _DEFAULTS.max_inflight  # requests running at once on one connection; reading pauses
+    write_timeout: float = _DEFAULTS.write_timeout  # a client that does not take an answer within this is cut off
+    auth_timeout: float = 10.0  # a connection that must authenticate does so within this, fixed
     token: str | None = None
+    nonce: str | None = None  # proves to clients that this is their job's front (see `health` challenge)
+    served_model_name: str | None = None  # the model id of the HTTP API (default: the model dir's name)
 
     @classmethod
-    def from_serve(cls, serve: ServeSpec, token: str | None) -> FrontConfig:
-        """The front's view of the job's serving flags; the token comes separately (a 0600 file)."""
+    def from_serve(
+        cls, serve: ServeSpec, token: str | None, nonce: str | None = None, model_name: str | None = None
+    ) -> FrontConfig:
+        """The front's view of the job's serving flags; token and nonce come separately (0600 files)."""
         return cls(
             bind=serve.bind,
             port=serve.port or DEFAULT_FRONT_PORT,
@@ -41,5 +49,10 @@ class FrontConfig:
             max_queue=serve.max_queue,
             request_timeout=serve.request_timeout,
             idle_timeout=serve.idle_timeout,
+            max_connections=serve.max_connections,
+            max_inflight=serve.max_inflight,
+            write_timeout=serve.write_timeout,
             token=token,
+            nonce=nonce,
+            served_model_name=serve.served_model_name or model_name,
         )

@@ -1,35 +1,45 @@
-"""Rank 0's socket front: an asyncio server in its own thread.
+"""Rank 0's socket front: an asyncio server in its own thread, two protocols on one port.
 
-It reads request lines, answers `health` and `stats` itself, and queues work for the batcher
-(`serving.batcher`), which rank 0's loop thread drains.
+A connection whose first byte is `{` speaks newline-delimited JSON (`serving.ndjson`); anything
+else is HTTP/1.1 with the OpenAI-compatible routes (`serving.http`). Both end in `Front.run`,
+which checks a request, queues it for the batcher (`serving.batcher`, drained by rank 0's loop
+thread) and yields its events. Limits shared by both: `--max-connections`, a fixed deadline for
+unauthenticated connections, `--max-inflight` per connection, a time-out on every write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import hmac
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from dslaunch.engine.base import OP_FOR_TASK
 from dslaunch.serving.batcher import STOPPING, Batcher, Pending
 from dslaunch.serving.config import FrontConfig
+from dslaunch.serving.metrics import Metrics
 from dslaunch.serving.stats import Stats
 from dslaunch.wire import protocol as P
 from dslaunch.wire.jsonio import write_json_atomic
 from dslaunch.wire.protocol import ProtocolError, Request
 
 DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients
+SNIFF_S = 1.0  # a refused connection waits this long for its first byte, to answer in its protocol
+MAX_TRACEBACKS = 20  # distinct `internal` tracebacks written to the rank log; later ones are counted only
 
 
 class Front:
-    """The asyncio TCP server on rank 0 (own thread): parse, authorise, queue, answer."""
+    """The asyncio TCP server on rank 0 (own thread): accept, sniff, authorise, queue, answer."""
 
     def __init__(
         self,
@@ -39,21 +49,28 @@ class Front:
         batcher: Batcher,
         stats: Stats,
         status_path: Path | None = None,
+        text: Any = None,
     ) -> None:
         self.cfg = cfg
         self.info = info  # world_size, ranks, restarts, model, task
         self.check = check
+        self.text = text  # chat template and token counts (serving.openai_api.TextTools), or None
         self.batcher = batcher
         self.stats = stats
+        self.metrics = Metrics()
         self.status_path = status_path
         self.accepting = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.address = f"{cfg.bind}:{cfg.port}"
+        self.connections = 0
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
-        self._requests: set[asyncio.Task[None]] = set()
+        self._requests: set[asyncio.Task[Any]] = set()
+        self._tracebacks: dict[str, int] = {}
+        self._trim_pending = False
+        self._checks = ThreadPoolExecutor(1, thread_name_prefix="dslaunch-check")
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> None:
@@ -86,6 +103,7 @@ class Front:
 
     def _thread(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(self._loop_error)
         try:
             self.loop.run_until_complete(self._main())
         except BaseException as e:
@@ -106,6 +124,7 @@ class Front:
                 await asyncio.wait(set(self._requests), timeout=DRAIN_S)
         finally:
             ticker.cancel()
+            self._checks.shutdown(wait=False)
             server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
@@ -115,7 +134,7 @@ class Front:
         deadline = time.monotonic() + patience
         while True:
             try:
-                return await asyncio.start_server(self._connection, self.cfg.bind, self.cfg.port, reuse_address=True)
+                return await asyncio.start_server(self._accept, self.cfg.bind, self.cfg.port, reuse_address=True)
             except OSError as e:
                 if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                     raise
@@ -142,6 +161,7 @@ class Front:
                     "served": snap["served"],
                     "errors": sum(snap["errors"].values()),
                     "queue": snap["queue"],
+                    "connections": self.connections,
                     "p50_ms": snap["latency_ms"]["p50"],
                     "p99_ms": snap["latency_ms"]["p99"],
                     "tokens_per_s": snap["tokens_per_s"],
@@ -150,76 +170,125 @@ class Front:
             )
 
     # -- connections ---------------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Conn(writer, authed=self.cfg.token is None)
-        lines = P.LineReader(self.cfg.limits.max_request_bytes)
-        tasks: set[asyncio.Task[None]] = set()
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: count it against --max-connections, sniff its protocol, serve it."""
+        from dslaunch.serving.http import serve_http
+        from dslaunch.serving.ndjson import serve_ndjson
+
+        if self.connections >= self.cfg.max_connections:
+            await self._refuse(reader, writer)
+            return
+        self.connections += 1
+        got = 0
+        try:
+            first = await asyncio.wait_for(self._sniff(reader), self.first_deadline())
+            got = len(first)
+            if first:
+                serve = serve_http if looks_like_http(first) else serve_ndjson
+                got += await serve(self, reader, writer, first)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            pass
+        except Exception:
+            self.log_internal("connection")
+        finally:
+            self.connections -= 1
+            writer.close()
+            if got > 1 << 20:
+                self.trim_memory()
+
+    @staticmethod
+    async def _sniff(reader: asyncio.StreamReader) -> bytes:
+        """The first bytes, enough to tell an HTTP request line from an NDJSON line."""
+        data = await reader.read(1 << 16)
+        while data and http_prefix(data):
+            more = await reader.read(1 << 16)
+            if not more:
+                break
+            data += more
+        return data
+
+    def first_deadline(self) -> float:
+        """Seconds a connection may take before its first full request when it must authenticate."""
+        return min(self.cfg.auth_timeout, self.cfg.idle_timeout) if self.cfg.token else self.cfg.idle_timeout
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Over --max-connections: answer `overloaded` (HTTP 429 to an HTTP client), then close."""
+        msg = f"{self.connections} connections open (--max-connections); retry later"
+        self.stats.failed(P.OVERLOADED)
+        self.metrics.refused += 1
+        try:
+            first = await asyncio.wait_for(reader.read(1), SNIFF_S)
+        except (asyncio.TimeoutError, ConnectionError, OSError):
+            first = b""
+        if first and (http_prefix(first) or looks_like_http(first)):
+            from dslaunch.serving.http import refusal
+
+            writer.write(refusal(429, msg))
+        else:
+            writer.write(P.encode(P.error(None, P.OVERLOADED, msg)))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.drain(), SNIFF_S)
+        writer.close()
+
+    def authorised(self, token: str | None) -> bool:
+        if self.cfg.token is None:
+            return True
+        return bool(token) and hmac.compare_digest(token.encode(), self.cfg.token.encode())  # type: ignore[union-attr]
+
+    def proof(self, challenge: str) -> str | None:
+        """HMAC of a client's challenge with the job's nonce: shows the client this is its job's front."""
+        return P.proof(self.cfg.nonce, challenge) if self.cfg.nonce else None
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Requests still answering when the front closes get DRAIN_S to finish."""
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
+
+    # -- work ----------------------------------------------------------------------------------
+    async def run(self, req: Request, jobs: set[Pending]) -> AsyncIterator[tuple[Any, ...]]:
+        """Queue one request and yield its events: ("chunk", index, text) ..., then ("done", results).
+
+        Raises ProtocolError for a refusal; one raised after the request was queued has `ran` set
+        (the work may have run: an HTTP client must not retry it by itself).
+        """
+        want = OP_FOR_TASK.get(self.info.get("task", ""), "")
+        if req.op != "health" and req.op != want:
+            raise ProtocolError(P.BAD_REQUEST, f"this job serves task {self.info.get('task')!r}: use op {want!r}")
+        if not self.accepting:
+            raise ProtocolError(P.UNAVAILABLE, self.batcher.why or "the job is not serving yet; retry")
+        assert self.loop is not None
+        if req.op != "health":
+            if self.text is not None:
+                self.text.precheck(req)
+            # off the event loop: it tokenizes, and waits while the engine holds the tokenizer. One
+            # thread: checks wait for the tokenizer's lock anyway, and one thread keeps one malloc arena
+            await self.loop.run_in_executor(self._checks, self.check, req)
+        job = Pending(req, self.loop)
+        self.batcher.submit(job)
+        jobs.add(job)
+        timeout = req.timeout or self.cfg.request_timeout
+        deadline = time.monotonic() + timeout
         try:
             while True:
-                # a connection with nothing in flight may idle for --idle-timeout, then it is closed
-                idle = self.cfg.idle_timeout if not tasks else None
                 try:
-                    data = await asyncio.wait_for(reader.read(1 << 16), idle)
+                    event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
-                    break
-                if not data:
-                    if tasks:  # half-closed (e.g. `nc` after its input): still answer what was asked
-                        await asyncio.wait(set(tasks))
-                    break
-                for line in lines.feed(data):
-                    if line is None:
-                        self.stats.failed(P.TOO_LARGE)
-                        limit = self.cfg.limits.max_request_bytes
-                        msg = f"request line over {limit} bytes (--max-request-bytes)"
-                        await conn.send(P.error(None, P.TOO_LARGE, msg))
-                        continue
-                    task = asyncio.ensure_future(self._request(conn, line))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    self._requests.add(task)
-                    task.add_done_callback(self._requests.discard)
-        except (ConnectionError, OSError):
-            pass
+                    raise _ran(ProtocolError(P.TIMEOUT, f"no answer within {timeout:g}s")) from None
+                if event[0] == "error":
+                    raise _ran(ProtocolError(event[1], event[2]))
+                if event[0] == "done":
+                    self.stats.answered(time.monotonic() - job.t0)
+                    self.metrics.latency(req.op, time.monotonic() - job.t0)
+                yield event
+                if event[0] == "done":
+                    return
         finally:
-            for job in conn.jobs:
-                job.cancelled = True  # the client is gone: stop generating for it
-            for task in tasks:
-                task.cancel()
-            writer.close()
+            # answered, timed out, client gone (a failed write) or task cancelled: no more rows for it
+            # (harmless when its batch is already over)
+            job.cancelled = True
+            jobs.discard(job)
 
-    async def _request(self, conn: _Conn, line: bytes) -> None:
-        rid = None
-        try:
-            req = P.parse_request(line, self.cfg.limits)
-            rid = req.id
-            await self._answer(conn, req)
-        except ProtocolError as e:
-            self.stats.failed(e.code)
-            await conn.send(P.error(e.id if rid is None else rid, e.code, e.message))
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        except Exception as e:
-            self.stats.failed(P.INTERNAL)
-            await conn.send(P.error(rid, P.INTERNAL, f"{type(e).__name__}: {e}"))
-
-    async def _answer(self, conn: _Conn, req: Request) -> None:
-        if self.cfg.token is not None and not conn.authed:
-            if not (req.token and hmac.compare_digest(req.token.encode(), self.cfg.token.encode())):
-                raise ProtocolError(P.UNAUTHORIZED, "this front needs the job's token")
-            if req.op == "auth":
-                conn.authed = True
-        if req.op == "auth":
-            await conn.send(P.ok(req.id))
-            return
-        if req.op == "stats":
-            await conn.send(P.ok(req.id, stats=self.stats.snapshot(self.batcher.depth, self.batcher.in_flight)))
-            return
-        if req.op == "health" and not req.deep:
-            await conn.send(P.ok(req.id, **self._health()))
-            return
-        await self._work(conn, req)
-
-    def _health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {
             "status": "ready" if self.accepting else "stopping",
             "world_size": self.info["world_size"],
@@ -231,64 +300,62 @@ class Front:
             "uptime_s": round(time.time() - self.stats.started, 1),
         }
 
-    async def _work(self, conn: _Conn, req: Request) -> None:
-        want = OP_FOR_TASK.get(self.info.get("task", ""), "")
-        if req.op != "health" and req.op != want:
-            raise ProtocolError(P.BAD_REQUEST, f"this job serves task {self.info.get('task')!r}: use op {want!r}")
-        if not self.accepting:
-            raise ProtocolError(P.UNAVAILABLE, self.batcher.why or "the job is not serving yet; retry")
-        if req.op != "health":
-            # off the event loop: it tokenizes, and waits while the engine holds the tokenizer
-            await asyncio.to_thread(self.check, req)
-        assert self.loop is not None
-        job = Pending(req, self.loop)
-        self.batcher.submit(job)
-        conn.jobs.add(job)
-        timeout = req.timeout or self.cfg.request_timeout
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    raise ProtocolError(P.TIMEOUT, f"no answer within {timeout:g}s") from None
-                if event[0] == "chunk":
-                    await conn.send(P.ok(req.id, index=event[1], chunk=event[2]))
-                elif event[0] == "error":
-                    raise ProtocolError(event[1], event[2])
-                else:
-                    self.stats.answered(time.monotonic() - job.t0)
-                    await conn.send(self._result(req, event[1]))
-                    return
-        finally:
-            # answered, timed out, client gone (a failed write) or task cancelled: no more rows for it
-            # (harmless when its batch is already over)
-            job.cancelled = True
-            conn.jobs.discard(job)
+    def deep_health(self, results: list[Any]) -> dict[str, Any]:
+        slowest = max(results, key=lambda r: r["ms"])
+        return {**self.health(), "deep": True, "ranks": results, "slowest_rank": slowest["rank"]}
 
-    def _result(self, req: Request, results: list[Any]) -> dict[str, Any]:
-        extra: dict[str, Any] = {"done": True} if req.stream else {}
-        if req.op == "health":
-            slowest = max(results, key=lambda r: r["ms"])
-            return P.ok(req.id, **self._health(), deep=True, ranks=results, slowest_rank=slowest["rank"])
-        if req.op == "embed":
-            dim = len(results[0])
-            return P.ok(req.id, dim=dim, **({"embedding": results[0]} if req.single else {"embeddings": results}))
-        if req.op == "generate" and req.single:
-            return P.ok(req.id, **results[0], **extra)
-        return P.ok(req.id, **({"result": results[0]} if req.single else {"results": results}), **extra)
+    # -- failures ------------------------------------------------------------------------------
+    def log_internal(self, where: str) -> str:
+        """Write the traceback of an unexpected error to the rank log, once per distinct place."""
+        etype, exc, tb = sys.exc_info()
+        frames = traceback.extract_tb(tb)[-3:]
+        key = f"{where}:{etype.__name__ if etype else '?'}:" + ";".join(f"{f.filename}:{f.lineno}" for f in frames)
+        seen = self._tracebacks.get(key, 0)
+        if seen == 0 and len(self._tracebacks) < MAX_TRACEBACKS:
+            print(f"front: internal error in {where} (later ones from here are counted, not printed):", flush=True)
+            traceback.print_exc(limit=20)
+            sys.stderr.flush()
+        if seen or len(self._tracebacks) < MAX_TRACEBACKS:
+            self._tracebacks[key] = seen + 1
+        self.stats.failed(P.INTERNAL)
+        return f"{etype.__name__ if etype else 'error'}: {str(exc)[:200]}"
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own reports (a callback that raised) are bounded like the front's."""
+        exc = context.get("exception")
+        key = f"loop:{type(exc).__name__}:{context.get('message', '')[:80]}"
+        if key not in self._tracebacks and len(self._tracebacks) < MAX_TRACEBACKS:
+            self._tracebacks[key] = 1
+            loop.default_exception_handler(context)
+
+    def trim_memory(self) -> None:
+        """Give freed heap back to the system after a client that sent a lot left (glibc only)."""
+        if self._trim_pending or self.loop is None:
+            return
+        self._trim_pending = True
+
+        def trim() -> None:
+            self._trim_pending = False
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+        self.loop.call_later(0.5, lambda: self.loop.run_in_executor(None, trim))  # type: ignore[union-attr]
 
 
-class _Conn:
-    """One client connection: its writer (sends are serialised), auth state and open requests."""
+_METHODS = (b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 
-    def __init__(self, writer: asyncio.StreamWriter, authed: bool) -> None:
-        self.writer = writer
-        self.authed = authed
-        self.lock = asyncio.Lock()
-        self.jobs: set[Pending] = set()
 
-    async def send(self, obj: dict[str, Any]) -> None:
-        async with self.lock:
-            self.writer.write(P.encode(obj))
-            await self.writer.drain()
+def looks_like_http(data: bytes) -> bool:
+    """An HTTP request line starts with a method; anything else (`{`, garbage) is NDJSON, which
+    answers each bad line with `bad_request` as before."""
+    return data.startswith(_METHODS)
+
+
+def http_prefix(data: bytes) -> bool:
+    """Too few bytes to tell yet: they could still become an HTTP method."""
+    return any(len(data) < len(m) and m.startswith(data) for m in _METHODS)
+
+
+def _ran(e: ProtocolError) -> ProtocolError:
+    e.ran = True
+    return e

@@ -74,6 +74,10 @@ class NodeDir:
     def front_token(self) -> Path:
         return self.root / "front.token"
 
+    @property
+    def front_nonce(self) -> Path:
+        return self.root / "front.nonce"
+
     def rank_status(self, rank: int) -> Path:
         return self.ranks / f"rank{rank}.json"
 

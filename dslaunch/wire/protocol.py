@@ -8,8 +8,11 @@ with a code from `ERROR_CODES`; a bad request never closes the connection.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,7 @@ class ProtocolError(Exception):
         self.code = code
         self.message = message
         self.id = id
+        self.ran = False  # set once the request was queued: its work may have run
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class Request:
     deep: bool = False
     timeout: float | None = None
     token: str | None = None
+    challenge: str | None = None  # health: proves the front knows this job's nonce
 
 
 _COMMON = {"id", "op", "token", "timeout"}
@@ -88,7 +93,7 @@ _FIELDS = {
     "generate": _COMMON | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"},
     "embed": _COMMON | {"input"},
     "infer": _COMMON | {"input"},
-    "health": _COMMON | {"deep"},
+    "health": _COMMON | {"deep", "challenge"},
     "stats": _COMMON,
     "auth": _COMMON,
 }
@@ -96,12 +101,62 @@ _FIELDS = {
 
 def parse_request(line: bytes | str, limits: Limits) -> Request:
     """Decode and validate one request line, or raise ProtocolError naming the field."""
+    return request_from(load_json(line), limits)
+
+
+def load_json(data: bytes | str) -> Any:
+    """json.loads that refuses what would break later: invalid UTF-8, lone surrogates, deep nesting.
+
+    JSON's `\\ud800` escape decodes to a str that cannot be encoded again; caught here, at parse
+    time, it is a `bad_request` instead of an exception while answering.
+    """
     try:
-        obj = json.loads(line)
+        obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(BAD_REQUEST, f"not valid JSON: {e}") from None
     except RecursionError:
         raise ProtocolError(BAD_REQUEST, "JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")):
+        _check_unicode(obj)
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(obj: Any) -> None:
+    """Raise bad_request (unauthorized for the token) if any string holds a lone surrogate."""
+    top = obj if isinstance(obj, dict) else {"": obj}
+    token = top.get("token")
+    rid = top.get("id")
+    rid = rid if isinstance(rid, int) or (isinstance(rid, str) and _valid(rid)) else None
+    if isinstance(token, str) and not _valid(token):
+        raise ProtocolError(UNAUTHORIZED, "'token' is not valid Unicode", rid)
+    for key, value in top.items():
+        stack = [key, value]
+        while stack:
+            o = stack.pop()
+            if isinstance(o, str):
+                if not _valid(o):
+                    where = f"field {key!r}" if _valid(key) else "a field name"
+                    raise ProtocolError(BAD_REQUEST, f"{where} is not valid Unicode (a lone surrogate)", rid)
+            elif isinstance(o, dict):
+                stack.extend(o.keys())
+                stack.extend(o.values())
+            elif isinstance(o, list):
+                stack.extend(o)
+
+
+def _valid(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def request_from(obj: Any, limits: Limits) -> Request:
+    """Validate a decoded request object (NDJSON, or one the HTTP front built)."""
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_REQUEST, "a request is a JSON object")
     rid = obj.get("id")
@@ -146,6 +201,10 @@ def _parse(obj: dict[str, Any], rid: Any, limits: Limits) -> Request:
             raise ProtocolError(BAD_REQUEST, f"'input' must have 1 to {limits.max_prompts} items")
     elif op == "health":
         req.deep = _bool(obj, "deep")
+        challenge = obj.get("challenge")
+        if challenge is not None and (not isinstance(challenge, str) or not 16 <= len(challenge) <= 128):
+            raise ProtocolError(BAD_REQUEST, "'challenge' must be a string of 16 to 128 characters")
+        req.challenge = challenge
     return req
 
 
@@ -209,8 +268,16 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
 
 
 def encode(obj: dict[str, Any]) -> bytes:
-    """One line on the wire."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    """One line on the wire; never raises for a str the encoder cannot write (it is escaped)."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
+
+
+def proof(nonce: str, challenge: str) -> str:
+    """What a front answers to a `health` challenge: only one that knows the job's nonce can."""
+    return hmac.new(nonce.encode(), challenge.encode(), hashlib.sha256).hexdigest()
 
 
 def ok(rid: Any, **fields: Any) -> dict[str, Any]:
@@ -232,22 +299,26 @@ class LineReader:
         self.limit = limit
         self.buf = bytearray()
         self.discarding = False
+        self.scanned = 0  # bytes of `buf` known to hold no newline: never searched twice
 
     def feed(self, data: bytes) -> list[bytes | None]:
         """Complete lines in order; None stands for a line that was too long."""
         out: list[bytes | None] = []
         self.buf += data
         while True:
-            nl = self.buf.find(b"\n")
+            nl = self.buf.find(b"\n", self.scanned)
             if nl < 0:
+                self.scanned = len(self.buf)
                 if len(self.buf) > self.limit:
                     if not self.discarding:
                         out.append(None)
                     self.discarding = True
                     self.buf.clear()
+                    self.scanned = 0
                 return out
             line = bytes(self.buf[:nl])
             del self.buf[: nl + 1]
+            self.scanned = 0
             if self.discarding:
                 self.discarding = False
             elif len(line) > self.limit:

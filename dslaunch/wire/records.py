@@ -39,6 +39,8 @@ class FrontRecord:
     task: str  # generate | embed | custom
     model: str
     token: str | None = field(default=None, repr=False)
+    # the front proves it knows this before a client sends it the token (a squatter on the port cannot)
+    nonce: str | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:

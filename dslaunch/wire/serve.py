@@ -19,6 +19,7 @@ TASKS = ("generate", "embed")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEFAULT_FRONT_PORT = 7070
 _HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_MODEL_NAME_RE = re.compile(r"^[\w.:/-]{1,128}$")
 
 
 MAX_BACKOFF_S = 60.0
@@ -63,6 +64,10 @@ class ServeSpec:
     max_request_bytes: int = 1 << 20
     request_timeout: float = 300.0
     idle_timeout: float = 300.0
+    max_connections: int = 512
+    max_inflight: int = 16
+    write_timeout: float = 30.0
+    served_model_name: str | None = None
     max_new_tokens: int = 1024
     heartbeat_s: float = 5.0
     hang_timeout: float = 120.0  # 0: never declare a rank hung
@@ -82,6 +87,8 @@ class ServeSpec:
             ("--max-queue", self.max_queue, 1),
             ("--max-request-bytes", self.max_request_bytes, 256),
             ("--max-new-tokens", self.max_new_tokens, 1),
+            ("--max-connections", self.max_connections, 1),
+            ("--max-inflight", self.max_inflight, 1),
         ):
             if value < lo:
                 raise UserError(f"{flag} {value}: must be at least {lo}")
@@ -90,6 +97,7 @@ class ServeSpec:
         for flag, value in (
             ("--request-timeout", self.request_timeout),
             ("--idle-timeout", self.idle_timeout),
+            ("--write-timeout", self.write_timeout),
             ("--heartbeat", self.heartbeat_s),
         ):
             positive_seconds(flag, value)
@@ -97,6 +105,10 @@ class ServeSpec:
             raise UserError(
                 f"--hang-timeout {self.hang_timeout:g}: must be 0 (off) or at least twice --heartbeat "
                 f"({2 * self.heartbeat_s:g} s), or an idle job would look hung"
+            )
+        if self.served_model_name is not None and not _MODEL_NAME_RE.match(self.served_model_name):
+            raise UserError(
+                f"--served-model-name {self.served_model_name!r}: 1 to 128 letters, digits and . _ - / : characters"
             )
         if self.token is not None and len(self.token) < 16:
             raise UserError("the front's token must have at least 16 characters")

@@ -1,0 +1,175 @@
+"""The NDJSON side of the front: one JSON request per line, answers matched by id.
+
+Limits: before the connection is authenticated (a request with the job's token, or `auth`) it is
+read one line at a time and closed after `unauthorized`, and it must authenticate within a fixed
+deadline that bytes do not extend. After that at most `--max-inflight` requests run at once; at
+the cap, reading pauses, so a client that never reads its answers holds a bounded amount of memory
+until the write time-out closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from dslaunch.serving.batcher import Pending
+from dslaunch.wire import protocol as P
+from dslaunch.wire.protocol import ProtocolError, Request
+
+if TYPE_CHECKING:
+    from dslaunch.serving.front import Front
+
+
+class Conn:
+    """One client connection: its writer (sends are serialised and timed), auth state and open jobs."""
+
+    def __init__(self, writer: asyncio.StreamWriter, authed: bool, write_timeout: float) -> None:
+        self.writer = writer
+        self.authed = authed
+        self.write_timeout = write_timeout
+        self.lock = asyncio.Lock()
+        self.jobs: set[Pending] = set()
+        self.closing = False
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        """Write one answer; a client that does not read it within --write-timeout is cut off."""
+        if self.closing:
+            raise ConnectionError("connection closing")
+        async with self.lock:
+            self.writer.write(P.encode(obj))
+            try:
+                await asyncio.wait_for(self.writer.drain(), self.write_timeout)
+            except asyncio.TimeoutError:
+                self.closing = True
+                self.writer.transport.abort()
+                raise ConnectionError("the client did not read its answers (--write-timeout)") from None
+
+
+async def serve_ndjson(front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes) -> int:
+    """Serve one NDJSON connection whose first bytes were already read; returns the bytes read."""
+    cfg = front.cfg
+    conn = Conn(writer, authed=cfg.token is None, write_timeout=cfg.write_timeout)
+    lines = P.LineReader(cfg.limits.max_request_bytes)
+    tasks: set[asyncio.Task[None]] = set()
+    auth_deadline = time.monotonic() + front.first_deadline()
+    data, total = first, len(first)
+    try:
+        while True:
+            for line in lines.feed(data):
+                if line is None:
+                    front.stats.failed(P.TOO_LARGE)
+                    front.metrics.request("ndjson", "?", P.TOO_LARGE)
+                    msg = f"request line over {cfg.limits.max_request_bytes} bytes (--max-request-bytes)"
+                    await conn.send(P.error(None, P.TOO_LARGE, msg))
+                    continue
+                req = await _admit(front, conn, line)
+                if conn.closing:
+                    return total
+                if req is None:
+                    continue
+                while len(tasks) >= cfg.max_inflight:  # at the cap: stop reading until one is answered
+                    await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+                task = asyncio.ensure_future(_request(front, conn, req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                front.track(task)
+            if not conn.authed:
+                wait: float | None = auth_deadline - time.monotonic()  # fixed: bytes do not extend it
+                if wait is not None and wait <= 0:
+                    break
+            else:
+                # a connection with nothing in flight may idle for --idle-timeout, then it is closed
+                wait = cfg.idle_timeout if not tasks else None
+            try:
+                data = await asyncio.wait_for(reader.read(1 << 16), wait)
+            except asyncio.TimeoutError:
+                break
+            total += len(data)
+            if not data:
+                if tasks:  # half-closed (e.g. `nc` after its input): still answer what was asked
+                    await asyncio.wait(set(tasks))
+                break
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        for job in conn.jobs:
+            job.cancelled = True  # the client is gone: stop generating for it
+        for task in tasks:
+            task.cancel()
+    return total
+
+
+async def _admit(front: Front, conn: Conn, line: bytes) -> Request | None:
+    """Parse and authorise one line; answers refusals itself (None). Unauthorised: close after."""
+    rid = None
+    try:
+        req = P.parse_request(line, front.cfg.limits)
+        rid = req.id
+        if not conn.authed:
+            if req.op == "health" and req.challenge and not req.token and not req.deep:
+                # before the token: a client checks that this is its job's front (and nothing else)
+                await conn.send(P.ok(req.id, proof=front.proof(req.challenge)))
+                return None
+            if not front.authorised(req.token):
+                raise ProtocolError(P.UNAUTHORIZED, "this front needs the job's token")
+            conn.authed = True
+        return req
+    except ProtocolError as e:
+        front.stats.failed(e.code)
+        front.metrics.request("ndjson", "?", e.code)
+        await conn.send(P.error(e.id if rid is None else rid, e.code, e.message))
+        if e.code == P.UNAUTHORIZED:
+            conn.closing = True
+        return None
+
+
+async def _request(front: Front, conn: Conn, req: Request) -> None:
+    """Answer one request; nothing raised here may escape (an `internal` answer is logged once)."""
+    try:
+        await _answer(front, conn, req)
+        front.metrics.request("ndjson", req.op, "ok")
+    except ProtocolError as e:
+        front.stats.failed(e.code)
+        front.metrics.request("ndjson", req.op, e.code)
+        with contextlib.suppress(ConnectionError, OSError):
+            await conn.send(P.error(req.id, e.code, e.message))
+    except (ConnectionError, OSError, asyncio.CancelledError):
+        pass
+    except Exception:
+        msg = front.log_internal(f"op {req.op}")
+        front.metrics.request("ndjson", req.op, P.INTERNAL)
+        with contextlib.suppress(Exception):
+            await conn.send(P.error(req.id, P.INTERNAL, msg))
+
+
+async def _answer(front: Front, conn: Conn, req: Request) -> None:
+    if req.op == "auth":
+        await conn.send(P.ok(req.id))
+        return
+    if req.op == "stats":
+        await conn.send(P.ok(req.id, stats=front.stats.snapshot(front.batcher.depth, front.batcher.in_flight)))
+        return
+    if req.op == "health" and not req.deep:
+        extra = {"proof": front.proof(req.challenge)} if req.challenge else {}
+        await conn.send(P.ok(req.id, **front.health(), **extra))
+        return
+    async with contextlib.aclosing(front.run(req, conn.jobs)) as events:
+        async for event in events:
+            if event[0] == "chunk":
+                await conn.send(P.ok(req.id, index=event[1], chunk=event[2]))
+            else:
+                await conn.send(_result(front, req, event[1]))
+
+
+def _result(front: Front, req: Request, results: list[Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = {"done": True} if req.stream else {}
+    if req.op == "health":
+        return P.ok(req.id, **front.deep_health(results))
+    if req.op == "embed":
+        dim = len(results[0])
+        return P.ok(req.id, dim=dim, **({"embedding": results[0]} if req.single else {"embeddings": results}))
+    if req.op == "generate" and req.single:
+        return P.ok(req.id, **results[0], **extra)
+    return P.ok(req.id, **({"result": results[0]} if req.single else {"results": results}), **extra)

@@ -1,0 +1,282 @@
+"""The OpenAI API's shapes: its request bodies turned into dslaunch requests, and results back.
+
+Fields dslaunch cannot honour (`n` > 1, `logprobs`, tools, penalties) get a 400 naming the field,
+never a silent ignore. Validation of what remains is the NDJSON protocol's own, so both paths
+accept exactly the same values.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from dslaunch.wire import protocol as P
+from dslaunch.wire.protocol import ProtocolError, Request
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
+           "logprobs", "user", "presence_penalty", "frequency_penalty", "logit_bias"}  # fmt: skip
+FIELDS = {
+    "completions": _COMMON | {"prompt", "echo", "best_of", "suffix"},
+    "chat": _COMMON
+    | {
+        "messages",
+        "max_completion_tokens",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "parallel_tool_calls",
+        "response_format",
+    },
+}
+# a value that does nothing is accepted; anything else is refused by name
+_NO_OP = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
+          "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+          "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "function_call": (None, "none"),
+          "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True)}  # fmt: skip
+_WHY = {
+    "n": "one choice per prompt",
+    "best_of": "one choice per prompt",
+    "echo": "no prompt echo",
+    "suffix": "no insertion",
+    "logprobs": "no log probabilities",
+    "top_logprobs": "no log probabilities",
+    "presence_penalty": "no penalties",
+    "frequency_penalty": "no penalties",
+    "logit_bias": "no logit bias",
+}
+_RENAME = {"'max_new_tokens'": "'max_tokens'", "'prompt'": "'prompt' (or 'messages')"}
+
+
+@dataclass
+class Ask:
+    """A parsed completion request: the dslaunch request and how to shape its answer."""
+
+    kind: str  # completions | chat
+    req: Request
+    model: str
+    include_usage: bool = False
+    messages: list[dict[str, Any]] | None = None  # chat: rendered with the template before queueing
+
+
+class TextTools:
+    """Rank 0's tokenizer, for the chat template and token counts (shared with the engine: locked)."""
+
+    def __init__(self, tok: Any, lock: Any, max_positions: int | None = None) -> None:
+        self.tok = tok
+        self.lock = lock
+        self.max_bytes: int | None = None
+        if max_positions:
+            # no token covers more than 4 bytes per character of its vocabulary string, so a prompt
+            # longer than this cannot fit, and is refused without tokenizing it (which costs memory)
+            longest = max((len(t) for t in tok.get_vocab()), default=1)
+            self.max_bytes = max_positions * 4 * max(longest, 1)
+
+    @classmethod
+    def of(cls, engine: Any) -> TextTools | None:
+        tok = getattr(engine, "tok", None)
+        if tok is None:
+            return None
+        limit = getattr(engine, "max_positions", None) if getattr(engine, "task", "") == "generate" else None
+        return cls(tok, getattr(engine, "tok_lock", None) or threading.Lock(), limit)
+
+    def precheck(self, req: Request) -> None:
+        """Refuse prompts that cannot fit the model before anything tokenizes them."""
+        if self.max_bytes is None or req.op != "generate":
+            return
+        for i, text in enumerate(req.inputs):
+            if isinstance(text, str) and len(text) > self.max_bytes // 4 and len(text.encode()) > self.max_bytes:
+                raise ProtocolError(P.BAD_REQUEST, f"prompt {i} is far longer than this model's context")
+
+    def chat(self, messages: list[dict[str, Any]]) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            raise ProtocolError(P.BAD_REQUEST, "this model has no chat template: use /v1/completions")
+        try:
+            with self.lock:
+                return str(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except Exception as e:  # jinja raises for conversations a template refuses
+            raise ProtocolError(P.BAD_REQUEST, f"the chat template refused these messages: {e}"[:500]) from None
+
+    def count(self, texts: list[str]) -> int:
+        with self.lock:
+            return sum(len(ids) for ids in self.tok(texts)["input_ids"])
+
+
+def model_card(name: str, created: float) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(created), "owned_by": "dslaunch"}
+
+
+def error_body(message: str, code: str, kind: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _bad(message: str, param: str | None = None) -> ProtocolError:
+    e = ProtocolError(P.BAD_REQUEST, message)
+    e.param = param  # type: ignore[attr-defined]
+    return e
+
+
+def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
+    """Validate a /v1/completions or /v1/chat/completions body."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    for key in body:
+        if key not in FIELDS[kind]:
+            raise _bad(f"unsupported field {key!r}", key)
+    for key, allowed in _NO_OP.items():
+        if key in body and body[key] not in allowed:
+            why = _WHY.get(key, "no tool or function calling")
+            raise _bad(f"{key!r} is not supported ({why}): leave it out", key)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _bad("'response_format' other than text is not supported", "response_format")
+    _check_model(body, model)
+    stream = body.get("stream") or False
+    opts = body.get("stream_options")
+    if opts is not None and (not stream or not isinstance(opts, dict) or set(opts) - {"include_usage"}):
+        raise _bad("'stream_options' takes {'include_usage': bool}, and only with 'stream': true", "stream_options")
+    obj: dict[str, Any] = {"id": uuid.uuid4().hex, "op": "generate", "stream": stream}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        obj["max_new_tokens"] = max_tokens
+    obj["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]  # OpenAI's default
+    for key in ("top_p", "seed", "stop"):
+        if body.get(key) is not None:
+            obj[key] = body[key]
+    messages = None
+    if kind == "chat":
+        messages = _messages(body.get("messages"))
+        obj["prompt"] = "(chat)"  # replaced by the rendered template
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
+            raise _bad("'prompt' as token ids is not supported: send text", "prompt")
+        obj["prompt"] = prompt
+    try:
+        req = P.request_from(obj, limits)
+    except ProtocolError as e:
+        for old, new in _RENAME.items():
+            e.message = e.message.replace(old, new)
+        raise
+    include = bool(opts and opts.get("include_usage"))
+    return Ask(kind, req, model, include, messages)
+
+
+def _check_model(body: dict[str, Any], model: str) -> None:
+    name = body.get("model")
+    if name is not None and name != model:
+        e = ProtocolError("model_not_found", f"the model {name!r} does not exist: this job serves {model!r}")
+        e.param = "model"  # type: ignore[attr-defined]
+        raise e
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise _bad("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _bad(f"'messages' item {i} needs a 'role'", "messages")
+        if set(m) - {"role", "content", "name"}:
+            extra = sorted(set(m) - {"role", "content", "name"})[0]
+            raise _bad(f"'messages' item {i}: {extra!r} is not supported (no tool calls)", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):  # fmt: skip
+                raise _bad(f"'messages' item {i}: only text content parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise _bad(f"'messages' item {i} needs text 'content'", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def embedding(body: Any, model: str, limits: P.Limits) -> tuple[Request, bool]:
+    """Validate a /v1/embeddings body: the request, and whether to answer in base64."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    for key in body:
+        if key not in {"model", "input", "encoding_format", "user", "dimensions"}:
+            raise _bad(f"unsupported field {key!r}", key)
+    if body.get("dimensions") is not None:
+        raise _bad("'dimensions' is not supported: the model's own size is returned", "dimensions")
+    _check_model(body, model)
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise _bad("'encoding_format' is 'float' or 'base64'", "encoding_format")
+    value = body.get("input")
+    if isinstance(value, list) and value and not all(isinstance(x, str) for x in value):
+        raise _bad("'input' as token ids is not supported: send text", "input")
+    req = P.request_from({"id": uuid.uuid4().hex, "op": "embed", "input": value}, limits)
+    return req, fmt == "base64"
+
+
+def embedding_body(vectors: list[list[float]], b64: bool, model: str, tokens: int) -> dict[str, Any]:
+    data = [{"object": "embedding", "index": i, "embedding": _b64(v) if b64 else v} for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _b64(vector: list[float]) -> str:
+    """float32 little-endian, as the official client decodes it (numpy.frombuffer, dtype float32)."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+class Shaper:
+    """Result and stream-chunk bodies of one completion request, in the OpenAI shapes."""
+
+    def __init__(self, ask: Ask) -> None:
+        self.ask = ask
+        self.chat = ask.kind == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + ask.req.id
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.ask.model}
+
+    @staticmethod
+    def usage(results: list[dict[str, Any]]) -> dict[str, int]:
+        prompt = sum(int(r.get("prompt_tokens", 0)) for r in results)
+        done = sum(int(r.get("tokens", 0)) for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    def result(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        choices = []
+        for i, r in enumerate(results):
+            finish = FINISH.get(r.get("finish_reason", ""), "stop")
+            if self.chat:
+                msg = {"role": "assistant", "content": r["text"]}
+                choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": finish})
+            else:
+                choices.append({"index": i, "text": r["text"], "logprobs": None, "finish_reason": finish})
+        return {**self._head(self.object), "choices": choices, "usage": self.usage(results)}
+
+    def chunk(self, index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            body = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            body = {**self._head("text_completion"), "choices": [choice]}
+        if self.ask.include_usage:
+            body["usage"] = None
+        return body
+
+    def finals(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The closing chunks: one per choice with its finish reason, then usage when asked for."""
+        out = [self.chunk(i, None, FINISH.get(r.get("finish_reason", ""), "stop")) for i, r in enumerate(results)]
+        if self.ask.include_usage:
+            obj = "chat.completion.chunk" if self.chat else "text_completion"
+            out.append({**self._head(obj), "choices": [], "usage": self.usage(results)})
+        return out
