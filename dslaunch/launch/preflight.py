@@ -42,6 +42,7 @@ class Facts:
     addresses: list[str]
     front_port: int | None = None
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def connect_options(spec: JobSpec) -> ConnectOptions:
@@ -83,7 +84,23 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
         for n, p in zip(nodes, probes, strict=True)
         if p.get("shell_s", 0) > SLOW_SHELL_S
     ]
-    return Facts(master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow))
+    notes = _launch_dir_note(spec, probes)
+    return Facts(
+        master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow), notes
+    )
+
+
+def _launch_dir_note(spec: JobSpec, probes: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Say where the ranks run: DeepSpeed's launch directory (first on PYTHONPATH) where it exists."""
+    if not spec.launch_dir:
+        return ()
+    missing = [n.host for n, p in zip(spec.nodes, probes, strict=True) if not p.get("launch_dir_exists")]
+    if len(missing) == len(spec.nodes):
+        return (f"the launch directory {spec.launch_dir} does not exist on the nodes: the ranks run in their node "
+                "directories",)  # fmt: skip
+    where = f"on every node but {', '.join(missing)}" if missing else "on every node"
+    return (f"the ranks run in {spec.launch_dir}, first on PYTHONPATH, {where} (as with DeepSpeed; --no-launch-dir "
+            "to leave it out)",)  # fmt: skip
 
 
 def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
@@ -97,6 +114,8 @@ def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
         args["front"] = {"bind": spec.serve.bind, "port": spec.serve.port}
     if spec.serve.model and spec.serve.model.startswith(("/", "~", ".")):
         args["model_dir"] = spec.serve.model
+    if spec.launch_dir:
+        args["launch_dir"] = spec.launch_dir
     out = c.call("probe", args, timeout=spec.connect_timeout + spec.command_timeout)
     out["address"] = c.transport.address()
     out["shell_s"] = shell_s

@@ -109,9 +109,15 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
         front = args.get("front")
         if front is not None:
             out.update(_front_port(front["bind"], front.get("port"), taken))
+    launch_dir = args.get("launch_dir")
+    out["launch_dir_exists"] = bool(launch_dir and os.path.isdir(launch_dir))
     model = args.get("model_dir")
-    if model and not (Path(os.path.expanduser(model)) / "config.json").is_file():
-        out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
+    if model:
+        # the ranks run in the launch directory where it exists: a relative path means the same there
+        base = Path(launch_dir) if out["launch_dir_exists"] else Path.cwd()
+        config = base / os.path.expanduser(model) / "config.json"
+        if not config.is_file():
+            out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
     work = args.get("work_dir")
     if work:
         d = Path(os.path.expanduser(work))
