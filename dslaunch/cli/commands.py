@@ -38,6 +38,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
 
     Rank 0 answers on a socket front (newline-delimited JSON; see 'dslaunch query').
     """
+    model_check = not serve_opts.pop("skip_model_check")
     serve = ServeSpec(**serve_opts, token=_read_token(token_file))
     nodes, notes = choose_nodes(hostfile, include, exclude, num_nodes, num_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     env = collect_user_env(os.environ, env_pairs, env_file)
@@ -46,7 +47,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         master_port=master_port, rdzv_port=rdzv_port, max_restarts=max_restarts, restart_backoff=restart_backoff,
         python=python,
         work_dir=work_dir, backend=backend, env=env.values, env_sources=env.sources, expand_env=env.expand,
-        launch_dir=None if no_launch_dir else os.getcwd(),
+        launch_dir=None if no_launch_dir else os.getcwd(), model_check=model_check,
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
         keep_logs=keep_logs, serve=serve,

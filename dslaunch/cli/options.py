@@ -169,6 +169,9 @@ SERVE_OPTIONS = [
     click.option("--dtype", type=click.Choice(DTYPES), default=_serve("dtype"), show_default=True,
                  help="auto: fp32 on CPU, the model's own half precision on GPU."),
     click.option("--kernel-inject", is_flag=True, help="DeepSpeed's fused GPU kernels instead of AutoTP."),
+    click.option("--skip-model-check", is_flag=True,
+                 help="Start even where pre-flight knows DeepSpeed's AutoTP shards this model family wrongly "
+                      "(a newer DeepSpeed may not); every rank still runs one forward before ready."),
     click.option("--handler", default=None, metavar="MODULE:CLASS",
                  help="Your own model code: load(ctx) and __call__(batch); importable on every node."),
     click.option("--shm-allreduce", is_flag=True,

@@ -101,12 +101,10 @@ def _no_interrupts() -> Iterator[None]:
 
 def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
     """The plan as far as it can be known without contacting a node, and what is still open."""
-    from dslaunch.transport.ssh import load_ssh_config
+    from dslaunch.transport.sshconfig import resolve
 
     head = spec.nodes[0]
-    addr = spec.master_addr or (
-        "127.0.0.1" if head.is_local else load_ssh_config(None).lookup(head.host).get("hostname", head.host)
-    )
+    addr = spec.master_addr or ("127.0.0.1" if head.is_local else resolve(head.host, head.user).hostname)
     backend = "gloo" if spec.backend == "auto" else spec.backend
     plan = make_plan(spec, "dryrun00", addr, spec.master_port or 29500, spec.rdzv_port or 29400, backend)
     open_ = []

@@ -56,6 +56,7 @@ class JobSpec:
     expand_env: tuple[str, ...] = ()
     # DeepSpeed runs the ranks in the launch directory, first on PYTHONPATH; so do we where it exists
     launch_dir: str | None = None
+    model_check: bool = True  # refuse families AutoTP cannot shard, from config.json (launch/families)
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
