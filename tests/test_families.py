@@ -93,6 +93,30 @@ def test_family_problem(config: Any, world: int, inject: bool, ds: str, fragment
         assert got.startswith("--model /m: ") and "--num-nodes 1 --num-gpus 1" in got and "--kernel-inject" in got
 
 
+class FakeChannel:
+    """Every rank's outcome at once, as `Channel.gather` returns them."""
+
+    def __init__(self, others: list[str | None]) -> None:
+        self.others = others
+
+    def gather(self, mine: str | None) -> list[str | None]:
+        return [mine, *self.others]
+
+
+def test_a_startup_step_is_compared_across_ranks() -> None:
+    from dslaunch.rank.session import SameOnEveryRank, checked
+
+    def boom() -> None:
+        raise ValueError("bad shard")
+
+    assert checked(FakeChannel([None]), "loading", lambda: 7) == 7
+    with pytest.raises(SameOnEveryRank, match="loading failed the same way on every rank: ValueError: bad shard"):
+        checked(FakeChannel(["ValueError: bad shard"]), "loading", boom)
+    with pytest.raises(RuntimeError, match="loading failed on rank 1: OSError: disk") as e:
+        checked(FakeChannel(["OSError: disk"]), "loading", lambda: 7)  # this rank worked, another did not
+    assert getattr(e.value, "retry", True), "a failure on some ranks only is restarted as usual"
+
+
 def test_broken_list_names_real_model_types() -> None:
     from transformers import CONFIG_MAPPING
 

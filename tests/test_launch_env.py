@@ -106,5 +106,7 @@ def test_cli_spellings_and_the_implicit_localhost(cli: Cli, tmp_path: Path) -> N
         res = cli.up(*args, "--dry-run")
         assert res.returncode == 0, res.stderr
         assert "WORLD_SIZE=2" in res.stdout, res.stdout
+    assert "DSLAUNCH_LAUNCH_DIR=" in res.stdout
+    assert "DSLAUNCH_LAUNCH_DIR=" not in cli.up("--no-launch-dir", "--dry-run").stdout
     conflict = cli.up("-i", "localhost:0", "--env", "CUDA_VISIBLE_DEVICES=1", "--dry-run")
     assert conflict.returncode == 1 and "conflicts with the slots selected on localhost (0)" in conflict.stderr
