@@ -31,10 +31,12 @@ VALUES: dict[str, list[str]] = {
     "--parallelism": ["0", "1", "64"],
     "--env": ["A=1", "NOEQ", "1BAD=x", "=x"],
     "--name": ["ok", "no/slash", "-x", "", "a" * 70],
-    "--include": ["a", "b", "a:0", "a:9", "a:0@b:1", "@@", ""],
+    "--include": ["a", "b", "a:0", "a:9", "a:0@b:1", "a:0@a", "@@", ""],
     "--exclude": ["a", "b:0", "c"],
     "--num-nodes": ["0", "1", "5", "-1"],
     "--num-gpus": ["0", "1", "5"],
+    "--num_gpus": ["1", "x"],
+    "--master_port": ["29500", "0"],
     "--task": ["generate", "embed", "translate"],
     "--dtype": ["auto", "fp16", "bf16", "fp32", "int3"],
     "--handler": ["mod:Cls", "pkg.sub:Handler", "bad", "a:b:c"],
@@ -51,7 +53,8 @@ VALUES: dict[str, list[str]] = {
     "--idle-timeout": ["0", "30"],
     "--token-file": ["/nonexistent/token"],
 }
-FLAGS = ["--shm-allreduce", "--kernel-inject", "--keep-logs", "--accept-new-host-keys"]
+FLAGS = ["--shm-allreduce", "--kernel-inject", "--keep-logs", "--accept-new-host-keys", "--no-launch-dir",
+         "--skip-model-check"]  # fmt: skip
 
 
 @st.composite

@@ -17,8 +17,8 @@ from dslaunch.launch import lifecycle as launch
 from dslaunch.launch import logs as joblogs
 from dslaunch.launch import status as jobstatus
 from dslaunch.launch import store as state
-from dslaunch.launch.hostfile import Node, load_hostfile, select_nodes
-from dslaunch.launch.spec import JobSpec, collect_env
+from dslaunch.launch.hostfile import choose_nodes
+from dslaunch.launch.spec import JobSpec, collect_user_env
 from dslaunch.wire.serve import ServeSpec
 
 
@@ -30,7 +30,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
        num_gpus: int | None, init_method: str, rdzv_dir: str | None, master_addr: str | None,
        master_port: int | None, rdzv_port: int | None, max_restarts: int, restart_backoff: float, backend: str,
        python: str,
-       work_dir: str, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
+       work_dir: str, no_launch_dir: bool, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
        parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None,
        **serve_opts: Any) -> None:  # fmt: skip
@@ -38,18 +38,22 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
 
     Rank 0 answers on a socket front (newline-delimited JSON; see 'dslaunch query').
     """
+    model_check = not serve_opts.pop("skip_model_check")
     serve = ServeSpec(**serve_opts, token=_read_token(token_file))
-    nodes = load_hostfile(hostfile) if hostfile else [Node("localhost", 1)]
-    nodes = select_nodes(nodes, include, exclude, num_nodes, num_gpus)
+    nodes, notes = choose_nodes(hostfile, include, exclude, num_nodes, num_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    env = collect_user_env(os.environ, env_pairs, env_file)
     spec = JobSpec(
         nodes=nodes, name=name, init_method=init_method, rdzv_dir=rdzv_dir, master_addr=master_addr,
         master_port=master_port, rdzv_port=rdzv_port, max_restarts=max_restarts, restart_backoff=restart_backoff,
         python=python,
-        work_dir=work_dir, backend=backend, env=collect_env(os.environ, env_pairs, env_file),
+        work_dir=work_dir, backend=backend, env=env.values, env_sources=env.sources, expand_env=env.expand,
+        launch_dir=None if no_launch_dir else os.getcwd(), model_check=model_check,
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
         keep_logs=keep_logs, serve=serve,
     )  # fmt: skip
+    for line in notes:
+        err_console.print(f"note: {line}", markup=False)
     if dry_run:
         plan, note = launch.dry_plan(spec)
         console.print(render.plan_view(plan, note))
@@ -59,8 +63,9 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     try:
         with view:
             rec = launch.up(
-                spec, view.update, warn=lambda line: err_console.print(f"warning: {render.plain(line)}", markup=False)
-            )
+                spec, view.update, warn=lambda line: err_console.print(f"warning: {render.plain(line)}", markup=False),
+                note=lambda line: err_console.print(f"note: {render.plain(line)}", markup=False),
+            )  # fmt: skip
     except launch.LaunchFailed as e:
         for line in e.details:
             err_console.print(render.plain(line), markup=False, style="dim")

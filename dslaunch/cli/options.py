@@ -47,8 +47,14 @@ UP_OPTIONS = [
     ),
     click.option("--include", "-i", default=None, help="Only these hosts/slots, e.g. 'node1:0,2@node2'."),
     click.option("--exclude", "-e", default=None, help="Leave out these hosts/slots (same syntax)."),
-    click.option("--num-nodes", type=int, default=None, help="Use only the first N nodes."),
-    click.option("--num-gpus", type=int, default=None, help="Use only the first N slots of each node."),
+    click.option("--num-nodes", "--num_nodes", type=int, default=None, help="Use only the first N nodes."),
+    click.option(
+        "--num-gpus",
+        "--num_gpus",
+        type=int,
+        default=None,
+        help="Use only the first N slots of each node. Without a hostfile: localhost, one slot per GPU.",
+    ),
     click.option(
         "--init-method",
         type=click.Choice(INIT_METHODS),
@@ -58,9 +64,18 @@ UP_OPTIONS = [
     ),
     click.option("--rdzv-dir", default=None, help="Directory shared by every node (NFS), for --init-method file."),
     click.option(
-        "--master-addr", default=None, help="Address the other nodes use to reach node 0. Default: the one SSH reached."
+        "--master-addr",
+        "--master_addr",
+        default=None,
+        help="Address the other nodes use to reach node 0. Default: the one SSH reached, or node 0's own answer.",
     ),
-    click.option("--master-port", type=int, default=None, help="Process-group port on node 0. Default: a free one."),
+    click.option(
+        "--master-port",
+        "--master_port",
+        type=int,
+        default=None,
+        help="Process-group port on node 0. Default: a free one.",
+    ),
     click.option(
         "--rdzv-port", type=int, default=None, help="torchrun rendezvous port on node 0. Default: a free one."
     ),
@@ -96,6 +111,12 @@ UP_OPTIONS = [
         default=_job("work_dir"),
         show_default=True,
         help="Where each node keeps the job's logs and status files.",
+    ),
+    click.option(
+        "--no-launch-dir",
+        is_flag=True,
+        help="Do not run the ranks in the current directory, first on PYTHONPATH (DeepSpeed does; "
+        "dslaunch too, on nodes where that directory exists).",
     ),
     click.option("--env", "env_pairs", multiple=True, metavar="KEY=VAL", help="Set on every node (repeatable)."),
     click.option("--env-file", multiple=True, type=click.Path(dir_okay=False), help="KEY=VAL file (repeatable)."),
@@ -148,6 +169,9 @@ SERVE_OPTIONS = [
     click.option("--dtype", type=click.Choice(DTYPES), default=_serve("dtype"), show_default=True,
                  help="auto: fp32 on CPU, the model's own half precision on GPU."),
     click.option("--kernel-inject", is_flag=True, help="DeepSpeed's fused GPU kernels instead of AutoTP."),
+    click.option("--skip-model-check", is_flag=True,
+                 help="Start even where pre-flight knows DeepSpeed's AutoTP shards this model family wrongly "
+                      "(a newer DeepSpeed may not); every rank still runs one forward before ready."),
     click.option("--handler", default=None, metavar="MODULE:CLASS",
                  help="Your own model code: load(ctx) and __call__(batch); importable on every node."),
     click.option("--shm-allreduce", is_flag=True,

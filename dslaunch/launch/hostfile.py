@@ -35,8 +35,12 @@ def parse_hostfile_text(text: str, source: str = "<hostfile>") -> list[Node]:
             key, sep, value = word.partition("=")
             if not sep:
                 raise HostfileError(f"{where}: unexpected {word!r} (expected 'slots=N')")
+            if key == "max_slots":  # DeepSpeed accepts it and ignores it (an MPI notion); so do we
+                if not value.isascii() or not value.isdigit():
+                    raise HostfileError(f"{where}: max_slots={value!r} is not a whole number")
+                continue
             if key != "slots":
-                raise HostfileError(f"{where}: unknown key {key!r} (only 'slots' is understood)")
+                raise HostfileError(f"{where}: unknown key {key!r} (only 'slots' and 'max_slots' are understood)")
             if slots_given:
                 raise HostfileError(f"{where}: 'slots' given twice")
             if not value.isascii() or not value.isdigit():
@@ -74,21 +78,28 @@ def load_hostfile(path: str | Path) -> list[Node]:
 
 
 def _parse_filter(spec: str, flag: str, nodes: list[Node]) -> dict[str, set[int] | None]:
-    """Parse ``host1@host2:0,2`` into {host: slot set or None for all}, checked against nodes."""
+    """Parse ``host1@host2:0,2`` into {host: slot set, or None for the whole host}.
+
+    As in DeepSpeed, slots named for one host in several entries add up (``a:0@a:1`` is ``a:0,1``).
+    A host named both whole and with slots (``a:0@a``) is refused: DeepSpeed silently reads it as
+    the listed slots only, which is rarely what was meant, for --exclude least of all.
+    """
     by_host = {n.host: n for n in nodes}
-    out: dict[str, set[int] | None] = {}
+    whole: list[str] = []
+    listed: dict[str, set[int]] = {}
     for part in spec.split("@"):
         part = part.strip()
         if not part:
             raise HostfileError(f"{flag} {spec!r}: empty host entry")
         host, sep, slots_s = part.partition(":")
+        host = host.strip()
         if host not in by_host:
             known = ", ".join(by_host)
             raise HostfileError(f"{flag} {spec!r}: host {host!r} is not in the hostfile ({known})")
         if not sep:
-            out[host] = None
+            whole.append(host)
             continue
-        ids: set[int] = set()
+        ids = listed.setdefault(host, set())
         for s in slots_s.split(","):
             s = s.strip()
             if not s.isascii() or not s.isdigit():
@@ -97,9 +108,15 @@ def _parse_filter(spec: str, flag: str, nodes: list[Node]) -> dict[str, set[int]
             if i >= by_host[host].slots:
                 raise HostfileError(f"{flag} {spec!r}: host {host!r} has slots 0..{by_host[host].slots - 1}, not {i}")
             ids.add(i)
-        if host in out and out[host] is None:
-            continue  # an earlier entry already took every slot of this host
-        out[host] = (out.get(host) or set()) | ids
+    for host in whole:
+        if host in listed:
+            ids_s = ",".join(map(str, sorted(listed[host])))
+            raise HostfileError(
+                f"{flag} {spec!r}: host {host!r} is named both whole and with slots {ids_s} (DeepSpeed would "
+                f"take only slots {ids_s}); write {host!r} or '{host}:{ids_s}'"
+            )
+    out: dict[str, set[int] | None] = {h: None for h in whole}
+    out.update(listed)
     return out
 
 
@@ -149,5 +166,70 @@ def select_nodes(
     return selected
 
 
+def choose_nodes(
+    hostfile: str | None,
+    include: str | None = None,
+    exclude: str | None = None,
+    num_nodes: int | None = None,
+    num_gpus: int | None = None,
+    visible: str | None = None,
+    gpus: int | None = None,
+) -> tuple[list[Node], list[str]]:
+    """The nodes `up` runs on: the hostfile's, or DeepSpeed's implicit localhost; plus notes."""
+    notes: list[str] = []
+    if hostfile:
+        nodes = load_hostfile(hostfile)
+    else:
+        node, include, note = implicit_localhost(
+            local_gpus() if gpus is None else gpus, visible, include, exclude, num_gpus
+        )
+        nodes = [node]
+        notes += [note] if note else []
+    return select_nodes(nodes, include, exclude, num_nodes, num_gpus), notes
+
+
 def _with_slots(n: Node, ids: list[int] | tuple[int, ...]) -> Node:
     return Node(host=n.host, slots=n.slots, user=n.user, line=n.line, slot_ids=tuple(ids))
+
+
+def local_gpus(dev: str | Path = "/dev") -> int:
+    """NVIDIA GPUs on this machine, from their device files (fast: torch is not imported)."""
+    return sum(1 for p in Path(dev).glob("nvidia[0-9]*") if p.name[len("nvidia") :].isdigit())
+
+
+def implicit_localhost(
+    gpus: int,
+    visible: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    num_gpus: int | None = None,
+) -> tuple[Node, str | None, str | None]:
+    """The node DeepSpeed uses without a hostfile, and the include filter that goes with it.
+
+    With GPUs: localhost with one slot per GPU; `CUDA_VISIBLE_DEVICES` picks the slots when no
+    filter is given (DeepSpeed turns it into ``--include localhost:<ids>`` and so do we), and is
+    ignored, with a note, when one is. Without GPUs: CPU ranks, as many as the filters ask for.
+    Returns (node, include, note).
+    """
+    filters = include or exclude or num_gpus is not None
+    if not gpus:
+        wanted = [num_gpus or 1]
+        for spec in (include, exclude):
+            wanted += [int(d) + 1 for d in re.findall(r"\d+", spec or "")[:1024] if len(d) < 5]
+        return Node("localhost", max(1, min(max(wanted), 1024))), include, None
+    node = Node("localhost", gpus)
+    if visible is None or not visible.strip():
+        return node, include, None
+    if filters:
+        note = f"CUDA_VISIBLE_DEVICES={visible} is ignored: --include/--exclude/--num-gpus choose the GPUs"
+        return node, include, note
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(v.isascii() and v.isdigit() for v in ids):
+        raise HostfileError(
+            f"CUDA_VISIBLE_DEVICES={visible}: only GPU numbers are understood here; "
+            "unset it and choose GPUs with --include 'localhost:0,1'"
+        )
+    for v in ids:
+        if int(v) >= gpus:
+            raise HostfileError(f"CUDA_VISIBLE_DEVICES={visible}: there is no GPU {v} here (0..{gpus - 1})")
+    return node, "localhost:" + ",".join(ids), None

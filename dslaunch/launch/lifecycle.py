@@ -29,7 +29,12 @@ from dslaunch.wire.states import JobState, NodeStage
 __all__ = ["DownReport", "LaunchFailed", "down", "dry_plan", "teardown", "up"]
 
 
-def up(spec: JobSpec, progress: Progress = quiet, warn: Callable[[str], None] | None = None) -> JobRecord:
+def up(
+    spec: JobSpec,
+    progress: Progress = quiet,
+    warn: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
+) -> JobRecord:
     """Start the job on every node and wait until every rank is ready (or clean up and raise)."""
     with store.locked(spec.name):
         old = store.load(spec.name)
@@ -44,6 +49,9 @@ def up(spec: JobSpec, progress: Progress = quiet, warn: Callable[[str], None] | 
             for line in facts.warnings:
                 if warn is not None:
                     warn(line)
+            for line in facts.notes:
+                if note is not None:
+                    note(line)
             plan = make_plan(
                 spec, uuid.uuid4().hex[:8], facts.master_addr, facts.master_port, facts.rdzv_port,
                 facts.backend, facts.addresses, facts.front_port,
@@ -93,12 +101,10 @@ def _no_interrupts() -> Iterator[None]:
 
 def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
     """The plan as far as it can be known without contacting a node, and what is still open."""
-    from dslaunch.transport.ssh import load_ssh_config
+    from dslaunch.transport.sshconfig import resolve
 
     head = spec.nodes[0]
-    addr = spec.master_addr or (
-        "127.0.0.1" if head.is_local else load_ssh_config(None).lookup(head.host).get("hostname", head.host)
-    )
+    addr = spec.master_addr or ("127.0.0.1" if head.is_local else resolve(head.host, head.user).hostname)
     backend = "gloo" if spec.backend == "auto" else spec.backend
     plan = make_plan(spec, "dryrun00", addr, spec.master_port or 29500, spec.rdzv_port or 29400, backend)
     open_ = []
@@ -108,6 +114,8 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
         open_.append("backend auto: nccl if every node has a GPU per slot")
     if not spec.master_addr:
         open_.append("master address: the address SSH reaches node 0 at")
+    if spec.launch_dir:
+        open_.append(f"the ranks run in {spec.launch_dir}, first on PYTHONPATH, on nodes where it exists")
     return plan, "; ".join(open_)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from dslaunch.launch.spec import JobSpec
 from dslaunch.wire.nodedir import node_dir_path
-from dslaunch.wire.rankenv import NodeEnv
+from dslaunch.wire.rankenv import EXPAND_ENV, LAUNCH_DIR_ENV, NodeEnv
 from dslaunch.wire.serve import DEFAULT_FRONT_PORT
 
 AGENT_MODULE = "torch.distributed.run"
@@ -103,8 +103,13 @@ def make_plan(
             auto_threads="OMP_NUM_THREADS" not in spec.env, serve=serve,
         )  # fmt: skip
         env = {**spec.env, **node_env.to_env()}
-        if backend == "nccl" and not node.all_slots and "CUDA_VISIBLE_DEVICES" not in spec.env:
+        if backend == "nccl":
+            # always from the slots: a value inherited on the node would silently move the ranks
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in node.slot_ids)
+        if spec.expand_env:
+            env[EXPAND_ENV] = ",".join(spec.expand_env)
+        if spec.launch_dir:
+            env[LAUNCH_DIR_ENV] = spec.launch_dir
         node_plans.append(NodePlan(i, node.host, node.nprocs, offset, ndir, tuple(argv), env))
         offset += node.nprocs
     return LaunchPlan(

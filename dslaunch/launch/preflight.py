@@ -15,6 +15,7 @@ from typing import Any
 
 from dslaunch import __version__
 from dslaunch.errors import NodeOpFailed, RemoteError, UserError
+from dslaunch.launch.families import family_problem
 from dslaunch.launch.plan import choose_backend
 from dslaunch.launch.spec import JobSpec
 from dslaunch.transport.base import ConnectOptions
@@ -42,6 +43,7 @@ class Facts:
     addresses: list[str]
     front_port: int | None = None
     warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def connect_options(spec: JobSpec) -> ConnectOptions:
@@ -69,21 +71,77 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
     probes = [r.value or {} for r in results]
     backend = choose_backend(spec.backend, [p.get("gpus", 0) for p in probes], [n.nprocs for n in nodes])
     problems = _node_problems(spec, probes) + _backend_problems(spec, probes, backend) + _head_problems(spec, probes[0])
+    family = family_problem(
+        spec.serve.model or "", probes[0].get("model_config"), spec.world_size, spec.serve.kernel_inject,
+        probes[0].get("deepspeed"),
+    )  # fmt: skip
+    if family:
+        problems.insert(0, family)
     if problems:
         raise UserError("pre-flight failed:\n  " + "\n  ".join(problems))
     if spec.init_method == "file":
         _check_shared_dir(spec, cluster)
     master_port, rdzv_port = probes[0]["ports"]
-    addresses = [p["address"] for p in probes]
-    master_addr = spec.master_addr or addresses[0]
-    addresses[0] = master_addr
-    slow = [
+    addresses = node_addresses(spec, cluster, [p["address"] for p in probes])
+    master_addr = addresses[0]
+    ssh_warnings = [w for c in cluster.clients for w in getattr(c.transport, "warnings", [])]
+    slow = ssh_warnings + [
         f"{n.host}: its shell took {p['shell_s']:.1f}s to start (heavy shell start-up files slow every "
         "dslaunch command on it)"
         for n, p in zip(nodes, probes, strict=True)
         if p.get("shell_s", 0) > SLOW_SHELL_S
     ]
-    return Facts(master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow))
+    notes = _launch_dir_note(spec, probes)
+    return Facts(
+        master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow), notes
+    )
+
+
+def _launch_dir_note(spec: JobSpec, probes: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Say where the ranks run: DeepSpeed's launch directory (first on PYTHONPATH) where it exists."""
+    if not spec.launch_dir:
+        return ()
+    missing = [n.host for n, p in zip(spec.nodes, probes, strict=True) if not p.get("launch_dir_exists")]
+    if len(missing) == len(spec.nodes):
+        return (f"the launch directory {spec.launch_dir} does not exist on the nodes: the ranks run in their node "
+                "directories",)  # fmt: skip
+    where = f"on every node but {', '.join(missing)}" if missing else "on every node"
+    return (f"the ranks run in {spec.launch_dir}, first on PYTHONPATH, {where} (as with DeepSpeed; --no-launch-dir "
+            "to leave it out)",)  # fmt: skip
+
+
+def node_addresses(spec: JobSpec, cluster: Cluster, reached: list[str | None]) -> list[str]:
+    """How the other nodes reach each node: `--master-addr` for node 0, else the address SSH
+    reached it at; a node behind a proxy (ProxyCommand, ProxyJump) is asked itself, node 0 first."""
+    out = list(reached)
+    if spec.master_addr:
+        out[0] = spec.master_addr
+    single = len(spec.nodes) == 1
+
+    def ask(i: int) -> str:
+        toward = [a for j, a in enumerate(out) if a and j != i]
+        try:
+            ans = cluster.clients[i].call("address", {"toward": toward, "loopback_ok": single})
+        except NodeOpFailed as e:
+            raise UserError(f"{e.host}: cannot ask it for its address: {e.reason}") from None
+        if not ans.get("address"):
+            flag = "--master-addr" if i == 0 else "an address other nodes reach in the hostfile"
+            raise UserError(
+                f"{spec.nodes[i].host}: reached through a proxy, and it cannot tell which of its addresses the "
+                f"other nodes reach ({flag})"
+            )
+        return str(ans["address"])
+
+    if out[0] is None:
+        out[0] = ask(0)
+    rest = [c for i, c in enumerate(cluster.clients) if out[i] is None]
+    if rest:
+        index = {id(c): i for i, c in enumerate(cluster.clients)}
+        results = cluster.map(lambda c: ask(index[id(c)]), rest)
+        results.raise_failures("pre-flight")
+        for c, r in zip(rest, results, strict=True):
+            out[index[id(c)]] = r.value
+    return [str(a) for a in out]
 
 
 def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
@@ -95,8 +153,12 @@ def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
     if c is cluster.clients[0]:
         args["ports"] = [spec.master_port, spec.rdzv_port]
         args["front"] = {"bind": spec.serve.bind, "port": spec.serve.port}
+        if spec.serve.model and not spec.serve.handler and spec.model_check:
+            args["model_config"] = spec.serve.model
     if spec.serve.model and spec.serve.model.startswith(("/", "~", ".")):
         args["model_dir"] = spec.serve.model
+    if spec.launch_dir:
+        args["launch_dir"] = spec.launch_dir
     out = c.call("probe", args, timeout=spec.connect_timeout + spec.command_timeout)
     out["address"] = c.transport.address()
     out["shell_s"] = shell_s

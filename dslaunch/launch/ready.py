@@ -54,9 +54,10 @@ def wait_ready(rec: JobRecord, cluster: Cluster, timeout: float, progress: Progr
             stages.append(stage)
         if NodeStage.FAILED in stages:
             i = stages.index(NodeStage.FAILED)
-            raise LaunchFailed(
-                f"{rec.nodes[i].host}: the agent stopped before the job was ready", failure_details(rec, cluster)
-            )
+            details = failure_details(rec, cluster)
+            # the first rank's error names the cause (e.g. a model family DeepSpeed cannot shard)
+            cause = next((": " + d.split(": ", 1)[1] for d in details if " rank " in d and ": " in d), "")
+            raise LaunchFailed(f"{rec.nodes[i].host}: the agent stopped before the job was ready{cause}", details)
         ready_ranks = sum(rec.nodes[i].nprocs for i, s in enumerate(stages) if s == NodeStage.READY)
         if ready_ranks == rec.world_size:
             return

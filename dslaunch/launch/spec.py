@@ -16,9 +16,13 @@ from dslaunch.wire.serve import MAX_BACKOFF_S, ServeSpec, positive_seconds
 INIT_METHODS = ("tcp", "file", "env")
 BACKENDS = ("auto", "nccl", "gloo")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Launch-host variables forwarded to every node, as DeepSpeed's launcher does for NCCL_* & co.
-FORWARD_PREFIXES = ("NCCL_", "GLOO_", "UCX_", "FI_", "HF_", "TRANSFORMERS_", "TORCH_")
+# Launch-host variables forwarded to every node: DeepSpeed's launcher forwards NCCL*, PYTHON*
+# (PYTHONPATH among them), MLFLOW*, MV2* and UCX*; the others are what torch and HF read.
+FORWARD_PREFIXES = (
+    "NCCL", "PYTHON", "MLFLOW", "MV2", "UCX", "GLOO_", "FI_", "HF_", "TRANSFORMERS_", "TORCH_",
+)  # fmt: skip
 DEEPSPEED_ENV_NAME = ".deepspeed_env"
+VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 @dataclass
@@ -47,6 +51,12 @@ class JobSpec:
     parallelism: int = 32
     keep_logs: bool = False
     serve: ServeSpec = field(default_factory=ServeSpec)
+    # where each `env` value came from (for messages), and the keys whose `$VAR`s the node expands
+    env_sources: dict[str, str] = field(default_factory=dict)
+    expand_env: tuple[str, ...] = ()
+    # DeepSpeed runs the ranks in the launch directory, first on PYTHONPATH; so do we where it exists
+    launch_dir: str | None = None
+    model_check: bool = True  # refuse families AutoTP cannot shard, from config.json (launch/families)
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -86,6 +96,24 @@ class JobSpec:
             raise UserError("no nodes to run on")
         if self.serve.shm_allreduce and len(self.nodes) > 1:
             raise UserError("--shm-allreduce needs every rank on one node (it is shared memory)")
+        if self.launch_dir is not None and not self.launch_dir.startswith("/"):
+            raise UserError(f"launch directory {self.launch_dir!r}: must be an absolute path")
+        self._check_visible_devices()
+
+    def _check_visible_devices(self) -> None:
+        """CUDA_VISIBLE_DEVICES comes from the selected slots; a user value may only agree with it."""
+        value = self.env.get(VISIBLE_DEVICES)
+        if value is None:
+            return
+        given = ",".join(v.strip() for v in value.split(",") if v.strip())
+        for n in self.nodes:
+            want = ",".join(map(str, n.slot_ids))
+            if given != want:
+                src = self.env_sources.get(VISIBLE_DEVICES, "--env")
+                raise UserError(
+                    f"{VISIBLE_DEVICES}={value} ({src}) conflicts with the slots selected on {n.host} ({want}): "
+                    f"dslaunch sets it from the slots; remove it and choose GPUs with --include '{n.host}:{given}'"
+                )
 
     @property
     def world_size(self) -> int:
@@ -129,6 +157,55 @@ def read_env_file(path: str | Path, flag: str = "--env-file") -> dict[str, str]:
     return out
 
 
+@dataclass
+class UserEnv:
+    """The user's environment for every node, where each value came from, and what to expand."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    expand: tuple[str, ...] = ()
+
+    def set(self, values: dict[str, str], source: str) -> None:
+        self.values.update(values)
+        self.sources.update(dict.fromkeys(values, source))
+
+
+def deepspeed_env_files(launch_env: dict[str, str] | os._Environ, cwd: Path, home: Path) -> list[Path]:
+    """DeepSpeed's `.deepspeed_env` (or `DS_ENV_FILE`'s name) in the home directory, then in the
+    working directory; both are read, the working directory's values win. An absolute
+    `DS_ENV_FILE` is that one file."""
+    name = launch_env.get("DS_ENV_FILE") or DEEPSPEED_ENV_NAME
+    return list(dict.fromkeys(base / os.path.expanduser(name) for base in (home, cwd)))
+
+
+def collect_user_env(
+    launch_env: dict[str, str] | os._Environ,
+    env_pairs: tuple[str, ...] | list[str] = (),
+    env_files: tuple[str, ...] | list[str] = (),
+    cwd: Path | None = None,
+    home: Path | None = None,
+) -> UserEnv:
+    """The user environment for every node, lowest precedence first.
+
+    Forwarded launch-host prefixes (NCCL*, PYTHON*, ...), then DeepSpeed's `.deepspeed_env` (home,
+    then the working directory), then `--env-file`, then `--env`. `.deepspeed_env` values are
+    expanded on the node (`PATH=/opt/bin:$PATH` extends the node's PATH), as DeepSpeed's remote
+    shell does; the others are taken as written.
+    """
+    out = UserEnv()
+    out.set({k: v for k, v in launch_env.items() if k.startswith(FORWARD_PREFIXES)}, "the launch environment")
+    ds_files: set[str] = set()
+    for f in deepspeed_env_files(launch_env, cwd or Path.cwd(), home or Path.home()):
+        if f.is_file():
+            out.set(read_env_file(f, flag=DEEPSPEED_ENV_NAME), str(f))
+            ds_files.add(str(f))
+    for f in env_files:
+        out.set(read_env_file(f), f"--env-file {f}")
+    out.set(parse_env_pairs(env_pairs), "--env")
+    out.expand = tuple(k for k, v in out.values.items() if "$" in v and out.sources[k] in ds_files)
+    return out
+
+
 def collect_env(
     launch_env: dict[str, str] | os._Environ,
     env_pairs: tuple[str, ...] | list[str] = (),
@@ -136,22 +213,5 @@ def collect_env(
     cwd: Path | None = None,
     home: Path | None = None,
 ) -> dict[str, str]:
-    """The user environment for every node, lowest precedence first.
-
-    Forwarded launch-host prefixes (NCCL_*, ...), then DeepSpeed's `.deepspeed_env` (home, then
-    the working directory, or `DS_ENV_FILE`), then `--env-file`, then `--env`.
-    """
-    out = {k: v for k, v in launch_env.items() if k.startswith(FORWARD_PREFIXES)}
-    ds_files: list[Path] = []
-    if launch_env.get("DS_ENV_FILE"):
-        ds_files.append(Path(launch_env["DS_ENV_FILE"]))
-    else:
-        for base in (home or Path.home(), cwd or Path.cwd()):
-            ds_files.append(base / DEEPSPEED_ENV_NAME)
-    for f in dict.fromkeys(ds_files):
-        if f.is_file():
-            out.update(read_env_file(f, flag=DEEPSPEED_ENV_NAME))
-    for f in env_files:
-        out.update(read_env_file(f))
-    out.update(parse_env_pairs(env_pairs))
-    return out
+    """The values of `collect_user_env`."""
+    return collect_user_env(launch_env, env_pairs, env_files, cwd, home).values

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from dslaunch.node.probe import port_free
 from dslaunch.node.procs import is_job_process, job_processes, signal_all, wait_gone
 from dslaunch.wire.envscrub import without_own
 from dslaunch.wire.nodedir import NodeDir
-from dslaunch.wire.rankenv import AUTO_THREADS_ENV, NODE_DIR_ENV
+from dslaunch.wire.rankenv import AUTO_THREADS_ENV, EXPAND_ENV, LAUNCH_DIR_ENV, NODE_DIR_ENV
 from dslaunch.wire.safedir import make_private, shared_parent_reason, unsafe_reason
 
 # The agent runs under a tiny shell that records its exit status: the agent is detached
@@ -42,8 +43,7 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     with contextlib.suppress(FileNotFoundError):
         nd.agent_exit.unlink()
     # Not the caller's DSLAUNCH_* variables (DSLAUNCH_TOKEN above all): the job's come from the plan.
-    env = without_own(os.environ)
-    env.update(args["env"])
+    env, cwd = job_env(without_own(os.environ), args["env"])
     env[NODE_DIR_ENV] = str(ndir)
     for name, text in (args.get("files") or {}).items():
         # secrets (the front's token) arrive on stdin and are written 0600, never in argv or env
@@ -64,7 +64,7 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=str(ndir),
+            cwd=cwd or str(ndir),
             start_new_session=True,
             close_fds=True,
         )
@@ -77,7 +77,36 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     time.sleep(float(args.get("settle", 0.3)))
     if proc.poll() is not None:
         raise NodeOpError("the agent exited at once", log=tail(nd.agent_log, 15))
-    return {"pid": proc.pid}
+    return {"pid": proc.pid, "launch_dir": cwd}
+
+
+_VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def expand_vars(value: str, scope: dict[str, str]) -> str:
+    """`$NAME` and `${NAME}` as a shell expands them in an assignment (unset: empty); nothing runs."""
+    return _VAR_RE.sub(lambda m: scope.get(m.group(1) or m.group(2), ""), value)
+
+
+def job_env(node_env: dict[str, str], user: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """The agent's environment and working directory: the node's, then the plan's.
+
+    Values DeepSpeed would export through the node's shell (`PATH=/opt/bin:$PATH` in
+    `.deepspeed_env`) are expanded against the node's own variables, in order. The launch
+    directory, when it exists here, is the working directory and first on PYTHONPATH, as with
+    DeepSpeed's launcher; the returned directory is None when it does not.
+    """
+    user = dict(user)
+    expand = [k for k in user.pop(EXPAND_ENV, "").split(",") if k in user]
+    launch_dir = user.pop(LAUNCH_DIR_ENV, None)
+    scope = {**node_env, **{k: v for k, v in user.items() if k not in expand}}
+    for k in expand:
+        user[k] = scope[k] = expand_vars(user[k], scope)
+    env = {**node_env, **user}
+    if launch_dir and os.path.isdir(launch_dir):
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (launch_dir, env.get("PYTHONPATH")) if p)
+        return env, launch_dir
+    return env, None
 
 
 def _make_dirs(nd: NodeDir) -> None:

@@ -14,11 +14,12 @@ from typing import Any
 from dslaunch.errors import NodeOpError
 from dslaunch.node.agent import op_start, op_stop
 from dslaunch.node.logs import follow, op_logs
-from dslaunch.node.probe import op_probe, op_rdzv_read, op_rdzv_write, op_remove
+from dslaunch.node.probe import op_address, op_probe, op_rdzv_read, op_rdzv_write, op_remove
 from dslaunch.node.report import op_status
 
 OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "probe": op_probe,
+    "address": op_address,
     "rdzv-write": op_rdzv_write,
     "rdzv-read": op_rdzv_read,
     "remove": op_remove,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 import socket
 import sys
@@ -109,9 +110,17 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
         front = args.get("front")
         if front is not None:
             out.update(_front_port(front["bind"], front.get("port"), taken))
+    launch_dir = args.get("launch_dir")
+    out["launch_dir_exists"] = bool(launch_dir and os.path.isdir(launch_dir))
     model = args.get("model_dir")
-    if model and not (Path(os.path.expanduser(model)) / "config.json").is_file():
-        out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
+    if model:
+        # the ranks run in the launch directory where it exists: a relative path means the same there
+        base = Path(launch_dir) if out["launch_dir_exists"] else Path.cwd()
+        config = base / os.path.expanduser(model) / "config.json"
+        if not config.is_file():
+            out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
+    if args.get("model_config"):
+        out["model_config"] = model_config(args["model_config"], Path(launch_dir) if out["launch_dir_exists"] else None)
     work = args.get("work_dir")
     if work:
         d = Path(os.path.expanduser(work))
@@ -121,6 +130,67 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
         except OSError as e:
             out["work_dir_error"] = f"{d}: {e.strerror}"
     return out
+
+
+def model_config(model: str, launch_dir: Path | None) -> dict[str, Any] | None:
+    """The family fields of a model's config.json: a directory here, or a hub name already in
+    this node's Hugging Face cache (nothing is downloaded). None when it cannot be found."""
+    p = Path(os.path.expanduser(model))
+    candidates = [(launch_dir or Path.cwd()) / p / "config.json"]
+    if not model.startswith(("/", "~", ".")) and model.count("/") <= 1:
+        hf_home = Path(os.path.expanduser(os.environ.get("HF_HOME", "~/.cache/huggingface")))
+        repo = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / ("models--" + model.replace("/", "--"))
+        with contextlib.suppress(OSError):
+            candidates.append(repo / "snapshots" / (repo / "refs" / "main").read_text().strip() / "config.json")
+    for c in candidates:
+        try:
+            cfg = json.loads(c.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict):
+            keys = ("model_type", "architectures", "new_decoder_architecture", "multi_query")
+            return {k: cfg[k] for k in keys if k in cfg}
+    return None
+
+
+def route_source(target: str) -> str | None:
+    """This node's source address for packets to `target` (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))
+            return str(s.getsockname()[0])
+    except OSError:
+        return None
+
+
+def hostname_addresses() -> list[str]:
+    """The addresses this node's own name resolves to, loopback last."""
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)
+    except OSError:
+        return []
+    addrs = list(dict.fromkeys(str(i[4][0]) for i in infos))
+    return sorted(addrs, key=lambda a: a.startswith("127.") or a == "::1")
+
+
+def op_address(args: dict[str, Any]) -> dict[str, Any]:
+    """The address the other nodes should use for this one, when SSH cannot tell (a proxy).
+
+    First the source address of the route toward another node (`toward`, in order), then the
+    addresses of the node's own name; loopback only when every rank is on this node.
+    """
+    for target in args.get("toward") or []:
+        src = route_source(target)
+        if src:
+            return {"address": src, "how": f"its route toward {target}"}
+    addrs = hostname_addresses()
+    good = [a for a in addrs if not (a.startswith("127.") or a == "::1")]
+    if good:
+        return {"address": good[0], "how": f"its name {socket.gethostname()}"}
+    if args.get("loopback_ok"):
+        return {"address": "127.0.0.1", "how": "loopback (every rank is on this node)"}
+    return {"address": None, "how": ""}
 
 
 def op_rdzv_write(args: dict[str, Any]) -> dict[str, Any]:

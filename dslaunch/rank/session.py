@@ -78,10 +78,12 @@ def startup(cfg: GroupConfig, node: NodeEnv, nd: NodeDir, status: RankStatus, st
         multi_node=node.nnodes > 1, work_dir=nd.work_dir, group=_default_group(), options=serve,
         beat=progress.beat,
     )  # fmt: skip
-    t0 = time.monotonic()
-    engine = load_engine(ctx.options, ctx)
-    print(f"engine ready: task {engine.task}, model {engine.name}, {time.monotonic() - t0:.1f}s", flush=True)
     channel = Channel(cfg.rank, cfg.world_size, cfg.timeout_s, progress)
+    t0 = time.monotonic()
+    engine = checked(channel, "loading the model", lambda: load_engine(ctx.options, ctx))
+    # one real forward on every rank before ready: a family sharded wrongly fails here, named
+    checked(channel, "the first forward", engine.probe)
+    print(f"engine ready: task {engine.task}, model {engine.name}, {time.monotonic() - t0:.1f}s", flush=True)
     ranks = channel.gather({"rank": cfg.rank, "host": socket.gethostname(), "device": cfg.device})
     heartbeat = min(serve.heartbeat_s, cfg.timeout_s / 3)
     front = None
@@ -95,6 +97,33 @@ def startup(cfg: GroupConfig, node: NodeEnv, nd: NodeDir, status: RankStatus, st
     status.update(RankStage.READY, front=front.address if front else None, **memory(cfg.device))
     print("serving" + (f" on {front.address}" if front else ""), flush=True)
     return Session(cfg, node, nd, status, stop, progress, loop, front)
+
+
+class SameOnEveryRank(RuntimeError):
+    """A start-up step failed identically on every rank: a restart would fail the same way."""
+
+    retry = False
+
+
+def checked(channel: Any, what: str, step: Any) -> Any:
+    """Run a start-up step on every rank and compare the outcomes (one gather over gloo).
+
+    The same error everywhere (a family DeepSpeed cannot shard, a broken checkpoint) raises
+    SameOnEveryRank, which ends the job instead of restarting it; a rank whose step worked while
+    another's failed raises too, naming that rank, and the agent restarts the job as usual.
+    """
+    result, error = None, None
+    try:
+        result = step()
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}".strip()[:1000]
+    errors = channel.gather(error)
+    if not any(errors):
+        return result
+    if all(e == errors[0] for e in errors):
+        raise SameOnEveryRank(f"{what} failed the same way on every rank: {errors[0]}")
+    first = next(i for i, e in enumerate(errors) if e)
+    raise RuntimeError(f"{what} failed on rank {first}: {errors[first]}")
 
 
 def watch(s: Session) -> Outcome:

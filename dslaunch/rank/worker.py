@@ -65,8 +65,14 @@ def main() -> int:
     except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:
             raise
-        rank.status.update(RankStage.FAILED, error=f"{type(e).__name__}: {e}".strip()[:2000])
+        retry = getattr(e, "retry", True)
+        rank.status.update(RankStage.FAILED, error=f"{type(e).__name__}: {e}".strip()[:2000], retry=retry)
         traceback.print_exc()
+        if not retry:
+            # every rank failed the same way: end the job instead of restarting into the same
+            # failure (the agent restarts only ranks that exit non-zero)
+            print("not restarting: every rank failed the same way", flush=True)
+            return 0
         raise
 
 

@@ -34,8 +34,9 @@ class Transport(Protocol):
 
     def stream(self, argv: list[str], stdin: str = "") -> Iterator[str]: ...
 
-    def address(self) -> str:
-        """The address this host was reached at: what the other nodes should use too."""
+    def address(self) -> str | None:
+        """The address this host was reached at, what the other nodes should use too; None when
+        the transport cannot know it (a proxy in between): then the node is asked."""
         ...
 
     def close(self) -> None: ...

@@ -1,14 +1,14 @@
-"""SSH transport (paramiko) honouring ~/.ssh/config, keys, the agent and known_hosts.
+"""SSH transport (paramiko), reaching each node the way `ssh NODE` would.
 
-Host keys are verified like OpenSSH's `StrictHostKeyChecking yes` by default; with
-`--accept-new-host-keys` unknown keys are recorded (like `accept-new`); a changed key is always
-refused. No password or keyboard-interactive authentication is tried: runs are unattended.
+What a name means comes from OpenSSH (transport/sshconfig: `ssh -G`): HostName, Port, User,
+IdentityFile, known-hosts files, HostKeyAlias, StrictHostKeyChecking, ProxyCommand, ProxyJump.
+ProxyJump hops are chained as direct-tcpip channels, each hop logged in to with its own
+configuration. Host keys are checked as in transport/hostkeys. No password or
+keyboard-interactive authentication is tried: runs are unattended.
 """
 
 from __future__ import annotations
 
-import fcntl
-import getpass
 import logging
 import os
 import select
@@ -17,50 +17,20 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import paramiko
 
 from dslaunch.errors import RemoteError
 from dslaunch.transport.base import ConnectOptions, RunResult
+from dslaunch.transport.hostkeys import HostKeyPolicy, strict_off_warning
+from dslaunch.transport.sshconfig import SSHTarget, resolve
 from dslaunch.wire.hosts import Node
 
 # paramiko logs transport errors to stderr by itself; dslaunch reports them once, in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
-
-
-class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Refuse unknown hosts, or record them in known_hosts when the user allowed it."""
-
-    def __init__(self, node: Node, known_hosts: Path, accept_new: bool) -> None:
-        self.node = node
-        self.known_hosts = known_hosts
-        self.accept_new = accept_new
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        if not self.accept_new:
-            raise RemoteError(
-                f"{self.node.host}: host key for {hostname} is not in {self.known_hosts}; "
-                "check it and rerun with --accept-new-host-keys, or add it with ssh-keyscan"
-            )
-        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.known_hosts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # parallel connects append to the same file
-            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        client.get_host_keys().add(hostname, key.get_name(), key)
-
-
-def load_ssh_config(path: str | None) -> paramiko.SSHConfig:
-    p = Path(os.path.expanduser(path or "~/.ssh/config"))
-    if not p.exists():
-        return paramiko.SSHConfig()
-    try:
-        return paramiko.SSHConfig.from_path(str(p))
-    except Exception as e:  # paramiko raises several types for a malformed file
-        raise RemoteError(f"{p}: cannot read ssh config ({e})") from None
+MAX_HOPS = 8  # nested ProxyJump through jump hosts' own ProxyJump: deeper is a loop
 
 
 class SSHTransport:
@@ -70,92 +40,117 @@ class SSHTransport:
         self.node = node
         self.opts = opts
         self._client: paramiko.SSHClient | None = None
+        self._hops: list[paramiko.SSHClient] = []
         self._lock = threading.Lock()
         self._channels: list[paramiko.Channel] = []
-        cfg = load_ssh_config(None).lookup(node.host)
-        self.hostname: str = cfg.get("hostname", node.host)
-        self.port = int(cfg.get("port", 22))
-        self.user: str = node.user or cfg.get("user") or getpass.getuser()
-        self.identity_files: list[str] = [os.path.expanduser(p) for p in cfg.get("identityfile", [])]
-        self.proxy_command: str | None = cfg.get("proxycommand")
-        if cfg.get("proxyjump"):
-            raise RemoteError(
-                f"{node.host}: ProxyJump in ssh config is not supported; use ProxyCommand "
-                "'ssh -W %h:%p JUMPHOST' instead"
-            )
-        files = cfg.get("userknownhostsfile", "~/.ssh/known_hosts").split()
-        self.known_hosts = Path(os.path.expanduser(files[0]))
-        self._known_files = [Path(os.path.expanduser(f)) for f in files]
+        self.target: SSHTarget = resolve(node.host, node.user)
+        self.hostname = self.target.hostname
+        self.port = self.target.port
+        self.user = self.target.user
+        # said once by the caller (pre-flight): an ssh config that turns host-key checks off
+        self.warnings: list[str] = [w for w in [strict_off_warning(node.host, self.target)] if w]
 
     @property
     def where(self) -> str:
         return f"{self.user}@{self.hostname}:{self.port}"
 
+    @property
+    def proxied(self) -> bool:
+        """Reached through a ProxyCommand or ProxyJump: the socket's peer is not the node."""
+        return bool(self.target.proxy_command or self.target.proxy_jump)
+
     def _connect(self) -> paramiko.SSHClient:
+        try:
+            return self._reach(self.target, self.node.host, 0)
+        except BaseException:
+            self._close_hops()
+            raise
+
+    def _reach(self, t: SSHTarget, label: str, depth: int) -> paramiko.SSHClient:
+        """Log in to `t`, through its ProxyJump hops or its ProxyCommand."""
+        if depth > MAX_HOPS:
+            raise RemoteError(f"{label}: more than {MAX_HOPS} nested ProxyJump hops (a loop in the ssh config?)")
+        sock: Any = None
+        if t.proxy_jump:
+            prev: paramiko.SSHClient | None = None
+            for hop in t.proxy_jump:
+                ht = resolve(hop.host, hop.user, hop.port)
+                hop_label = f"{self.node.host} (jump host {hop.host})"
+                if prev is None:  # the first hop is reached as `ssh HOP` would reach it
+                    prev = self._reach(ht, hop_label, depth + 1)
+                else:  # later ones through the previous hop, as `ssh -J a,b` does
+                    ht.proxy_jump, ht.proxy_command = [], None
+                    prev = self._login(ht, self._channel(prev, ht, hop_label), hop_label)
+                self._hops.append(prev)
+            assert prev is not None
+            sock = self._channel(prev, t, label)
+        elif t.proxy_command:
+            # OpenSSH runs it with the user's shell and `exec`; paramiko would split it itself
+            sock = paramiko.ProxyCommand(shlex.join(["/bin/sh", "-c", f"exec {t.proxy_command}"]))
+        return self._login(t, sock, label)
+
+    def _channel(self, via: paramiko.SSHClient, t: SSHTarget, label: str) -> paramiko.Channel:
+        transport = via.get_transport()
+        assert transport is not None
+        try:
+            return transport.open_channel(
+                "direct-tcpip", (t.hostname, t.port), ("127.0.0.1", 0), timeout=self.opts.connect_timeout
+            )
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            peer = transport.getpeername()
+            jump = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "the jump host"
+            raise RemoteError(f"{label}: the jump host {jump} cannot reach {t.hostname}:{t.port} ({e})") from None
+
+    def _login(self, t: SSHTarget, sock: Any, label: str) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
-        for f in self._known_files:
-            if f.exists():
-                try:
-                    client.load_host_keys(str(f))
-                except (OSError, paramiko.SSHException) as e:
-                    raise RemoteError(f"{self.node.host}: cannot read {f}: {e}") from None
-        client.set_missing_host_key_policy(_HostKeyPolicy(self.node, self.known_hosts, self.opts.accept_new_host_keys))
-        t = self.opts.connect_timeout
-        kw: dict[str, Any] = {}
-        if self.proxy_command:
-            kw["sock"] = paramiko.ProxyCommand(self.proxy_command)
-        host = self.node.host
+        policy = HostKeyPolicy(label, t, self.opts.accept_new_host_keys, self.warnings)
+        policy.prime(client)
+        client.set_missing_host_key_policy(policy)
+        to = self.opts.connect_timeout
+        keys = [f for f in t.identity_files if os.path.isfile(f)]
+        where = f"{t.hostname}:{t.port}"
         try:
             client.connect(
-                self.hostname,
-                port=self.port,
-                username=self.user,
-                key_filename=self.identity_files or None,
-                timeout=t,
-                banner_timeout=t,
-                auth_timeout=t,
-                channel_timeout=t,
-                allow_agent=True,
-                look_for_keys=True,
-                **kw,
-            )
+                t.hostname, port=t.port, username=t.user, key_filename=keys or None, timeout=to, banner_timeout=to,
+                auth_timeout=to, channel_timeout=to, allow_agent=t.use_agent and not t.identities_only,
+                look_for_keys=False, sock=sock,
+            )  # fmt: skip
         except RemoteError:
             client.close()
             raise
         except paramiko.BadHostKeyException as e:
             client.close()
+            name = t.known_hosts_name
             raise RemoteError(
-                f"{host}: HOST KEY CHANGED for {self.hostname} (someone may be intercepting the "
-                f"connection, or the host was reinstalled); got {e.key.get_name()} "
-                f"{e.key.get_fingerprint().hex()}; if expected, remove the old key with "
-                f"ssh-keygen -R {self.hostname}"
+                f"{label}: HOST KEY CHANGED for {name} (someone may be intercepting the connection, or the host "
+                f"was reinstalled); got {e.key.get_name()} {e.key.get_fingerprint().hex()}, which differs from "
+                f"the key in {policy.source_of(e.key.get_name())}; if expected, remove the old key with "
+                f"ssh-keygen -R {shlex.quote(name)}"
             ) from None
         except paramiko.AuthenticationException:
             client.close()
             raise RemoteError(
-                f"{host}: authentication failed as {self.user} at {self.hostname}:{self.port} "
-                "(keys and ssh-agent tried; password login is not used)"
+                f"{label}: authentication failed as {t.user} at {where} (keys and ssh-agent tried; password "
+                "login is not used)"
             ) from None
         except TimeoutError:
             client.close()
-            raise RemoteError(
-                f"{host}: no answer from {self.hostname}:{self.port} within {t:g}s (--connect-timeout)"
-            ) from None
+            raise RemoteError(f"{label}: no answer from {where} within {to:g}s (--connect-timeout)") from None
         except socket.gaierror as e:
             client.close()
-            raise RemoteError(f"{host}: cannot resolve {self.hostname} ({e.strerror})") from None
+            raise RemoteError(f"{label}: cannot resolve {t.hostname} ({e.strerror})") from None
         except paramiko.SSHException as e:
             client.close()
             msg = str(e)
             # A peer that never speaks SSH shows up as a banner time-out, or (when paramiko goes
             # on to authenticate over the dead transport) as "No existing session".
             if any(w in msg.lower() for w in ("banner", "timeout", "no existing session")):
-                msg = f"no SSH answer from {self.hostname}:{self.port} within {t:g}s (--connect-timeout)"
-            raise RemoteError(f"{host}: {msg}") from None
+                msg = f"no SSH answer from {where} within {to:g}s (--connect-timeout)"
+            raise RemoteError(f"{label}: {msg}") from None
         except OSError as e:
             client.close()
             reason = e.strerror or str(e)
-            raise RemoteError(f"{host}: cannot connect to {self.hostname}:{self.port} ({reason})") from None
+            raise RemoteError(f"{label}: cannot connect to {where} ({reason})") from None
         return client
 
     def client(self) -> paramiko.SSHClient:
@@ -239,12 +234,20 @@ class SSHTransport:
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise RemoteError(f"{self.node.host}: cannot tunnel to {host}:{port} over SSH ({e})") from None
 
-    def address(self) -> str:
+    def address(self) -> str | None:
+        """The address SSH reached the node at; None through a proxy (the peer is the proxy)."""
+        if self.proxied:
+            return None
         transport = self.client().get_transport()
         if transport is None:
             raise RemoteError(f"{self.node.host}: not connected")
         peer = transport.getpeername()
-        return str(peer[0]) if isinstance(peer, tuple) else self.hostname
+        return str(peer[0]) if isinstance(peer, tuple) else None
+
+    def _close_hops(self) -> None:
+        for hop in reversed(self._hops):
+            hop.close()
+        self._hops.clear()
 
     def close(self) -> None:
         for chan in self._channels:
@@ -254,3 +257,4 @@ class SSHTransport:
             if self._client is not None:
                 self._client.close()
                 self._client = None
+            self._close_hops()

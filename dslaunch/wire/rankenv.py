@@ -18,6 +18,10 @@ JOB_ENV = "DSLAUNCH_JOB_ID"
 NODE_ENV = "DSLAUNCH_NODE_RANK"
 NODE_DIR_ENV = "DSLAUNCH_NODE_DIR"
 AUTO_THREADS_ENV = "DSLAUNCH_AUTO_THREADS"
+# Read and removed by nodectl before the agent starts: the user variables whose `$VAR`s it expands
+# against the node's environment (DeepSpeed's `.deepspeed_env`), and the launch directory.
+EXPAND_ENV = "DSLAUNCH_EXPAND_ENV"
+LAUNCH_DIR_ENV = "DSLAUNCH_LAUNCH_DIR"
 
 
 @dataclass(frozen=True)
