@@ -77,6 +77,7 @@ class Request:
     deep: bool = False
     timeout: float | None = None
     token: str | None = None
+    ids: list[list[int]] | None = None  # prompt token ids: set on rank 0 by the engine's check, never sent
 
 
 _COMMON = {"id", "op", "token", "timeout"}

@@ -1,0 +1,104 @@
+"""Rank 0's loop for generate jobs: continuous (iteration-level) batching.
+
+Every step rank 0 decides who leaves (rows that finished at the last step, or whose request went
+away), which tokens the others are fed, and who joins (queued requests that fit in the free rows
+and KV-cache tokens), and sends it all in one control message. Every rank then applies the same
+step to its KV cache; rank 0 samples the next tokens, streams text and answers each finished
+row at once. A request therefore never waits for a batch to drain, and a finished row never
+costs another forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dslaunch.rank.channel import BEAT, RESTARTING, STEP, STOP, Channel, Message, peer_lost
+from dslaunch.rank.lockstep import run_batch
+from dslaunch.wire.protocol import BAD_REQUEST, INTERNAL, UNAVAILABLE, ProtocolError
+
+# After the front closes (down, restart), running rows may finish for this long; then they are
+# answered `unavailable` (the worker waits 8 s for this loop before it leaves anyway).
+DRAIN_S = 5.0
+STOPPING = "the job is stopping; retry"
+
+
+def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -> None:
+    """Rank 0: step the running batch until the source closes and the rows are done."""
+    import torch
+
+    kv, gen = engine.new_batch(), engine.generation()
+    channel.progress.batch = gen
+    rows_cap, tokens_cap = channel.capacity, engine.max_batch_tokens
+    closing: float | None = None
+
+    def cost(job: Any) -> int:
+        if job.req.ids is None:
+            engine.check(job.req)  # requests that did not come through the front's check
+        need = sum(engine.cost(len(ids), job.req.params) for ids in job.req.ids)
+        if job.rows > rows_cap or need > tokens_cap:
+            raise ProtocolError(BAD_REQUEST, f"this request needs {need} KV-cache tokens; the job allows {tokens_cap}")
+        return need
+
+    while True:
+        gen.cancelled()
+        running = sum(1 for r in gen.rows if r.reason is None)
+        source.running(running)
+        if source.closed:
+            closing = closing or time.monotonic()
+            if running and time.monotonic() - closing > DRAIN_S:
+                gen.fail(UNAVAILABLE, STOPPING)
+                continue
+        if not gen.rows:
+            got = source.wait(heartbeat_s)
+            if got is None:
+                channel.send(Message(STOP, 0))
+                return
+            if got is False:
+                channel.send(Message(BEAT, 0))
+                continue
+        if _probe(engine, channel, source, gen):
+            continue
+        joins = [] if source.closed else source.admit(rows_cap - running, tokens_cap - gen.cost, cost)
+        if not gen.rows and not joins:
+            continue
+        t0 = time.perf_counter()
+        keep, tokens = gen.survivors()
+        new = [gen.row(ids, job.req.params, job.row(i)) for job in joins for i, ids in enumerate(job.req.ids)]
+        prompts = [ids for job in joins for ids in job.req.ids]
+        kept = set(keep)
+        leave = [i for i in range(len(gen.rows)) if i not in kept]
+        msg = Message(STEP, 0, len(gen.rows), leave, tokens, [len(p) for p in prompts], sum(map(len, prompts)))
+        try:
+            channel.send(msg)
+            if prompts:
+                channel.send_ids([t for p in prompts for t in p])
+            with torch.inference_mode():
+                logits = kv.step(keep, tokens, prompts)
+        except BaseException as e:
+            gen.advance(keep, new, None)
+            if peer_lost(e) or not isinstance(e, Exception):
+                gen.fail(UNAVAILABLE, RESTARTING)
+                raise
+            # the same error met every rank in the same forward: answer these rows, go on
+            gen.fail(INTERNAL, f"the step failed: {type(e).__name__}: {e}"[:500])
+            gen.rows = []
+            kv.reset()
+            continue
+        made = gen.advance(keep, new, logits)
+        source.stepped(len(keep) + len(new), time.perf_counter() - t0, made, len(new))
+
+
+def _probe(engine: Any, channel: Channel, source: Any, gen: Any) -> bool:
+    """A deep-health probe at the head of the queue runs between two steps."""
+    batch = source.take_probe()
+    if batch is None:
+        return False
+    try:
+        results = run_batch(engine, channel, batch)
+    except BaseException:
+        gen.fail(UNAVAILABLE, RESTARTING)
+        raise
+    if results is not None:
+        batch.resolve(results)
+    return True
