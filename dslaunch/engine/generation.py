@@ -46,6 +46,7 @@ class Generation:
         self.eos = eos
         self.max_positions = max_positions
         self.rows: list[Row] = []
+        self.joining: list[Row] = []  # rows in the step under way, not in `rows` until it is done
 
     def row(self, ids: list[int], params: GenParams, sink: RowSink) -> Row:
         """A new row for `ids`; its seed is drawn here when the request gave none."""
@@ -67,6 +68,7 @@ class Generation:
         token from `logits`, stream its text and finish the rows that are done. Returns the
         number of tokens generated."""
         self.rows = [self.rows[i] for i in keep] + joined
+        self.joining = []
         if logits is None or not self.rows:
             return 0
         try:
@@ -122,7 +124,7 @@ class Generation:
                 self.end(row, "cancelled")
 
     def fail(self, code: str, message: str) -> None:
-        """Answer every running row with an error (a lost rank, a failed forward)."""
-        for row in self.rows:
+        """Answer every running row with an error (a lost rank, a failed forward, a hung rank)."""
+        for row in self.rows + self.joining:
             if row.reason is None:
                 self.end(row, "error", (code, message))

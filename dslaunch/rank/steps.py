@@ -66,6 +66,7 @@ def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -
         keep, tokens = gen.survivors()
         new = [gen.row(ids, job.req.params, job.row(i)) for job in joins for i, ids in enumerate(job.req.ids)]
         prompts = [ids for job in joins for ids in job.req.ids]
+        gen.joining = new  # a rank that hangs in this step: the watchdog answers these rows too
         kept = set(keep)
         leave = [i for i in range(len(gen.rows)) if i not in kept]
         msg = Message(STEP, 0, len(gen.rows), leave, tokens, [len(p) for p in prompts], sum(map(len, prompts)))
@@ -94,11 +95,25 @@ def _probe(engine: Any, channel: Channel, source: Any, gen: Any) -> bool:
     batch = source.take_probe()
     if batch is None:
         return False
+    channel.progress.batch = _Both(gen, batch)
     try:
         results = run_batch(engine, channel, batch)
     except BaseException:
         gen.fail(UNAVAILABLE, RESTARTING)
         raise
+    finally:
+        channel.progress.batch = gen
     if results is not None:
         batch.resolve(results)
     return True
+
+
+class _Both:
+    """What the hang watchdog answers while a probe runs: the probe and the running rows."""
+
+    def __init__(self, *parts: Any) -> None:
+        self.parts = parts
+
+    def fail(self, code: str, message: str) -> None:
+        for part in self.parts:
+            part.fail(code, message)
