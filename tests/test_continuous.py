@@ -184,6 +184,12 @@ def test_admission_keeps_tokens_in_flight_under_the_bound(tiny: Path, tmp_path: 
         texts = [s.events(j)[-1][1][0]["text"] for j in jobs]
         assert texts == [ref(PROMPTS[i % 2], 40) for i in range(6)]
         assert s.stats.snapshot(0, 0)["rows_per_step"]["max"] == 2, "two rows fit in 100 tokens, never three"
+        # the cache is padded to its longest row: a 92-token row leaves no room for a 10-token one
+        steps = s.stats.steps
+        long, short = s.submit(_gen("Hello world", 90)), [s.submit(_gen("One command", 8)) for _ in range(3)]
+        assert s.events(long)[-1][1][0]["text"] == ref("Hello world", 90)
+        assert [s.events(j)[-1][1][0]["text"] for j in short] == [ref("One command", 8)] * 3
+        assert s.stats.steps - steps >= 90 + 7, "the short rows ran after the long one, not beside it"
         with pytest.raises(ProtocolError, match="max-batch-tokens"):
             s.submit(_gen("Hello world", 120))
     finally:

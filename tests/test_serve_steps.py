@@ -136,10 +136,13 @@ def test_no_generate_parameters_restart_the_job(port: int, line: bytes) -> None:
 
 
 def test_the_job_never_restarted(job: tuple[Cli, dict[str, Any]], port: int) -> None:
+    st_ = status_json(job[0])
+    assert [r["restarts"] for r in st_["ranks"]] == [0, 0], (
+        st_.get("last_failure"),
+        job[0]("logs", "--lines", "40").stdout,
+    )
     with Client("127.0.0.1", port, retry_for=0) as c:
         assert c.health()["restarts"] == 0
         assert [r["rank"] for r in c.health(deep=True)["ranks"]] == [0, 1]
         stats = c.stats()
     assert "internal" not in stats["errors"] and "unavailable" not in stats["errors"], stats["errors"]
-    st_ = status_json(job[0])
-    assert [r["restarts"] for r in st_["ranks"]] == [0, 0], st_["ranks"]

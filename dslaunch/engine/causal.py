@@ -43,6 +43,10 @@ class CausalLMEngine(Pretrained):
         self.pad_id = int(self.tok.pad_token_id or 0)
         # the front's own tokenizer (rank 0 only: the other ranks never tokenize a prompt)
         self.prompts = PromptTokenizer(path, self.max_positions) if ctx.lead else None
+        # decoding runs twice per row per step: call a fast tokenizer's backend directly when the
+        # wrapper would only add its overhead (no clean-up of tokenization spaces)
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        self._backend_decode = None if getattr(self.tok, "clean_up_tokenization_spaces", True) else backend
 
     # -- rank 0, the front's thread ---------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -61,17 +65,18 @@ class CausalLMEngine(Pretrained):
             if max(row) >= self.vocab or min(row) < 0:
                 raise ProtocolError(BAD_REQUEST, f"prompt {i} has a token outside the model's vocabulary")
             ids.append(row)
-        need = sum(self.cost(len(row), req.params) for row in ids)
+        need = len(ids) * max(self.cost(len(row), req.params) for row in ids)
         if need > self.max_batch_tokens:
             raise ProtocolError(
                 BAD_REQUEST,
-                f"this request needs {need} tokens of KV cache (prompts + max_new_tokens); "
+                f"this request needs {need} tokens of KV cache (prompts + max_new_tokens, rows x longest); "
                 f"the job allows {self.max_batch_tokens} in flight (--max-batch-tokens)",
             )
         req.ids = ids
 
     def cost(self, prompt_tokens: int, params: GenParams) -> int:
-        """KV cache tokens a row may hold at most: what admission counts against --max-batch-tokens."""
+        """KV cache tokens a row may hold at most. The cache is left-padded to its longest row, so
+        admission counts rows x the longest cost against --max-batch-tokens."""
         return prompt_tokens + max(1, min(params.max_new_tokens, self.max_positions - prompt_tokens))
 
     # -- every rank ---------------------------------------------------------------------------------
@@ -83,6 +88,8 @@ class CausalLMEngine(Pretrained):
         return Generation(self._decode, self.eos, self.max_positions)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return self._backend_decode.decode(ids, skip_special_tokens=True)
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def probe(self) -> None:

@@ -54,9 +54,9 @@ class Generation:
         sampling = RowSampling.of(params, secrets.randbits(63))
         return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop))
 
-    @property
-    def cost(self) -> int:
-        return sum(r.cost for r in self.rows if r.reason is None)
+    def costs(self) -> list[int]:
+        """The most KV-cache tokens each running row may hold."""
+        return [r.cost for r in self.rows if r.reason is None]
 
     def survivors(self) -> tuple[list[int], list[int]]:
         """Indices of the rows that go on, and the tokens to feed them."""
@@ -105,17 +105,20 @@ class Generation:
         if row.ended:
             return
         row.reason, row.ended = reason, True
+        if error is None and reason != "cancelled":
+            try:
+                rest = row.text.finish()
+                if rest:
+                    row.sink.chunk(rest)
+                row.sink.done(
+                    {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
+                     "finish_reason": reason}
+                )  # fmt: skip
+                return
+            except Exception as e:
+                error = (INTERNAL, f"finishing this prompt failed: {type(e).__name__}: {e}"[:500])
         if error is not None:
             row.sink.fail(*error)
-            return
-        if reason == "cancelled":
-            return
-        rest = row.text.finish()
-        if rest:
-            row.sink.chunk(rest)
-        row.sink.done(
-            {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens, "finish_reason": reason}
-        )
 
     def cancelled(self) -> None:
         """Rows whose request went away (client gone, time-out, cut off) leave at the next step."""

@@ -64,12 +64,13 @@ class Message:
     def pack(self, capacity: int) -> Any:
         import torch
 
-        t = torch.zeros(HEADER + 3 * capacity, dtype=torch.int64)
-        t[:6] = torch.tensor([self.op, self.seq, self.rows, len(self.leave), len(self.joins), self.payload])
-        for at, values in ((HEADER, self.tokens), (HEADER + capacity, self.leave), (HEADER + 2 * capacity, self.joins)):
-            if values:
-                t[at : at + len(values)] = torch.tensor(values, dtype=torch.int64)
-        return t
+        head = [self.op, self.seq, self.rows, len(self.leave), len(self.joins), self.payload, 0, 0]
+        body = []
+        for values in (self.tokens, self.leave, self.joins):
+            if len(values) > capacity:
+                raise ValueError(f"{len(values)} entries in a message for {capacity} rows")
+            body += [*values, *([0] * (capacity - len(values)))]
+        return torch.tensor(head + body, dtype=torch.int64)
 
     @classmethod
     def unpack(cls, t: Any, capacity: int) -> Message:

@@ -25,20 +25,9 @@ STOPPING = "the job is stopping; retry"
 
 def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -> None:
     """Rank 0: step the running batch until the source closes and the rows are done."""
-    import torch
-
     kv, gen = engine.new_batch(), engine.generation()
     channel.progress.batch = gen
-    rows_cap, tokens_cap = channel.capacity, engine.max_batch_tokens
     closing: float | None = None
-
-    def cost(job: Any) -> int:
-        if job.req.ids is None:
-            engine.check(job.req)  # requests that did not come through the front's check
-        need = sum(engine.cost(len(ids), job.req.params) for ids in job.req.ids)
-        if job.rows > rows_cap or need > tokens_cap:
-            raise ProtocolError(BAD_REQUEST, f"this request needs {need} KV-cache tokens; the job allows {tokens_cap}")
-        return need
 
     while True:
         gen.cancelled()
@@ -59,35 +48,67 @@ def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -
                 continue
         if _probe(engine, channel, source, gen):
             continue
-        joins = [] if source.closed else source.admit(rows_cap - running, tokens_cap - gen.cost, cost)
+        joins = [] if source.closed else source.admit(Admission(engine, channel.capacity, gen.costs()))
         if not gen.rows and not joins:
             continue
-        t0 = time.perf_counter()
-        keep, tokens = gen.survivors()
-        new = [gen.row(ids, job.req.params, job.row(i)) for job in joins for i, ids in enumerate(job.req.ids)]
-        prompts = [ids for job in joins for ids in job.req.ids]
-        gen.joining = new  # a rank that hangs in this step: the watchdog answers these rows too
-        kept = set(keep)
-        leave = [i for i in range(len(gen.rows)) if i not in kept]
-        msg = Message(STEP, 0, len(gen.rows), leave, tokens, [len(p) for p in prompts], sum(map(len, prompts)))
-        try:
-            channel.send(msg)
-            if prompts:
-                channel.send_ids([t for p in prompts for t in p])
-            with torch.inference_mode():
-                logits = kv.step(keep, tokens, prompts)
-        except BaseException as e:
-            gen.advance(keep, new, None)
-            if peer_lost(e) or not isinstance(e, Exception):
-                gen.fail(UNAVAILABLE, RESTARTING)
-                raise
-            # the same error met every rank in the same forward: answer these rows, go on
-            gen.fail(INTERNAL, f"the step failed: {type(e).__name__}: {e}"[:500])
-            gen.rows = []
-            kv.reset()
-            continue
-        made = gen.advance(keep, new, logits)
-        source.stepped(len(keep) + len(new), time.perf_counter() - t0, made, len(new))
+        with source.events_together():
+            if not _step(channel, source, gen, kv, joins):
+                kv.reset()
+
+
+def _step(channel: Channel, source: Any, gen: Any, kv: Any, joins: list[Any]) -> bool:
+    """One step on every rank; False when it failed on this rank (its rows are answered)."""
+    import torch
+
+    t0 = time.perf_counter()
+    keep, tokens = gen.survivors()
+    new = [gen.row(ids, job.req.params, job.row(i)) for job in joins for i, ids in enumerate(job.req.ids)]
+    prompts = [ids for job in joins for ids in job.req.ids]
+    gen.joining = new  # a rank that hangs in this step: the watchdog answers these rows too
+    kept = set(keep)
+    leave = [i for i in range(len(gen.rows)) if i not in kept]
+    msg = Message(STEP, 0, len(gen.rows), leave, tokens, [len(p) for p in prompts], sum(map(len, prompts)))
+    try:
+        channel.send(msg)
+        if prompts:
+            channel.send_ids([t for p in prompts for t in p])
+        with torch.inference_mode():
+            logits = kv.step(keep, tokens, prompts)
+    except BaseException as e:
+        gen.advance(keep, new, None)
+        if peer_lost(e) or not isinstance(e, Exception):
+            gen.fail(UNAVAILABLE, RESTARTING)
+            raise
+        # the same error met every rank in the same forward: answer these rows, go on
+        gen.fail(INTERNAL, f"the step failed: {type(e).__name__}: {e}"[:500])
+        gen.rows = []
+        return False
+    made = gen.advance(keep, new, logits)
+    source.stepped(len(keep) + len(new), time.perf_counter() - t0, made, len(new))
+    return True
+
+
+class Admission:
+    """Whether a queued request fits in the running batch, counting what the left-padded KV cache
+    really holds: rows x the longest row's cost (prompt + max_new_tokens) <= --max-batch-tokens,
+    and rows <= --max-batch-size. A request that cannot fit even alone is refused."""
+
+    def __init__(self, engine: Any, rows: int, costs: list[int]) -> None:
+        self.engine, self.cap = engine, rows
+        self.rows, self.top = len(costs), max(costs, default=0)
+
+    def __call__(self, job: Any) -> bool:
+        if job.req.ids is None:
+            self.engine.check(job.req)  # a request that did not come through the front's check
+        costs = [self.engine.cost(len(ids), job.req.params) for ids in job.req.ids]
+        bound = self.engine.max_batch_tokens
+        if len(costs) > self.cap or len(costs) * max(costs) > bound:
+            raise ProtocolError(BAD_REQUEST, f"this request needs more KV cache than the job allows ({bound} tokens)")
+        rows, top = self.rows + len(costs), max(self.top, *costs)
+        if rows > self.cap or rows * top > bound:
+            return False
+        self.rows, self.top = rows, top
+        return True
 
 
 def _probe(engine: Any, channel: Channel, source: Any, gen: Any) -> bool:

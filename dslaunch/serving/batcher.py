@@ -15,7 +15,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dslaunch.engine.base import Work
@@ -28,6 +28,31 @@ STOPPING = "the job is stopping or restarting; retry"
 # A stream whose client stops reading is cut off once this much of its text waits unread.
 STREAM_BUFFER_BYTES = 1 << 20
 STREAM_BUFFER_CHUNKS = 8192
+
+
+_outbox = threading.local()
+
+
+@contextlib.contextmanager
+def one_wakeup() -> Iterator[None]:
+    """Events put by this thread inside reach their queues together, with one wake-up of each
+    event loop: a step answering or streaming to 32 rows then costs one wake-up, not 32."""
+    _outbox.items = []
+    try:
+        yield
+    finally:
+        items, _outbox.items = _outbox.items, None
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[Pending, tuple[Any, ...]]]] = {}
+        for job, event in items:
+            loops.setdefault(job.loop, []).append((job, event))
+        for loop, batch in loops.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[Pending, tuple[Any, ...]]]) -> None:
+    for job, event in batch:
+        job.events.put_nowait(event)
 
 
 class _Events(asyncio.Queue):  # type: ignore[type-arg]
@@ -67,6 +92,10 @@ class Pending:
 
     def put(self, event: tuple[Any, ...]) -> None:
         """Thread-safe: events arrive in the order they were put (chunks before the answer)."""
+        pending = getattr(_outbox, "items", None)
+        if pending is not None:
+            pending.append((self, event))
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
@@ -250,9 +279,10 @@ class Batcher:
                 return RowBatch([self.queue.popleft()])
         return None
 
-    def admit(self, rows: int, tokens: int, cost: Callable[[Pending], int]) -> list[Pending]:
-        """Generate requests that fit in `rows` free rows and `tokens` free KV-cache tokens, in
-        arrival order: the first that does not fit waits, and so does everything behind it."""
+    def admit(self, fits: Callable[[Pending], bool]) -> list[Pending]:
+        """Generate requests that fit (`fits` takes them into account when it says so), in arrival
+        order: the first that does not fit waits, and so does everything behind it. A request
+        that can never run (`fits` raises ProtocolError) is answered and skipped."""
         out: list[Pending] = []
         with self.cv:
             while self._drop_cancelled():
@@ -262,23 +292,24 @@ class Batcher:
                 try:
                     if job.kind != "generate":
                         raise ProtocolError(P.BAD_REQUEST, f"this job serves op 'generate', not {job.req.op!r}")
-                    need = cost(job)
-                except ProtocolError as e:  # it can never run: answer it and look at the next one
+                    if not fits(job):
+                        break
+                except ProtocolError as e:
                     self.queue.popleft()
                     job.fail(e.code, e.message)
                     continue
-                if job.rows > rows or need > tokens:
-                    break
                 self.queue.popleft()
                 out.append(job)
-                rows -= job.rows
-                tokens -= need
             self.in_flight += sum(j.rows for j in out)
         return out
 
     def running(self, rows: int) -> None:
         """How many rows the running batch has now (for `stats` and `status`)."""
         self.in_flight = rows
+
+    def events_together(self) -> contextlib.AbstractContextManager[None]:
+        """Around one step of rank 0's loop: its answers and chunks go out with one wake-up."""
+        return one_wakeup()
 
     def stepped(self, rows: int, seconds: float, tokens: int, joined: int) -> None:
         self.stats.step(rows, seconds, tokens, joined)
