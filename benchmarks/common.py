@@ -41,3 +41,87 @@ def write(name: str, result: dict[str, Any], out: str | None = None) -> Path:
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **result}, indent=1) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def pct(xs: list[float], q: float) -> float:
+    """The q-quantile (0..1) of xs, nan when empty."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def build_llama(out: Path, hidden: int = 512, layers: int = 8) -> Path:
+    """A Llama built from a config with random weights and the built-in model's tokenizer (no
+    download): with the defaults about 28M parameters, enough that compute, not Python, is what
+    a forward pass costs on a CPU."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dslaunch.engine import tinymodel
+
+    tok = tinymodel.build_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = LlamaForCausalLM(cfg)
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.05)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def closed_loop(n: int, seconds: float, one: Any) -> dict[str, float]:
+    """`n` clients, each sending its next request as soon as its last one is answered, for
+    `seconds`. `one(client_index, state)` sends one request and returns (tokens, first-token s
+    or None); `state` is the client's own dict (for its connection). Errors void the run."""
+    import threading
+    import time
+
+    lat: list[float] = []
+    ttft: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+    start = threading.Barrier(n + 1)
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        state: dict[str, Any] = {}
+        try:
+            start.wait()
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                got, first = one(i, state)
+                with lock:
+                    lat.append(time.perf_counter() - t)
+                    tokens[0] += got
+                    if first is not None:
+                        ttft.append(first)
+        except BaseException as e:
+            errors.append(e)
+            start.abort()
+        finally:
+            if state.get("close"):
+                state["close"]()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"a client failed: {errors[0]!r}")
+    out = {"tokens_per_s": tokens[0] / wall, "requests_per_s": len(lat) / wall, "wall_s": wall,
+           "p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3, "requests": len(lat)}  # fmt: skip
+    if ttft:
+        out.update(ttft_p50_ms=pct(ttft, 0.5) * 1e3, ttft_p99_ms=pct(ttft, 0.99) * 1e3)
+    return out

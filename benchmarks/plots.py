@@ -1,4 +1,4 @@
-"""PNG plots from the JSON results: tokens/s vs concurrency (served vs offline), ready time vs nodes.
+"""PNG plots from the JSON results: served vs offline, dslaunch vs transformers serve, ready time vs nodes.
 
 python benchmarks/plots.py   # reads and writes benchmarks/results/
 """
@@ -18,20 +18,38 @@ def main() -> None:
 
     serving = RESULTS / "serving.json"
     if serving.exists():
-        data = json.loads(serving.read_text())
-        fig, ax = plt.subplots(figsize=(6, 4))
-        levels = sorted(int(k) for k in data["offline"]["levels"])
-        ax.plot(levels, [data["offline"]["levels"][str(c)]["tokens_per_s"] for c in levels], "k-o",
-                label="offline engine (batch = concurrency)")  # fmt: skip
-        for run in data["served"]:
-            ax.plot(levels, [run["levels"][str(c)]["tokens_per_s"] for c in levels], "-o",
-                    label=f"dslaunch served, --batch-wait-ms {run['batch_wait_ms']:g}")  # fmt: skip
-        ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="tokens/s", xticks=levels,
-               xticklabels=[str(c) for c in levels], title="Served vs offline (2 ranks, tiny model, CPU)")  # fmt: skip
-        ax.legend()
+        models = json.loads(serving.read_text())["models"]
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+        for ax, (name, data) in zip(axes[0], models.items(), strict=True):
+            levels = sorted(int(k) for k in data["offline"]["levels"])
+            ax.plot(levels, [data["offline"]["levels"][str(c)]["tokens_per_s"] for c in levels], "k-o",
+                    label="offline engine (all requests at once)")  # fmt: skip
+            for run in data["served"]:
+                ax.plot(levels, [run["levels"][str(c)]["tokens_per_s"] for c in levels], "-o",
+                        label=f"served, {run['ranks']} rank(s), --batch-wait-ms {run['batch_wait_ms']:g}")  # fmt: skip
+            ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="tokens/s", xticks=levels,
+                   xticklabels=[str(c) for c in levels], title=f"Served vs offline ({name}, CPU)")  # fmt: skip
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(RESULTS / "serving.png", dpi=110)
         print(f"wrote {RESULTS / 'serving.png'}")
+    versus = RESULTS / "versus.json"
+    if versus.exists():
+        models = json.loads(versus.read_text())["models"]
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+        for ax, (name, data) in zip(axes[0], models.items(), strict=True):
+            for who, label in (
+                ("dslaunch", "dslaunch"),
+                ("transformers_serve", "transformers serve --continuous-batching"),
+            ):
+                levels = sorted(int(k) for k in data[who])
+                ax.plot(levels, [data[who][str(c)]["tokens_per_s"] for c in levels], "-o", label=label)
+            ax.set(xscale="log", xlabel="concurrent clients", ylabel="tokens/s", xticks=levels,
+                   xticklabels=[str(c) for c in levels], title=f"One rank each ({name}, CPU)")  # fmt: skip
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "versus.png", dpi=110)
+        print(f"wrote {RESULTS / 'versus.png'}")
     launchers = RESULTS / "launchers.json"
     if launchers.exists():
         data = json.loads(launchers.read_text())

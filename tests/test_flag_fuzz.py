@@ -43,6 +43,7 @@ VALUES: dict[str, list[str]] = {
     "--bind": ["127.0.0.1", "0.0.0.0", "::1", "localhost"],
     "--port": PORTS,
     "--max-batch-size": ["0", "1", "8"],
+    "--max-batch-tokens": ["0", "1", "2", "4096"],
     "--batch-wait-ms": ["-1", "0", "5"],
     "--max-queue": ["0", "64"],
     "--max-request-bytes": ["10", "4096"],

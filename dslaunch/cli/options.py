@@ -183,6 +183,9 @@ SERVE_OPTIONS = [
                  help="File holding the front's token (or set DSLAUNCH_TOKEN). Generated off loopback."),
     click.option("--max-batch-size", type=int, default=_serve("max_batch_size"), show_default=True,
                  help="Most rows (prompts) in one forward batch."),
+    click.option("--max-batch-tokens", type=int, default=_serve("max_batch_tokens"), show_default=True,
+                 help="Most KV cache tokens in flight (prompt + max_new_tokens of every running row); "
+                      "requests beyond it wait in the queue."),
     click.option("--batch-wait-ms", type=float, default=_serve("batch_wait_ms"), show_default=True,
                  help="How long the first request of a batch waits for company."),
     click.option("--max-queue", type=int, default=_serve("max_queue"), show_default=True,

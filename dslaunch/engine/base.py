@@ -1,8 +1,8 @@
 """Model loading and batched inference on every rank: transformers + DeepSpeed AutoTP.
 
-Knows nothing of sockets. Every rank builds the same engine and calls `run` with the same work
-in lock-step; only rank 0 decodes text and gets results back. Tokens chosen on rank 0 are
-broadcast each step, so sampled generation cannot drift apart between ranks.
+Knows nothing of sockets. Every rank builds the same engine and runs the same steps in lock-step;
+only rank 0 tokenizes, samples and decodes text. Tokens chosen on rank 0 travel to the other
+ranks with each step, so sampled generation cannot drift apart between ranks.
 """
 
 from __future__ import annotations
@@ -50,16 +50,31 @@ class Work:
 
 
 class Sink(Protocol):
-    """Rank 0's window onto the requests behind a batch's rows."""
+    """Rank 0's window onto the requests behind a whole batch's rows (embed, handlers)."""
 
     def chunk(self, row: int, text: str) -> None: ...
 
     def cancelled(self, row: int) -> bool: ...
 
 
+class RowSink(Protocol):
+    """Rank 0's window onto the request behind one generated row: it may finish at any step."""
+
+    def chunk(self, text: str) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+    def done(self, result: dict[str, Any]) -> None: ...
+
+    def fail(self, code: str, message: str) -> None: ...
+
+
 class Engine(Protocol):
     task: str
     name: str
+    # True: the lock-step loop runs it step by step, rows joining and leaving (causal LMs);
+    # False: whole batches through `run` (embed, handlers)
+    continuous: bool
 
     def check(self, req: Request) -> None: ...
 
@@ -123,5 +138,5 @@ class Pretrained:
         self.config = AutoConfig.from_pretrained(path)
         self.dtype = torch_dtype(opts.dtype, ctx.device, self.config)
         self.tok = AutoTokenizer.from_pretrained(path, **tok_kw)
-        # the front checks prompts on its own thread; a fast tokenizer must not be used by two at once
+        # a fast tokenizer must not be used by two threads at once (the front's, the loop's)
         self.tok_lock = threading.Lock()

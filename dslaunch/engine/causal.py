@@ -1,11 +1,18 @@
-"""Causal LMs: prompts in, text out, with per-row parameters, stop strings and streaming."""
+"""Causal LMs: prompts in, text out, with per-row parameters, stop strings and streaming.
+
+Served, the lock-step loop (`rank.lockstep`) runs it one step at a time: rows join and leave the
+running batch (`KVBatch` on every rank, `Generation` on rank 0). `run` is the same machinery for
+one whole batch in process (the offline baseline of the benchmarks, and tests).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, broadcast, shard
-from dslaunch.engine.decode import TextStream, make_generator, pick
+from dslaunch.engine.generation import Generation
+from dslaunch.engine.kvbatch import KVBatch, cache_keyword
+from dslaunch.engine.prompts import PromptTokenizer
 from dslaunch.wire.protocol import BAD_REQUEST, GenParams, ProtocolError, Request
 from dslaunch.wire.serve import ServeSpec
 
@@ -14,6 +21,7 @@ class CausalLMEngine(Pretrained):
     """Prompts in, text out: a decode loop with per-row parameters, stops and streaming."""
 
     task = "generate"
+    continuous = True
 
     def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec) -> None:
         from transformers import AutoModelForCausalLM
@@ -24,111 +32,120 @@ class CausalLMEngine(Pretrained):
             self.tok.pad_token = self.tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         self.model = shard(model, ctx, self.dtype, opts)
+        self.cache_kw = cache_keyword(self.model)
         eos = getattr(model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tok.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+        self.vocab = int(getattr(config, "vocab_size", 0) or len(self.tok))
+        self.max_batch_tokens = opts.max_batch_tokens
+        self.pad_id = int(self.tok.pad_token_id or 0)
+        # the front's own tokenizer (rank 0 only: the other ranks never tokenize a prompt)
+        self.prompts = PromptTokenizer(path, self.max_positions) if ctx.lead else None
+        # decoding runs twice per row per step: call a fast tokenizer's backend directly when the
+        # wrapper would only add its overhead (no clean-up of tokenization spaces)
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        self._backend_decode = None if getattr(self.tok, "clean_up_tokenization_spaces", True) else backend
 
+    # -- rank 0, the front's thread ---------------------------------------------------------------
     def check(self, req: Request) -> None:
+        """Tokenize the prompts (once) and refuse what cannot run; the ids travel on as `req.ids`."""
+        assert self.prompts is not None
+        limit, ids = self.max_positions, []
         for i, prompt in enumerate(req.inputs):
-            with self.tok_lock:
-                n = len(self.tok(prompt)["input_ids"])
-            if n >= self.max_positions:
-                raise ProtocolError(
-                    BAD_REQUEST, f"prompt {i} is {n} tokens; this model takes fewer than {self.max_positions}"
-                )
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            if self.prompts.max_bytes is not None and size > self.prompts.max_bytes:
+                raise ProtocolError(BAD_REQUEST, f"prompt {i} is {size} bytes: over {limit} tokens for certain")
+            row = self.prompts.encode(prompt)
+            if not row:
+                raise ProtocolError(BAD_REQUEST, f"prompt {i} has no tokens")
+            if len(row) >= limit:
+                raise ProtocolError(BAD_REQUEST, f"prompt {i} is {len(row)} tokens; the model takes fewer than {limit}")
+            if max(row) >= self.vocab or min(row) < 0:
+                raise ProtocolError(BAD_REQUEST, f"prompt {i} has a token outside the model's vocabulary")
+            ids.append(row)
+        need = len(ids) * max(self.cost(len(row), req.params) for row in ids)
+        if need > self.max_batch_tokens:
+            raise ProtocolError(
+                BAD_REQUEST,
+                f"this request needs {need} tokens of KV cache (prompts + max_new_tokens, rows x longest); "
+                f"the job allows {self.max_batch_tokens} in flight (--max-batch-tokens)",
+            )
+        req.ids = ids
+
+    def cost(self, prompt_tokens: int, params: GenParams) -> int:
+        """KV cache tokens a row may hold at most. The cache is left-padded to its longest row, so
+        admission counts rows x the longest cost against --max-batch-tokens."""
+        return prompt_tokens + max(1, min(params.max_new_tokens, self.max_positions - prompt_tokens))
+
+    # -- every rank ---------------------------------------------------------------------------------
+    def new_batch(self) -> KVBatch:
+        return KVBatch(self.model, self.ctx.device, self.pad_id, self.cache_kw)
+
+    def generation(self) -> Generation:
+        """Rank 0's rows of a running batch, decoding with the engine's own tokenizer."""
+        return Generation(self._decode, self.eos, self.max_positions)
 
     def _decode(self, ids: list[int]) -> str:
-        with self.tok_lock:
-            return self.tok.decode(ids, skip_special_tokens=True)
+        if self._backend_decode is not None:
+            return self._backend_decode.decode(ids, skip_special_tokens=True)
+        return self.tok.decode(ids, skip_special_tokens=True)
 
     def probe(self) -> None:
         import torch
 
-        ids = torch.tensor([[self.tok.pad_token_id]], device=self.ctx.device)
+        ids = torch.tensor([[self.pad_id]], device=self.ctx.device)
         with torch.inference_mode():
             self.model(input_ids=ids, use_cache=False)
 
     def run(self, work: Work, sink: Sink | None) -> list[dict[str, Any]] | None:
+        """One whole batch in process, every rank together: all rows join at once and leave as
+        they finish. Every rank tokenizes here; serving sends rank 0's ids instead."""
         import torch
 
-        ctx, params = self.ctx, work.params
+        ctx = self.ctx
         with self.tok_lock:
-            enc = self.tok(work.inputs, return_tensors="pt", padding=True)
-        ids = enc["input_ids"].to(ctx.device)
-        mask = enc["attention_mask"].to(ctx.device)
-        rows = len(work.inputs)
-        prompt_lens = [int(n) for n in mask.sum(dim=1).tolist()]
-        # only rank 0 decodes and samples; the others feed the tokens it broadcasts
-        streams = [TextStream(self._decode, p.stop) for p in params] if ctx.lead else []
-        gens = [None if p.greedy else make_generator(p) for p in params] if ctx.lead else []
-        counts = [0] * rows
-        reasons: list[str | None] = [None] * rows
-        position = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        feed, past = ids, None
+            ids = [list(self.tok(p)["input_ids"]) for p in work.inputs]
+        kv, gen = self.new_batch(), self.generation()
+        results: list[Any] = [None] * len(ids)
+        pairs = enumerate(zip(ids, work.params, strict=True))
+        joined = [gen.row(x, p, _Collect(results, i, sink)) for i, (x, p) in pairs]
         with torch.inference_mode():
-            for _step in range(max(p.max_new_tokens for p in params)):
-                out = self.model(
-                    input_ids=feed, attention_mask=mask, position_ids=position, past_key_values=past, use_cache=True
-                )
-                past = out.past_key_values
-                packet = torch.zeros(rows + 1, dtype=torch.long, device=ctx.device)
+            logits = kv.step(None, [], ids)
+            keep: list[int] = []
+            while True:
+                packet = torch.zeros(2 * len(ids) + 1, dtype=torch.long)
                 if ctx.lead:
-                    nxt = self._choose(out.logits[:, -1, :], params, gens, streams, counts, reasons, prompt_lens, sink)
-                    packet[:rows] = torch.tensor(nxt, dtype=torch.long)
-                    packet[rows] = int(all(r is not None for r in reasons))
+                    gen.advance(keep, joined, logits)
+                    joined = []
+                    keep, tokens = gen.survivors()
+                    packet[0] = len(keep)
+                    packet[1 : 1 + len(keep)] = torch.tensor(keep, dtype=torch.long)
+                    packet[1 + len(ids) : 1 + len(ids) + len(keep)] = torch.tensor(tokens, dtype=torch.long)
                 broadcast(packet, ctx)
-                if packet[rows].item():
-                    break
-                feed = packet[:rows].unsqueeze(1)
-                mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=1)
-                position = position[:, -1:] + 1
-        if not ctx.lead:
-            return None
-        results = []
-        for i, s in enumerate(streams):
-            if reasons[i] is None:
-                reasons[i] = "length"
-            rest = s.finish()
-            if rest and sink is not None:
-                sink.chunk(i, rest)
-            results.append(
-                {"text": s.text, "tokens": counts[i], "prompt_tokens": prompt_lens[i], "finish_reason": reasons[i]}
-            )
-        return results
+                n = int(packet[0])
+                if not n:
+                    return results if ctx.lead else None
+                keep = packet[1 : 1 + n].tolist()
+                logits = kv.step(keep, packet[1 + len(ids) : 1 + len(ids) + n].tolist(), [])
 
-    def _choose(
-        self,
-        logits: Any,
-        params: list[GenParams],
-        gens: list[Any],
-        streams: list[TextStream],
-        counts: list[int],
-        reasons: list[str | None],
-        prompt_lens: list[int],
-        sink: Sink | None,
-    ) -> list[int]:
-        """Rank 0: next token per row, and which rows are now finished (eos, stop, length, cancelled)."""
-        pad = self.tok.pad_token_id
-        nxt = []
-        for i, p in enumerate(params):
-            if reasons[i] is not None:
-                nxt.append(pad)
-                continue
-            token = pick(logits[i], p, gens[i])
-            nxt.append(token)
-            if token in self.eos:
-                reasons[i] = "eos"
-            else:
-                counts[i] += 1
-                text = streams[i].push(token)
-                if text and sink is not None:
-                    sink.chunk(i, text)
-                if streams[i].stopped:
-                    reasons[i] = "stop"
-                elif counts[i] >= p.max_new_tokens or prompt_lens[i] + counts[i] >= self.max_positions:
-                    reasons[i] = "length"
-            if reasons[i] is None and sink is not None and sink.cancelled(i):
-                reasons[i] = "cancelled"
-        return nxt
+
+class _Collect:
+    """The row sink of `run`: results into a list, chunks to the batch's sink."""
+
+    def __init__(self, results: list[Any], index: int, sink: Sink | None) -> None:
+        self.results, self.index, self.sink = results, index, sink
+
+    def chunk(self, text: str) -> None:
+        if self.sink is not None:
+            self.sink.chunk(self.index, text)
+
+    def cancelled(self) -> bool:
+        return self.sink is not None and self.sink.cancelled(self.index)
+
+    def done(self, result: dict[str, Any]) -> None:
+        self.results[self.index] = result
+
+    def fail(self, code: str, message: str) -> None:
+        raise RuntimeError(f"{code}: {message}")

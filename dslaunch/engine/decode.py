@@ -1,61 +1,93 @@
-"""Per-row decoding on rank 0: choosing the next token and turning tokens into safe text chunks.
+"""Turning one row's tokens into safe text chunks, incrementally (rank 0 only).
 
-Only rank 0 runs this; the tokens it picks are broadcast so every rank feeds the same ones.
+Decoding a row's whole token list on every new token is O(n²) over a row. `TextStream` decodes a
+small window instead (the prefix-offset method of TGI and vLLM, the same idea as `tokenizers`'
+`DecodeStream`, but with any tokenizer's `decode` and with a `finish` that flushes what is held),
+so each token costs O(1), and it keeps only the text not yet released to search for stop strings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-from dslaunch.wire.protocol import GenParams
 
 REPLACEMENT = "\ufffd"
+# A window that still ends in a replacement character after this many tokens holds a real one
+# (random weights do emit invalid byte sequences): release it rather than let the window grow.
+MAX_WINDOW = 16
 
 
 class TextStream:
     """Text of one generated row, released in chunks that never run past a stop string.
 
-    The text decoded so far is cut at the first stop string. What is released is held back while
-    its tail could still grow into a stop string or ends in half a UTF-8 character, so the chunks
-    always concatenate to the final text.
+    New tokens are decoded in a window that starts at the last token already turned into text, so
+    byte-level tokens that form one character are released together. The text is cut at the
+    first stop string. What is released is held back while its tail could still grow into a stop
+    string or ends in half a UTF-8 character, so the chunks always concatenate to the final text.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...] = ()) -> None:
         self.decode = decode
         self.stops = stops
         self.tokens: list[int] = []
-        self.text = ""
-        self.sent = 0
         self.stopped = False
+        self._released: list[str] = []
+        self._tail = ""  # decoded, not released: held back for a stop string or half a character
+        self._prefix = 0  # tokens[_prefix:_read] were decoded last time: the context of the window
+        self._read = 0
+        self._prefix_text = ""
+
+    @property
+    def text(self) -> str:
+        """The text so far (the final text once `finish` was called)."""
+        return "".join(self._released) + self._tail
 
     def push(self, token: int) -> str:
         """Add a token; return the newly releasable text ('' when held back or stopped)."""
         if self.stopped:
             return ""
         self.tokens.append(token)
-        self.text = self.decode(self.tokens)
-        cut = self._first_stop(self.text)
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.stopped = True
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._hold(self.text))
+        return self._add(self._step(final=False))
 
     def finish(self) -> str:
         """The rest of the text, at the end of the row."""
-        return self._release(len(self.text))
+        if not self.stopped:
+            self._add(self._step(final=True))
+        return self._release(len(self._tail))
+
+    def _step(self, final: bool) -> str:
+        """Text that the tokens since the last call add (prefix-offset incremental decode)."""
+        if self._read == len(self.tokens):
+            return ""
+        new = self.decode(self.tokens[self._prefix :])
+        complete = not new.endswith(REPLACEMENT) or len(self.tokens) - self._prefix > MAX_WINDOW
+        if len(new) <= len(self._prefix_text) or not (complete or final):
+            return ""
+        added = new[len(self._prefix_text) :]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self._prefix_text = self.decode(self.tokens[self._prefix : self._read])
+        return added
+
+    def _add(self, text: str) -> str:
+        if not text:
+            return ""
+        self._tail += text
+        cut = self._first_stop(self._tail)
+        if cut is not None:
+            self._tail = self._tail[:cut]
+            self.stopped = True
+            return self._release(len(self._tail))
+        return self._release(len(self._tail) - self._hold(self._tail))
 
     def _release(self, end: int) -> str:
-        if end <= self.sent:
+        if end <= 0:
             return ""
-        chunk = self.text[self.sent : end]
-        self.sent = end
+        chunk, self._tail = self._tail[:end], self._tail[end:]
+        self._released.append(chunk)
         return chunk
 
     def _first_stop(self, text: str) -> int | None:
-        # released text never ends in a stop's prefix, so a match can only start after it
-        hits = [i for s in self.stops if (i := text.find(s, self.sent)) >= 0]
+        # released text never ends in a stop's proper prefix, so a match lies in the unreleased tail
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
         return min(hits) if hits else None
 
     def _hold(self, text: str) -> int:
@@ -69,36 +101,3 @@ class TextStream:
                     hold = max(hold, k)
                     break
         return hold
-
-
-def make_generator(params: GenParams) -> Any:
-    """A CPU generator for sampled rows: seeded when asked, fresh randomness otherwise."""
-    import torch
-
-    g = torch.Generator(device="cpu")
-    if params.seed is not None:
-        g.manual_seed(params.seed)
-    else:
-        g.seed()
-    return g
-
-
-def pick(logits: Any, params: GenParams, generator: Any | None) -> int:
-    """The next token for one row: argmax when greedy, else temperature / top-k / top-p sampling."""
-    import torch
-
-    if params.greedy:
-        return int(torch.argmax(logits).item())
-    scores = logits.float().cpu() / params.temperature
-    if params.top_k and params.top_k < scores.numel():
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # always keeps the top token
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[order[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=generator).item())

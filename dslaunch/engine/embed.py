@@ -13,6 +13,7 @@ class EmbedEngine(Pretrained):
     """Texts in, mean-pooled and L2-normalised vectors out (sentence-transformers style)."""
 
     task = "embed"
+    continuous = False
 
     def __init__(self, path: str, ctx: EngineContext, opts: ServeSpec) -> None:
         from transformers import AutoModel

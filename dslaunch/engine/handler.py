@@ -13,6 +13,7 @@ class HandlerEngine:
     """A user's `module:Class` with `load(ctx)` and `__call__(batch) -> list`, run on every rank."""
 
     task = "custom"
+    continuous = False
 
     def __init__(self, spec: str, ctx: EngineContext) -> None:
         module_name, _, cls_name = spec.partition(":")

@@ -1,86 +1,30 @@
-"""Rank 0 leads, every other rank follows: the control channel and the two serving loops.
+"""Rank 0 leads, every other rank follows: the serving loops over the control channel.
 
-Control messages (work, heartbeat, stop) travel over a separate gloo group, never the NCCL
-stream. Rank 0 sends a heartbeat whenever it has been idle for `heartbeat_s`, so the followers'
-blocking receive never reaches the collective time-out, and a follower that died shows up as a
-failed send on rank 0 within one heartbeat.
+Rank 0 sends a heartbeat whenever it has been idle for `heartbeat_s`, so the followers' receive
+never reaches the collective time-out, and a follower that died shows up as a failed send on
+rank 0 within one heartbeat. Generate jobs run step by step (`steps.lead_steps`): rows join and
+leave the running batch at every step. Embed and handler jobs run whole batches.
+
+The loop rule: an error while serving one step or batch answers the requests involved, and the
+loop goes on. Only a failed collective (a lost peer, ranks out of step) ends a rank.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from typing import Any, Protocol
 
 from dslaunch.engine.base import Engine, Sink, Work
+from dslaunch.rank.channel import BEAT, PROBE, RESTARTING, STEP, STOP, WORK, Channel, Message, Progress, peer_lost
 from dslaunch.wire.protocol import INTERNAL, UNAVAILABLE
 
-WORK, BEAT, STOP = "work", "beat", "stop"
-RESTARTING = "the job is restarting (a rank was lost); retry"
-
-
-class Progress:
-    """When this rank's serving loop last moved, and the batch it is running (rank 0).
-
-    Stamped by every control message and every decode step. A rank stuck in a collective because
-    a peer hangs (stopped, not dead: no socket closes, so no error ever comes) stops stamping; the
-    worker's watchdog notices and ends the rank, which restarts the job.
-    """
-
-    def __init__(self) -> None:
-        self.last = time.monotonic()
-        self.batch: Batch | None = None
-
-    def beat(self) -> None:
-        self.last = time.monotonic()
-
-    def idle_for(self) -> float:
-        return time.monotonic() - self.last
-
-
-class Channel:
-    """Broadcasts from rank 0 to all ranks over a gloo group (a no-op in a world of one)."""
-
-    def __init__(self, rank: int, world_size: int, timeout_s: float, progress: Progress | None = None) -> None:
-        self.rank = rank
-        self.world_size = world_size
-        self.progress = progress or Progress()
-        self.group = None
-        if world_size > 1:
-            from datetime import timedelta
-
-            import torch.distributed as dist
-
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-
-    def send(self, msg: tuple[Any, ...]) -> None:
-        if self.group is not None:
-            import torch.distributed as dist
-
-            dist.broadcast_object_list([msg], src=0, group=self.group)
-        self.progress.beat()
-
-    def recv(self) -> tuple[Any, ...]:
-        import torch.distributed as dist
-
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        self.progress.beat()
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in rank order, on every rank."""
-        if self.group is None:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+__all__ = ["RESTARTING", "Channel", "Progress", "follow", "lead", "peer_lost"]
 
 
 class Batch(Sink, Protocol):
-    """What the batcher hands rank 0's loop: the work, and where its answers go."""
+    """What the batcher hands rank 0's loop for a whole batch: the work, and where answers go."""
 
     work: Work
 
@@ -90,6 +34,8 @@ class Batch(Sink, Protocol):
 
 
 class Source(Protocol):
+    closed: bool
+
     def next_batch(self, timeout: float) -> Batch | bool | None:
         """A batch; False after `timeout` with nothing to do; None once closed."""
         ...
@@ -97,57 +43,112 @@ class Source(Protocol):
     def ran(self, batch: Batch, seconds: float, results: list[Any]) -> None: ...
 
 
-def peer_lost(e: BaseException) -> bool:
-    """A collective failed because another rank went away (not an error of this rank's own)."""
-    import torch.distributed as dist
-
-    text = str(e).lower()
-    return isinstance(e, dist.DistError) or any(w in text for w in ("connection", "closed by peer", "broken pipe"))
+def capacity(engine: Engine) -> int:
+    """Rows per step: --max-batch-size, the same on every rank (all read the same ServeSpec)."""
+    opts = getattr(getattr(engine, "ctx", None), "options", None)
+    return int(getattr(opts, "max_batch_size", 8))
 
 
-def execute(engine: Engine, channel: Channel, work: Work, sink: Sink | None) -> list[Any] | None:
-    """Run one batch on this rank; `probe` (deep health) times a tiny forward on every rank."""
-    if work.kind != "probe":
-        return engine.run(work, sink)
+def probe(engine: Engine, channel: Channel) -> list[Any]:
+    """Deep health: time a tiny forward on every rank."""
     t0 = time.perf_counter()
     engine.probe()
     me = {"rank": channel.rank, "host": socket.gethostname(), "ms": round((time.perf_counter() - t0) * 1000, 3)}
     return channel.gather(me)
 
 
-def lead(engine: Engine, channel: Channel, source: Source, heartbeat_s: float) -> None:
-    """Rank 0: take batches, send each to every rank, run it, answer; stop when the source closes."""
+def run_batch(engine: Engine, channel: Channel, batch: Batch) -> list[Any] | None:
+    """Rank 0: send one whole batch to every rank and run it; None when it failed (answered).
+
+    A failed collective answers `unavailable` and re-raises; any other error answers `internal`.
+    """
+    work = batch.work
+    try:
+        if work.kind == "probe":
+            channel.send(Message(PROBE, 0))
+            return probe(engine, channel)
+        data = json.dumps({"kind": work.kind, "inputs": work.inputs}).encode()
+        channel.send(Message(WORK, 0, payload=len(data)))
+        channel.send_bytes(data)
+    except BaseException:
+        batch.fail(UNAVAILABLE, RESTARTING)
+        raise
+    try:
+        return engine.run(work, batch) or []
+    except BaseException as e:
+        if peer_lost(e) or not isinstance(e, Exception):
+            batch.fail(UNAVAILABLE, RESTARTING)
+            raise
+        batch.fail(INTERNAL, f"the batch failed: {type(e).__name__}: {e}"[:500])
+        return None
+
+
+def lead(engine: Engine, channel: Channel, source: Any, heartbeat_s: float) -> None:
+    """Rank 0: run what the source hands out on every rank, answer; stop when the source closes."""
+    channel.capacity = capacity(engine)
+    if getattr(engine, "continuous", False):
+        from dslaunch.rank.steps import lead_steps
+
+        lead_steps(engine, channel, source, heartbeat_s)
+        return
     while True:
         batch = source.next_batch(heartbeat_s)
         if batch is None:
-            channel.send((STOP,))
+            channel.send(Message(STOP, 0))
             return
         if batch is False:
-            channel.send((BEAT,))
+            channel.send(Message(BEAT, 0))
             continue
-        assert not isinstance(batch, bool)
         t0 = time.perf_counter()
         channel.progress.batch = batch
-        try:
-            channel.send((WORK, batch.work))
-            results = execute(engine, channel, batch.work, batch)
-        except BaseException as e:
-            # a failed collective leaves the ranks out of step: answer, then end this rank
-            if peer_lost(e):
-                batch.fail(UNAVAILABLE, RESTARTING)
-            else:
-                batch.fail(INTERNAL, f"the batch failed on rank 0: {type(e).__name__}: {e}"[:500])
-            raise
-        source.ran(batch, time.perf_counter() - t0, results or [])
-        batch.resolve(results or [])
+        results = run_batch(engine, channel, batch)
         channel.progress.batch = None
+        source.ran(batch, time.perf_counter() - t0, results or [])
+        if results is not None:
+            batch.resolve(results)
 
 
 def follow(engine: Engine, channel: Channel) -> None:
     """Every other rank: run whatever rank 0 sends until it says stop."""
+    channel.capacity = capacity(engine)
+    kv = engine.new_batch() if getattr(engine, "continuous", False) else None  # type: ignore[attr-defined]
     while True:
         msg = channel.recv()
-        if msg[0] == STOP:
+        if msg.op == STOP:
             return
-        if msg[0] == WORK:
-            execute(engine, channel, msg[1], None)
+        if msg.op == STEP:
+            assert kv is not None
+            if kv.rows != msg.rows:
+                raise RuntimeError(f"rank 0 steps {msg.rows} rows, this rank holds {kv.rows}: out of step")
+            joins = _split(channel.recv_ids(msg.payload), msg.joins) if msg.joins else []
+            leaving = set(msg.leave)
+            keep = [i for i in range(msg.rows) if i not in leaving]
+            _guarded(kv.step, (keep, msg.tokens, joins), kv.reset)
+        elif msg.op == WORK:
+            obj = json.loads(channel.recv_bytes(msg.payload))
+            _guarded(engine.run, (Work(obj["kind"], obj["inputs"]), None), lambda: None)
+        elif msg.op == PROBE:
+            probe(engine, channel)
+
+
+def _split(flat: list[int], lengths: list[int]) -> list[list[int]]:
+    out, at = [], 0
+    for n in lengths:
+        out.append(flat[at : at + n])
+        at += n
+    return out
+
+
+def _guarded(fn: Any, args: tuple[Any, ...], reset: Any) -> None:
+    """A follower's forward: a failed collective ends the rank; any other error is the same one
+    rank 0 met and answered, so drop the work and go on."""
+    try:
+        import torch
+
+        with torch.inference_mode():
+            fn(*args)
+    except Exception as e:
+        if peer_lost(e):
+            raise
+        reset()
+        print(f"a step failed on this rank too, dropped: {type(e).__name__}: {e}"[:500], flush=True)

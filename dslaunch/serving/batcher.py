@@ -1,8 +1,11 @@
-"""The batcher on rank 0's loop thread: queued requests in, batches of rows out, answers back.
+"""The batcher on rank 0's loop thread: queued requests in, rows out, answers back.
 
-It waits for the first request, then up to `--batch-wait-ms` for more (never more rows than
-`--max-batch-size`). Answers and stream chunks travel back to the asyncio thread through each
-request's own queue.
+Generate jobs run step by step: the loop asks `admit` at every step for requests that fit in the
+free rows and KV-cache tokens (`--max-batch-size`, `--max-batch-tokens`), first come first
+served, and each row answers through its request as soon as it finishes. Embed and handler jobs,
+and deep health probes, run as whole batches (`next_batch`): the first request waits up to
+`--batch-wait-ms` for company. Answers and stream chunks travel back to the asyncio thread
+through each request's own queue, which is bounded for streams (`STREAM_BUFFER_BYTES`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from dslaunch.engine.base import Work
@@ -21,28 +25,141 @@ from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
 STOPPING = "the job is stopping or restarting; retry"
+# A stream whose client stops reading is cut off once this much of its text waits unread.
+STREAM_BUFFER_BYTES = 1 << 20
+STREAM_BUFFER_CHUNKS = 8192
+
+
+_outbox = threading.local()
+
+
+@contextlib.contextmanager
+def one_wakeup() -> Iterator[None]:
+    """Events put by this thread inside reach their queues together, with one wake-up of each
+    event loop: a step answering or streaming to 32 rows then costs one wake-up, not 32."""
+    _outbox.items = []
+    try:
+        yield
+    finally:
+        items, _outbox.items = _outbox.items, None
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[Pending, tuple[Any, ...]]]] = {}
+        for job, event in items:
+            loops.setdefault(job.loop, []).append((job, event))
+        for loop, batch in loops.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[Pending, tuple[Any, ...]]]) -> None:
+    for job, event in batch:
+        job.events.put_nowait(event)
+
+
+class _Events(asyncio.Queue):  # type: ignore[type-arg]
+    """The request's event queue; it tells its owner when the front has taken a chunk."""
+
+    def __init__(self, owner: Pending) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def _get(self) -> Any:
+        item = super()._get()
+        if item[0] == "chunk":
+            self.owner._taken(len(item[2]))
+        return item
 
 
 class Pending:
     """One request waiting for its answer; the loop thread and the asyncio thread share it."""
+
+    stream_bytes = STREAM_BUFFER_BYTES
+    stream_chunks = STREAM_BUFFER_CHUNKS
 
     def __init__(self, req: Request, loop: asyncio.AbstractEventLoop) -> None:
         self.req = req
         self.kind = "probe" if req.op == "health" else req.op
         self.rows = len(req.inputs) if req.inputs else 1
         self.loop = loop
-        self.events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.events: asyncio.Queue[tuple[Any, ...]] = _Events(self)
         self.t0 = time.monotonic()
         self.cancelled = False  # set by the asyncio thread (time-out, client gone), read by the engine
+        self.results: list[Any] = [None] * self.rows
+        self.left = self.rows  # rows not answered yet
+        self.answered = False
+        self.lock = threading.Lock()
+        self.unread_bytes = 0
+        self.unread_chunks = 0
 
     def put(self, event: tuple[Any, ...]) -> None:
         """Thread-safe: events arrive in the order they were put (chunks before the answer)."""
+        pending = getattr(_outbox, "items", None)
+        if pending is not None:
+            pending.append((self, event))
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    # -- rows (the loop thread) ----------------------------------------------------------------
+    def row(self, index: int) -> RowOf:
+        return RowOf(self, index)
+
+    def chunk(self, index: int, text: str) -> None:
+        if not self.req.stream or self.answered:
+            return
+        with self.lock:
+            self.unread_bytes += len(text)
+            self.unread_chunks += 1
+            over = self.unread_bytes > self.stream_bytes or self.unread_chunks > self.stream_chunks
+        if over:
+            why = f"stream cut off: over {self.stream_bytes} bytes unread (the client stopped reading)"
+            self.fail(P.OVERLOADED, why)
+            return
+        self.put(("chunk", index, text))
+
+    def _taken(self, size: int) -> None:
+        with self.lock:
+            self.unread_bytes -= size
+            self.unread_chunks -= 1
+
+    def done(self, index: int, result: Any) -> None:
+        if self.answered:
+            return
+        self.results[index] = result
+        self.left -= 1
+        if self.left == 0:
+            self.answered = True
+            self.put(("done", self.results))
+
+    def fail(self, code: str, message: str) -> None:
+        """Answer with an error once; the request's other rows stop at the next step."""
+        if self.answered:
+            return
+        self.answered = True
+        self.cancelled = True
+        self.put(("error", code, message))
+
+
+class RowOf:
+    """One row of a request, as the engine sees it (`engine.base.RowSink`)."""
+
+    def __init__(self, job: Pending, index: int) -> None:
+        self.job, self.index = job, index
+
+    def chunk(self, text: str) -> None:
+        self.job.chunk(self.index, text)
+
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    def done(self, result: dict[str, Any]) -> None:
+        self.job.done(self.index, result)
+
+    def fail(self, code: str, message: str) -> None:
+        self.job.fail(code, message)
+
 
 class RowBatch:
-    """A batch of requests flattened into rows; the engine's sink on rank 0."""
+    """A whole batch of requests flattened into rows (embed, handlers, probes); the engine's sink."""
 
     def __init__(self, jobs: list[Pending]) -> None:
         self.jobs = jobs
@@ -55,8 +172,7 @@ class RowBatch:
 
     def chunk(self, row: int, text: str) -> None:
         job, index = self.rows[row]
-        if job.req.stream:
-            job.put(("chunk", index, text))
+        job.chunk(index, text)
 
     def cancelled(self, row: int) -> bool:
         return self.rows[row][0].cancelled
@@ -72,11 +188,11 @@ class RowBatch:
 
     def fail(self, code: str, message: str) -> None:
         for job in self.jobs:
-            job.put(("error", code, message))
+            job.fail(code, message)
 
 
 class Batcher:
-    """Bounded queue of pending requests, cut into batches for rank 0's loop thread."""
+    """Bounded queue of pending requests, handed to rank 0's loop thread row by row or in batches."""
 
     def __init__(self, cfg: FrontConfig, stats: Stats) -> None:
         self.cfg = cfg
@@ -111,10 +227,32 @@ class Batcher:
             self.queue.clear()
             self.cv.notify_all()
         for job in left:
-            job.put(("error", P.UNAVAILABLE, why))
+            job.fail(P.UNAVAILABLE, why)
 
+    # -- whole batches -------------------------------------------------------------------------
     def next_batch(self, timeout: float) -> RowBatch | bool | None:
-        wait_s = self.cfg.batch_wait_ms / 1000
+        """A whole batch (the first request waits up to --batch-wait-ms for company); False after
+        `timeout` with nothing to do; None once closed."""
+        got = self.wait(timeout)
+        if not got:
+            return got
+        with self.cv:
+            if not self._drop_cancelled():
+                return False
+            jobs = self._take(self.queue[0].kind)
+            self.in_flight += sum(j.rows for j in jobs)
+        return RowBatch(jobs) if jobs else False
+
+    def ran(self, batch: Any, seconds: float, results: list[Any]) -> None:
+        tokens = sum(r.get("tokens", 0) for r in results if isinstance(r, dict))
+        self.stats.batch(len(batch.rows), seconds, tokens)
+        with self.cv:
+            self.in_flight -= len(batch.rows)
+
+    # -- step by step (generate) ---------------------------------------------------------------
+    def wait(self, timeout: float) -> bool | None:
+        """Block until work is queued: True; False after `timeout`; None once closed. A first
+        request waits up to --batch-wait-ms (from its arrival) for company."""
         with self.cv:
             deadline = time.monotonic() + timeout
             while not self._drop_cancelled() and not self.closed:
@@ -126,22 +264,55 @@ class Batcher:
                 return None
             head = self.queue[0]
             if head.kind != "probe":
-                # once the first request is here, wait a little for more of the same kind
-                until = head.t0 + wait_s
+                until = head.t0 + self.cfg.batch_wait_ms / 1000
                 while not self.closed and self._rows(head.kind) < self.cfg.max_batch_size:
                     left = until - time.monotonic()
                     if left <= 0:
                         break
                     self.cv.wait(left)
-            jobs = self._take(head.kind)
-            self.in_flight += sum(j.rows for j in jobs)
-        return RowBatch(jobs) if jobs else False
+            return None if self.closed else True
 
-    def ran(self, batch: Any, seconds: float, results: list[Any]) -> None:
-        tokens = sum(r.get("tokens", 0) for r in results if isinstance(r, dict))
-        self.stats.batch(len(batch.rows), seconds, tokens)
+    def take_probe(self) -> RowBatch | None:
+        """A deep-health probe waiting at the head of the queue, run between two steps."""
         with self.cv:
-            self.in_flight -= len(batch.rows)
+            if self._drop_cancelled() and self.queue[0].kind == "probe":
+                return RowBatch([self.queue.popleft()])
+        return None
+
+    def admit(self, fits: Callable[[Pending], bool]) -> list[Pending]:
+        """Generate requests that fit (`fits` takes them into account when it says so), in arrival
+        order: the first that does not fit waits, and so does everything behind it. A request
+        that can never run (`fits` raises ProtocolError) is answered and skipped."""
+        out: list[Pending] = []
+        with self.cv:
+            while self._drop_cancelled():
+                job = self.queue[0]
+                if job.kind == "probe":
+                    break
+                try:
+                    if job.kind != "generate":
+                        raise ProtocolError(P.BAD_REQUEST, f"this job serves op 'generate', not {job.req.op!r}")
+                    if not fits(job):
+                        break
+                except ProtocolError as e:
+                    self.queue.popleft()
+                    job.fail(e.code, e.message)
+                    continue
+                self.queue.popleft()
+                out.append(job)
+            self.in_flight += sum(j.rows for j in out)
+        return out
+
+    def running(self, rows: int) -> None:
+        """How many rows the running batch has now (for `stats` and `status`)."""
+        self.in_flight = rows
+
+    def events_together(self) -> contextlib.AbstractContextManager[None]:
+        """Around one step of rank 0's loop: its answers and chunks go out with one wake-up."""
+        return one_wakeup()
+
+    def stepped(self, rows: int, seconds: float, tokens: int, joined: int) -> None:
+        self.stats.step(rows, seconds, tokens, joined)
 
     def _drop_cancelled(self) -> bool:
         while self.queue and self.queue[0].cancelled:

@@ -1,4 +1,9 @@
-"""Counters and a latency window for `stats`, `status` and the front's status file."""
+"""Counters and a latency window for `stats`, `status` and the front's status file.
+
+Generate jobs run step by step: `batches` then counts the groups of rows that joined the running
+batch together (`batch_size`: rows per group), and `steps` / `rows_per_step` say how full each
+forward pass was. Embed and handler jobs run whole batches, one step each.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ class Stats:
         self.latency: deque[float] = deque(maxlen=4096)
         self.tokens = 0
         self.busy_s = 0.0
+        self.steps = 0
+        self.step_rows = 0
+        self.step_rows_max = 0
 
     def answered(self, seconds: float) -> None:
         with self.lock:
@@ -32,11 +40,26 @@ class Stats:
             self.errors[code] += 1
 
     def batch(self, rows: int, seconds: float, tokens: int) -> None:
+        """A whole batch: one step of `rows` rows."""
         with self.lock:
             self.batches += 1
             self.batch_sizes[rows] += 1
-            self.busy_s += seconds
-            self.tokens += tokens
+            self._step(rows, seconds, tokens)
+
+    def step(self, rows: int, seconds: float, tokens: int, joined: int) -> None:
+        """One step of the running batch (`rows` rows in its forward passes, `joined` of them new)."""
+        with self.lock:
+            if joined:
+                self.batches += 1
+                self.batch_sizes[joined] += 1
+            self._step(rows, seconds, tokens)
+
+    def _step(self, rows: int, seconds: float, tokens: int) -> None:
+        self.steps += 1
+        self.step_rows += rows
+        self.step_rows_max = max(self.step_rows_max, rows)
+        self.busy_s += seconds
+        self.tokens += tokens
 
     def snapshot(self, queue: int, in_flight: int) -> dict[str, Any]:
         with self.lock:
@@ -53,6 +76,11 @@ class Stats:
                     "mean": round(rows / self.batches, 3) if self.batches else 0.0,
                     "max": max(sizes, default=0),
                     "histogram": {str(k): v for k, v in sizes.items()},
+                },
+                "steps": self.steps,
+                "rows_per_step": {
+                    "mean": round(self.step_rows / self.steps, 3) if self.steps else 0.0,
+                    "max": self.step_rows_max,
                 },
                 "latency_ms": {f"p{q}": _percentile(lat, q) for q in (50, 90, 99)},
                 "tokens_generated": self.tokens,

@@ -86,6 +86,7 @@ class Request:
     timeout: float | None = None
     token: str | None = None
     challenge: str | None = None  # health: proves the front knows this job's nonce
+    ids: list[list[int]] | None = None  # prompt token ids: set on rank 0 by the engine's check, never sent
 
 
 _COMMON = {"id", "op", "token", "timeout"}

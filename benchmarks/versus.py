@@ -1,0 +1,192 @@
+"""dslaunch next to `transformers serve --continuous-batching --device cpu`, side by side.
+
+The same model directory, one rank / one server process each with both cores, one after the
+other on this machine: closed-loop clients (1, 16, 32), 32 new tokens, greedy. Each level runs
+twice per server: answers in one piece (tokens/s, latency p50/p99), then streamed (time to the
+first text chunk, p50/p99). dslaunch is reached through its NDJSON front, the peer through its
+OpenAI-style `/v1/completions` (no chat template: the same raw prompt). Both count the tokens
+they really generated (a row may end early at EOS). The models: the built-in tiny Llama and a
+~28M-parameter Llama built from a config (random weights, no download).
+
+    python benchmarks/versus.py [--seconds 5] [--models tiny,llama28m]
+
+Needs the peer's extras: pip install -e '.[bench]' (transformers[serving]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO, build_llama, closed_loop, dslaunch, table, write
+
+from dslaunch.client import Client
+
+PROMPTS = [f"Request {i:02d}: the quick brown fox jumps over the lazy dog" for i in range(32)]
+LEVELS = [1, 16, 32]
+NEW_TOKENS = 32
+
+
+# -- dslaunch ---------------------------------------------------------------------------------
+def _ours(port: int, stream: bool) -> Any:
+    def one(i: int, state: dict[str, Any]) -> tuple[int, float | None]:
+        if "c" not in state:
+            state["c"] = Client("127.0.0.1", port, retry_for=0, timeout=300)
+            state["close"] = state["c"].close
+        prompt = PROMPTS[i % len(PROMPTS)]
+        if not stream:
+            return state["c"].generate(prompt, max_new_tokens=NEW_TOKENS)["tokens"], None
+        t0, first = time.perf_counter(), None
+        for event in state["c"].stream(prompt, max_new_tokens=NEW_TOKENS):
+            if first is None and event.get("chunk"):
+                first = time.perf_counter() - t0
+            if event.get("done"):
+                return event["tokens"], first
+        raise RuntimeError("the stream ended without an answer")
+
+    return one
+
+
+def run_dslaunch(env: dict[str, str], work: Path, model: Path, seconds: float) -> dict[str, Any]:
+    up = dslaunch(env, "up", "--work-dir", str(work), "--model", str(model), "--max-batch-size", "32")
+    if up.returncode != 0:
+        raise SystemExit(up.stdout + up.stderr)
+    try:
+        rec = json.loads((Path(env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
+        port = rec["extra"]["front"]["port"]
+        return _levels(lambda stream: _ours(port, stream), seconds)
+    finally:
+        dslaunch(env, "down", "--grace", "5")
+
+
+# -- transformers serve -----------------------------------------------------------------------
+def _theirs(port: int, model: Path, stream: bool) -> Any:
+    def one(i: int, state: dict[str, Any]) -> tuple[int, float | None]:
+        if "c" not in state:
+            state["c"] = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            state["close"] = state["c"].close
+        body = {"model": str(model), "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": NEW_TOKENS,
+                "temperature": 0, "stream": stream}  # fmt: skip
+        t0, first = time.perf_counter(), None
+        state["c"].request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = state["c"].getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"transformers serve answered {resp.status}: {resp.read()[:300]!r}")
+        if not stream:
+            return json.loads(resp.read())["usage"]["completion_tokens"], None
+        tokens = 0
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                raise RuntimeError(f"transformers serve: {chunk['error']}")
+            if first is None and chunk["choices"] and chunk["choices"][0].get("text"):
+                first = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+        return tokens, first
+
+    return one
+
+
+def run_peer(model: Path, seconds: float, tmp: Path) -> dict[str, Any]:
+    from tests.simnodes import free_port
+
+    port = free_port()
+    log = open(tmp / "peer.log", "w")  # noqa: SIM115 (closed below)
+    code = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", str(model), "--continuous-batching", "--device",
+                             "cpu", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(OSError):
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"transformers serve did not start; see {tmp / 'peer.log'}")
+            time.sleep(0.5)
+        return _levels(lambda stream: _theirs(port, model, stream), seconds)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _levels(make: Any, seconds: float) -> dict[int, dict[str, float]]:
+    closed_loop(4, 2.0, make(False))  # warm-up (the peer builds its batching manager on first use)
+    out = {}
+    for n in LEVELS:
+        out[n] = closed_loop(n, seconds, make(False))
+        streamed = closed_loop(n, seconds, make(True))
+        out[n].update(ttft_p50_ms=streamed["ttft_p50_ms"], ttft_p99_ms=streamed["ttft_p99_ms"],
+                      stream_tokens_per_s=streamed["tokens_per_s"])  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="Measuring time per level and mode.")
+    ap.add_argument("--models", default="tiny,llama28m")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from dslaunch.engine import tinymodel
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="dslaunch-versus-") as tmp_s:
+        tmp = Path(tmp_s)
+        (tmp / "work").mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DSLAUNCH_")}
+        env["DSLAUNCH_HOME"] = str(tmp / "home")
+        for name in args.models.split(","):
+            if name == "tiny":
+                model = tinymodel.build(tmp / "models" / tinymodel.NAME)
+            else:
+                model = build_llama(tmp / "models" / name)
+            ours = run_dslaunch(env, tmp / "work", model, args.seconds)
+            theirs = run_peer(model, args.seconds, tmp)
+            results[name] = {"dslaunch": ours, "transformers_serve": theirs}
+            report(name, ours, theirs)
+    import transformers
+
+    setup = (f"one rank / one server with {os.cpu_count()} threads each, CPU, {NEW_TOKENS} new tokens, greedy, "
+             f"closed-loop clients; transformers {transformers.__version__} serve --continuous-batching --device cpu "
+             "(defaults otherwise); dslaunch --max-batch-size 32")  # fmt: skip
+    write("versus", {"setup": setup, "models": results}, args.out)
+
+
+def report(name: str, ours: dict[int, Any], theirs: dict[int, Any]) -> None:
+    rows = []
+    for n in LEVELS:
+        a, b = ours[n], theirs[n]
+        rows.append([n, a["tokens_per_s"], b["tokens_per_s"], a["tokens_per_s"] / b["tokens_per_s"],
+                     f"{a['p50_ms']:.0f} / {b['p50_ms']:.0f}", f"{a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f}",
+                     f"{a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f}"])  # fmt: skip
+    print(f"\n{name}")
+    print(table(["clients", "dslaunch tok/s", "transformers serve tok/s", "ratio", "p50 ms ours / peer",
+                 "TTFT p50 ms ours / peer", "TTFT p99 ms ours / peer"], rows))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

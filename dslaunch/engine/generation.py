@@ -1,0 +1,133 @@
+"""Rank 0's view of the running rows: choosing tokens, streaming text, finishing rows.
+
+Only rank 0 runs this. It never raises for one row's sake: an error while sampling falls back
+to greedy for the step, and an error in one row's text (a tokenizer that cannot decode a token,
+a sink that fails) ends that row with `internal` while the others go on.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dslaunch.engine.base import RowSink
+from dslaunch.engine.decode import TextStream
+from dslaunch.engine.sampling import RowSampling, choose
+from dslaunch.wire.protocol import INTERNAL, GenParams
+
+
+@dataclass
+class Row:
+    """One prompt being generated: its budget, sampling, text so far and where answers go."""
+
+    sink: RowSink
+    prompt_tokens: int
+    budget: int  # most new tokens: max_new_tokens, cut to what the model's positions allow
+    sampling: RowSampling
+    text: TextStream
+    count: int = 0
+    next_token: int = 0  # chosen at the last step, fed at the next one
+    reason: str | None = None  # set once finished: eos, stop, length, cancelled, error
+    ended: bool = field(default=False, repr=False)
+
+    @property
+    def cost(self) -> int:
+        """Tokens this row may hold in the KV cache at most (what admission counts)."""
+        return self.prompt_tokens + self.budget
+
+
+class Generation:
+    """The rows of the running batch on rank 0, in the same order as the KV cache's rows."""
+
+    def __init__(self, decode: Callable[[list[int]], str], eos: set[int], max_positions: int) -> None:
+        self.decode = decode
+        self.eos = eos
+        self.max_positions = max_positions
+        self.rows: list[Row] = []
+        self.joining: list[Row] = []  # rows in the step under way, not in `rows` until it is done
+
+    def row(self, ids: list[int], params: GenParams, sink: RowSink) -> Row:
+        """A new row for `ids`; its seed is drawn here when the request gave none."""
+        budget = max(1, min(params.max_new_tokens, self.max_positions - len(ids)))
+        sampling = RowSampling.of(params, secrets.randbits(63))
+        return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop))
+
+    def costs(self) -> list[int]:
+        """The most KV-cache tokens each running row may hold."""
+        return [r.cost for r in self.rows if r.reason is None]
+
+    def survivors(self) -> tuple[list[int], list[int]]:
+        """Indices of the rows that go on, and the tokens to feed them."""
+        keep = [i for i, r in enumerate(self.rows) if r.reason is None]
+        return keep, [self.rows[i].next_token for i in keep]
+
+    def advance(self, keep: list[int], joined: list[Row], logits: Any) -> int:
+        """After a step: drop the rows that left, append the joiners, choose every row's next
+        token from `logits`, stream its text and finish the rows that are done. Returns the
+        number of tokens generated."""
+        self.rows = [self.rows[i] for i in keep] + joined
+        self.joining = []
+        if logits is None or not self.rows:
+            return 0
+        try:
+            tokens = choose(logits, [r.sampling for r in self.rows], [r.count for r in self.rows])
+        except Exception:  # never expected: sampling is built not to raise; greedy keeps the loop going
+            tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
+        made = 0
+        for row, token in zip(self.rows, tokens, strict=True):
+            try:
+                made += self._push(row, token)
+            except Exception as e:
+                self.end(row, "error", (INTERNAL, f"generating this prompt failed: {type(e).__name__}: {e}"[:500]))
+        return made
+
+    def _push(self, row: Row, token: int) -> int:
+        row.next_token = token
+        if token in self.eos:
+            self.end(row, "eos")
+            return 0
+        row.count += 1
+        text = row.text.push(token)
+        if text:
+            row.sink.chunk(text)
+        if row.text.stopped:
+            self.end(row, "stop")
+        elif row.count >= row.budget:
+            self.end(row, "length")
+        elif row.sink.cancelled():
+            self.end(row, "cancelled")
+        return 1
+
+    def end(self, row: Row, reason: str, error: tuple[str, str] | None = None) -> None:
+        """Finish a row now: its answer goes out at once; the KV cache drops it at the next step."""
+        if row.ended:
+            return
+        row.reason, row.ended = reason, True
+        if error is None and reason != "cancelled":
+            try:
+                rest = row.text.finish()
+                if rest:
+                    row.sink.chunk(rest)
+                row.sink.done(
+                    {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
+                     "finish_reason": reason}
+                )  # fmt: skip
+                return
+            except Exception as e:
+                error = (INTERNAL, f"finishing this prompt failed: {type(e).__name__}: {e}"[:500])
+        if error is not None:
+            row.sink.fail(*error)
+
+    def cancelled(self) -> None:
+        """Rows whose request went away (client gone, time-out, cut off) leave at the next step."""
+        for row in self.rows:
+            if row.reason is None and row.sink.cancelled():
+                self.end(row, "cancelled")
+
+    def fail(self, code: str, message: str) -> None:
+        """Answer every running row with an error (a lost rank, a failed forward, a hung rank)."""
+        for row in self.rows + self.joining:
+            if row.reason is None:
+                self.end(row, "error", (code, message))

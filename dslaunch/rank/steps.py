@@ -1,0 +1,140 @@
+"""Rank 0's loop for generate jobs: continuous (iteration-level) batching.
+
+Every step rank 0 decides who leaves (rows that finished at the last step, or whose request went
+away), which tokens the others are fed, and who joins (queued requests that fit in the free rows
+and KV-cache tokens), and sends it all in one control message. Every rank then applies the same
+step to its KV cache; rank 0 samples the next tokens, streams text and answers each finished
+row at once. A request therefore never waits for a batch to drain, and a finished row never
+costs another forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dslaunch.rank.channel import BEAT, RESTARTING, STEP, STOP, Channel, Message, peer_lost
+from dslaunch.rank.lockstep import run_batch
+from dslaunch.wire.protocol import BAD_REQUEST, INTERNAL, UNAVAILABLE, ProtocolError
+
+# After the front closes (down, restart), running rows may finish for this long; then they are
+# answered `unavailable` (the worker waits 8 s for this loop before it leaves anyway).
+DRAIN_S = 5.0
+STOPPING = "the job is stopping; retry"
+
+
+def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -> None:
+    """Rank 0: step the running batch until the source closes and the rows are done."""
+    kv, gen = engine.new_batch(), engine.generation()
+    channel.progress.batch = gen
+    closing: float | None = None
+
+    while True:
+        gen.cancelled()
+        running = sum(1 for r in gen.rows if r.reason is None)
+        source.running(running)
+        if source.closed:
+            closing = closing or time.monotonic()
+            if running and time.monotonic() - closing > DRAIN_S:
+                gen.fail(UNAVAILABLE, STOPPING)
+                continue
+        if not gen.rows:
+            got = source.wait(heartbeat_s)
+            if got is None:
+                channel.send(Message(STOP, 0))
+                return
+            if got is False:
+                channel.send(Message(BEAT, 0))
+                continue
+        if _probe(engine, channel, source, gen):
+            continue
+        joins = [] if source.closed else source.admit(Admission(engine, channel.capacity, gen.costs()))
+        if not gen.rows and not joins:
+            continue
+        with source.events_together():
+            if not _step(channel, source, gen, kv, joins):
+                kv.reset()
+
+
+def _step(channel: Channel, source: Any, gen: Any, kv: Any, joins: list[Any]) -> bool:
+    """One step on every rank; False when it failed on this rank (its rows are answered)."""
+    import torch
+
+    t0 = time.perf_counter()
+    keep, tokens = gen.survivors()
+    new = [gen.row(ids, job.req.params, job.row(i)) for job in joins for i, ids in enumerate(job.req.ids)]
+    prompts = [ids for job in joins for ids in job.req.ids]
+    gen.joining = new  # a rank that hangs in this step: the watchdog answers these rows too
+    kept = set(keep)
+    leave = [i for i in range(len(gen.rows)) if i not in kept]
+    msg = Message(STEP, 0, len(gen.rows), leave, tokens, [len(p) for p in prompts], sum(map(len, prompts)))
+    try:
+        channel.send(msg)
+        if prompts:
+            channel.send_ids([t for p in prompts for t in p])
+        with torch.inference_mode():
+            logits = kv.step(keep, tokens, prompts)
+    except BaseException as e:
+        gen.advance(keep, new, None)
+        if peer_lost(e) or not isinstance(e, Exception):
+            gen.fail(UNAVAILABLE, RESTARTING)
+            raise
+        # the same error met every rank in the same forward: answer these rows, go on
+        gen.fail(INTERNAL, f"the step failed: {type(e).__name__}: {e}"[:500])
+        gen.rows = []
+        return False
+    made = gen.advance(keep, new, logits)
+    source.stepped(len(keep) + len(new), time.perf_counter() - t0, made, len(new))
+    return True
+
+
+class Admission:
+    """Whether a queued request fits in the running batch, counting what the left-padded KV cache
+    really holds: rows x the longest row's cost (prompt + max_new_tokens) <= --max-batch-tokens,
+    and rows <= --max-batch-size. A request that cannot fit even alone is refused."""
+
+    def __init__(self, engine: Any, rows: int, costs: list[int]) -> None:
+        self.engine, self.cap = engine, rows
+        self.rows, self.top = len(costs), max(costs, default=0)
+
+    def __call__(self, job: Any) -> bool:
+        if job.req.ids is None:
+            self.engine.check(job.req)  # a request that did not come through the front's check
+        costs = [self.engine.cost(len(ids), job.req.params) for ids in job.req.ids]
+        bound = self.engine.max_batch_tokens
+        if len(costs) > self.cap or len(costs) * max(costs) > bound:
+            raise ProtocolError(BAD_REQUEST, f"this request needs more KV cache than the job allows ({bound} tokens)")
+        rows, top = self.rows + len(costs), max(self.top, *costs)
+        if rows > self.cap or rows * top > bound:
+            return False
+        self.rows, self.top = rows, top
+        return True
+
+
+def _probe(engine: Any, channel: Channel, source: Any, gen: Any) -> bool:
+    """A deep-health probe at the head of the queue runs between two steps."""
+    batch = source.take_probe()
+    if batch is None:
+        return False
+    channel.progress.batch = _Both(gen, batch)
+    try:
+        results = run_batch(engine, channel, batch)
+    except BaseException:
+        gen.fail(UNAVAILABLE, RESTARTING)
+        raise
+    finally:
+        channel.progress.batch = gen
+    if results is not None:
+        batch.resolve(results)
+    return True
+
+
+class _Both:
+    """What the hang watchdog answers while a probe runs: the probe and the running rows."""
+
+    def __init__(self, *parts: Any) -> None:
+        self.parts = parts
+
+    def fail(self, code: str, message: str) -> None:
+        for part in self.parts:
+            part.fail(code, message)
