@@ -63,7 +63,7 @@ def run_dslaunch(env: dict[str, str], work: Path, model: Path, seconds: float) -
         raise SystemExit(up.stdout + up.stderr)
     try:
         rec = json.loads((Path(env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
-        port = rec["extra"]["front"]["port"]
+        port = rec["front"]["port"]
         return _levels(lambda stream: _ours(port, stream), seconds)
     finally:
         dslaunch(env, "down", "--grace", "5")

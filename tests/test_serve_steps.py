@@ -30,7 +30,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[st
 
 @pytest.fixture(scope="module")
 def port(job: tuple[Cli, dict[str, Any]]) -> int:
-    return int(job[1]["extra"]["front"]["port"])
+    return int(job[1]["front"]["port"])
 
 
 @pytest.fixture(scope="module")
