@@ -65,11 +65,11 @@ def test_up_status_down_two_nodes(four: FourRanks) -> None:
     assert "ready" in res.stdout
 
     st = status_json(cli)
-    assert st["state"] == "ready"
+    assert st["state"] == "ready", st
     assert st["world_size"] == 4 and st["init_method"] == method
     assert [r["rank"] for r in st["ranks"]] == [0, 1, 2, 3]
     assert {r["host"] for r in st["ranks"]} == {"node0", "node1"}
-    assert all(r["stage"] == "ready" and r["restarts"] == 0 and r["pid"] for r in st["ranks"])
+    assert all(r["stage"] == "ready" and r["restarts"] == 0 and r["pid"] for r in st["ranks"]), st["ranks"]
     # rank numbering follows the hostfile: ranks 0-1 on node0, 2-3 on node1
     assert [r["host"] for r in st["ranks"]] == ["node0", "node0", "node1", "node1"]
     assert all(n["agent_alive"] and n["reachable"] for n in st["nodes"])
