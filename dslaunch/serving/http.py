@@ -118,14 +118,18 @@ class _Http:
             self.h.receive_data(data)
 
     async def _send(self, *events: Any) -> None:
-        for event in events:
-            data = self.h.send(event)
-            if data:
-                self.writer.write(data)
+        """Write the events' bytes in one write; wait (at most --write-timeout) only when buffered."""
+        data = b"".join(self.h.send(event) or b"" for event in events)
+        transport = self.writer.transport
+        if transport.is_closing():
+            raise _Closed("the connection is closing")
+        self.writer.write(data)
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            return  # below the high-water mark: drain() would return at once
         try:
             await asyncio.wait_for(self.writer.drain(), self.cfg.write_timeout)
         except asyncio.TimeoutError:
-            self.writer.transport.abort()
+            transport.abort()
             raise _Closed("the client did not read its answer (--write-timeout)") from None
 
     async def _respond(self, status: int, body: bytes, ctype: str, headers: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]

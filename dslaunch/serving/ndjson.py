@@ -38,12 +38,17 @@ class Conn:
         if self.closing:
             raise ConnectionError("connection closing")
         async with self.lock:
+            transport = self.writer.transport
+            if transport.is_closing():
+                raise ConnectionError("the connection is closing")
             self.writer.write(P.encode(obj))
+            if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+                return  # below the high-water mark: drain() would return at once
             try:
                 await asyncio.wait_for(self.writer.drain(), self.write_timeout)
             except asyncio.TimeoutError:
                 self.closing = True
-                self.writer.transport.abort()
+                transport.abort()
                 raise ConnectionError("the client did not read its answers (--write-timeout)") from None
 
 

@@ -1,6 +1,6 @@
-"""A rank lost during an HTTP request: the request gets 503 with Retry-After and
-`x-should-retry: false` (its work may have run, so the SDK must not run it again by itself);
-after the gang restart the same port answers again."""
+"""A rank lost during HTTP requests: a running stream ends with an error event, a queued request
+gets 503 with Retry-After and `x-should-retry: false` (it was accepted, so the SDK must not run it
+again by itself); after the gang restart the same port answers again."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import openai
+import pytest
 
 from dslaunch.client import Client
 from tests.conftest import Cli, status_json, wait_status
@@ -30,16 +31,24 @@ def test_a_lost_rank_is_503_not_retried_and_the_job_comes_back(job: tuple[Cli, d
         except openai.APIStatusError as e:
             result["error"] = e
 
+    # a stream running when the rank is lost, and a request queued behind it
+    stream = sdk.completions.create(model="tiny", prompt="Hi", max_tokens=400, temperature=0, stream=True)
+    events = iter(stream)
+    assert next(events).choices[0].text is not None
     t = threading.Thread(target=long_request)
     t.start()
     with Client("127.0.0.1", rec["front"]["port"], token=TOKEN, timeout=30) as c:
         deadline = time.monotonic() + 60
-        while c.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+        while c.stats()["queue"] == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
     os.kill(rank1["pid"], signal.SIGKILL)
+    with pytest.raises(openai.APIError) as mid:
+        for _ in events:
+            pass
+    assert "restarting" in str(mid.value), "the stream ends with an error event"
     t.join(120)
     err = result.get("error")
-    assert err is not None, f"the request was cut by the lost rank: {result}"
+    assert err is not None, f"the queued request was refused: {result}"
     assert err.status_code == 503 and err.body["code"] == "unavailable", err.body
     assert err.response.headers["x-should-retry"] == "false" and err.response.headers["retry-after"]
     st = wait_status(cli, lambda s: s["front"].get("ready") and all(r["stage"] == "ready" for r in s["ranks"])
