@@ -99,6 +99,10 @@ def startup(cfg: GroupConfig, node: NodeEnv, nd: NodeDir, status: RankStatus, st
     return Session(cfg, node, nd, status, stop, progress, loop, front)
 
 
+class PeerFailedStartup(RuntimeError):
+    """Another rank's start-up step failed while this one's worked: that rank is the cause."""
+
+
 class SameOnEveryRank(RuntimeError):
     """A start-up step failed identically on every rank: a restart would fail the same way."""
 
@@ -110,7 +114,8 @@ def checked(channel: Any, what: str, step: Any) -> Any:
 
     The same error everywhere (a family DeepSpeed cannot shard, a broken checkpoint) raises
     SameOnEveryRank, which ends the job instead of restarting it; a rank whose step worked while
-    another's failed raises too, naming that rank, and the agent restarts the job as usual.
+    another's failed raises PeerFailedStartup, naming that rank: it waits for the agent's restart
+    rather than fail too, so the failing rank stays the cause `status` shows.
     """
     result, error = None, None
     try:
@@ -123,7 +128,10 @@ def checked(channel: Any, what: str, step: Any) -> Any:
     if all(e == errors[0] for e in errors):
         raise SameOnEveryRank(f"{what} failed the same way on every rank: {errors[0]}")
     first = next(i for i, e in enumerate(errors) if e)
-    raise RuntimeError(f"{what} failed on rank {first}: {errors[first]}")
+    why = f"{what} failed on rank {first}: {errors[first]}"
+    if error is None:
+        raise PeerFailedStartup(why)  # an effect: the failing rank's own exit restarts the job
+    raise RuntimeError(why)
 
 
 def watch(s: Session) -> Outcome:

@@ -87,9 +87,18 @@ def _run(rank: Rank) -> int:
     if _back_off(rank):
         return 0
     _rendezvous(rank)
-    from dslaunch.rank.session import shutdown, startup, watch
+    from dslaunch.rank.session import PEER_LOSS_WAIT_S, PeerFailedStartup, shutdown, startup, watch
 
-    session = startup(rank.cfg, rank.node, rank.nd, rank.status, rank.stop)
+    try:
+        session = startup(rank.cfg, rank.node, rank.nd, rank.status, rank.stop)
+    except PeerFailedStartup as e:
+        # like a lost peer: the agent restarts every rank within moments; failing here as well
+        # would make this rank look like the cause (and count a second failure)
+        print(f"{e}; waiting for the agent's restart", flush=True)
+        rank.status.update(RankStage.LOST_PEER, error=str(e)[:500])
+        if rank.stop.event.wait(PEER_LOSS_WAIT_S):
+            return 0
+        raise
     return shutdown(session, watch(session))
 
 
