@@ -42,10 +42,13 @@ def kill_marked(marker: str) -> list[int]:
 
 
 def front_port() -> str:
-    """A `--port` for a job that restarts: after a restart the front listens again on the port it
-    had, and the default (7070, or the next free one) may have been taken meanwhile by a job that
-    some other test run on the machine started. This one is picked at random outside the range the
-    kernel hands out by itself."""
+    """A `--port` for a job's front that no other job on the machine is likely to want.
+
+    The default is 7070 or the next free port: `up` finds it free, rank 0 binds it seconds later,
+    and a job that another test run on the same machine starts in between can take it; after a
+    restart the front listens again on the port it had, which may have been taken meanwhile. This
+    one is picked at random outside the range the kernel hands out by itself.
+    """
     return str(node_port(["127.0.0.1"]))
 
 
@@ -79,8 +82,11 @@ class Cli:
             env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout, input=input,
         )  # fmt: skip
 
-    def up(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        return self("up", "--work-dir", str(self.work_dir), *args, timeout=timeout)
+    def up(self, *args: str, timeout: float = 240, own_port: bool = True) -> subprocess.CompletedProcess[str]:
+        """`up` in this runner's work dir; the front gets a port of its own (`front_port`) unless
+        the test gives one or asks for the default (own_port=False)."""
+        port = ["--port", front_port()] if own_port and "--port" not in args and "--dry-run" not in args else []
+        return self("up", "--work-dir", str(self.work_dir), *port, *args, timeout=timeout)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(

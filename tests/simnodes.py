@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -109,10 +110,28 @@ def node_port(addrs: list[str]) -> int:
     return free_port()
 
 
+def _listening(addr: str, port: int) -> bool:
+    """Whether a TCP socket listens on addr:port, read from /proc/net/tcp.
+
+    Connecting to find out would leave sshd a connection to serve: the child it forks for it holds
+    addr:port until it has given up on that client, and a test that stops the node and binds the
+    port itself (a silent host) would find it taken.
+    """
+    try:
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=0.5):
+            return True
+        return False
+    # the kernel prints the address as a native-endian 32-bit number, the port big-endian
+    local = f"{struct.unpack('=I', socket.inet_aton(addr))[0]:08X}:{port:04X}"
+    return any(len(f := row.split()) > 3 and f[1] == local and f[3] == "0A" for row in rows)  # 0A: LISTEN
+
+
 def _wait_listening(addr: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=0.5):
+        if _listening(addr, port):
             return
         time.sleep(0.05)
     raise RuntimeError(f"sshd on {addr}:{port} did not start")

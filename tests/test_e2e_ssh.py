@@ -266,10 +266,11 @@ def test_failing_rank_makes_up_fail_and_clean_everything(sim: SimCluster, cli: C
 
 
 def test_localhost_without_sshd(cli: Cli) -> None:
-    res = cli.up("-H", "hostfiles/localhost", "--init-method", "env")
+    res = cli.up("-H", "hostfiles/localhost", "--init-method", "env", own_port=False)  # the default port
     assert res.returncode == 0, res.stderr
     st = status_json(cli)
     assert st["state"] == "ready" and st["world_size"] == 2
+    assert int(st["front"]["address"].rsplit(":", 1)[1]) >= 7070, "7070 or the next free port"
     jid = f"DSLAUNCH_JOB_ID=default-{st['run_id']}"
     assert cli("down").returncode == 0
     assert job_pids(jid) == []

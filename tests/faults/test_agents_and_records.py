@@ -29,7 +29,8 @@ def _agent_pid(run_id: str, node_rank: int) -> int:
 
 
 def test_a_dead_agent_is_named_in_status_and_down_still_cleans_every_node(sim: SimCluster, cli: Cli) -> None:
-    assert cli.up("-H", str(sim.hostfile(slots=1))).returncode == 0
+    up = cli.up("-H", str(sim.hostfile(slots=1)))
+    assert up.returncode == 0, up.stdout + up.stderr
     run_id = status_json(cli)["run_id"]
     os.kill(_agent_pid(run_id, 1), signal.SIGKILL)
     st = wait_status(cli, lambda s: s["state"] != "ready")
@@ -42,7 +43,8 @@ def test_a_dead_agent_is_named_in_status_and_down_still_cleans_every_node(sim: S
 
 
 def test_exhausted_restarts_end_in_failed_with_the_reason(sim: SimCluster, cli: Cli) -> None:
-    assert cli.up("-H", str(sim.hostfile(slots=1)), "--max-restarts", "0").returncode == 0
+    up = cli.up("-H", str(sim.hostfile(slots=1)), "--max-restarts", "0")
+    assert up.returncode == 0, up.stdout + up.stderr
     st = status_json(cli)
     os.kill(st["ranks"][1]["pid"], signal.SIGKILL)
     st = wait_status(cli, lambda s: s["state"] == "failed", timeout=90)
