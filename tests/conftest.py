@@ -162,9 +162,7 @@ def local_job(
     (tmp / "work").mkdir(mode=0o700)
     cli = Cli(env, tmp / "work")
     try:
-        # a port of its own: the default (7070 or the next free) may be taken by another job on the machine
-        port = () if "--port" in up_args else ("--port", front_port())
-        res = cli.up(*up_args, *port)
+        res = cli.up(*up_args)  # Cli.up gives the front a port of its own
         assert res.returncode == 0, res.stdout + res.stderr
         yield cli, json.loads((tmp / "home" / "jobs" / "default.json").read_text())
     finally:
