@@ -7,6 +7,11 @@
     logs/rank<R>.log                   each rank's output, appended across restarts
     elastic/                           torchrun's own log directory
     front.json front.token             rank 0's front: its live status, and its token (0600)
+    replica.secret                     a replica leader's key for the router link (0600)
+<work dir>/<job id>/router/            the router (the job's public front), same layout:
+    agent.pid agent.exit agent.log     its supervisor, started like an agent
+    front.json front.token front.nonce its live status (replicas included) and the public token
+    replica.secret drain               the link key; replicas to drain (JSON list, `restart`)
 <work dir>/models/                     the built-in model, shared by every job
 """
 
@@ -23,6 +28,11 @@ def node_dir_path(work_dir: str, job_id: str, node_rank: int) -> str:
     The node rank is part of it so that simulated nodes sharing one machine never collide.
     """
     return f"{work_dir.rstrip('/')}/{job_id}/node{node_rank}"
+
+
+def router_dir_path(work_dir: str, job_id: str) -> str:
+    """Where node 0 keeps the job's router (unexpanded)."""
+    return f"{work_dir.rstrip('/')}/{job_id}/router"
 
 
 @dataclass(frozen=True)
@@ -95,3 +105,11 @@ class NodeDir:
             if r.isdigit() and (ranks is None or int(r) in ranks):
                 out[int(r)] = p
         return dict(sorted(out.items()))
+
+    @property
+    def replica_secret(self) -> Path:
+        return self.root / "replica.secret"
+
+    @property
+    def drain(self) -> Path:
+        return self.root / "drain"

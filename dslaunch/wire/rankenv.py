@@ -3,7 +3,9 @@
 The launch host builds a NodeEnv per node (launch/plan), nodectl passes it to the torchrun agent,
 and every rank reads it back with `NodeEnv.from_env()`; nothing else reads DSLAUNCH_* variables.
 The marker pair (DSLAUNCH_JOB_ID, DSLAUNCH_NODE_RANK) is also how `down` finds every process of a
-job on a node. The torch conventions (MASTER_ADDR, WORLD_SIZE, LOCAL_SIZE, ...) are set alongside.
+job on a node: DSLAUNCH_NODE_RANK carries the *unit* (one agent, or the router), so that two
+replicas sharing a host are found and stopped separately. The torch conventions (MASTER_ADDR,
+WORLD_SIZE, LOCAL_SIZE, ...) are set alongside.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ AUTO_THREADS_ENV = "DSLAUNCH_AUTO_THREADS"
 # against the node's environment (DeepSpeed's `.deepspeed_env`), and the launch directory.
 EXPAND_ENV = "DSLAUNCH_EXPAND_ENV"
 LAUNCH_DIR_ENV = "DSLAUNCH_LAUNCH_DIR"
+GANG_NODE_ENV = "DSLAUNCH_GANG_NODE"
+ROUTER_UNIT = "router"  # the router's marker (DSLAUNCH_NODE_RANK) and its directory's name
 
 
 @dataclass(frozen=True)
@@ -44,11 +48,25 @@ class NodeEnv:
     restart_backoff: float = 1.0
     auto_threads: bool = True  # divide the node's cores among its ranks (OMP_NUM_THREADS unset)
     serve: ServeSpec = field(default_factory=ServeSpec)
+    # Replicas: node_rank, rank_offset and world_size above are the replica's own (its gang); the
+    # unit numbers the job's agents (the marker and the node directory); router is where the
+    # replica's leader dials the job's router ("host:port"), None for a front inside rank 0.
+    unit: int | None = None
+    replica: int = 0
+    replicas: int = 1
+    router: str | None = None
+
+    @property
+    def marker(self) -> str:
+        return str(self.node_rank if self.unit is None else self.unit)
 
     def to_env(self) -> dict[str, str]:
         env = {
             JOB_ENV: self.job_id,
-            NODE_ENV: str(self.node_rank),
+            NODE_ENV: self.marker,
+            GANG_NODE_ENV: str(self.node_rank),
+            "DSLAUNCH_REPLICA": str(self.replica),
+            "DSLAUNCH_REPLICAS": str(self.replicas),
             NODE_DIR_ENV: self.node_dir,
             "DSLAUNCH_NAME": self.name,
             "DSLAUNCH_HOST": self.host,
@@ -74,6 +92,8 @@ class NodeEnv:
         }
         if self.auto_threads:
             env[AUTO_THREADS_ENV] = "1"
+        if self.router:
+            env["DSLAUNCH_ROUTER"] = self.router
         return env
 
     @classmethod
@@ -82,7 +102,7 @@ class NodeEnv:
         return cls(
             job_id=e[JOB_ENV],
             name=e.get("DSLAUNCH_NAME", ""),
-            node_rank=int(e[NODE_ENV]),
+            node_rank=int(e.get(GANG_NODE_ENV) or e[NODE_ENV]),
             host=e.get("DSLAUNCH_HOST", ""),
             node_dir=e[NODE_DIR_ENV],
             rank_offset=int(e["DSLAUNCH_RANK_OFFSET"]),
@@ -98,4 +118,8 @@ class NodeEnv:
             restart_backoff=float(e.get("DSLAUNCH_RESTART_BACKOFF", "0")),
             auto_threads=e.get(AUTO_THREADS_ENV) == "1",
             serve=ServeSpec.from_json(e.get("DSLAUNCH_SERVE", "{}")),
+            unit=int(e[NODE_ENV]) if e[NODE_ENV].isdigit() else None,
+            replica=int(e.get("DSLAUNCH_REPLICA", "0")),
+            replicas=int(e.get("DSLAUNCH_REPLICAS", "1")),
+            router=e.get("DSLAUNCH_ROUTER") or None,
         )
