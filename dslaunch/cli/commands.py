@@ -32,11 +32,12 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
        python: str,
        work_dir: str, no_launch_dir: bool, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
-       parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None,
+       parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None, tp: int | None,
        **serve_opts: Any) -> None:  # fmt: skip
     """Start a job on every node of the hostfile, load the model on every rank and serve it.
 
-    Rank 0 answers on a socket front (newline-delimited JSON; see 'dslaunch query').
+    The job's router on node 0 answers on one socket front (newline-delimited JSON and the
+    OpenAI-compatible HTTP API) and spreads requests over the replicas (--tp ranks each).
     """
     model_check = not serve_opts.pop("skip_model_check")
     serve = ServeSpec(**serve_opts, token=_read_token(token_file))
@@ -50,7 +51,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         launch_dir=None if no_launch_dir else os.getcwd(), model_check=model_check,
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
-        keep_logs=keep_logs, serve=serve,
+        keep_logs=keep_logs, serve=serve, tp=tp,
     )  # fmt: skip
     for line in notes:
         err_console.print(f"note: {line}", markup=False)
@@ -59,7 +60,12 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         console.print(render.plan_view(plan, note))
         return
     t0 = time.monotonic()
-    view = render.UpView(console, [n.host for n in nodes], [n.nprocs for n in nodes])
+    units = [u for r in spec.replicas for u in r.units]
+    tag = (lambda u: f" (replica {u.replica})") if len(spec.replicas) > 1 else (lambda u: "")
+    view = render.UpView(
+        console, [nodes[u.node].host + tag(u) for u in units] + [f"{nodes[0].host} (router)"],
+        [u.nprocs for u in units] + [0],
+    )  # fmt: skip
     try:
         with view:
             rec = launch.up(

@@ -33,6 +33,7 @@ Examples:
   dslaunch up -H hosts --init-method tcp            # every node of the hostfile
   dslaunch up -H hosts --init-method file --rdzv-dir /nfs/rdzv
   dslaunch up -H hosts --include 'node1:0,1@node2' --name small
+  dslaunch up -H hosts --tp 2                       # replicas of 2 ranks behind one front
   dslaunch up -H hosts --dry-run                    # print the plan, touch nothing
 """
 
@@ -78,6 +79,13 @@ UP_OPTIONS = [
     ),
     click.option(
         "--rdzv-port", type=int, default=None, help="torchrun rendezvous port on node 0. Default: a free one."
+    ),
+    click.option(
+        "--tp",
+        type=int,
+        default=None,
+        help="Ranks per replica (tensor-parallel degree). World size / TP replicas serve behind one front, "
+        "each restarting on its own. Default: every rank in one replica.",
     ),
     click.option(
         "--max-restarts",

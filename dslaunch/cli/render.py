@@ -95,18 +95,34 @@ def plan_view(plan: LaunchPlan, facts_note: str = "") -> Group:
     for n in plan.nodes:
         env = {k: ("***" if any(h in k.upper() for h in _SECRET_HINTS) else v) for k, v in sorted(n.env.items())}
         nodes.add_row(
-            str(n.node_rank),
+            str(n.node_rank) + (f" (r{n.replica})" if len(plan.replicas) > 1 else ""),
             n.host,
             f"{n.rank_offset}..{n.rank_offset + n.nprocs - 1}",
             Text(shlex.join(n.argv)),
             Text("\n".join(f"{k}={v}" for k, v in env.items())),
         )
     ranks = Table(title="ranks", title_justify="left")
-    for col in ("RANK", "LOCAL_RANK", "node", "host", "device"):
+    for col in ("RANK", "LOCAL_RANK", "node", "host", "device", "replica"):
         ranks.add_column(col)
     for r in plan.ranks:
-        ranks.add_row(str(r.rank), str(r.local_rank), str(r.node_rank), r.host, r.device)
-    return Group(head, nodes, ranks)
+        ranks.add_row(str(r.rank), str(r.local_rank), str(r.node_rank), r.host, r.device, str(r.replica))
+    reps = Table(title=f"replicas: {len(plan.replicas)} of {plan.tp} rank(s) (--tp)", title_justify="left")
+    for col in ("replica", "ranks", "nodes", "rendezvous", "init"):
+        reps.add_column(col, overflow="fold")
+    for rp in plan.replicas:
+        hosts = ", ".join(dict.fromkeys(plan.nodes[u].host for u in rp.units))
+        reps.add_row(
+            str(rp.replica), f"{rp.first_rank}..{rp.first_rank + rp.size - 1}", hosts,
+            Text(f"{rp.master_addr}:{rp.rdzv_port}"), Text(rp.init_url),
+        )  # fmt: skip
+    parts: list[Any] = [head, nodes, ranks, reps]
+    if plan.router is not None:
+        parts.append(Text.assemble(
+            ("router ", "bold"),
+            Text(f"on {plan.nodes[0].host}: public front port {plan.front_port}, replica link "
+                 f"{plan.router.link_addr}:{plan.router.link_port}; {shlex.join(plan.router.argv)}"),
+        ))  # fmt: skip
+    return Group(*parts)
 
 
 class UpView:
@@ -200,16 +216,17 @@ def status_view(st: JobStatus) -> Group:
         f"master {st.master} · run {st.run_id} · up {_age(st.created)}",
     )  # fmt: skip
     nodes = Table(title="nodes", title_justify="left")
-    for col in ("node", "host", "reachable", "agent", "pid", "processes", "note"):
+    for col in ("#", "host", "runs", "reachable", "agent", "pid", "processes", "note"):
         nodes.add_column(col, overflow="fold")
     for n in st.nodes:
+        runs = "router" if n.kind == "router" else f"replica {n.replica}"
         agent = (
             Text("alive", "green") if n.agent_alive
             else Text("unreachable" if not n.reachable else
                       f"exited {n.exit_code}" if n.exit_code is not None else "not running", "red")
         )  # fmt: skip
         nodes.add_row(
-            str(n.node_rank), _t(n.host), "yes" if n.reachable else Text("no", "red"), agent,
+            str(n.node_rank), _t(n.host), runs, "yes" if n.reachable else Text("no", "red"), agent,
             str(n.agent_pid or "-"), str(n.procs) if n.reachable else "?", _t(n.error or ""),
         )  # fmt: skip
     ranks = Table(title="ranks", title_justify="left")
@@ -223,7 +240,7 @@ def status_view(st: JobStatus) -> Group:
             str(r.rank), _t(r.host), str(r.local_rank), str(r.pid or "-"), _stage(r.stage),
             str(r.restarts), _t(r.device or "-"), mem, _t(r.error or ""),  # not markup: '[/path]' is common
         )  # fmt: skip
-    parts: list[Any] = [head, nodes, ranks]
+    parts: list[Any] = [head, nodes, ranks, replicas_table(st)]
     if st.last_failure:
         parts.append(failure_line(st.last_failure))
     if st.front:
@@ -233,6 +250,21 @@ def status_view(st: JobStatus) -> Group:
             parts.append(_t(f"last lines of the agent log on {n.host}:", style="bold"))
             parts.append(_t("\n".join(f"  {ln}" for ln in n.log_tail), style="dim"))
     return Group(*parts)
+
+
+def replicas_table(st: JobStatus) -> Table:
+    """Per replica: its ranks and nodes, whether it serves, restarts, and the router's counts."""
+    t = Table(title=f"replicas ({st.tp} ranks each)", title_justify="left")
+    for col in ("replica", "ranks", "nodes", "state", "restarts", "router", "in flight", "served", "note"):
+        t.add_column(col, overflow="fold")
+    for r in st.replicas:
+        span = f"{r.ranks[0]}..{r.ranks[-1]}" if r.ranks else "-"
+        style = "green" if r.state == "ready" else "yellow"
+        t.add_row(
+            str(r.replica), span, _t(", ".join(r.hosts)), Text(r.state, style), str(r.restarts), r.linked or "-",
+            str(r.in_flight), str(r.served), _t(r.reason),
+        )  # fmt: skip
+    return t
 
 
 def failure_line(f: dict[str, Any]) -> Text:

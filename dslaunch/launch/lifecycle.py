@@ -16,7 +16,7 @@ from typing import Any
 
 from dslaunch.errors import NodeOpFailed, UserError
 from dslaunch.launch import store
-from dslaunch.launch.plan import LaunchPlan, make_plan
+from dslaunch.launch.plan import LaunchPlan, NodePlan, make_plan
 from dslaunch.launch.preflight import Progress, connect_options, preflight, quiet
 from dslaunch.launch.ready import LaunchFailed, wait_ready
 from dslaunch.launch.records import cluster_for, new_record
@@ -44,8 +44,8 @@ def up(
                 f"on {len(old.nodes)} node(s)); see it with 'dslaunch status --name {spec.name}', "
                 f"remove it with 'dslaunch down --name {spec.name}', or pick another --name"
             )
-        with Cluster(spec.nodes, connect_options(spec), spec.python, spec.parallelism) as cluster:
-            facts = preflight(spec, cluster, progress)
+        with Cluster(spec.nodes, connect_options(spec), spec.python, spec.parallelism) as machines:
+            facts = preflight(spec, machines, per_node(spec, progress))
             for line in facts.warnings:
                 if warn is not None:
                     warn(line)
@@ -54,10 +54,11 @@ def up(
                     note(line)
             plan = make_plan(
                 spec, uuid.uuid4().hex[:8], facts.master_addr, facts.master_port, facts.rdzv_port,
-                facts.backend, facts.addresses, facts.front_port,
+                facts.backend, facts.addresses, facts.front_port, facts.gang_ports, facts.link_port,
             )  # fmt: skip
             rec = new_record(spec, plan, facts)
             store.save(rec)
+            cluster = machines.view(rec.node_list())  # one entry per agent, then the router
             try:
                 _start(plan, cluster, rec, progress)
                 wait_ready(rec, cluster, spec.ready_timeout, progress)
@@ -67,6 +68,21 @@ def up(
             rec.state = JobState.READY
             store.save(rec)
             return rec
+
+
+def per_node(spec: JobSpec, progress: Progress) -> Progress:
+    """Pre-flight reports per machine; `up` shows one row per agent (and the router, on node 0)."""
+    rows: dict[int, list[int]] = {}
+    for rep in spec.replicas:
+        for u in rep.units:
+            rows.setdefault(u.node, []).append(u.unit)
+    rows[0].append(sum(len(r.units) for r in spec.replicas))
+
+    def report(i: int, stage: NodeStage, detail: str) -> None:
+        for row in rows.get(i, []):
+            progress(row, stage, detail)
+
+    return report
 
 
 def _undo(rec: JobRecord, cluster: Cluster, grace: float, cause: BaseException) -> None:
@@ -120,30 +136,30 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
 
 
 def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progress) -> None:
-    """Start one detached agent per node; the front's token travels to node 0 on stdin."""
-    token = rec.front.token if rec.front else None
-    nonce = rec.front.nonce if rec.front else None
-    # pre-flight found these free on node 0; the start checks them again
-    ports = {"rendezvous port (--rdzv-port)": plan.rdzv_port}
-    if plan.init_method in ("tcp", "env"):
-        ports["master port (--master-port)"] = plan.master_port
+    """Start the router, then one detached agent per unit; secrets travel on stdin."""
+    front = rec.front
+    token, nonce, key = (front.token, front.nonce, front.link_key) if front else (None, None, None)
+    router_index = len(plan.nodes)
 
     def start(c: NodeClient) -> dict[str, Any]:
-        np = plan.nodes[cluster.clients.index(c)]
-        head = np.node_rank == 0
-        files = {k: v for k, v in (("front.token", token), ("front.nonce", nonce)) if v and head}
-        return c.call(
-            "start",
-            {"job_id": plan.job_id, "node_rank": np.node_rank, "node_dir": np.node_dir,
-             "argv": list(np.argv), "env": np.env, "files": files, "free_ports": ports if head else {}},
-        )  # fmt: skip
+        i = cluster.clients.index(c)
+        if i == router_index:
+            return start_router(plan, c, token, nonce, key)
+        return start_unit(plan, plan.nodes[i], c, key)
 
-    results = cluster.map(start)
+    results = cluster.map(start, [cluster.clients[router_index]]) if plan.router else None
+    if results is not None and results.failed:
+        _report_started(rec, [router_index], results, progress)
+    rest = cluster.map(start, cluster.clients[:router_index])
+    _report_started(rec, list(range(router_index)), rest, progress)
+
+
+def _report_started(rec: JobRecord, indices: list[int], results: HostResults[Any], progress: Progress) -> None:
     details: list[str] = []
-    for i, r in enumerate(results):
+    for i, r in zip(indices, results, strict=True):
         if r.ok:
             rec.nodes[i].agent_pid = (r.value or {}).get("pid")
-            progress(i, NodeStage.STARTED, f"agent pid {rec.nodes[i].agent_pid}")
+            progress(i, NodeStage.STARTED, f"pid {rec.nodes[i].agent_pid}")
             continue
         progress(i, NodeStage.FAILED, str(r.error))
         details.append(str(r.error))
@@ -151,7 +167,35 @@ def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progres
             details += [f"  {ln}" for ln in r.error.details.get("log", []) or []]  # type: ignore[union-attr]
     store.save(rec)
     if details:
-        raise LaunchFailed(f"could not start the agent on every node: {details[0]}", details)
+        what = "the router" if indices == [len(rec.agents)] else "the agent on every node"
+        raise LaunchFailed(f"could not start {what}: {details[0]}", details)
+
+
+def start_unit(plan: LaunchPlan, np: NodePlan, c: NodeClient, key: str | None) -> dict[str, Any]:
+    """One agent; a replica's head also checks its ports again, its leader gets the link key."""
+    rp = plan.replicas[np.replica]
+    head = np.unit == rp.units[0]
+    ports = {"rendezvous port (--rdzv-port)": rp.rdzv_port}
+    if plan.init_method in ("tcp", "env"):
+        ports["master port (--master-port)"] = rp.master_port
+    files = {"replica.secret": key} if head and key else {}
+    return c.call(
+        "start",
+        {"job_id": plan.job_id, "node_rank": np.unit, "node_dir": np.node_dir, "argv": list(np.argv),
+         "env": np.env, "files": files, "free_ports": ports if head else {}},
+    )  # fmt: skip
+
+
+def start_router(plan: LaunchPlan, c: NodeClient, token: str | None, nonce: str | None, key: str | None) -> Any:
+    """The router under its supervisor, on node 0; the public token and the link key on stdin."""
+    assert plan.router is not None
+    rp = plan.router
+    files = {k: v for k, v in (("front.token", token), ("front.nonce", nonce), ("replica.secret", key)) if v}
+    return c.call(
+        "start",
+        {"job_id": plan.job_id, "node_rank": len(plan.nodes), "node_dir": rp.node_dir, "argv": list(rp.argv),
+         "env": rp.env, "files": files, "free_ports": {"router link port": rp.link_port}},
+    )  # fmt: skip
 
 
 def teardown(rec: JobRecord, cluster: Cluster, grace: float = 10.0) -> HostResults[dict[str, Any]]:

@@ -17,6 +17,7 @@ from dslaunch import __version__
 from dslaunch.errors import NodeOpFailed, RemoteError, UserError
 from dslaunch.launch.families import family_problem
 from dslaunch.launch.plan import choose_backend
+from dslaunch.launch.replicas import heads_per_node
 from dslaunch.launch.spec import JobSpec
 from dslaunch.transport.base import ConnectOptions
 from dslaunch.transport.nodes import Cluster, NodeClient
@@ -44,6 +45,8 @@ class Facts:
     front_port: int | None = None
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    gang_ports: list[tuple[int, int]] | None = None  # per replica: (master, rendezvous) on its head node
+    link_port: int | None = None  # the router's link port on node 0
 
 
 def connect_options(spec: JobSpec) -> ConnectOptions:
@@ -72,7 +75,7 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
     backend = choose_backend(spec.backend, [p.get("gpus", 0) for p in probes], [n.nprocs for n in nodes])
     problems = _node_problems(spec, probes) + _backend_problems(spec, probes, backend) + _head_problems(spec, probes[0])
     family = family_problem(
-        spec.serve.model or "", probes[0].get("model_config"), spec.world_size, spec.serve.kernel_inject,
+        spec.serve.model or "", probes[0].get("model_config"), spec.tp_size, spec.serve.kernel_inject,
         probes[0].get("deepspeed"),
     )  # fmt: skip
     if family:
@@ -81,7 +84,8 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
         raise UserError("pre-flight failed:\n  " + "\n  ".join(problems))
     if spec.init_method == "file":
         _check_shared_dir(spec, cluster)
-    master_port, rdzv_port = probes[0]["ports"]
+    gang_ports, link_port = assign_ports(spec, [p.get("ports") or [] for p in probes])
+    master_port, rdzv_port = gang_ports[0]
     addresses = node_addresses(spec, cluster, [p["address"] for p in probes])
     master_addr = addresses[0]
     ssh_warnings = [w for c in cluster.clients for w in getattr(c.transport, "warnings", [])]
@@ -93,8 +97,30 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
     ]
     notes = _launch_dir_note(spec, probes)
     return Facts(
-        master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow), notes
-    )
+        master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow), notes,
+        gang_ports, link_port,
+    )  # fmt: skip
+
+
+def port_requests(spec: JobSpec) -> list[list[int | None]]:
+    """The ports each node is asked for (None: pick a free one). Node 0: replica 0's master and
+    rendezvous ports (the user's when given), then the router's link port; then two per replica
+    whose head a node is."""
+    heads = heads_per_node(spec.replicas, len(spec.nodes))
+    out: list[list[int | None]] = [[None, None] * k for k in heads]
+    out[0] = [spec.master_port, spec.rdzv_port, None, *out[0][2:]]
+    return out
+
+
+def assign_ports(spec: JobSpec, chosen: list[list[int]]) -> tuple[list[tuple[int, int]], int]:
+    """Per replica (master, rendezvous), in replica order, and the link port, from the probes' picks."""
+    left = [list(c) for c in chosen]
+    link = left[0].pop(2)
+    gang: list[tuple[int, int]] = []
+    for rep in spec.replicas:
+        ports = left[rep.head]
+        gang.append((ports.pop(0), ports.pop(0)))
+    return gang, link
 
 
 def _launch_dir_note(spec: JobSpec, probes: list[dict[str, Any]]) -> tuple[str, ...]:
@@ -150,8 +176,10 @@ def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
     c.transport.run(["true"], timeout=spec.connect_timeout + spec.command_timeout)
     shell_s = time.monotonic() - t0
     args: dict[str, Any] = {"work_dir": spec.work_dir}
+    want = port_requests(spec)[cluster.clients.index(c)]
+    if want:
+        args["ports"] = want
     if c is cluster.clients[0]:
-        args["ports"] = [spec.master_port, spec.rdzv_port]
         args["front"] = {"bind": spec.serve.bind, "port": spec.serve.port}
         if spec.serve.model and not spec.serve.handler and spec.model_check:
             args["model_config"] = spec.serve.model

@@ -38,6 +38,25 @@ def node_summary(want: int, st: dict[str, Any]) -> tuple[NodeStage, str]:
     return NodeStage.STARTED, f"{len(alive)}/{want} ranks up{note}"
 
 
+def router_summary(st: dict[str, Any], replicas: int) -> tuple[NodeStage, str]:
+    """(stage, detail) of the router: ready once its front listens and every replica dialed in."""
+    if not st.get("agent", {}).get("alive"):
+        code = st.get("agent", {}).get("exit_code")
+        return NodeStage.FAILED, f"router exited ({'code ' + str(code) if code is not None else 'killed'})"
+    front = st.get("front") or {}
+    if not (front.get("alive") and front.get("ready")):
+        return NodeStage.STARTED, "router starting"
+    ready = sum(1 for r in front.get("replicas", []) if r.get("state") == "ready")
+    if ready >= replicas:
+        return NodeStage.READY, f"router on {front.get('address')}, {ready}/{replicas} replicas"
+    return NodeStage.RENDEZVOUS, f"{ready}/{replicas} replicas linked"
+
+
+def entry_summary(rec: JobRecord, i: int, st: dict[str, Any]) -> tuple[NodeStage, str]:
+    n = rec.nodes[i]
+    return router_summary(st, rec.replicas) if n.kind == "router" else node_summary(n.nprocs, st)
+
+
 def wait_ready(rec: JobRecord, cluster: Cluster, timeout: float, progress: Progress = quiet) -> None:
     """Poll every node until all ranks are ready; a failed agent or the deadline ends the wait."""
     deadline = time.monotonic() + timeout
@@ -49,7 +68,7 @@ def wait_ready(rec: JobRecord, cluster: Cluster, timeout: float, progress: Progr
             if not r.ok:
                 progress(i, NodeStage.FAILED, str(r.error))
                 raise LaunchFailed(f"lost contact while starting: {r.error}")
-            stage, detail = node_summary(rec.nodes[i].nprocs, r.value or {})
+            stage, detail = entry_summary(rec, i, r.value or {})
             progress(i, stage, detail)
             stages.append(stage)
         if NodeStage.FAILED in stages:
@@ -57,13 +76,15 @@ def wait_ready(rec: JobRecord, cluster: Cluster, timeout: float, progress: Progr
             details = failure_details(rec, cluster)
             # the first rank's error names the cause (e.g. a model family DeepSpeed cannot shard)
             cause = next((": " + d.split(": ", 1)[1] for d in details if " rank " in d and ": " in d), "")
-            raise LaunchFailed(f"{rec.nodes[i].host}: the agent stopped before the job was ready{cause}", details)
+            what = "the router" if rec.nodes[i].kind == "router" else "the agent"
+            raise LaunchFailed(f"{rec.nodes[i].host}: {what} stopped before the job was ready{cause}", details)
         ready_ranks = sum(rec.nodes[i].nprocs for i, s in enumerate(stages) if s == NodeStage.READY)
-        if ready_ranks == rec.world_size:
+        if all(s == NodeStage.READY for s in stages):
             return
         if time.monotonic() > deadline:
             raise LaunchFailed(
-                f"not every rank was ready within {timeout:g}s (--timeout): {ready_ranks}/{rec.world_size} ready",
+                f"not every rank was ready within {timeout:g}s (--timeout): {ready_ranks}/{rec.world_size} ready"
+                + ("" if ready_ranks < rec.world_size else "; the router never saw every replica"),
                 failure_details(rec, cluster),
             )
         time.sleep(0.3)
@@ -81,6 +102,6 @@ def failure_details(rec: JobRecord, cluster: Cluster, lines: int = 12) -> list[s
                 out.append(f"{host} rank {rk['rank']}: {rk['error']}")
                 out += [f"    {ln}" for ln in st.get("rank_logs", {}).get(str(rk["rank"]), [])]
         if not (st.get("agent") or {}).get("alive") and st.get("agent_log"):
-            out.append(f"{host} agent log:")
+            out.append(f"{host} {'router' if rec.nodes[i].kind == 'router' else 'agent'} log:")
             out += [f"    {ln}" for ln in st["agent_log"]]
     return out

@@ -29,16 +29,19 @@ def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> JobRecord:
         rdzv_port=plan.rdzv_port,
         nodes=[
             NodeRecord(
-                node_rank=np.node_rank,
+                node_rank=np.unit,
                 host=np.host,
                 target=spec.nodes[np.node_rank].target,
                 nprocs=np.nprocs,
                 rank_offset=np.rank_offset,
                 node_dir=np.node_dir,
                 address=facts.addresses[np.node_rank],
+                replica=np.replica,
+                gang_offset=np.gang_offset,
             )
             for np in plan.nodes
-        ],
+        ]
+        + router_entries(spec, plan, facts),
         rdzv_glob=f"{spec.rdzv_dir.rstrip('/')}/{plan.job_id}-*" if spec.rdzv_dir else None,
         connect_timeout=spec.connect_timeout,
         command_timeout=spec.command_timeout,
@@ -46,7 +49,22 @@ def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> JobRecord:
         keep_logs=spec.keep_logs,
         created=time.time(),
         front=front_record(spec, plan),
+        tp=plan.tp,
+        replicas=len(plan.replicas),
     )
+
+
+def router_entries(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> list[NodeRecord]:
+    """The router, recorded like an agent (no ranks) so that status, logs and down find it."""
+    if plan.router is None:
+        return []
+    head = spec.nodes[0]
+    return [
+        NodeRecord(
+            node_rank=len(plan.nodes), host=head.host, target=head.target, nprocs=0, rank_offset=plan.world_size,
+            node_dir=plan.router.node_dir, address=facts.addresses[0], kind="router",
+        )
+    ]  # fmt: skip
 
 
 def front_record(spec: JobSpec, plan: LaunchPlan) -> FrontRecord:
@@ -62,6 +80,7 @@ def front_record(spec: JobSpec, plan: LaunchPlan) -> FrontRecord:
         model=spec.serve.handler or spec.serve.model or "tiny-llama (built in)",
         token=token,
         nonce=secrets.token_urlsafe(24),
+        link_key=secrets.token_urlsafe(32),
     )
 
 
@@ -71,5 +90,6 @@ def record_options(rec: JobRecord) -> ConnectOptions:
 
 
 def cluster_for(rec: JobRecord, parallelism: int = 32) -> Cluster:
-    """Reconnect to a recorded job's nodes with the options it was started with."""
+    """Reconnect to a recorded job's agents and router (one connection per machine) with the
+    options it was started with."""
     return Cluster(rec.node_list(), record_options(rec), rec.python, parallelism)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dslaunch.errors import UserError
 from dslaunch.launch.hostfile import Node
+from dslaunch.launch.replicas import Replica, divisors, place
 from dslaunch.launch.store import check_name
 from dslaunch.wire.serve import MAX_BACKOFF_S, ServeSpec, positive_seconds
 
@@ -57,6 +58,7 @@ class JobSpec:
     # DeepSpeed runs the ranks in the launch directory, first on PYTHONPATH; so do we where it exists
     launch_dir: str | None = None
     model_check: bool = True  # refuse families AutoTP cannot shard, from config.json (launch/families)
+    tp: int | None = None  # ranks per replica (tensor-parallel degree); None: every rank, one replica
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -94,11 +96,34 @@ class JobSpec:
                 raise UserError(f"--env {key!r}: not a valid environment variable name")
         if not self.nodes:
             raise UserError("no nodes to run on")
-        if self.serve.shm_allreduce and len(self.nodes) > 1:
-            raise UserError("--shm-allreduce needs every rank on one node (it is shared memory)")
+        self._check_tp()
+        if self.serve.shm_allreduce and any(len(r.units) > 1 for r in self.replicas):
+            raise UserError("--shm-allreduce needs every replica's ranks on one node (it is shared memory)")
         if self.launch_dir is not None and not self.launch_dir.startswith("/"):
             raise UserError(f"launch directory {self.launch_dir!r}: must be an absolute path")
         self._check_visible_devices()
+
+    def _check_tp(self) -> None:
+        if self.tp is None:
+            return
+        world = self.world_size
+        if self.tp < 1:
+            raise UserError(f"--tp {self.tp}: must be at least 1")
+        if world % self.tp:
+            choices = ", ".join(map(str, divisors(world)))
+            raise UserError(
+                f"--tp {self.tp}: the job has {world} rank(s), which {self.tp} does not divide into replicas; "
+                f"choose one of {choices}"
+            )
+
+    @property
+    def tp_size(self) -> int:
+        """Ranks per replica: the tensor-parallel degree the model is sharded over."""
+        return self.tp or self.world_size
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return place(self.nodes, self.tp_size)
 
     def _check_visible_devices(self) -> None:
         """CUDA_VISIBLE_DEVICES comes from the selected slots; a user value may only agree with it."""

@@ -24,6 +24,8 @@ class NodeStatus:
     error: str | None = None
     log_tail: list[str] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "agent"  # agent | router
+    replica: int | None = None
 
 
 @dataclass
@@ -40,6 +42,23 @@ class RankStatus:
     rss_mb: float | None = None
     gpu_mem_mb: float | None = None
     error: str | None = None
+    replica: int = 0
+
+
+@dataclass
+class ReplicaStatus:
+    """One replica: its ranks and nodes, whether it serves, and what the router sees of it."""
+
+    replica: int
+    ranks: list[int]
+    hosts: list[str]
+    state: str  # ready | starting | restarting | down, judged from its ranks
+    restarts: int = 0
+    linked: str | None = None  # the router's view: ready | draining | down | connecting
+    in_flight: int = 0
+    served: int = 0
+    errors: int = 0
+    reason: str = ""
 
 
 @dataclass
@@ -57,6 +76,8 @@ class JobStatus:
     reason: str = ""
     front: dict[str, Any] = field(default_factory=dict)
     last_failure: dict[str, Any] = field(default_factory=dict)
+    tp: int = 0
+    replicas: list[ReplicaStatus] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +85,7 @@ class JobStatus:
 
 def _rank_from(rec: JobRecord, node_rank: int, raw: dict[str, Any] | None, rank: int) -> RankStatus:
     n = rec.nodes[node_rank]
-    rs = RankStatus(rank=rank, host=n.host, node_rank=node_rank, local_rank=rank - n.rank_offset)
+    rs = RankStatus(rank=rank, host=n.host, node_rank=node_rank, local_rank=rank - n.rank_offset, replica=n.replica)
     if raw is None:
         return rs
     rs.pid = raw.get("pid")
@@ -93,9 +114,21 @@ def classify(nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[JobState
         codes = ", ".join(f"{n.host} exit {n.exit_code if n.exit_code is not None else 'killed'}" for n in dead)
         return JobState.FAILED, f"every agent has ended ({codes})"
     if dead:
-        return JobState.DEGRADED, f"agent not running on {', '.join(n.host for n in dead)}"
+        what = ", ".join(f"the router on {n.host}" if n.kind == "router" else f"the agent on {n.host}" for n in dead)
+        return JobState.DEGRADED, f"not running: {what}"
     if ranks_ready(((r.alive, r.stage, r.restarts) for r in ranks), len(ranks)):
         return JobState.READY, f"{len(ranks)} ranks ready"
+    by_replica: dict[int, list[RankStatus]] = {}
+    for r in ranks:
+        by_replica.setdefault(r.replica, []).append(r)
+    serving = [k for k, rs in by_replica.items() if ranks_ready(((r.alive, r.stage, r.restarts) for r in rs), len(rs))]
+    if serving:
+        down = [k for k in by_replica if k not in serving]
+        failed = [r for r in ranks if r.stage == RankStage.FAILED]
+        why = f" after rank {failed[0].rank} failed: {failed[0].error}" if failed else ""
+        return JobState.DEGRADED, (
+            f"replica {', '.join(map(str, down))} not serving{why}; {len(serving)}/{len(by_replica)} replicas serve"
+        )
     restarts = max((r.restarts for r in ranks), default=0)
     failed = [r for r in ranks if r.stage == RankStage.FAILED]
     if failed:
@@ -112,11 +145,15 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
     results = cluster.call_all("status", args)
     nodes: list[NodeStatus] = []
     ranks: list[RankStatus] = []
+    front_raw: dict[str, Any] | None = None
     for i, r in enumerate(results):
         n = rec.nodes[i]
+        replica = n.replica if n.kind == "agent" else None
+        mine = range(n.rank_offset, n.rank_offset + n.nprocs)
         if not r.ok:
-            nodes.append(NodeStatus(i, n.host, reachable=False, agent_pid=n.agent_pid, error=str(r.error)))
-            ranks += [_rank_from(rec, i, None, k) for k in range(n.rank_offset, n.rank_offset + n.nprocs)]
+            nodes.append(NodeStatus(i, n.host, reachable=False, agent_pid=n.agent_pid, error=str(r.error),
+                                    kind=n.kind, replica=replica))  # fmt: skip
+            ranks += [_rank_from(rec, i, None, k) for k in mine]
             continue
         st = r.value or {}
         agent = st.get("agent", {})
@@ -124,22 +161,48 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
             i, n.host, reachable=True,
             agent_pid=agent.get("pid") or n.agent_pid if st.get("present") else None,
             agent_alive=bool(agent.get("alive")), exit_code=agent.get("exit_code"),
-            procs=int(st.get("procs", 0)), failures=list(st.get("failures", [])),
+            procs=int(st.get("procs", 0)), failures=list(st.get("failures", [])), kind=n.kind, replica=replica,
         )  # fmt: skip
         if not ns.agent_alive and st.get("agent_log"):
             ns.log_tail = st["agent_log"]
             ns.error = next((ln for ln in reversed(ns.log_tail) if "Error" in ln), None)
         nodes.append(ns)
-        by_rank = {int(x["rank"]): x for x in st.get("ranks", [])}
-        ranks += [_rank_from(rec, i, by_rank.get(k), k) for k in range(n.rank_offset, n.rank_offset + n.nprocs)]
+        if n.kind == "router" or (front_raw is None and i == 0 and rec.router is None):
+            front_raw = st.get("front")
+        # rank files carry the rank inside the replica
+        by_rank = {int(x["rank"]) + n.rank_offset - n.gang_offset: x for x in st.get("ranks", [])}
+        ranks += [_rank_from(rec, i, by_rank.get(k), k) for k in mine]
     state_, reason = classify(nodes, ranks)
-    head = results[0].value or {} if results and results[0].ok else {}
     return JobStatus(
         name=rec.name, state=state_, world_size=rec.world_size, init_method=rec.init_method,
         backend=rec.backend, run_id=rec.run_id, master=f"{rec.master_addr}:{rec.master_port}",
         created=rec.created, nodes=nodes, ranks=ranks, reason=reason,
-        front=front_status(rec, head.get("front")), last_failure=last_failure(rec, nodes),
+        front=front_status(rec, front_raw), last_failure=last_failure(rec, nodes), tp=rec.tp or rec.world_size,
+        replicas=replica_status(rec, ranks, (front_raw or {}).get("replicas") or []),
     )  # fmt: skip
+
+
+def replica_status(rec: JobRecord, ranks: list[RankStatus], linked: list[dict[str, Any]]) -> list[ReplicaStatus]:
+    """Each replica from its ranks (ready, starting, restarting) and from the router's view of it."""
+    seen = {int(x.get("id", x.get("replica", -1))): x for x in linked if isinstance(x, dict)}
+    out: list[ReplicaStatus] = []
+    for k in range(max(rec.replicas, 1)):
+        mine = [r for r in ranks if r.replica == k]
+        hosts = list(dict.fromkeys(n.host for n in rec.replica_units(k)))
+        restarts = max((r.restarts for r in mine), default=0)
+        failed = next((r for r in mine if r.stage == RankStage.FAILED or not r.alive), None)
+        if ranks_ready(((r.alive, r.stage, r.restarts) for r in mine), len(mine)):
+            state, reason = "ready", ""
+        elif failed is not None and failed.stage == RankStage.FAILED:
+            state, reason = "restarting", f"rank {failed.rank} failed: {failed.error or ''}".strip()
+        else:
+            state, reason = "starting", f"{sum(r.stage == RankStage.READY and r.alive for r in mine)}/{len(mine)} ready"
+        link = seen.get(k, {})
+        out.append(ReplicaStatus(
+            k, [r.rank for r in mine], hosts, state, restarts, link.get("state"), int(link.get("in_flight", 0) or 0),
+            int(link.get("served", 0) or 0), int(link.get("errors", 0) or 0), reason,
+        ))  # fmt: skip
+    return out
 
 
 def last_failure(rec: JobRecord, nodes: list[NodeStatus]) -> dict[str, Any]:
@@ -151,9 +214,9 @@ def last_failure(rec: JobRecord, nodes: list[NodeStatus]) -> dict[str, Any]:
     found = []
     for n in nodes:
         for f in n.failures:
-            rank = f.get("rank")
-            if rank is None:
-                rank = rec.nodes[n.node_rank].rank_offset + int(f.get("local_rank", 0))
+            rank, entry = f.get("rank"), rec.nodes[n.node_rank]
+            # the rank logs number ranks inside their replica
+            rank = entry.rank_offset + (int(f.get("local_rank", 0)) if rank is None else int(rank) - entry.gang_offset)
             found.append({**f, "rank": rank, "host": n.host, "cause": describe_exit(int(f["exit_code"]))})
     if not found:
         return {}

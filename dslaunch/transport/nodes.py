@@ -89,8 +89,24 @@ class Cluster:
 
     def __init__(self, nodes: list[Node], opts: ConnectOptions, python: str, parallelism: int = 32):
         self.opts = opts
+        self.python = python
         self.parallelism = parallelism
-        self.clients = [NodeClient(n, connect(n, opts), python, opts.command_timeout) for n in nodes]
+        # one connection per machine: the agents of two replicas on one node share it
+        conns: dict[tuple[str, str | None], Any] = {}
+        for n in nodes:
+            if (n.host, n.user) not in conns:
+                conns[(n.host, n.user)] = connect(n, opts)
+        self.clients = [NodeClient(n, conns[(n.host, n.user)], python, opts.command_timeout) for n in nodes]
+
+    def view(self, nodes: list[Node]) -> Cluster:
+        """The same machines seen as other entries (the job's agents and router), sharing the
+        connections; closing the view closes nothing."""
+        conns = {(c.node.host, c.node.user): c.transport for c in self.clients}
+        out = Cluster.__new__(Cluster)
+        out.opts, out.python, out.parallelism = self.opts, self.python, self.parallelism
+        out.clients = [NodeClient(n, conns[(n.host, n.user)], self.python, self.opts.command_timeout) for n in nodes]
+        out._view = True
+        return out
 
     def __enter__(self) -> Cluster:
         return self
@@ -111,7 +127,11 @@ class Cluster:
         index = {id(c): i for i, c in enumerate(self.clients)}
         return self.map(lambda c: c.call(op, args_for(index[id(c)], c), timeout))
 
+    _view = False
+
     def close(self) -> None:
+        if self._view:
+            return
         for c in self.clients:
             with contextlib.suppress(Exception):
                 c.transport.close()

@@ -25,7 +25,6 @@ AUTO_THREADS_ENV = "DSLAUNCH_AUTO_THREADS"
 EXPAND_ENV = "DSLAUNCH_EXPAND_ENV"
 LAUNCH_DIR_ENV = "DSLAUNCH_LAUNCH_DIR"
 GANG_NODE_ENV = "DSLAUNCH_GANG_NODE"
-ROUTER_UNIT = "router"  # the router's marker (DSLAUNCH_NODE_RANK) and its directory's name
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,12 @@ class NodeRecord:
     node_dir: str
     address: str | None = None  # how the other nodes reach this one
     agent_pid: int | None = None
+    # An entry is one agent (a unit: one replica's ranks on one node) or the router; node_rank is
+    # its index in the record (its marker), rank_offset its first job-wide rank, gang_offset that
+    # rank inside its replica.
+    replica: int = 0
+    gang_offset: int = 0
+    kind: str = "agent"  # agent | router
 
     def node(self) -> Node:
         """The recorded node as a hostfile node again (a user@host target split back)."""
@@ -41,6 +47,8 @@ class FrontRecord:
     token: str | None = field(default=None, repr=False)
     # the front proves it knows this before a client sends it the token (a squatter on the port cannot)
     nonce: str | None = field(default=None, repr=False)
+    # the key the router and the replica leaders prove to each other on their link
+    link_key: str | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -68,6 +76,19 @@ class JobRecord:
     keep_logs: bool = False
     created: float = 0.0
     front: FrontRecord | None = None
+    tp: int = 0  # ranks per replica (0 in records from before replicas: every rank)
+    replicas: int = 1
+
+    @property
+    def agents(self) -> list[NodeRecord]:
+        return [n for n in self.nodes if n.kind == "agent"]
+
+    @property
+    def router(self) -> NodeRecord | None:
+        return next((n for n in self.nodes if n.kind == "router"), None)
+
+    def replica_units(self, replica: int) -> list[NodeRecord]:
+        return [n for n in self.agents if n.replica == replica]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -1,8 +1,9 @@
 """What the plan tells the router (the job's public front, its own process on node 0).
 
-Carried as environment variables like NodeEnv; the router's marker is DSLAUNCH_NODE_RANK=router,
-so `down` finds it (and its supervisor) like any agent. The public address, limits and model come
-from the job's ServeSpec; the link address is where replica leaders dial in.
+Carried as environment variables like NodeEnv; the router's marker is DSLAUNCH_NODE_RANK=<unit>,
+the unit after the job's agents, so `down` finds it (and its supervisor) like any agent. The public
+address, limits and model come from the job's ServeSpec; the link address is where replica leaders
+dial in.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dslaunch.wire.rankenv import JOB_ENV, NODE_DIR_ENV, NODE_ENV, ROUTER_UNIT
+from dslaunch.wire.rankenv import JOB_ENV, NODE_DIR_ENV, NODE_ENV
 from dslaunch.wire.serve import ServeSpec
 
 
@@ -25,6 +26,7 @@ class RouterEnv:
     link_bind: str  # the address replica leaders reach node 0 at
     link_port: int
     serve: ServeSpec = field(default_factory=ServeSpec)
+    unit: int = 0  # its marker (DSLAUNCH_NODE_RANK): the unit after the job's agents
 
     @property
     def world_size(self) -> int:
@@ -33,7 +35,7 @@ class RouterEnv:
     def to_env(self) -> dict[str, str]:
         return {
             JOB_ENV: self.job_id,
-            NODE_ENV: ROUTER_UNIT,
+            NODE_ENV: str(self.unit),
             NODE_DIR_ENV: self.node_dir,
             "DSLAUNCH_NAME": self.name,
             "DSLAUNCH_REPLICAS": str(self.replicas),
@@ -56,4 +58,5 @@ class RouterEnv:
             link_bind=e["DSLAUNCH_LINK_BIND"],
             link_port=int(e["DSLAUNCH_LINK_PORT"]),
             serve=ServeSpec.from_json(e.get("DSLAUNCH_SERVE", "{}")),
+            unit=int(e[NODE_ENV]),
         )
