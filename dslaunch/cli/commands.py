@@ -141,6 +141,34 @@ def down(name: str, grace: float) -> None:
 
 @main.command()
 @name_option
+@click.option("--replica", "replicas", type=int, multiple=True, help="Only this replica (repeatable). Default: all.")
+@click.option(
+    "--drain-timeout", type=float, default=300.0, show_default=True,
+    help="Seconds a replica may take to finish its work before its restart.",
+)  # fmt: skip
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for a replica to be ready.")
+def restart(name: str, replicas: tuple[int, ...], drain_timeout: float, timeout: float) -> None:
+    """Restart the job's replicas one at a time (a new model on disk, a leak), without failing requests.
+
+    Each replica stops getting new work, finishes what it has, restarts and links to the router
+    again before the next one starts. With one replica, requests wait in the router's queue.
+
+    \b
+    Examples:
+      dslaunch restart
+      dslaunch restart --name big --replica 1
+    """
+    from dslaunch.launch import restart as rolling
+
+    rep = rolling.restart(
+        name, list(replicas) or None, drain_timeout, timeout, say=lambda line: err_console.print(line, markup=False)
+    )
+    done = ", ".join(f"{r} ({rep.seconds[r]:g}s)" for r in rep.replicas)
+    console.print(f"restarted job {name!r}: replica {done}")
+
+
+@main.command()
+@name_option
 @click.option("--rank", "-r", "ranks", type=int, multiple=True, help="Only this rank (repeatable).")
 @click.option("--lines", "-l", type=int, default=50, show_default=True, help="Lines per rank.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")

@@ -18,12 +18,14 @@ from dslaunch.node.logs import tail
 from dslaunch.node.probe import port_free
 from dslaunch.node.procs import is_job_process, job_processes, signal_all, wait_gone
 from dslaunch.wire.envscrub import without_own
+from dslaunch.wire.jsonio import read_json, write_json_atomic
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.rankenv import AUTO_THREADS_ENV, EXPAND_ENV, LAUNCH_DIR_ENV, NODE_DIR_ENV
 from dslaunch.wire.safedir import make_private, shared_parent_reason, unsafe_reason
 
 # The agent runs under a tiny shell that records its exit status: the agent is detached
 # (own session, survives the SSH session), so nobody else would ever see it.
+START_FILE = "start.json"
 _AGENT_WRAPPER = '"$@"; rc=$?; echo $rc > "$0.tmp" && mv "$0.tmp" "$0"'
 
 
@@ -73,6 +75,8 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     finally:
         log.close()
     nd.agent_pid.write_text(str(proc.pid))
+    # what `restart` needs to start it again (the secrets stay in their own 0600 files)
+    write_json_atomic(nd.root / START_FILE, {k: v for k, v in args.items() if k not in ("files", "free_ports")})
     # A missing interpreter or a bad flag fails at once: report it instead of a silent wait.
     time.sleep(float(args.get("settle", 0.3)))
     if proc.poll() is not None:
@@ -145,12 +149,41 @@ def agent_state(nd: NodeDir, jid: str, node_rank: int | str) -> dict[str, Any]:
     }
 
 
+def op_restart(args: dict[str, Any]) -> dict[str, Any]:
+    """Stop this unit's processes and start its agent again as it was started (a rolling restart).
+
+    The directory, its logs and its secrets stay; the agent's restart budget starts afresh.
+    """
+    nd = NodeDir.at(args["node_dir"])
+    saved = read_json(nd.root / START_FILE)
+    if saved is None:
+        raise NodeOpError(f"{nd.root} has no record of how the agent was started; cannot restart it")
+    stopped = _stop_processes(nd, args["job_id"], args["node_rank"], float(args.get("grace", 10.0)))
+    if stopped["survivors"]:
+        raise NodeOpError(f"processes {stopped['survivors']} did not stop; not starting again", **stopped)
+    return {**op_start(saved), "stopped": stopped}
+
+
+def op_drain(args: dict[str, Any]) -> dict[str, Any]:
+    """Tell the router which replicas get no new work (a JSON list in its directory)."""
+    nd = NodeDir.at(args["node_dir"])
+    if not nd.root.is_dir():
+        raise NodeOpError(f"{nd.root}: the router's directory is missing")
+    write_json_atomic(nd.drain, [int(r) for r in args.get("replicas", [])])
+    return {"drain": args.get("replicas", [])}
+
+
 def op_stop(args: dict[str, Any]) -> dict[str, Any]:
     """SIGTERM the agent's group, then stragglers, SIGKILL at the deadline; verify, then clean up."""
     nd = NodeDir.at(args["node_dir"])
+    out = _stop_processes(nd, args["job_id"], args["node_rank"], float(args.get("grace", 10.0)))
+    if not out["survivors"]:
+        out["removed"] = _remove_run_files(nd, bool(args.get("keep_logs")), args.get("rdzv_glob"))
+    return out
+
+
+def _stop_processes(nd: NodeDir, jid: str, node_rank: int | str, grace: float) -> dict[str, Any]:
     ndir = nd.root
-    jid, node_rank = args["job_id"], args["node_rank"]
-    grace = float(args.get("grace", 10.0))
     found = job_processes(jid, node_rank)
     agent = agent_state(nd, jid, node_rank) if ndir.is_dir() else {"pid": None, "alive": False}
     start = time.monotonic()
@@ -164,10 +197,7 @@ def op_stop(args: dict[str, Any]) -> dict[str, Any]:
     killed = list(left)
     signal_all(left, signal.SIGKILL)
     left = wait_gone(jid, node_rank, time.monotonic() + 5)
-    out: dict[str, Any] = {"found": len(found), "killed": len(killed), "survivors": left}
-    if not left:
-        out["removed"] = _remove_run_files(nd, bool(args.get("keep_logs")), args.get("rdzv_glob"))
-    return out
+    return {"found": len(found), "killed": len(killed), "survivors": left}
 
 
 def _remove_run_files(nd: NodeDir, keep_logs: bool, rdzv_glob: str | None) -> bool:

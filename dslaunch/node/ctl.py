@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dslaunch.errors import NodeOpError
-from dslaunch.node.agent import op_start, op_stop
+from dslaunch.node.agent import op_drain, op_restart, op_start, op_stop
 from dslaunch.node.logs import follow, op_logs
 from dslaunch.node.probe import op_address, op_probe, op_rdzv_read, op_rdzv_write, op_remove
 from dslaunch.node.report import op_status
@@ -26,6 +26,8 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "start": op_start,
     "status": op_status,
     "stop": op_stop,
+    "restart": op_restart,
+    "drain": op_drain,
     "logs": op_logs,
 }
 

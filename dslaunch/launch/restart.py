@@ -1,0 +1,124 @@
+"""`dslaunch restart`: restart a job's replicas one at a time, without failing a request.
+
+Per replica: the router stops giving it new work (drain) and it finishes what it has; its agents
+are stopped and started again as they were (a new model on disk is loaded, a leak is gone, the
+restart budget starts afresh); once its ranks are ready and its leader has linked to the router
+again, it gets work again and the next replica follows. With one replica there is nowhere else to
+send work: requests wait in the router's queue during the restart (bounded by their time-outs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dslaunch.errors import UserError
+from dslaunch.launch import store
+from dslaunch.launch.ready import LaunchFailed, failure_details, node_summary
+from dslaunch.launch.records import cluster_for
+from dslaunch.transport.nodes import Cluster
+from dslaunch.wire.records import JobRecord
+from dslaunch.wire.states import NodeStage
+
+
+@dataclass
+class RestartReport:
+    name: str
+    replicas: list[int] = field(default_factory=list)
+    seconds: dict[int, float] = field(default_factory=dict)
+
+
+def restart(
+    name: str,
+    only: list[int] | None = None,
+    drain_timeout: float = 300.0,
+    ready_timeout: float = 300.0,
+    say: Callable[[str], None] = lambda _line: None,
+) -> RestartReport:
+    """Restart the job's replicas (all, or `only`) one after the other; raise naming what failed."""
+    with store.locked(name):
+        rec = store.load(name)
+        if rec is None:
+            raise UserError(f"no job named {name!r} (see 'dslaunch status --name {name}')")
+        if rec.router is None:
+            raise UserError(f"job {name!r} was started by an older dslaunch without a router; restart it with down/up")
+        targets = list(range(rec.replicas)) if only is None else only
+        bad = [r for r in targets if not 0 <= r < rec.replicas]
+        if bad:
+            raise UserError(f"--replica {bad[0]}: job {name!r} has replicas 0..{rec.replicas - 1}")
+        report = RestartReport(name)
+        with cluster_for(rec) as cluster:
+            try:
+                for r in targets:
+                    t0 = time.monotonic()
+                    restart_one(rec, cluster, r, drain_timeout, ready_timeout, say)
+                    report.replicas.append(r)
+                    report.seconds[r] = round(time.monotonic() - t0, 1)
+            finally:
+                _drain(rec, cluster, [])
+        return report
+
+
+def restart_one(
+    rec: JobRecord, cluster: Cluster, replica: int, drain_timeout: float, ready_timeout: float,
+    say: Callable[[str], None],
+) -> None:  # fmt: skip
+    units = [i for i, n in enumerate(rec.nodes) if n.kind == "agent" and n.replica == replica]
+    if rec.replicas > 1:
+        say(f"replica {replica}: draining")
+        _drain(rec, cluster, [replica])
+        _wait(lambda: _drained(_linked(rec, cluster, replica)), drain_timeout,
+              f"replica {replica} still had work after {drain_timeout:g}s (--drain-timeout)")  # fmt: skip
+    say(f"replica {replica}: restarting {len(units)} agent(s)")
+    args = lambda i, _c: {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i}  # noqa: E731
+    clients = [cluster.clients[i] for i in units]
+    results = cluster.map(lambda c: c.call("restart", args(cluster.clients.index(c), c)), clients)
+    results.raise_failures(f"restart of replica {replica}")
+    say(f"replica {replica}: waiting for its ranks and the router")
+
+    def ready() -> bool:
+        sts = cluster.map(lambda c: c.call("status", args(cluster.clients.index(c), c)), clients)
+        sts.raise_failures("status")
+        stages = [node_summary(rec.nodes[i].nprocs, r.value or {})[0] for i, r in zip(units, sts, strict=True)]
+        if NodeStage.FAILED in stages:
+            raise LaunchFailed(f"replica {replica} failed while restarting", failure_details(rec, cluster))
+        return all(s == NodeStage.READY for s in stages) and (_linked(rec, cluster, replica) or {}).get("state") in (
+            "ready",
+            "draining",
+        )
+
+    _wait(ready, ready_timeout, f"replica {replica} was not ready again within {ready_timeout:g}s (--timeout)")
+    say(f"replica {replica}: serving again")
+
+
+def _drained(seen: dict[str, Any] | None) -> bool:
+    """The router has read the drain (so nothing new goes there) and the replica has nothing left."""
+    return seen is not None and seen.get("state") in ("draining", "down") and not seen.get("in_flight")
+
+
+def _router_index(rec: JobRecord) -> int:
+    return next(i for i, n in enumerate(rec.nodes) if n.kind == "router")
+
+
+def _drain(rec: JobRecord, cluster: Cluster, replicas: list[int]) -> None:
+    i = _router_index(rec)
+    cluster.clients[i].call("drain", {"node_dir": rec.nodes[i].node_dir, "replicas": replicas})
+
+
+def _linked(rec: JobRecord, cluster: Cluster, replica: int) -> dict[str, Any] | None:
+    """The router's view of one replica, from its status file (rewritten every second)."""
+    i = _router_index(rec)
+    st = cluster.clients[i].call("status", {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i})
+    front = st.get("front") or {}
+    fresh = front.get("alive") and float(front.get("age_s", 1e9)) < 5
+    return next((x for x in front.get("replicas", []) if x.get("id") == replica), None) if fresh else None
+
+
+def _wait(done: Callable[[], bool], timeout: float, why: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise LaunchFailed(why)
+        time.sleep(0.3)
