@@ -12,10 +12,24 @@ from dslaunch.wire.records import JobRecord
 
 
 def _ranks_on(rec: JobRecord, ranks: list[int] | None) -> list[int]:
-    """Node indices that hold any of the wanted ranks."""
+    """Indices of the agents that hold any of the wanted ranks (the router holds none)."""
+    agents = [i for i, n in enumerate(rec.nodes) if n.kind == "agent"]
     if ranks is None:
-        return list(range(len(rec.nodes)))
-    return [i for i, n in enumerate(rec.nodes) if any(n.rank_offset <= r < n.rank_offset + n.nprocs for r in ranks)]
+        return agents
+    return [i for i in agents if _local(rec, i, ranks)]
+
+
+def _local(rec: JobRecord, i: int, ranks: list[int] | None) -> list[int] | None:
+    """The wanted ranks as agent `i` numbers them (inside its replica); None: all of them."""
+    n = rec.nodes[i]
+    if ranks is None:
+        return None
+    return [r - n.rank_offset + n.gang_offset for r in ranks if n.rank_offset <= r < n.rank_offset + n.nprocs]
+
+
+def _global(rec: JobRecord, i: int, rank: int) -> int:
+    n = rec.nodes[i]
+    return rank + n.rank_offset - n.gang_offset
 
 
 def read_logs(rec: JobRecord, ranks: list[int] | None, lines: int) -> tuple[dict[int, list[str]], list[str]]:
@@ -27,15 +41,15 @@ def read_logs(rec: JobRecord, ranks: list[int] | None, lines: int) -> tuple[dict
         clients = [cluster.clients[i] for i in want]
         results = cluster.map(
             lambda c: c.call("logs", {"node_dir": rec.nodes[cluster.clients.index(c)].node_dir,
-                                      "ranks": ranks, "lines": lines}),
+                                      "ranks": _local(rec, cluster.clients.index(c), ranks), "lines": lines}),
             clients,
         )  # fmt: skip
-        for r in results:
+        for i, r in zip(want, results, strict=True):
             if not r.ok:
                 errors.append(str(r.error))
                 continue
             for k, v in (r.value or {}).get("logs", {}).items():
-                out[int(k)] = v
+                out[_global(rec, i, int(k))] = v
     return dict(sorted(out.items())), errors
 
 
@@ -49,12 +63,12 @@ def follow_logs(rec: JobRecord, ranks: list[int] | None) -> Iterator[tuple[int, 
     def pump(i: int) -> None:
         c = cluster.clients[i]
         try:
-            for line in c.stream("follow", {"node_dir": rec.nodes[i].node_dir, "ranks": ranks}):
+            for line in c.stream("follow", {"node_dir": rec.nodes[i].node_dir, "ranks": _local(rec, i, ranks)}):
                 rank, _, text = line.partition("\t")
                 if stop.is_set():
                     break
                 if rank.isdigit():
-                    q.put((int(rank), text))
+                    q.put((_global(rec, i, int(rank)), text))
             else:
                 if not stop.is_set():  # the node's stream ended by itself: say so, never end silently
                     q.put((-1, f"{rec.nodes[i].host}: the log stream ended (node unreachable or rebooted?)"))
