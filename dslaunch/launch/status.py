@@ -114,8 +114,10 @@ def classify(nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[JobState
         codes = ", ".join(f"{n.host} exit {n.exit_code if n.exit_code is not None else 'killed'}" for n in dead)
         return JobState.FAILED, f"every agent has ended ({codes})"
     if dead:
-        what = ", ".join(f"the router on {n.host}" if n.kind == "router" else f"the agent on {n.host}" for n in dead)
-        return JobState.DEGRADED, f"not running: {what}"
+        agents = [n.host for n in dead if n.kind == "agent"]
+        parts = [f"agent not running on {', '.join(agents)}"] if agents else []
+        parts += [f"router not running on {n.host}" for n in dead if n.kind == "router"]
+        return JobState.DEGRADED, "; ".join(parts)
     if ranks_ready(((r.alive, r.stage, r.restarts) for r in ranks), len(ranks)):
         return JobState.READY, f"{len(ranks)} ranks ready"
     by_replica: dict[int, list[RankStatus]] = {}
