@@ -1,0 +1,170 @@
+"""Replicas behind one router, on simulated SSH nodes: 2 nodes x 2 slots with `--tp 2`.
+
+One job for the module (each `up` costs tens of seconds on 2 cores); the tests run in order and
+each leaves the job serving: answers, spread, a rank killed under load, a rolling restart, the
+router killed, and finally `down`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dslaunch.client import Client, FrontError
+from dslaunch.engine.tinymodel import NAME
+from tests.conftest import PROMPTS, Cli, job_pids, plain_generate, ssh_job, status_json, wait_status
+from tests.simnodes import SimCluster
+
+pytestmark = pytest.mark.ssh
+
+K = 12
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimCluster, Cli, dict[str, Any]]]:
+    for sim, cli, _res in ssh_job(tmp_path_factory, "--tp", "2", "--timeout", "240", nodes=2, slots=2):
+        rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
+        yield sim, cli, rec
+
+
+@pytest.fixture(scope="module")
+def want(job: tuple[SimCluster, Cli, dict[str, Any]]) -> dict[str, str]:
+    _sim, cli, _rec = job
+    prompts = [*PROMPTS, "One command", "Numbers 0 1 2"]
+    return dict(zip(prompts, plain_generate(cli.work_dir / "models" / NAME, prompts, K), strict=True))
+
+
+def _port(rec: dict[str, Any]) -> int:
+    return int(rec["front"]["port"])
+
+
+class Load:
+    """Closed-loop clients that do not retry: every failure is recorded, none is hidden."""
+
+    def __init__(self, port: int, want: dict[str, str], clients: int = 4) -> None:
+        self.port, self.want = port, want
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+    def _run(self, n: int) -> None:
+        prompts = list(self.want)
+        i = 0
+        with Client("127.0.0.1", self.port, retry_for=0, timeout=120) as c:
+            while not self.stop.is_set():
+                p = prompts[(n + i) % len(prompts)]
+                i += 1
+                try:
+                    text = c.generate(p, max_new_tokens=K)["text"]
+                except (FrontError, OSError) as e:
+                    self.failures.append(f"{type(e).__name__}: {e}")
+                    return
+                if text != self.want[p]:
+                    self.failures.append(f"wrong text for {p!r}: {text!r}")
+                self.ok += 1
+
+
+def _replicas(cli: Cli) -> list[dict[str, Any]]:
+    return status_json(cli)["replicas"]
+
+
+def test_two_replicas_answer_like_the_plain_model_and_share_the_load(job, want) -> None:
+    _sim, cli, rec = job
+    reps = _replicas(cli)
+    assert [(r["replica"], r["ranks"], r["state"], r["linked"]) for r in reps] == [
+        (0, [0, 1], "ready", "ready"), (1, [2, 3], "ready", "ready"),
+    ]  # fmt: skip
+    assert reps[0]["hosts"] != reps[1]["hosts"], "one replica per node: each fits in its node's slots"
+    q = cli("query", *want, "-k", str(K), "--json")
+    assert q.returncode == 0, q.stderr
+    assert [r["text"] for r in json.loads(q.stdout)["results"]] == list(want.values())
+    with Load(_port(rec), want, clients=6) as load:
+        time.sleep(4)
+    assert not load.failures and load.ok > 0
+    served = [r["served"] for r in wait_status(cli, lambda s: all(r["served"] for r in s["replicas"]), 10)["replicas"]]
+    assert all(s > 0 for s in served), f"both replicas took work: {served}"
+    with Client("127.0.0.1", _port(rec), retry_for=0) as c:
+        h = c.health()
+    assert h["world_size"] == 4 and len(h["replicas"]) == 2
+
+
+def test_a_rank_killed_under_load_restarts_only_its_replica_and_no_request_fails(job, want) -> None:
+    _sim, cli, rec = job
+    st = status_json(cli)
+    victim = next(r for r in st["ranks"] if r["rank"] == 3)
+    with Load(_port(rec), want, clients=4) as load:
+        time.sleep(1.5)
+        os.kill(victim["pid"], signal.SIGKILL)
+        st = wait_status(cli, lambda s: s["state"] == "ready" and s["replicas"][1]["restarts"] == 1, 150)
+        time.sleep(1)
+    assert not load.failures, load.failures[:3]
+    assert load.ok > 0
+    reps = st["replicas"]
+    assert (reps[0]["restarts"], reps[1]["restarts"]) == (0, 1), reps
+    assert st["last_failure"]["rank"] == 3 and "SIGKILL" in st["last_failure"]["cause"]
+
+
+def test_a_rolling_restart_under_load_fails_no_request(job, want) -> None:
+    _sim, cli, rec = job
+    with Load(_port(rec), want, clients=4) as load:
+        res = cli("restart", timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "replica 0" in res.stdout and "1 (" in res.stdout
+    assert not load.failures, load.failures[:3]
+    st = status_json(cli)
+    assert st["state"] == "ready" and all(r["linked"] == "ready" for r in st["replicas"])
+
+
+def test_the_router_killed_comes_back_on_its_port_and_the_job_goes_on(job, want) -> None:
+    _sim, cli, rec = job
+    router = next(n for n in status_json(cli)["nodes"] if n["kind"] == "router")
+    supervisor = router["agent_pid"]
+    child = [p for p in job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}") if _is_router(p) and p != supervisor]
+    assert child, "the router process runs under its supervisor"
+    for p in child:
+        os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client("127.0.0.1", _port(rec), retry_for=0, timeout=60) as c:
+                text = c.generate(PROMPTS[0], max_new_tokens=K)["text"]
+            break
+        except (FrontError, OSError):
+            assert time.monotonic() < deadline, "the router did not come back"
+            time.sleep(0.3)
+    assert text == want[PROMPTS[0]]
+    st = wait_status(cli, lambda s: s["state"] == "ready" and s["front"]["ready"], 60)
+    assert st["front"]["address"] == f"127.0.0.1:{_port(rec)}"
+    assert [r["restarts"] for r in st["replicas"]] == [0, 0], "ranks are untouched by a router crash"
+
+
+def test_down_leaves_nothing_on_any_node(job) -> None:
+    _sim, cli, rec = job
+    assert cli("down").returncode == 0
+    assert job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}") == []
+
+
+def _is_router(pid: int) -> bool:
+    try:
+        return b"dslaunch.serving.router" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
