@@ -1,5 +1,6 @@
-"""A rank is SIGKILLed while requests are in flight: the gang restarts, the front comes back on the
-same address, every accepted request gets exactly one answer, and retrying clients get results."""
+"""A rank of the only replica is SIGKILLed while requests are in flight: the gang restarts while
+the router holds the requests, every accepted request gets exactly one answer (its result: none
+fails), and clients that do not retry ride through the restart."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _reference(model_dir: Path, k: int) -> dict[str, str]:
     return out
 
 
-def test_every_request_gets_one_answer_and_clients_ride_through_the_restart(sim: SimCluster, cli: Cli) -> None:
+def test_no_request_fails_when_the_only_replica_restarts(sim: SimCluster, cli: Cli) -> None:
     res = cli.up("-H", str(sim.hostfile(slots=1)), "--timeout", "180", "--port", front_port())
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
@@ -45,13 +46,13 @@ def test_every_request_gets_one_answer_and_clients_ride_through_the_restart(sim:
     want = _reference(cli.work_dir / "models" / NAME, 24)
     victim = status_json(cli)["ranks"][1]["pid"]
 
-    # retrying clients, each sending requests one after another across the fault
+    # clients that do not retry, each sending requests one after another across the fault
     results: dict[tuple[int, int], str] = {}
     failures: list[BaseException] = []
 
     def client(n: int) -> None:
         try:
-            with Client("127.0.0.1", port, retry_for=150, timeout=150) as c:
+            with Client("127.0.0.1", port, retry_for=0, timeout=150) as c:
                 for i in range(6):
                     results[(n, i)] = c.generate(PROMPTS[(n + i) % 4], max_new_tokens=24)["text"]
         except BaseException as e:
@@ -83,12 +84,8 @@ def test_every_request_gets_one_answer_and_clients_ride_through_the_restart(sim:
     assert sorted(answers) == ids, "every accepted request is answered (none dropped)"
     for i, got in answers.items():
         assert len(got) == 1, f"request {i} answered {len(got)} times"
-        a = got[0]
-        if a["ok"]:
-            assert a["text"] == want[PROMPTS[i % 4]]
-        else:
-            assert a["error"]["code"] == "unavailable" and "restarting" in a["error"]["message"], a
-    assert any(not g[0]["ok"] for g in answers.values()), "the kill should have cut some requests"
+        assert got[0]["ok"], got[0]
+        assert got[0]["text"] == want[PROMPTS[i % 4]]
 
     for t in threads:
         t.join(200)
