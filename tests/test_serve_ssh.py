@@ -93,8 +93,9 @@ def test_token_off_loopback_is_required_and_never_shown(cli: Cli) -> None:
     token, port = rec["front"]["token"], rec["front"]["port"]
     assert token and len(token) >= 32
     assert stat.S_IMODE(rec_path.stat().st_mode) == 0o600
-    token_file = Path(rec["nodes"][0]["node_dir"]) / "front.token"
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    router = next(n for n in rec["nodes"] if n["kind"] == "router")
+    for name in ("front.token", "replica.secret"):  # the public token and the router's link key
+        assert stat.S_IMODE((Path(router["node_dir"]) / name).stat().st_mode) == 0o600
 
     from dslaunch.client import Client, FrontError
 
