@@ -64,12 +64,14 @@ class Kit:
     def client(self, **kw: Any) -> Client:
         return Client("127.0.0.1", self.port, timeout=120, retry_for=0, **kw)
 
-    def start_router(self) -> subprocess.Popen[bytes]:
+    def start_router(self, wait: bool = True) -> subprocess.Popen[bytes]:
         env = RouterEnv(job_id=self.job, name="t", node_dir=str(self.router_dir.root), replicas=self.replicas, tp=1,
                         link_bind="127.0.0.1", link_port=self.link_port, serve=self.serve)  # fmt: skip
         log = open(self.router_dir.root / "router.log", "ab")  # noqa: SIM115
         self.router = subprocess.Popen([sys.executable, "-m", "dslaunch.serving.router"], cwd=ROOT, stdout=log,
                                        stderr=subprocess.STDOUT, env={**os.environ, **env.to_env()})  # fmt: skip
+        if not wait:
+            return self.router
         _until(lambda: self.router_dir.front_status.exists() or self.router.poll() is not None, 60, self.logs)
         assert self.router.poll() is None, self.logs()
         return self.router

@@ -150,3 +150,46 @@ def test_with_no_replica_requests_wait_then_run_or_time_out(kit: Kit) -> None:
     kit.start_replica(1)
     t.join(120)
     assert box == [[{"echo": 7}]]
+
+
+def test_a_token_guards_the_router_and_sigterm_answers_the_queue(tmp_path: Path) -> None:
+    kit = Kit(tmp_path, SERVE, replicas=1)
+    for path, value in ((kit.router_dir.front_token, "router-token-0123456789"), (kit.router_dir.front_nonce, "n0")):
+        path.write_text(value)
+        path.chmod(0o600)
+    try:
+        router = kit.start_router()
+        with kit.client() as c, pytest.raises(FrontError) as e:
+            c.health()
+        assert e.value.code == "unauthorized"
+        box: list[Any] = []
+
+        def waiting() -> None:
+            try:
+                with kit.client(token="router-token-0123456789", nonce="n0") as c:
+                    box.append(c.infer(1))
+            except FrontError as err:
+                box.append(err)
+
+        t = threading.Thread(target=waiting)
+        t.start()
+        with kit.client(token="router-token-0123456789") as c:
+            kit.until(lambda: c.health()["queue"] == 1)
+        router.terminate()
+        assert router.wait(30) == 0
+        t.join(30)
+        assert isinstance(box[0], FrontError) and box[0].code == "unavailable"
+    finally:
+        kit.close()
+
+
+def test_a_router_whose_port_is_taken_says_so_and_exits(kit: Kit) -> None:
+    second = Kit(kit.work, SERVE, replicas=1)
+    second.serve = kit.serve  # the same public port, still held by the first router
+    try:
+        p = second.start_router(wait=False)
+        assert p.wait(60) != 0
+        log = (second.router_dir.root / "router.log").read_text()
+        assert f"cannot listen on 127.0.0.1:{kit.port}" in log and len(log.strip().splitlines()) == 1, log
+    finally:
+        second.close()

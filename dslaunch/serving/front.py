@@ -103,6 +103,10 @@ class Front:
             with contextlib.suppress(OSError):
                 self.status_path.unlink()
 
+    @property
+    def closing(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
     def _thread(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_error)

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 from dslaunch.serving.ndjson import serve_ndjson
@@ -111,7 +112,8 @@ class Dialer:
     async def run(self, front: Front) -> None:
         """Dial, handshake, serve; on any loss redial with a short back-off until cancelled."""
         pause = REDIAL_S[0]
-        while True:
+        # `closing` as well as cancellation: asyncio.wait_for may swallow a cancel (Python < 3.12)
+        while not front.closing:
             if not front.accepting:  # not started yet, or stopping: a router would get `unavailable`
                 await asyncio.sleep(0.05)
                 continue
@@ -130,5 +132,7 @@ class Dialer:
                 self.linked = False
                 if writer is not None:
                     writer.close()
-            await asyncio.sleep(pause)
+            deadline = time.monotonic() + pause
+            while not front.closing and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             pause = min(pause * 2, REDIAL_S[1])

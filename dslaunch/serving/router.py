@@ -25,7 +25,9 @@ from dslaunch.serving.config import FrontConfig
 from dslaunch.serving.dispatch import READY, Dispatcher
 from dslaunch.serving.front import Front
 from dslaunch.serving.stats import Stats
+from dslaunch.wire import protocol as P
 from dslaunch.wire.nodedir import NodeDir
+from dslaunch.wire.protocol import ProtocolError
 from dslaunch.wire.routerenv import RouterEnv
 from dslaunch.wire.serve import ServeSpec
 
@@ -61,6 +63,18 @@ class RouterFront(Front):
         return {**super().status_doc(), "router": True, "replicas": self.batcher.rows()}
 
 
+class Loading:
+    """Stands for the tokenizer until it is loaded: the OpenAI routes that need it say `unavailable`."""
+
+    def precheck(self, req: Any) -> None:
+        pass
+
+    def chat(self, messages: Any) -> str:
+        raise ProtocolError(P.UNAVAILABLE, "the router is still loading the model's tokenizer; retry")
+
+    count = chat  # type: ignore[assignment]
+
+
 class TextLoader:
     """The router's tokenizer (OpenAI routes), loaded off the loop once a replica has dialed in."""
 
@@ -71,7 +85,7 @@ class TextLoader:
         self.thread: threading.Thread | None = None
 
     def __call__(self, hello: dict[str, Any]) -> None:
-        if self.thread is None and not self.serve.handler:
+        if self.thread is None and isinstance(self.front.text if self.front else None, Loading):
             self.thread = threading.Thread(target=self._load, name="dslaunch-tokenizer", daemon=True)
             self.thread.start()
 
@@ -124,6 +138,8 @@ def build(env: RouterEnv, nd: NodeDir) -> tuple[RouterFront, Dispatcher]:
     info = {"world_size": env.world_size, "ranks": [], "restarts": 0, "model": model, "task": task}
     front = RouterFront(cfg, info, None, disp, Stats(), nd.front_status)  # type: ignore[arg-type]
     text.front = front
+    if not serve.handler:
+        front.text = Loading()
     return front, disp
 
 
