@@ -100,6 +100,19 @@ def test_a_seeded_sampled_stream_survives_and_an_unseeded_one_says_why(kit: Kit)
     assert "seed" in end.message and text
 
 
+def test_a_client_that_leaves_mid_stream_frees_its_replica(kit: Kit) -> None:
+    """The router tells the replica (an internal cancel on the link): it stops generating at once."""
+    status = [kit.work / kit.job / f"node{r}" / "front.json" for r in range(2)]
+    errors = [json.loads(p.read_text())["errors"] for p in status]
+    with kit.client() as c:
+        for event in c.stream("Hello world", max_new_tokens=200):
+            assert "chunk" in event
+            break
+    kit.until(lambda: sum(r["in_flight"] for r in kit.health()["replicas"]) == 0)
+    # the replica answered it with an error (the cancel), long before 200 slowed steps could end
+    kit.until(lambda: sum(json.loads(p.read_text())["errors"] for p in status) == sum(errors) + 1)
+
+
 def test_openai_client_and_curl_through_the_router(kit: Kit) -> None:
     base = f"http://127.0.0.1:{kit.port}/v1"
     with kit.client() as c:

@@ -330,6 +330,12 @@ class Dispatcher:
         rep.last_sent = time.monotonic()
         rep.link.writer.write(P.request_line(job.pending.req, rid, timeout=round(left, 3)))
 
+    def _cancel(self, link: Link, rid: int) -> None:
+        """Its client went away (or timed out): the replica stops working for it, and it stops counting."""
+        job = link.flights.pop(rid)
+        link.replica.outstanding -= job.pending.rows
+        link.writer.write(P.encode({"cancel": rid}))
+
     # -- once a second -------------------------------------------------------------------------
     async def _tick(self) -> None:
         while True:
@@ -341,6 +347,8 @@ class Dispatcher:
                 link = rep.link
                 if link is None:
                     continue
+                for rid in [rid for rid, job in link.flights.items() if not job.live]:
+                    self._cancel(link, rid)
                 if now - link.heard > PING_LIMIT_S:
                     self._lost(link, f"no answer to pings for {PING_LIMIT_S:g}s")
                 elif now - link.pinged >= PING_S:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +81,9 @@ async def serve_ndjson(
                     msg = f"request line over {cfg.limits.max_request_bytes} bytes (--max-request-bytes)"
                     await conn.send(P.error(None, P.TOO_LARGE, msg))
                     continue
+                if link and line.startswith(b'{"cancel":'):
+                    cancel(conn, line)
+                    continue
                 req = await _admit(front, conn, line)
                 if conn.closing:
                     return total
@@ -117,6 +121,15 @@ async def serve_ndjson(
         for task in tasks:
             task.cancel()
     return total
+
+
+def cancel(conn: Conn, line: bytes) -> None:
+    """The router's client went away: `{"cancel": id}` ends that request here too (link only)."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        rid = json.loads(line)["cancel"]
+        for job in list(conn.jobs):
+            if job.req.id == rid:
+                job.fail(P.UNAVAILABLE, "cancelled by the router")
 
 
 async def _admit(front: Front, conn: Conn, line: bytes) -> Request | None:
