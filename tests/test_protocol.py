@@ -175,3 +175,26 @@ def test_batcher_refuses_beyond_the_queue_and_when_closed() -> None:
         assert e.value.code == P.UNAVAILABLE
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"id": 1, "op": "generate", "prompt": "hi"}',
+        '{"id": "a", "op": "generate", "prompt": ["x", "y"], "max_new_tokens": 7, "temperature": 0.5, '
+        '"top_p": 0.9, "top_k": 3, "seed": 11, "stop": ["\\n", "."], "stream": true, "timeout": 4}',
+        '{"id": 2, "op": "embed", "input": "one text"}',
+        '{"id": 3, "op": "infer", "input": {"values": [1, 2]}}',
+        '{"id": 4, "op": "infer", "input": [[1], [2]]}',
+        '{"id": 5, "op": "health", "deep": true, "token": "secret"}',
+    ],
+)
+def test_request_line_round_trips_as_the_plural_form(line: str) -> None:
+    """The router forwards a parsed request as a line: the same request under its own id, inputs
+    always as a list (so the answer is always plural), and never the client's token."""
+    req = parse_request(line, LIMITS)
+    again = parse_request(P.request_line(req, 99, timeout=req.timeout), LIMITS)
+    assert again.id == 99 and again.token is None and (not again.single or req.op == "health")
+    assert (again.op, again.inputs, again.params, again.stream, again.deep, again.timeout) == (
+        req.op, req.inputs, req.params, req.stream, req.deep, req.timeout,
+    )  # fmt: skip

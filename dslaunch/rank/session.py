@@ -208,7 +208,10 @@ def hung(s: Session, limit: float) -> None:
 
 
 def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: GroupConfig, nd: NodeDir) -> Any:
-    """Rank 0's front, configured from the job's ServeSpec; the token comes from its 0600 file."""
+    """Rank 0's front, configured from the job's ServeSpec; the token comes from its 0600 file.
+
+    With a router (`node.router`), the front listens on no port: it dials the router's link and
+    serves the router alone, proving the replica key from its 0600 file."""
     from dslaunch.serving.batcher import Batcher
     from dslaunch.serving.config import FrontConfig
     from dslaunch.serving.front import Front
@@ -222,7 +225,17 @@ def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: Gr
     batcher = Batcher(fcfg, stats)
     info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
             "task": engine.task}  # fmt: skip
-    front = Front(fcfg, info, engine.check, batcher, stats, nd.front_status, TextTools.of(engine))
+    dial = None
+    if node.router:  # a replica of several: dial the job's router instead of listening publicly
+        from dslaunch.serving.link import Dialer
+
+        key = secret(nd.replica_secret)
+        if key is None:
+            raise RuntimeError(f"no replica key in {nd.replica_secret}: cannot link to the router")
+        hello = {"replica": node.replica, "attempt": cfg.restart, "ranks": cfg.world_size, "model": str(engine.name),
+                 "task": engine.task, "max_batch_size": node.serve.max_batch_size}  # fmt: skip
+        dial = Dialer(node.router, key, hello)
+    front = Front(fcfg, info, engine.check, batcher, stats, nd.front_status, TextTools.of(engine), dial=dial)
     front.start()
     return front
 

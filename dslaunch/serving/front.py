@@ -45,15 +45,17 @@ class Front:
         self,
         cfg: FrontConfig,
         info: dict[str, Any],
-        check: Callable[[Request], None],
+        check: Callable[[Request], None] | None,
         batcher: Batcher,
         stats: Stats,
         status_path: Path | None = None,
         text: Any = None,
+        dial: Any = None,
     ) -> None:
         self.cfg = cfg
         self.info = info  # world_size, ranks, restarts, model, task
-        self.check = check
+        self.check = check  # None: the work is checked where it runs (the router's replicas)
+        self.dial = dial  # serving.link.Dialer: serve the router over a link it accepts; no listening
         self.text = text  # chat template and token counts (serving.openai_api.TextTools), or None
         self.batcher = batcher
         self.stats = stats
@@ -62,7 +64,7 @@ class Front:
         self.accepting = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
-        self.address = f"{cfg.bind}:{cfg.port}"
+        self.address = dial.address if dial is not None else f"{cfg.bind}:{cfg.port}"
         self.connections = 0
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -101,6 +103,10 @@ class Front:
             with contextlib.suppress(OSError):
                 self.status_path.unlink()
 
+    @property
+    def closing(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
     def _thread(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(self._loop_error)
@@ -114,7 +120,8 @@ class Front:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        server = await self._listen()
+        server = await self._listen() if self.dial is None else None
+        dialer = asyncio.ensure_future(self.dial.run(self)) if self.dial is not None else None
         self._started.set()
         ticker = asyncio.ensure_future(self._tick())
         try:
@@ -125,9 +132,13 @@ class Front:
         finally:
             ticker.cancel()
             self._checks.shutdown(wait=False)
-            server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+            if dialer is not None:
+                dialer.cancel()
+                await asyncio.wait([dialer], timeout=1.0)
+            if server is not None:
+                server.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(server.wait_closed(), 1.0)
 
     async def _listen(self, patience: float = 10.0) -> asyncio.Server:
         """Bind the port; after a gang restart the previous rank 0 may hold it for a moment."""
@@ -149,25 +160,29 @@ class Front:
         """`<node dir>/front.json`, read by `dslaunch status` through nodectl (no token in it)."""
         if self.status_path is None:
             return
-        snap = self.stats.snapshot(self.batcher.depth, self.batcher.in_flight)
         with contextlib.suppress(OSError):
-            write_json_atomic(
-                self.status_path,
-                {
-                    "address": self.address,
-                    "ready": self.accepting,
-                    "auth": self.cfg.token is not None,
-                    "pid": os.getpid(),
-                    "served": snap["served"],
-                    "errors": sum(snap["errors"].values()),
-                    "queue": snap["queue"],
-                    "connections": self.connections,
-                    "p50_ms": snap["latency_ms"]["p50"],
-                    "p99_ms": snap["latency_ms"]["p99"],
-                    "tokens_per_s": snap["tokens_per_s"],
-                    "time": time.time(),
-                },
-            )
+            write_json_atomic(self.status_path, self.status_doc())
+
+    def status_doc(self) -> dict[str, Any]:
+        snap = self.stats_doc()
+        return {
+            "address": self.address,
+            "ready": self.accepting,
+            "auth": self.cfg.token is not None,
+            "pid": os.getpid(),
+            "served": snap["served"],
+            "errors": sum(snap["errors"].values()),
+            "queue": snap["queue"],
+            "connections": self.connections,
+            "p50_ms": snap["latency_ms"]["p50"],
+            "p99_ms": snap["latency_ms"]["p99"],
+            "tokens_per_s": snap["tokens_per_s"],
+            "time": time.time(),
+        }
+
+    def stats_doc(self) -> dict[str, Any]:
+        """What `stats` answers (and the status file summarises)."""
+        return self.stats.snapshot(self.batcher.depth, self.batcher.in_flight)
 
     # -- connections ---------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -262,7 +277,8 @@ class Front:
                 self.text.precheck(req)
             # off the event loop: it tokenizes, and waits while the engine holds the tokenizer. One
             # thread: checks wait for the tokenizer's lock anyway, and one thread keeps one malloc arena
-            await self.loop.run_in_executor(self._checks, self.check, req)
+            if self.check is not None:
+                await self.loop.run_in_executor(self._checks, self.check, req)
         job = Pending(req, self.loop)
         self.batcher.submit(job)
         jobs.add(job)

@@ -242,7 +242,7 @@ class _Http:
         self.front.metrics.request("http", self.route, "ok")
 
     async def _metrics(self, _path: str, _query: str, _body: bytes) -> None:
-        snap = self.front.stats.snapshot(self.front.batcher.depth, self.front.batcher.in_flight)
+        snap = self.front.stats_doc()
         live = {"connections": self.front.connections, "restarts": self.front.info.get("restarts", 0),
                 "ready": self.front.accepting}  # fmt: skip
         text = self.front.metrics.render(snap, live).encode()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,9 @@ from dslaunch.wire.protocol import ProtocolError, Request
 
 if TYPE_CHECKING:
     from dslaunch.serving.front import Front
+
+LINK_INFLIGHT = 1 << 16  # the router caps what it sends a replica; this only bounds a runaway peer
+LINK_IDLE_S = 30.0  # the router pings every few seconds: this long without a byte, the link is dead
 
 
 class Conn:
@@ -52,10 +56,18 @@ class Conn:
                 raise ConnectionError("the client did not read its answers (--write-timeout)") from None
 
 
-async def serve_ndjson(front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes) -> int:
-    """Serve one NDJSON connection whose first bytes were already read; returns the bytes read."""
+async def serve_ndjson(
+    front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, link: bool = False
+) -> int:
+    """Serve one NDJSON connection whose first bytes were already read; returns the bytes read.
+
+    `link`: the router's connection to this replica leader, authenticated by its handshake. The
+    router bounds its own work per replica, and pings it, so the link has no in-flight cap of its
+    own and is closed only when nothing (not even a ping) came for LINK_IDLE_S.
+    """
     cfg = front.cfg
-    conn = Conn(writer, authed=cfg.token is None, write_timeout=cfg.write_timeout)
+    conn = Conn(writer, authed=link or cfg.token is None, write_timeout=cfg.write_timeout)
+    max_inflight = LINK_INFLIGHT if link else cfg.max_inflight
     lines = P.LineReader(cfg.limits.max_request_bytes)
     tasks: set[asyncio.Task[None]] = set()
     auth_deadline = time.monotonic() + front.first_deadline()
@@ -69,12 +81,15 @@ async def serve_ndjson(front: Front, reader: asyncio.StreamReader, writer: async
                     msg = f"request line over {cfg.limits.max_request_bytes} bytes (--max-request-bytes)"
                     await conn.send(P.error(None, P.TOO_LARGE, msg))
                     continue
+                if link and line.startswith(b'{"cancel":'):
+                    cancel(conn, line)
+                    continue
                 req = await _admit(front, conn, line)
                 if conn.closing:
                     return total
                 if req is None:
                     continue
-                while len(tasks) >= cfg.max_inflight:  # at the cap: stop reading until one is answered
+                while len(tasks) >= max_inflight:  # at the cap: stop reading until one is answered
                     await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
                 task = asyncio.ensure_future(_request(front, conn, req))
                 tasks.add(task)
@@ -84,6 +99,8 @@ async def serve_ndjson(front: Front, reader: asyncio.StreamReader, writer: async
                 wait: float | None = auth_deadline - time.monotonic()  # fixed: bytes do not extend it
                 if wait is not None and wait <= 0:
                     break
+            elif link:
+                wait = LINK_IDLE_S
             else:
                 # a connection with nothing in flight may idle for --idle-timeout, then it is closed
                 wait = cfg.idle_timeout if not tasks else None
@@ -104,6 +121,15 @@ async def serve_ndjson(front: Front, reader: asyncio.StreamReader, writer: async
         for task in tasks:
             task.cancel()
     return total
+
+
+def cancel(conn: Conn, line: bytes) -> None:
+    """The router's client went away: `{"cancel": id}` ends that request here too (link only)."""
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        rid = json.loads(line)["cancel"]
+        for job in list(conn.jobs):
+            if job.req.id == rid:
+                job.fail(P.UNAVAILABLE, "cancelled by the router")
 
 
 async def _admit(front: Front, conn: Conn, line: bytes) -> Request | None:
@@ -154,7 +180,7 @@ async def _answer(front: Front, conn: Conn, req: Request) -> None:
         await conn.send(P.ok(req.id))
         return
     if req.op == "stats":
-        await conn.send(P.ok(req.id, stats=front.stats.snapshot(front.batcher.depth, front.batcher.in_flight)))
+        await conn.send(P.ok(req.id, stats=front.stats_doc()))
         return
     if req.op == "health" and not req.deep:
         extra = {"proof": front.proof(req.challenge)} if req.challenge else {}

@@ -268,6 +268,28 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     return v
 
 
+def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
+    """A parsed request as a line again (the router forwarding it to a replica under its own id).
+
+    Inputs always go as a list, so the answer is always the plural form (`results`,
+    `embeddings`); the token is never forwarded (the link is authenticated on its own).
+    """
+    obj: dict[str, Any] = {"id": rid, "op": req.op}
+    if timeout is not None:
+        obj["timeout"] = timeout
+    if req.op == "generate":
+        p = req.params
+        obj.update(prompt=list(req.inputs), max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                   top_p=p.top_p, top_k=p.top_k, stop=list(p.stop), stream=req.stream)  # fmt: skip
+        if p.seed is not None:
+            obj["seed"] = p.seed
+    elif req.op in ("embed", "infer"):
+        obj["input"] = list(req.inputs)
+    elif req.op == "health":
+        obj["deep"] = req.deep
+    return encode(obj)
+
+
 def encode(obj: dict[str, Any]) -> bytes:
     """One line on the wire; never raises for a str the encoder cannot write (it is escaped)."""
     try:

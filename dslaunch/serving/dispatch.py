@@ -1,0 +1,378 @@
+"""The router's dispatcher: the Front's queue, sent to replica leaders over their links.
+
+It stands where rank 0's Batcher stands (`submit`, `close`, `why`, `depth`, `in_flight`), and
+answers each Pending with the same events. One link per replica (`serving.link`); requests are
+multiplexed on it under the router's own ids and forwarded with `protocol.request_line`.
+
+- Balancing: least outstanding rows among the ready replicas that are not draining, each capped
+  at CAP_BATCHES x its max batch size, so that work waits here, where it can still go anywhere.
+  With no replica ready, requests wait (bounded by their own time-out), they do not fail.
+- No request lost to a replica failure: when a link drops (or its leader answers `unavailable`:
+  it is stopping), what it had goes back to the head of the queue. A stream that already sent
+  text is re-run only when its output is deterministic (greedy or seeded), and what its client
+  already has is not sent again; a sampled stream without a seed ends with `unavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dslaunch.serving import link as L
+from dslaunch.serving.batcher import STOPPING, Pending
+from dslaunch.serving.config import FrontConfig
+from dslaunch.wire import protocol as P
+from dslaunch.wire.protocol import ProtocolError, Request
+
+CAP_BATCHES = 2  # a replica holds at most this many batches of rows at once; the rest wait here
+PING_S = 5.0  # each link is pinged this often ...
+PING_LIMIT_S = 15.0  # ... and dropped when nothing came back for this long (a host gone silent)
+ANSWER_BYTES = 1 << 28  # the longest answer line a replica may send (a batch of embeddings)
+CONNECTING, READY, DRAINING, DOWN = "connecting", "ready", "draining", "down"
+
+
+@dataclass
+class Job:
+    """One client request in the router: where it runs, and the stream text its client already has."""
+
+    pending: Pending
+    deadline: float
+    sent: dict[int, str] = field(default_factory=dict)  # per row: text already given to the client
+    got: dict[int, str] = field(default_factory=dict)  # per row: text of the current run
+
+    @property
+    def live(self) -> bool:
+        return not (self.pending.cancelled or self.pending.answered)
+
+
+class Link:
+    """One replica leader's connection: its requests in flight, by the router's ids."""
+
+    def __init__(self, replica: Replica, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.replica = replica
+        self.reader, self.writer = reader, writer
+        self.flights: dict[int, Job] = {}
+        self.heard = time.monotonic()
+        self.pinged = 0.0
+        self.dead = False
+
+
+@dataclass
+class Replica:
+    id: int
+    state: str = CONNECTING
+    attempt: int = 0
+    ranks: int = 0
+    cap: int = 0
+    outstanding: int = 0  # rows sent and not answered
+    served: int = 0
+    errors: int = 0
+    since: float = field(default_factory=time.time)
+    draining: bool = False
+    last_sent: float = 0.0
+    link: Link | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "attempt": self.attempt, "ranks": self.ranks,
+                "in_flight": self.outstanding, "served": self.served, "errors": self.errors,
+                "since": round(self.since, 3)}  # fmt: skip
+
+    def set(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.since = state, time.time()
+
+
+def deterministic(req: Request) -> bool:
+    """A re-run gives the same text: greedy or seeded generation (and every other op)."""
+    return req.op != "generate" or req.params.greedy or req.params.seed is not None
+
+
+def results_of(req: Request, answer: dict[str, Any]) -> list[Any]:
+    """A replica's plural answer as the Front's ("done", results)."""
+    if req.op == "health":
+        return list(answer.get("ranks") or [])
+    return list(answer["embeddings"] if req.op == "embed" else answer["results"])
+
+
+class Dispatcher:
+    """The router's queue and its replicas; everything but `close` runs on the Front's loop."""
+
+    def __init__(
+        self, cfg: FrontConfig, key: str, replicas: int, task: str, drain: Path | None = None,
+        on_link: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.key = key
+        self.task = task
+        self.drain_path = drain
+        self.on_link = on_link  # called with each hello (the router loads its tokenizer then)
+        self.replicas = {i: Replica(i) for i in range(replicas)}
+        self.queue: deque[Job] = deque()
+        self.closed = False
+        self.why = ""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._said: set[str] = set()
+        self._server: asyncio.Server | None = None
+        self._ticker: asyncio.Future[None] | None = None
+
+    # -- what the Front uses -------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(r.outstanding for r in self.replicas.values())
+
+    def submit(self, pending: Pending) -> None:
+        if self.closed:
+            raise ProtocolError(P.UNAVAILABLE, self.why)
+        if len(self.queue) >= self.cfg.max_queue:
+            self._prune()
+            if len(self.queue) >= self.cfg.max_queue:
+                raise ProtocolError(P.OVERLOADED, f"{len(self.queue)} requests queued (--max-queue); retry later")
+        timeout = pending.req.timeout or self.cfg.request_timeout
+        self.queue.append(Job(pending, pending.t0 + timeout))
+        self._pump()
+
+    def close(self, why: str = STOPPING) -> None:
+        """Refuse new work and answer the queue with `unavailable` (any thread); in flight goes on."""
+        if self.closed:
+            return
+        self.why, self.closed = why, True
+        if self.loop is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._fail_queue)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.row() for r in self.replicas.values()]
+
+    # -- the link listener ---------------------------------------------------------------------
+    async def listen(self, bind: str, port: int, patience: float = 10.0) -> asyncio.Server:
+        """Where replica leaders dial in; a restarted router may wait for its predecessor's port."""
+        self.loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                server = await asyncio.start_server(self._accept, bind, port, reuse_address=True)
+                break
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        self._server, self._ticker = server, asyncio.ensure_future(self._tick())
+        return server
+
+    async def shut(self) -> None:
+        """Stop listening and drop every link (what was still in flight gets `unavailable`)."""
+        self.close()
+        self._fail_queue()
+        if self._ticker is not None:
+            self._ticker.cancel()
+        if self._server is not None:
+            self._server.close()
+        for rep in self.replicas.values():
+            if rep.link is not None:
+                self._lost(rep.link, "the router is stopping")
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await asyncio.wait_for(L.accept(reader, writer, self.key), L.HANDSHAKE_S)
+            rep = self.replicas.get(hello["replica"])
+            if rep is None or hello.get("task") != self.task:
+                why = f"replica {hello['replica']} with task {hello.get('task')!r} is not one of this job's"
+                writer.write(P.encode({"error": why}))
+                raise L.LinkRefused(why)
+        except (L.LinkRefused, OSError, asyncio.TimeoutError, ValueError) as e:
+            self._say(f"refused a link from {writer.get_extra_info('peername')}: {e}")
+            writer.close()
+            return
+        if rep.link is not None:
+            self._lost(rep.link, "replaced by a new link from the same replica")
+        link = Link(rep, reader, writer)
+        rep.link, rep.attempt, rep.ranks = link, hello["attempt"], hello["ranks"]
+        rep.cap = CAP_BATCHES * max(1, hello["max_batch_size"])
+        rep.set(DRAINING if rep.draining else READY)
+        print(f"replica {rep.id} linked (attempt {rep.attempt}, {rep.ranks} ranks)", flush=True)
+        if self.on_link is not None:
+            self.on_link(hello)
+        self._pump()
+        try:
+            await self._read(link)
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._lost(link, "its link closed")
+
+    async def _read(self, link: Link) -> None:
+        lines = P.LineReader(ANSWER_BYTES)
+        while True:
+            data = await link.reader.read(1 << 16)
+            if not data:
+                return
+            link.heard = time.monotonic()
+            for line in lines.feed(data):
+                if line is None:
+                    raise ValueError("an answer line over the limit")
+                self._answer(link, json.loads(line))
+
+    def _answer(self, link: Link, answer: dict[str, Any]) -> None:
+        job = link.flights.get(answer.get("id"))  # type: ignore[arg-type]
+        if job is None:
+            return  # a ping's answer, or a request already given up on
+        rep, req = link.replica, job.pending.req
+        if answer.get("ok") and "chunk" in answer and not answer.get("done"):
+            self._chunk(job, int(answer.get("index", 0)), str(answer["chunk"]))
+            return
+        del link.flights[answer["id"]]
+        rep.outstanding -= job.pending.rows
+        if answer.get("ok"):
+            rep.served += 1
+            if job.live:
+                job.pending.answered = True
+                job.pending.put(("done", results_of(req, answer)))
+        else:
+            err = answer.get("error") or {}
+            code, msg = str(err.get("code", P.INTERNAL)), str(err.get("message", ""))
+            if code == P.UNAVAILABLE:  # the leader is stopping: nothing new until it dials in again
+                rep.set(DOWN)
+                self._retry(job, rep, f"replica {rep.id} is stopping: {msg}")
+            else:
+                rep.errors += 1
+                job.pending.fail(code, msg)
+        self._pump()
+
+    def _chunk(self, job: Job, index: int, text: str) -> None:
+        """Pass on the text the client does not have yet (a re-run repeats what it already sent)."""
+        got = job.got.get(index, "") + text
+        job.got[index] = got
+        sent = job.sent.get(index, "")
+        if not (got.startswith(sent) if len(got) >= len(sent) else sent.startswith(got)):
+            job.pending.fail(P.UNAVAILABLE, "the stream's re-run on another replica gave different text; retry")
+            return
+        if len(got) > len(sent) and job.live:
+            job.sent[index] = got
+            job.pending.chunk(index, got[len(sent) :])
+
+    # -- failures ------------------------------------------------------------------------------
+    def _lost(self, link: Link, why: str) -> None:
+        """A link is gone: its replica is down, and its work goes back to the head of the queue."""
+        if link.dead:
+            return
+        link.dead = True
+        link.writer.close()
+        rep = link.replica
+        if rep.link is link:
+            rep.link = None
+            rep.set(DOWN)
+            print(f"replica {rep.id} down: {why}", flush=True)
+        jobs = list(link.flights.values())
+        link.flights.clear()
+        for job in reversed(jobs):  # the oldest ends up first
+            rep.outstanding -= job.pending.rows
+            self._retry(job, rep, f"replica {rep.id} failed: {why}")
+        self._pump()
+
+    def _retry(self, job: Job, rep: Replica, why: str) -> None:
+        if not job.live:
+            return
+        if self.closed:
+            job.pending.fail(P.UNAVAILABLE, self.why)
+        elif any(job.sent.values()) and not deterministic(job.pending.req):
+            job.pending.fail(
+                P.UNAVAILABLE,
+                f"{why}, after this stream had sent text; sampled output without a seed cannot be resumed "
+                "on another replica: retry (a seed or temperature 0 makes a stream resumable)",
+            )
+        else:
+            job.got = {}
+            self.queue.appendleft(job)
+
+    def _fail_queue(self) -> None:
+        left, self.queue = list(self.queue), deque()
+        for job in left:
+            job.pending.fail(P.UNAVAILABLE, self.why)
+
+    # -- sending -------------------------------------------------------------------------------
+    def _pump(self) -> None:
+        """Send queued work, oldest first, to the least loaded replica that has room."""
+        while self.queue and not self.closed:
+            job = self.queue[0]
+            if not job.live:
+                self.queue.popleft()
+                continue
+            rows = job.pending.rows
+            ready = [r for r in self.replicas.values() if r.state == READY and r.link is not None
+                     and (r.outstanding + rows <= r.cap or r.outstanding == 0)]  # fmt: skip
+            if not ready:
+                return
+            rep = min(ready, key=lambda r: (r.outstanding, r.last_sent))
+            self.queue.popleft()
+            self._send(rep, job)
+
+    def _send(self, rep: Replica, job: Job) -> None:
+        assert rep.link is not None
+        rid = next(self._ids)
+        left = min(max(job.deadline - time.monotonic(), 0.001), P.Limits.max_timeout)
+        rep.link.flights[rid] = job
+        rep.outstanding += job.pending.rows
+        rep.last_sent = time.monotonic()
+        rep.link.writer.write(P.request_line(job.pending.req, rid, timeout=round(left, 3)))
+
+    def _cancel(self, link: Link, rid: int) -> None:
+        """Its client went away (or timed out): the replica stops working for it, and it stops counting."""
+        job = link.flights.pop(rid)
+        link.replica.outstanding -= job.pending.rows
+        link.writer.write(P.encode({"cancel": rid}))
+
+    # -- once a second -------------------------------------------------------------------------
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            self._read_drain()
+            self._prune()
+            for rep in self.replicas.values():
+                link = rep.link
+                if link is None:
+                    continue
+                for rid in [rid for rid, job in link.flights.items() if not job.live]:
+                    self._cancel(link, rid)
+                if now - link.heard > PING_LIMIT_S:
+                    self._lost(link, f"no answer to pings for {PING_LIMIT_S:g}s")
+                elif now - link.pinged >= PING_S:
+                    link.pinged = now
+                    link.writer.write(P.encode({"id": "ping", "op": "health"}))
+            self._pump()
+
+    def _read_drain(self) -> None:
+        """The replicas `dslaunch restart` drains: they get no new work and finish what they have."""
+        ids: set[int] = set()
+        if self.drain_path is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                ids = {int(i) for i in json.loads(self.drain_path.read_text() or "[]")}
+        for rep in self.replicas.values():
+            rep.draining = rep.id in ids
+            if rep.link is not None and rep.state in (READY, DRAINING):
+                rep.set(DRAINING if rep.draining else READY)
+
+    def _prune(self) -> None:
+        """Requests whose client went away or timed out leave the queue."""
+        if any(not j.live for j in self.queue):
+            self.queue = deque(j for j in self.queue if j.live)
+
+    def _say(self, what: str) -> None:
+        if what not in self._said and len(self._said) < 50:
+            self._said.add(what)
+            print(what, flush=True)

@@ -1,0 +1,138 @@
+"""The link between the router and a replica leader: the leader dials, both prove the key.
+
+The replica leader dials the router's link port (so no rank listens on any port, and nobody
+without the job's replica key can send work to a rank). The handshake proves the shared key both
+ways without sending it: the router sends a challenge; the leader answers with its HMAC proof, a
+challenge of its own and its hello (replica, attempt, ranks, model, task, max_batch_size), which
+the proof covers; the router checks it and answers its own proof; the leader checks that. After
+that the connection is an NDJSON session in which the router is the client and the leader serves
+requests with the front's own code (`serve_ndjson` in link mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from dslaunch.serving.ndjson import serve_ndjson
+from dslaunch.wire.protocol import encode
+
+if TYPE_CHECKING:
+    from dslaunch.serving.front import Front
+
+HANDSHAKE_S = 10.0  # each side's whole handshake, from connect
+HANDSHAKE_BYTES = 1 << 16
+REDIAL_S = (0.2, 2.0)  # the leader's back-off between dials: first, most (the router may be restarting)
+HELLO_INTS = ("replica", "attempt", "ranks", "max_batch_size")
+
+
+class LinkRefused(Exception):
+    """The other side did not prove the key, or said something a handshake does not."""
+
+
+def _mac(key: str, *parts: str) -> str:
+    return hmac.new(key.encode(), "\n".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _same(a: Any, b: str) -> bool:
+    return isinstance(a, str) and hmac.compare_digest(a.encode(), b.encode())
+
+
+async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
+    line = await reader.readline()
+    if not line:
+        raise LinkRefused("the other side closed the connection during the handshake")
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        raise LinkRefused("not a handshake line") from None
+    if not isinstance(msg, dict):
+        raise LinkRefused("not a handshake line")
+    if "error" in msg:
+        raise LinkRefused(str(msg["error"])[:200])
+    return msg
+
+
+async def offer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str, hello: dict[str, Any]) -> None:
+    """The leader's side; raises LinkRefused unless the router proved the key."""
+    theirs = (await _read(reader)).get("challenge")
+    if not isinstance(theirs, str) or not 16 <= len(theirs) <= 128:
+        raise LinkRefused("the router sent no challenge")
+    mine = secrets.token_hex(16)
+    body = json.dumps(hello, sort_keys=True)
+    writer.write(encode({"proof": _mac(key, "leader", theirs, mine, body), "challenge": mine, "hello": hello}))
+    answer = await _read(reader)
+    if not _same(answer.get("proof"), _mac(key, "router", mine, theirs)):
+        raise LinkRefused("the router did not prove the replica key")
+
+
+async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str) -> dict[str, Any]:
+    """The router's side: the leader's checked hello, or LinkRefused (the leader is told why)."""
+    mine = secrets.token_hex(16)
+    writer.write(encode({"challenge": mine}))
+    msg = await _read(reader)
+    hello, theirs = msg.get("hello"), msg.get("challenge")
+    why = ""
+    if not isinstance(hello, dict) or not isinstance(theirs, str) or not 16 <= len(theirs) <= 128:
+        why = "not a hello"
+    elif not _same(msg.get("proof"), _mac(key, "leader", mine, theirs, json.dumps(hello, sort_keys=True))):
+        why = "wrong replica key"
+    elif not all(isinstance(hello.get(k), int) and hello[k] >= 0 for k in HELLO_INTS):
+        why = f"a hello needs the integers {', '.join(HELLO_INTS)}"
+    if why:
+        writer.write(encode({"error": why}))
+        raise LinkRefused(why)
+    writer.write(encode({"proof": _mac(key, "router", theirs, mine)}))
+    return hello  # type: ignore[return-value]
+
+
+class Dialer:
+    """The replica leader's side of the link: a Front in this mode serves the router, not a port."""
+
+    def __init__(self, router: str, key: str, hello: dict[str, Any]) -> None:
+        host, _, port = router.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.key = key
+        self.hello = hello
+        self.address = f"router {router}"
+        self.linked = False  # while a link is up
+        self._said = ""
+
+    def _say(self, what: str) -> None:
+        """One rank-log line per change, not one per dial."""
+        if what != self._said:
+            self._said = what
+            print(what, flush=True)
+
+    async def run(self, front: Front) -> None:
+        """Dial, handshake, serve; on any loss redial with a short back-off until cancelled."""
+        pause = REDIAL_S[0]
+        # `closing` as well as cancellation: asyncio.wait_for may swallow a cancel (Python < 3.12)
+        while not front.closing:
+            if not front.accepting:  # not started yet, or stopping: a router would get `unavailable`
+                await asyncio.sleep(0.05)
+                continue
+            writer = None
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), HANDSHAKE_S)
+                await asyncio.wait_for(offer(reader, writer, self.key, self.hello), HANDSHAKE_S)
+                self._say(f"linked to the {self.address}")
+                pause = REDIAL_S[0]
+                self.linked = True
+                await serve_ndjson(front, reader, writer, b"", link=True)
+                self._say(f"lost the link to the {self.address}; redialling")
+            except (OSError, asyncio.TimeoutError, LinkRefused, ValueError) as e:
+                self._say(f"cannot link to the {self.address}: {type(e).__name__}: {e}"[:300])
+            finally:
+                self.linked = False
+                if writer is not None:
+                    writer.close()
+            deadline = time.monotonic() + pause
+            while not front.closing and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            pause = min(pause * 2, REDIAL_S[1])

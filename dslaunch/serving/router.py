@@ -1,0 +1,175 @@
+"""The router: the job's public front in its own process on node 0, in front of R replicas.
+
+    python -m dslaunch.serving.router      (environment: RouterEnv; files: its NodeDir)
+
+It owns the public port (NDJSON and HTTP, auth, limits, the queue: the Front, unchanged) and
+hands the work to replica leaders over their links (`serving.dispatch`), which they dial in on
+`link_bind:link_port`. Prompts are checked (tokenized) where they run, on the replica; the router
+keeps its own tokenizer only for the OpenAI routes' chat template and token counts, loaded once a
+replica is up (the ranks build the built-in model on first load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dslaunch.serving.batcher import STOPPING
+from dslaunch.serving.config import FrontConfig
+from dslaunch.serving.dispatch import READY, Dispatcher
+from dslaunch.serving.front import Front
+from dslaunch.serving.stats import Stats
+from dslaunch.wire import protocol as P
+from dslaunch.wire.nodedir import NodeDir
+from dslaunch.wire.protocol import ProtocolError
+from dslaunch.wire.routerenv import RouterEnv
+from dslaunch.wire.serve import ServeSpec
+
+STOP_WAIT_S = 8.0  # after SIGTERM, how long requests already on a replica may take to finish
+TEXT_RETRY_S = 5.0
+
+
+class RouterFront(Front):
+    """The Front with a dispatcher for a batcher: health, stats and status answer per replica."""
+
+    batcher: Dispatcher
+
+    def health(self) -> dict[str, Any]:
+        reps = self.batcher.rows()
+        linked = [r for r in reps if r["state"] in (READY, "draining")]
+        status = "stopping" if not self.accepting else "ready" if any(r["state"] == READY for r in reps) else "starting"
+        return {
+            "status": status,
+            "world_size": self.info["world_size"],
+            "ranks_ready": sum(r["ranks"] for r in linked),
+            "restarts": sum(r["attempt"] for r in reps),
+            "model": self.info.get("model"),
+            "task": self.info.get("task"),
+            "queue": self.batcher.depth,
+            "uptime_s": round(time.time() - self.stats.started, 1),
+            "replicas": reps,
+        }
+
+    def stats_doc(self) -> dict[str, Any]:
+        return {**super().stats_doc(), "replicas": self.batcher.rows()}
+
+    def status_doc(self) -> dict[str, Any]:
+        return {**super().status_doc(), "router": True, "replicas": self.batcher.rows()}
+
+
+class Loading:
+    """Stands for the tokenizer until it is loaded: the OpenAI routes that need it say `unavailable`."""
+
+    def precheck(self, req: Any) -> None:
+        pass
+
+    def chat(self, messages: Any) -> str:
+        raise ProtocolError(P.UNAVAILABLE, "the router is still loading the model's tokenizer; retry")
+
+    count = chat  # type: ignore[assignment]
+
+
+class TextLoader:
+    """The router's tokenizer (OpenAI routes), loaded off the loop once a replica has dialed in."""
+
+    def __init__(self, serve: ServeSpec, models: Path) -> None:
+        self.serve = serve
+        self.path = serve.model or str(models / _tiny_name())
+        self.front: Front | None = None
+        self.thread: threading.Thread | None = None
+
+    def __call__(self, hello: dict[str, Any]) -> None:
+        if self.thread is None and isinstance(self.front.text if self.front else None, Loading):
+            self.thread = threading.Thread(target=self._load, name="dslaunch-tokenizer", daemon=True)
+            self.thread.start()
+
+    def _load(self) -> None:
+        """Until it works: a replica on another node may have built the built-in model first."""
+        from dslaunch.serving.openai_api import TextTools
+
+        said = ""
+        while True:
+            try:
+                from transformers import AutoConfig, AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(self.path)
+                positions = None
+                if self.serve.task == "generate":
+                    config = AutoConfig.from_pretrained(self.path)
+                    positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+                assert self.front is not None
+                self.front.text = TextTools(tok, threading.Lock(), positions)
+                return
+            except Exception as e:
+                why = f"cannot load the tokenizer of {self.path} yet ({type(e).__name__}: {e}); retrying"[:400]
+                if why != said:
+                    print(why, flush=True)
+                    said = why
+                time.sleep(TEXT_RETRY_S)
+
+
+def _tiny_name() -> str:
+    from dslaunch.engine.tinymodel import NAME
+
+    return NAME
+
+
+def _secret(path: Path) -> str | None:
+    return (path.read_text().strip() or None) if path.exists() else None
+
+
+def build(env: RouterEnv, nd: NodeDir) -> tuple[RouterFront, Dispatcher]:
+    """The router's Front and dispatcher, configured from RouterEnv and its directory's files."""
+    serve = env.serve
+    key = _secret(nd.replica_secret)
+    if key is None:
+        raise SystemExit(f"router: no replica key in {nd.replica_secret}")
+    task = "custom" if serve.handler else serve.task
+    model = serve.handler or serve.model or str(nd.models / _tiny_name())
+    cfg = FrontConfig.from_serve(serve, _secret(nd.front_token), _secret(nd.front_nonce), Path(model).name)
+    text = TextLoader(serve, nd.models)
+    disp = Dispatcher(cfg, key, env.replicas, task, nd.drain, on_link=text)
+    info = {"world_size": env.world_size, "ranks": [], "restarts": 0, "model": model, "task": task}
+    front = RouterFront(cfg, info, None, disp, Stats(), nd.front_status)  # type: ignore[arg-type]
+    text.front = front
+    if not serve.handler:
+        front.text = Loading()
+    return front, disp
+
+
+def main() -> int:
+    env = RouterEnv.from_env()
+    nd = NodeDir.at(env.node_dir)
+    front, disp = build(env, nd)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        front.start()
+        assert front.loop is not None
+        asyncio.run_coroutine_threadsafe(disp.listen(env.link_bind, env.link_port), front.loop).result(30)
+    except Exception as e:  # the port is taken (after the retries), or the address is wrong
+        print(f"router: {e}", file=sys.stderr, flush=True)
+        front.close()
+        return 1
+    print(f"router serving on {front.address}; replicas dial {env.link_bind}:{env.link_port}", flush=True)
+    stop.wait()
+    print("router stopping", flush=True)
+    front.stop_accepting(STOPPING)
+    deadline = time.monotonic() + STOP_WAIT_S
+    while disp.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(disp.shut(), front.loop).result(2)  # type: ignore[arg-type]
+    front.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

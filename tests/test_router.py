@@ -1,0 +1,195 @@
+"""The router process in front of replica leaders that dial it (handler replicas: fast, and slow
+enough per batch to catch work in flight): the key is proved both ways, load spreads, a replica
+killed mid-request loses nothing, drain stops new work, and with no replica requests wait."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dslaunch.client import FrontError
+from dslaunch.serving import link
+from dslaunch.wire.serve import ServeSpec
+from tests.routerkit import Kit
+
+SERVE = ServeSpec(handler="tests.routerkit:Echo", max_batch_size=2, batch_wait_ms=0)
+DELAY = 0.3
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> Iterator[Kit]:
+    k = Kit(tmp_path, SERVE, replicas=2)
+    try:
+        k.start_router()
+        yield k
+    finally:
+        k.close()
+
+
+def _infer_all(kit: Kit, inputs: list[Any]) -> list[Any]:
+    """One client per input, all at once; each answer, or the FrontError it raised."""
+    out: list[Any] = [None] * len(inputs)
+
+    def one(i: int) -> None:
+        try:
+            with kit.client() as c:
+                out[i] = c.infer(inputs[i])
+        except FrontError as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return out
+
+
+def test_the_link_refuses_a_wrong_key_both_ways(kit: Kit) -> None:
+    # a leader with the wrong key is refused by the router, and keeps redialling (no link)
+    kit.start_replica(0, key="not-the-key-0123456789abcdef")
+    kit.start_replica(1)
+    log = kit.work / kit.job / "node0" / "replica.log"
+    kit.until(lambda: "wrong replica key" in log.read_text())
+    assert kit.replica(0)["state"] == "connecting" and kit.replica(1)["state"] == "ready"
+
+    async def leader_with(key: str) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", kit.link_port)
+        try:
+            hello = {"replica": 0, "attempt": 0, "ranks": 1, "model": "m", "task": "custom", "max_batch_size": 2}
+            await link.offer(reader, writer, key, hello)
+        finally:
+            writer.close()
+
+    with pytest.raises(link.LinkRefused, match="wrong replica key"):
+        asyncio.run(leader_with("wrong-key-0123456789abcdef"))
+
+    # a "router" that does not know the key: the leader refuses it (its proof is checked too)
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"challenge": "0123456789abcdef0123"}\n')
+        await reader.readline()
+        writer.write(json.dumps({"proof": "00" * 32}).encode() + b"\n")
+        await writer.drain()
+
+    async def dial_impostor() -> None:
+        server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await link.offer(reader, writer, kit.key, {"replica": 0})
+        finally:
+            writer.close()
+            server.close()
+
+    with pytest.raises(link.LinkRefused, match="did not prove"):
+        asyncio.run(dial_impostor())
+
+
+def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
+    kit.start_replica(0, delay=DELAY)
+    kit.start_replica(1, delay=DELAY)
+    inputs = [{"n": i} for i in range(12)]
+    assert _infer_all(kit, inputs) == [{"echo": x} for x in inputs]
+    with kit.client() as c:
+        assert c.infer([1, 2]) == [{"echo": 1}, {"echo": 2}]
+        stats = c.stats()
+        deep = c.health(deep=True)
+    assert all(r["served"] > 0 for r in stats["replicas"]), stats["replicas"]
+    assert deep["status"] == "ready" and deep["world_size"] == 2 and deep["ranks_ready"] == 2
+    assert [r["rank"] for r in deep["ranks"]] == [0]
+    status = json.loads(kit.router_dir.front_status.read_text())
+    assert [r["id"] for r in status["replicas"]] == [0, 1] and status["router"] is True
+
+
+def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> None:
+    kit.start_replica(0, delay=DELAY)
+    kit.start_replica(1, delay=DELAY)
+    inputs = [{"n": i} for i in range(10)]
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(_infer_all(kit, inputs)))
+    t.start()
+    kit.until(lambda: kit.replica(0)["in_flight"] > 0)
+    kit.kill_replica(0)
+    t.join(180)
+    assert box[0] == [{"echo": x} for x in inputs], "every request was re-run on the other replica"
+    assert kit.replica(0)["state"] == "down"
+    kit.start_replica(0, delay=DELAY)  # its gang restarted: a new attempt dials in
+    health = kit.health()
+    assert health["restarts"] == 1 and [r["state"] for r in health["replicas"]] == ["ready", "ready"]
+    assert _infer_all(kit, inputs[:4]) == [{"echo": x} for x in inputs[:4]]
+
+
+def test_drain_stops_new_work_to_a_replica(kit: Kit) -> None:
+    kit.start_replica(0)
+    kit.start_replica(1)
+    kit.router_dir.drain.write_text("[1]")
+    kit.wait_state(1, "draining")
+    before = kit.replica(1)["served"]
+    assert _infer_all(kit, list(range(6))) == [{"echo": i} for i in range(6)]
+    assert kit.replica(1)["served"] == before
+    kit.router_dir.drain.write_text("[]")
+    kit.wait_state(1, "ready")
+
+
+def test_with_no_replica_requests_wait_then_run_or_time_out(kit: Kit) -> None:
+    with kit.client() as c:
+        assert c.health()["status"] == "starting"
+        with pytest.raises(FrontError) as e:
+            c.request("infer", input=1, timeout=0.5)
+        assert e.value.code == "timeout"
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(_infer_all(kit, [7])))
+    t.start()
+    kit.until(lambda: kit.health()["queue"] == 1)
+    kit.start_replica(1)
+    t.join(120)
+    assert box == [[{"echo": 7}]]
+
+
+def test_a_token_guards_the_router_and_sigterm_answers_the_queue(tmp_path: Path) -> None:
+    kit = Kit(tmp_path, SERVE, replicas=1)
+    for path, value in ((kit.router_dir.front_token, "router-token-0123456789"), (kit.router_dir.front_nonce, "n0")):
+        path.write_text(value)
+        path.chmod(0o600)
+    try:
+        router = kit.start_router()
+        with kit.client() as c, pytest.raises(FrontError) as e:
+            c.health()
+        assert e.value.code == "unauthorized"
+        box: list[Any] = []
+
+        def waiting() -> None:
+            try:
+                with kit.client(token="router-token-0123456789", nonce="n0") as c:
+                    box.append(c.infer(1))
+            except FrontError as err:
+                box.append(err)
+
+        t = threading.Thread(target=waiting)
+        t.start()
+        with kit.client(token="router-token-0123456789") as c:
+            kit.until(lambda: c.health()["queue"] == 1)
+        router.terminate()
+        assert router.wait(30) == 0
+        t.join(30)
+        assert isinstance(box[0], FrontError) and box[0].code == "unavailable"
+    finally:
+        kit.close()
+
+
+def test_a_router_whose_port_is_taken_says_so_and_exits(kit: Kit) -> None:
+    second = Kit(kit.work, SERVE, replicas=1)
+    second.serve = kit.serve  # the same public port, still held by the first router
+    try:
+        p = second.start_router(wait=False)
+        assert p.wait(60) != 0
+        log = (second.router_dir.root / "router.log").read_text()
+        assert f"cannot listen on 127.0.0.1:{kit.port}" in log and len(log.strip().splitlines()) == 1, log
+    finally:
+        second.close()
