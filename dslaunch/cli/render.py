@@ -187,13 +187,19 @@ def http_hint(rec: JobRecord) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machines(rec: JobRecord) -> int:
+    return len({(n.host, n.target) for n in rec.nodes})
+
+
 def up_summary(rec: JobRecord, seconds: float) -> Text:
     front = rec.front
     n = "" if rec.name == "default" else f" --name {rec.name}"
     where = f"front {front.address} ({front.task}, {front.model})\n" + http_hint(rec) if front else ""
     return Text.assemble(
         ("ready", "bold green"),
-        f": job {rec.name!r} — {rec.world_size} ranks on {len(rec.nodes)} node(s), "
+        f": job {rec.name!r} — {rec.world_size} ranks on {_machines(rec)} node(s)"
+        + (f" in {rec.replicas} replicas of {rec.tp}" if rec.replicas > 1 else "")
+        + ", "
         f"init {rec.init_method}, backend {rec.backend}, master {rec.master_addr}:{rec.master_port} "
         f"({seconds:.1f}s)\n",
         where,

@@ -236,7 +236,7 @@ def down(name: str, grace: float = 10.0) -> DownReport | None:
             return None
         rec.state = JobState.STOPPING
         store.save(rec)
-        report = DownReport(name, nodes=len(rec.nodes))
+        report = DownReport(name, nodes=len({(n.host, n.target) for n in rec.nodes}))
         with cluster_for(rec) as cluster:
             for r in teardown(rec, cluster, grace):
                 if not r.ok:

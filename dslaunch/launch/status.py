@@ -118,12 +118,14 @@ def classify(nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[JobState
         parts = [f"agent not running on {', '.join(agents)}"] if agents else []
         parts += [f"router not running on {n.host}" for n in dead if n.kind == "router"]
         return JobState.DEGRADED, "; ".join(parts)
-    if ranks_ready(((r.alive, r.stage, r.restarts) for r in ranks), len(ranks)):
-        return JobState.READY, f"{len(ranks)} ranks ready"
+    # each replica is its own gang: "ready" (every rank alive, ready, same attempt) holds per replica
     by_replica: dict[int, list[RankStatus]] = {}
     for r in ranks:
         by_replica.setdefault(r.replica, []).append(r)
     serving = [k for k, rs in by_replica.items() if ranks_ready(((r.alive, r.stage, r.restarts) for r in rs), len(rs))]
+    if by_replica and len(serving) == len(by_replica):
+        many = f" in {len(serving)} replicas" if len(serving) > 1 else ""
+        return JobState.READY, f"{len(ranks)} ranks ready{many}"
     if serving:
         down = [k for k in by_replica if k not in serving]
         failed = [r for r in ranks if r.stage == RankStage.FAILED]
