@@ -67,11 +67,13 @@ def test_restart_op_stops_the_unit_and_starts_it_again_keeping_its_files(tmp_pat
     try:
         first = agent.op_start(args)
         (tmp_path / "node3" / "logs" / "rank0.log").write_text("kept\n")
+        (tmp_path / "node3" / "ranks" / "rank1.attempt").write_text("4")  # the old agent's count
         again = agent.op_restart({"job_id": jid, "node_rank": 3, "node_dir": str(tmp_path / "node3"), "grace": 2})
         assert again["pid"] != first["pid"] and again["stopped"]["found"] >= 2
         assert not procs.alive(first["pid"]) and procs.is_job_process(again["pid"], jid, 3)
         assert (tmp_path / "node3" / "replica.secret").read_text() == "k"
         assert (tmp_path / "node3" / "logs" / "rank0.log").read_text() == "kept\n"
+        assert not (tmp_path / "node3" / "ranks" / "rank1.attempt").exists(), "the new agent counts from 0"
         assert "files" not in json.loads((tmp_path / "node3" / agent.START_FILE).read_text())
         agent.op_drain({"node_dir": str(tmp_path / "node3"), "replicas": [1]})
         assert json.loads((tmp_path / "node3" / "drain").read_text()) == [1]

@@ -161,6 +161,11 @@ def op_restart(args: dict[str, Any]) -> dict[str, Any]:
     stopped = _stop_processes(nd, args["job_id"], args["node_rank"], float(args.get("grace", 10.0)))
     if stopped["survivors"]:
         raise NodeOpError(f"processes {stopped['survivors']} did not stop; not starting again", **stopped)
+    # a new agent counts attempts from 0 in its new store: the ranks' memory of the old count, and
+    # their old status files, would make them wait for an attempt that never comes
+    for f in [*nd.ranks.glob("rank*.attempt"), *nd.ranks.glob("rank*.json")]:
+        with contextlib.suppress(OSError):
+            f.unlink()
     return {**op_start(saved), "stopped": stopped}
 
 
