@@ -90,6 +90,10 @@ def restart_one(
         )
 
     _wait(ready, ready_timeout, f"replica {replica} was not ready again within {ready_timeout:g}s (--timeout)")
+    if rec.replicas > 1:
+        _drain(rec, cluster, [])  # and wait until the router has read it: the next drain must not overlap
+        _wait(lambda: (_linked(rec, cluster, replica) or {}).get("state") == "ready", 30,
+              f"the router did not take replica {replica} back within 30s")  # fmt: skip
     say(f"replica {replica}: serving again")
 
 
