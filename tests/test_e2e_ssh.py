@@ -40,6 +40,8 @@ def four(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     method = request.param
     rdzv = tmp_path_factory.mktemp("rdzv")
     extra = ["--rdzv-dir", str(rdzv)] if method == "file" else []
+    if method == "tcp":
+        extra = ["--tp", "4"]  # one replica of every rank, said explicitly: the same job as the default
     job = ssh_job(tmp_path_factory, "--init-method", method, "--timeout", "180", *extra, slots=2)
     for sim, cli, up in job:
         yield FourRanks(sim, cli, up, method, rdzv)
@@ -58,6 +60,7 @@ def test_four_ranks_generate_like_the_plain_model(four: FourRanks) -> None:
     assert health["world_size"] == 4 and len(health["ranks"]) == 4
     st = json.loads(cli("status", "--json").stdout)
     assert st["front"]["ready"] and st["front"]["address"].startswith("127.0.0.1:")
+    assert [(r["replica"], r["ranks"], r["hosts"]) for r in st["replicas"]] == [(0, [0, 1, 2, 3], ["node0", "node1"])]
 
 
 def test_up_status_down_two_nodes(four: FourRanks) -> None:

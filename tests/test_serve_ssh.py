@@ -26,6 +26,8 @@ def test_generation_across_nodes_matches_the_plain_model(
     from dslaunch.engine.tinymodel import NAME
 
     extra = ["--rdzv-dir", str(tmp_path)] if method == "file" else []
+    if method == "tcp":
+        extra = ["--tp", "2"]  # one replica spanning both nodes (the default here, said explicitly)
     res = cli.up("-H", str(sim.hostfile(slots=slots)), "--init-method", method, "--timeout", "180", *extra)
     assert res.returncode == 0, res.stdout + res.stderr
     q = cli("query", *PROMPTS, "-k", "12", "--json")
@@ -35,6 +37,7 @@ def test_generation_across_nodes_matches_the_plain_model(
     health = json.loads(cli("query", "--health", "--deep").stdout)
     assert health["world_size"] == 2 * slots and len(health["ranks"]) == 2 * slots
     st = json.loads(cli("status", "--json").stdout)
+    assert [(r["ranks"], r["hosts"], r["state"]) for r in st["replicas"]] == [([0, 1], ["node0", "node1"], "ready")]
     assert st["front"]["ready"] and st["front"]["address"].startswith("127.0.0.1:")
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
     assert cli("down").returncode == 0
