@@ -84,3 +84,20 @@ def test_node_summary_as_up_shows_it() -> None:
     assert node_summary(2, ready) == (NodeStage.READY, "2/2 ranks, restart 1")
     mixed = {"agent": alive, "ranks": [_rank("ready", restarts=0), _rank("ready", restarts=1)]}
     assert node_summary(2, mixed)[0] is NodeStage.RENDEZVOUS, "ranks of two attempts are not ready"
+
+
+def test_replicas_are_judged_each_as_its_own_gang_and_the_router_alone_keeps_nothing_alive() -> None:
+    ranks = _ranks()
+    for r in ranks:
+        r.replica = r.rank // 2
+    ranks[2].restarts = ranks[3].restarts = 1  # replica 1 restarted once: its own attempt, not replica 0's
+    router = NodeStatus(2, "n0", True, agent_alive=True, kind="router")
+    assert classify([*_nodes(), router], ranks) == (JobState.READY, "4 ranks ready in 2 replicas")
+    ranks[3].stage, ranks[3].error = RankStage.FAILED, "killed"
+    state, why = classify([*_nodes(), router], ranks)
+    assert state is JobState.DEGRADED and why.startswith("replica 1 not serving after rank 3 failed: killed")
+    assert why.endswith("1/2 replicas serve")
+    agents_gone = [NodeStatus(i, f"n{i}", True, agent_alive=False, exit_code=1) for i in range(2)]
+    assert classify([*agents_gone, router], _ranks(alive=False))[0] is JobState.FAILED
+    router_gone = NodeStatus(2, "n0", True, agent_alive=False, kind="router")
+    assert classify([*_nodes(), router_gone], _ranks()) == (JobState.DEGRADED, "router not running on n0")

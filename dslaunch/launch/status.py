@@ -102,19 +102,23 @@ def _rank_from(rec: JobRecord, node_rank: int, raw: dict[str, Any] | None, rank:
 
 def classify(nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[JobState, str]:
     """The job's state and a one-line reason, from what every node reported (see JobState)."""
-    unreachable = [n.host for n in nodes if not n.reachable]
+    unreachable = list(dict.fromkeys(n.host for n in nodes if not n.reachable))
     dead = [n for n in nodes if n.reachable and not n.agent_alive]
-    alive = [n for n in nodes if n.reachable and n.agent_alive]
+    # the router alone does not keep a job alive: what serves is the agents' ranks
+    alive = [n for n in nodes if n.reachable and n.agent_alive and n.kind == "agent"]
+    dead_agents = [n for n in dead if n.kind == "agent"]
     if unreachable:
-        state = JobState.FAILED if dead and not alive else JobState.DEGRADED
+        state = JobState.FAILED if dead_agents and not alive else JobState.DEGRADED
         return state, f"unreachable: {', '.join(unreachable)}"
-    if dead and not alive:
+    if dead_agents and not alive:
         if all(n.exit_code is None and n.procs == 0 for n in dead):
             return JobState.GONE, "no process of this job is left on any node (stale record)"
-        codes = ", ".join(f"{n.host} exit {n.exit_code if n.exit_code is not None else 'killed'}" for n in dead)
+        codes = ", ".join(
+            dict.fromkeys(f"{n.host} exit {n.exit_code if n.exit_code is not None else 'killed'}" for n in dead_agents)
+        )
         return JobState.FAILED, f"every agent has ended ({codes})"
     if dead:
-        agents = [n.host for n in dead if n.kind == "agent"]
+        agents = list(dict.fromkeys(n.host for n in dead_agents))
         parts = [f"agent not running on {', '.join(agents)}"] if agents else []
         parts += [f"router not running on {n.host}" for n in dead if n.kind == "router"]
         return JobState.DEGRADED, "; ".join(parts)
