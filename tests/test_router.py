@@ -125,6 +125,21 @@ def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> Non
     assert _infer_all(kit, inputs[:4]) == [{"echo": x} for x in inputs[:4]]
 
 
+def test_a_replica_stopping_gracefully_hands_its_queue_back(kit: Kit) -> None:
+    """SIGTERM: the leader answers what it had queued with `unavailable`; the router re-runs it."""
+    kit.start_replica(0, delay=DELAY)
+    kit.start_replica(1, delay=DELAY)
+    inputs = [{"n": i} for i in range(10)]
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(_infer_all(kit, inputs)))
+    t.start()
+    kit.until(lambda: kit.replica(0)["in_flight"] > SERVE.max_batch_size)  # some of it queued there
+    kit.procs[0].terminate()
+    t.join(180)
+    assert box[0] == [{"echo": x} for x in inputs]
+    assert kit.procs.pop(0).wait(30) == 0
+
+
 def test_drain_stops_new_work_to_a_replica(kit: Kit) -> None:
     kit.start_replica(0)
     kit.start_replica(1)
