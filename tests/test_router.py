@@ -18,7 +18,7 @@ from dslaunch.serving import link
 from dslaunch.wire.serve import ServeSpec
 from tests.routerkit import Kit
 
-SERVE = ServeSpec(handler="tests.routerkit:Echo", max_batch_size=2, batch_wait_ms=0)
+SERVE = ServeSpec(handler="tests.routerkit:Echo", max_batch_size=2, batch_wait_ms=0, max_request_bytes=4096)
 DELAY = 0.3
 
 
@@ -98,6 +98,8 @@ def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
     assert _infer_all(kit, inputs) == [{"echo": x} for x in inputs]
     with kit.client() as c:
         assert c.infer([1, 2]) == [{"echo": 1}, {"echo": 2}]
+        big = "x" * (4096 - 40)  # the client's line fits; forwarded, it spells out more (a list, a timeout)
+        assert c.infer(big) == {"echo": big}
         stats = c.stats()
         deep = c.health(deep=True)
     assert all(r["served"] > 0 for r in stats["replicas"]), stats["replicas"]

@@ -36,6 +36,7 @@ from dslaunch.wire.protocol import ProtocolError, Request
 CAP_BATCHES = 2  # a replica holds at most this many batches of rows at once; the rest wait here
 PING_S = 5.0  # each link is pinged this often ...
 PING_LIMIT_S = 15.0  # ... and dropped when nothing came back for this long (a host gone silent)
+MAX_HANDSHAKES = 64
 ANSWER_BYTES = 1 << 28  # the longest answer line a replica may send (a batch of embeddings)
 CONNECTING, READY, DRAINING, DOWN = "connecting", "ready", "draining", "down"
 
@@ -122,6 +123,7 @@ class Dispatcher:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._said: set[str] = set()
+        self._handshakes = 0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Future[None] | None = None
 
@@ -187,6 +189,10 @@ class Dispatcher:
                 self._lost(rep.link, "the router is stopping")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._handshakes >= MAX_HANDSHAKES:  # anyone may connect; only so many may be proving themselves
+            writer.close()
+            return
+        self._handshakes += 1
         try:
             hello = await asyncio.wait_for(L.accept(reader, writer, self.key), L.HANDSHAKE_S)
             rep = self.replicas.get(hello["replica"])
@@ -198,6 +204,8 @@ class Dispatcher:
             self._say(f"refused a link from {writer.get_extra_info('peername')}: {e}")
             writer.close()
             return
+        finally:
+            self._handshakes -= 1
         if rep.link is not None:
             self._lost(rep.link, "replaced by a new link from the same replica")
         link = Link(rep, reader, writer)
