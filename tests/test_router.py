@@ -210,3 +210,16 @@ def test_a_router_whose_port_is_taken_says_so_and_exits(kit: Kit) -> None:
         assert f"cannot listen on 127.0.0.1:{kit.port}" in log and len(log.strip().splitlines()) == 1, log
     finally:
         second.close()
+
+
+def test_a_restarted_router_gets_its_replicas_back_on_the_same_ports(kit: Kit) -> None:
+    kit.start_replica(0)
+    kit.start_replica(1)
+    assert kit.router is not None
+    kit.router.kill()
+    kit.router.wait(30)
+    kit.router_dir.front_status.unlink()
+    kit.start_router()  # same public and link ports, as its supervisor restarts it
+    kit.wait_state(0, "ready", 0)
+    kit.wait_state(1, "ready", 0)
+    assert _infer_all(kit, [1, 2, 3]) == [{"echo": 1}, {"echo": 2}, {"echo": 3}]
