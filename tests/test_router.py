@@ -109,17 +109,24 @@ def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
     assert [r["id"] for r in status["replicas"]] == [0, 1] and status["router"] is True
 
 
-def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> None:
+def _while_replica_0_holds(kit: Kit, rows: int, act: Any) -> list[Any]:
+    """Ten requests from ten clients over two slowed replicas; `act` once replica 0 holds more
+    than `rows` rows of them. Returns every answer."""
     kit.start_replica(0, delay=DELAY)
     kit.start_replica(1, delay=DELAY)
-    inputs = [{"n": i} for i in range(10)]
     box: list[Any] = []
-    t = threading.Thread(target=lambda: box.append(_infer_all(kit, inputs)))
+    t = threading.Thread(target=lambda: box.append(_infer_all(kit, [{"n": i} for i in range(10)])))
     t.start()
-    kit.until(lambda: kit.replica(0)["in_flight"] > 0)
-    kit.kill_replica(0)
+    kit.until(lambda: kit.replica(0)["in_flight"] > rows)
+    act()
     t.join(180)
-    assert box[0] == [{"echo": x} for x in inputs], "every request was re-run on the other replica"
+    return box[0]
+
+
+def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> None:
+    inputs = [{"n": i} for i in range(10)]
+    answers = _while_replica_0_holds(kit, 0, lambda: kit.kill_replica(0))
+    assert answers == [{"echo": x} for x in inputs], "every request was re-run on the other replica"
     assert kit.replica(0)["state"] == "down"
     kit.start_replica(0, delay=DELAY)  # its gang restarted: a new attempt dials in
     health = kit.health()
@@ -129,16 +136,8 @@ def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> Non
 
 def test_a_replica_stopping_gracefully_hands_its_queue_back(kit: Kit) -> None:
     """SIGTERM: the leader answers what it had queued with `unavailable`; the router re-runs it."""
-    kit.start_replica(0, delay=DELAY)
-    kit.start_replica(1, delay=DELAY)
-    inputs = [{"n": i} for i in range(10)]
-    box: list[Any] = []
-    t = threading.Thread(target=lambda: box.append(_infer_all(kit, inputs)))
-    t.start()
-    kit.until(lambda: kit.replica(0)["in_flight"] > SERVE.max_batch_size)  # some of it queued there
-    kit.procs[0].terminate()
-    t.join(180)
-    assert box[0] == [{"echo": x} for x in inputs]
+    answers = _while_replica_0_holds(kit, SERVE.max_batch_size, lambda: kit.procs[0].terminate())  # some queued
+    assert answers == [{"echo": {"n": i}} for i in range(10)]
     assert kit.procs.pop(0).wait(30) == 0
 
 
