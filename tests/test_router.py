@@ -222,3 +222,16 @@ def test_a_restarted_router_gets_its_replicas_back_on_the_same_ports(kit: Kit) -
     kit.wait_state(0, "ready", 0)
     kit.wait_state(1, "ready", 0)
     assert _infer_all(kit, [1, 2, 3]) == [{"echo": 1}, {"echo": 2}, {"echo": 3}]
+
+
+def test_a_newer_attempt_takes_the_replica_and_an_older_one_is_refused(kit: Kit) -> None:
+    old = kit.start_replica(0)
+    try:
+        kit.start_replica(0)  # attempt 1 while attempt 0 still runs (a gang on its way out)
+        log = kit.work / kit.job / "node0" / "replica.log"
+        kit.until(lambda: "LinkRefused: replica 0 is linked with attempt 1, after 0" in log.read_text())
+        assert kit.replica(0)["attempt"] == 1 and kit.replica(0)["state"] == "ready"
+        assert _infer_all(kit, [5]) == [{"echo": 5}]
+    finally:
+        old.kill()
+        old.wait(30)

@@ -194,14 +194,10 @@ class Dispatcher:
             return
         self._handshakes += 1
         try:
-            hello = await asyncio.wait_for(L.accept(reader, writer, self.key), L.HANDSHAKE_S)
-            rep = self.replicas.get(hello["replica"])
-            if rep is None or hello.get("task") != self.task:
-                why = f"replica {hello['replica']} with task {hello.get('task')!r} is not one of this job's"
-                writer.write(P.encode({"error": why}))
-                raise L.LinkRefused(why)
+            hello = await asyncio.wait_for(L.accept(reader, writer, self.key, self._judge), L.HANDSHAKE_S)
+            rep = self.replicas[hello["replica"]]
         except (L.LinkRefused, OSError, asyncio.TimeoutError, ValueError) as e:
-            self._say(f"refused a link from {writer.get_extra_info('peername')}: {e}")
+            self._say(f"refused a link from {(writer.get_extra_info('peername') or ['?'])[0]}: {e}")
             writer.close()
             return
         finally:
@@ -222,6 +218,15 @@ class Dispatcher:
             pass
         finally:
             self._lost(link, "its link closed")
+
+    def _judge(self, hello: dict[str, Any]) -> str:
+        """Why a leader that proved the key may still not link ("" when it may)."""
+        rep = self.replicas.get(hello["replica"])
+        if rep is None or hello.get("task") != self.task:
+            return f"replica {hello['replica']} with task {hello.get('task')!r} is not one of this job's"
+        if rep.link is not None and hello["attempt"] < rep.attempt:  # a gang on its way out
+            return f"replica {rep.id} is linked with attempt {rep.attempt}, after {hello['attempt']}"
+        return ""
 
     async def _read(self, link: Link) -> None:
         lines = P.LineReader(ANSWER_BYTES)
