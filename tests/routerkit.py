@@ -23,7 +23,7 @@ from dslaunch.wire.nodedir import NodeDir, node_dir_path, router_dir_path
 from dslaunch.wire.rankenv import NodeEnv
 from dslaunch.wire.routerenv import RouterEnv
 from dslaunch.wire.serve import ServeSpec
-from tests.simnodes import free_port
+from tests.simnodes import free_port, node_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DELAY_ENV = "ROUTERKIT_DELAY"  # seconds: the Echo handler per batch, the tiny model per decode step
@@ -46,10 +46,11 @@ class Kit:
     def __init__(self, work: Path, serve: ServeSpec, replicas: int = 2, key: str | None = None) -> None:
         self.work = work
         self.job = "job" + secrets.token_hex(3)
-        self.serve = dataclasses.replace(serve, port=free_port())
+        # outside the ephemeral range: a restarted router takes them back, and no connect() has them
+        self.serve = dataclasses.replace(serve, port=node_port(["127.0.0.1"]))
         self.replicas = replicas
         self.key = key or secrets.token_hex(16)
-        self.link_port = free_port()
+        self.link_port = node_port(["127.0.0.1"])
         self.router_dir = NodeDir.at(router_dir_path(str(work), self.job))
         self.router_dir.root.mkdir(parents=True)
         _secret(self.router_dir.replica_secret, self.key)

@@ -18,7 +18,7 @@ from dslaunch.serving import link
 from dslaunch.wire.serve import ServeSpec
 from tests.routerkit import Kit
 
-SERVE = ServeSpec(handler="tests.routerkit:Echo", max_batch_size=2, batch_wait_ms=0)
+SERVE = ServeSpec(handler="tests.routerkit:Echo", max_batch_size=2, batch_wait_ms=0, max_request_bytes=4096)
 DELAY = 0.3
 
 
@@ -98,6 +98,8 @@ def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
     assert _infer_all(kit, inputs) == [{"echo": x} for x in inputs]
     with kit.client() as c:
         assert c.infer([1, 2]) == [{"echo": 1}, {"echo": 2}]
+        big = "x" * (4096 - 40)  # the client's line fits; forwarded, it spells out more (a list, a timeout)
+        assert c.infer(big) == {"echo": big}
         stats = c.stats()
         deep = c.health(deep=True)
     assert all(r["served"] > 0 for r in stats["replicas"]), stats["replicas"]
@@ -107,22 +109,36 @@ def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
     assert [r["id"] for r in status["replicas"]] == [0, 1] and status["router"] is True
 
 
-def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> None:
+def _while_replica_0_holds(kit: Kit, rows: int, act: Any) -> list[Any]:
+    """Ten requests from ten clients over two slowed replicas; `act` once replica 0 holds more
+    than `rows` rows of them. Returns every answer."""
     kit.start_replica(0, delay=DELAY)
     kit.start_replica(1, delay=DELAY)
-    inputs = [{"n": i} for i in range(10)]
     box: list[Any] = []
-    t = threading.Thread(target=lambda: box.append(_infer_all(kit, inputs)))
+    t = threading.Thread(target=lambda: box.append(_infer_all(kit, [{"n": i} for i in range(10)])))
     t.start()
-    kit.until(lambda: kit.replica(0)["in_flight"] > 0)
-    kit.kill_replica(0)
+    kit.until(lambda: kit.replica(0)["in_flight"] > rows)
+    act()
     t.join(180)
-    assert box[0] == [{"echo": x} for x in inputs], "every request was re-run on the other replica"
+    return box[0]
+
+
+def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> None:
+    inputs = [{"n": i} for i in range(10)]
+    answers = _while_replica_0_holds(kit, 0, lambda: kit.kill_replica(0))
+    assert answers == [{"echo": x} for x in inputs], "every request was re-run on the other replica"
     assert kit.replica(0)["state"] == "down"
     kit.start_replica(0, delay=DELAY)  # its gang restarted: a new attempt dials in
     health = kit.health()
     assert health["restarts"] == 1 and [r["state"] for r in health["replicas"]] == ["ready", "ready"]
     assert _infer_all(kit, inputs[:4]) == [{"echo": x} for x in inputs[:4]]
+
+
+def test_a_replica_stopping_gracefully_hands_its_queue_back(kit: Kit) -> None:
+    """SIGTERM: the leader answers what it had queued with `unavailable`; the router re-runs it."""
+    answers = _while_replica_0_holds(kit, SERVE.max_batch_size, lambda: kit.procs[0].terminate())  # some queued
+    assert answers == [{"echo": {"n": i}} for i in range(10)]
+    assert kit.procs.pop(0).wait(30) == 0
 
 
 def test_drain_stops_new_work_to_a_replica(kit: Kit) -> None:
@@ -193,3 +209,29 @@ def test_a_router_whose_port_is_taken_says_so_and_exits(kit: Kit) -> None:
         assert f"cannot listen on 127.0.0.1:{kit.port}" in log and len(log.strip().splitlines()) == 1, log
     finally:
         second.close()
+
+
+def test_a_restarted_router_gets_its_replicas_back_on_the_same_ports(kit: Kit) -> None:
+    kit.start_replica(0)
+    kit.start_replica(1)
+    assert kit.router is not None
+    kit.router.kill()
+    kit.router.wait(30)
+    kit.router_dir.front_status.unlink()
+    kit.start_router()  # same public and link ports, as its supervisor restarts it
+    kit.wait_state(0, "ready", 0)
+    kit.wait_state(1, "ready", 0)
+    assert _infer_all(kit, [1, 2, 3]) == [{"echo": 1}, {"echo": 2}, {"echo": 3}]
+
+
+def test_a_newer_attempt_takes_the_replica_and_an_older_one_is_refused(kit: Kit) -> None:
+    old = kit.start_replica(0)
+    try:
+        kit.start_replica(0)  # attempt 1 while attempt 0 still runs (a gang on its way out)
+        log = kit.work / kit.job / "node0" / "replica.log"
+        kit.until(lambda: "LinkRefused: replica 0 is linked with attempt 1, after 0" in log.read_text())
+        assert kit.replica(0)["attempt"] == 1 and kit.replica(0)["state"] == "ready"
+        assert _infer_all(kit, [5]) == [{"echo": 5}]
+    finally:
+        old.kill()
+        old.wait(30)

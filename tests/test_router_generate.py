@@ -130,6 +130,7 @@ def test_openai_client_and_curl_through_the_router(kit: Kit) -> None:
     assert json.loads(_curl(f"{base}/completions", body))["choices"][0]["text"] == want
     body = {"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0}
     assert json.loads(_curl(f"{base}/chat/completions", body))["choices"][0]["message"]["content"] == chat_want
+    assert "dslaunch_requests_total" in _curl(base.removesuffix("/v1") + "/metrics")
 
 
 def _chat_works(oai: openai.OpenAI) -> bool:

@@ -96,6 +96,9 @@ class Pending:
         if pending is not None:
             pending.append((self, event))
             return
+        if asyncio._get_running_loop() is self.loop:  # the loop's own thread (the router): no wake-up needed
+            self.events.put_nowait(event)
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 

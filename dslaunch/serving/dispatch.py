@@ -36,6 +36,7 @@ from dslaunch.wire.protocol import ProtocolError, Request
 CAP_BATCHES = 2  # a replica holds at most this many batches of rows at once; the rest wait here
 PING_S = 5.0  # each link is pinged this often ...
 PING_LIMIT_S = 15.0  # ... and dropped when nothing came back for this long (a host gone silent)
+MAX_HANDSHAKES = 64
 ANSWER_BYTES = 1 << 28  # the longest answer line a replica may send (a batch of embeddings)
 CONNECTING, READY, DRAINING, DOWN = "connecting", "ready", "draining", "down"
 
@@ -122,6 +123,7 @@ class Dispatcher:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self._said: set[str] = set()
+        self._handshakes = 0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Future[None] | None = None
 
@@ -187,17 +189,19 @@ class Dispatcher:
                 self._lost(rep.link, "the router is stopping")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            hello = await asyncio.wait_for(L.accept(reader, writer, self.key), L.HANDSHAKE_S)
-            rep = self.replicas.get(hello["replica"])
-            if rep is None or hello.get("task") != self.task:
-                why = f"replica {hello['replica']} with task {hello.get('task')!r} is not one of this job's"
-                writer.write(P.encode({"error": why}))
-                raise L.LinkRefused(why)
-        except (L.LinkRefused, OSError, asyncio.TimeoutError, ValueError) as e:
-            self._say(f"refused a link from {writer.get_extra_info('peername')}: {e}")
+        if self._handshakes >= MAX_HANDSHAKES:  # anyone may connect; only so many may be proving themselves
             writer.close()
             return
+        self._handshakes += 1
+        try:
+            hello = await asyncio.wait_for(L.accept(reader, writer, self.key, self._judge), L.HANDSHAKE_S)
+            rep = self.replicas[hello["replica"]]
+        except (L.LinkRefused, OSError, asyncio.TimeoutError, ValueError) as e:
+            self._say(f"refused a link from {(writer.get_extra_info('peername') or ['?'])[0]}: {e}")
+            writer.close()
+            return
+        finally:
+            self._handshakes -= 1
         if rep.link is not None:
             self._lost(rep.link, "replaced by a new link from the same replica")
         link = Link(rep, reader, writer)
@@ -214,6 +218,15 @@ class Dispatcher:
             pass
         finally:
             self._lost(link, "its link closed")
+
+    def _judge(self, hello: dict[str, Any]) -> str:
+        """Why a leader that proved the key may still not link ("" when it may)."""
+        rep = self.replicas.get(hello["replica"])
+        if rep is None or hello.get("task") != self.task:
+            return f"replica {hello['replica']} with task {hello.get('task')!r} is not one of this job's"
+        if rep.link is not None and hello["attempt"] < rep.attempt:  # a gang on its way out
+            return f"replica {rep.id} is linked with attempt {rep.attempt}, after {hello['attempt']}"
+        return ""
 
     async def _read(self, link: Link) -> None:
         lines = P.LineReader(ANSWER_BYTES)

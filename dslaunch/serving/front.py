@@ -5,6 +5,9 @@ else is HTTP/1.1 with the OpenAI-compatible routes (`serving.http`). Both end in
 which checks a request, queues it for the batcher (`serving.batcher`, drained by rank 0's loop
 thread) and yields its events. Limits shared by both: `--max-connections`, a fixed deadline for
 unauthenticated connections, `--max-inflight` per connection, a time-out on every write.
+
+The same Front is the router's public front (`serving.router`, a dispatcher for a batcher), and
+a replica leader's front in dial mode (`serving.link.Dialer`: it serves the router, no port).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dslaunch.serving.ndjson import serve_ndjson
@@ -71,8 +72,13 @@ async def offer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key:
         raise LinkRefused("the router did not prove the replica key")
 
 
-async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str) -> dict[str, Any]:
-    """The router's side: the leader's checked hello, or LinkRefused (the leader is told why)."""
+async def accept(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str, judge: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """The router's side: the leader's checked hello, or LinkRefused (the leader is told why).
+
+    `judge` names what is wrong with a proven hello (not this job's replica, an older attempt), or
+    says nothing; a refused leader never sees the router's proof, so it never counts as linked."""
     mine = secrets.token_hex(16)
     writer.write(encode({"challenge": mine}))
     msg = await _read(reader)
@@ -84,6 +90,8 @@ async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key
         why = "wrong replica key"
     elif not all(isinstance(hello.get(k), int) and hello[k] >= 0 for k in HELLO_INTS):
         why = f"a hello needs the integers {', '.join(HELLO_INTS)}"
+    else:
+        why = judge(hello)
     if why:
         writer.write(encode({"error": why}))
         raise LinkRefused(why)

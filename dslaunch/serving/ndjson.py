@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 LINK_INFLIGHT = 1 << 16  # the router caps what it sends a replica; this only bounds a runaway peer
 LINK_IDLE_S = 30.0  # the router pings every few seconds: this long without a byte, the link is dead
+LINK_SLACK = 4096
 
 
 class Conn:
@@ -68,7 +69,8 @@ async def serve_ndjson(
     cfg = front.cfg
     conn = Conn(writer, authed=link or cfg.token is None, write_timeout=cfg.write_timeout)
     max_inflight = LINK_INFLIGHT if link else cfg.max_inflight
-    lines = P.LineReader(cfg.limits.max_request_bytes)
+    # a forwarded line spells out every default: a little longer than the client's own
+    lines = P.LineReader(cfg.limits.max_request_bytes + (LINK_SLACK if link else 0))
     tasks: set[asyncio.Task[None]] = set()
     auth_deadline = time.monotonic() + front.first_deadline()
     data, total = first, len(first)

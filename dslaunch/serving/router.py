@@ -153,7 +153,10 @@ def main() -> int:
     try:
         front.start()
         assert front.loop is not None
-        asyncio.run_coroutine_threadsafe(disp.listen(env.link_bind, env.link_port), front.loop).result(30)
+        try:
+            asyncio.run_coroutine_threadsafe(disp.listen(env.link_bind, env.link_port), front.loop).result(30)
+        except OSError as e:
+            raise OSError(f"cannot listen for replica links on {env.link_bind}:{env.link_port}: {e}") from e
     except Exception as e:  # the port is taken (after the retries), or the address is wrong
         print(f"router: {e}", file=sys.stderr, flush=True)
         front.close()
