@@ -95,9 +95,8 @@ def test_a_tp_that_does_not_divide_the_ranks_is_one_clear_error(tp: int, why: st
 def test_ports_are_asked_of_each_replicas_head_and_assigned_in_order() -> None:
     spec = JobSpec(nodes=[Node("a", 3, line=1), Node("b", 3, line=2)], tp=2)  # replicas: a, a+b, b
     want = port_requests(spec)
-    assert want == [[None, None, None, None, None], [None, None]]
-    gang, link = assign_ports(spec, [[1, 2, 3, 4, 5], [6, 7]])
-    assert gang == [(1, 2), (4, 5), (6, 7)] and link == 3
+    assert want == [[None, None, None, None], [None, None]]
+    assert assign_ports(spec, [[1, 2, 3, 4], [6, 7]]) == [(1, 2), (3, 4), (6, 7)]
     fixed = JobSpec(nodes=TWO_BY_TWO, tp=2, master_port=5000, rdzv_port=5001)
     assert port_requests(fixed)[0][:2] == [5000, 5001]
 

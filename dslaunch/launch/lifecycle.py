@@ -147,9 +147,8 @@ def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progres
             return start_router(plan, c, token, nonce, key)
         return start_unit(plan, plan.nodes[i], c, key)
 
-    results = cluster.map(start, [cluster.clients[router_index]]) if plan.router else None
-    if results is not None and results.failed:
-        _report_started(rec, [router_index], results, progress)
+    if plan.router is not None:  # first: its link listens before any replica leader dials
+        _report_started(rec, [router_index], cluster.map(start, [cluster.clients[router_index]]), progress)
     rest = cluster.map(start, cluster.clients[:router_index])
     _report_started(rec, list(range(router_index)), rest, progress)
 

@@ -84,7 +84,8 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
         raise UserError("pre-flight failed:\n  " + "\n  ".join(problems))
     if spec.init_method == "file":
         _check_shared_dir(spec, cluster)
-    gang_ports, link_port = assign_ports(spec, [p.get("ports") or [] for p in probes])
+    gang_ports = assign_ports(spec, [p.get("ports") or [] for p in probes])
+    link_port = int(probes[0]["link_port"])
     master_port, rdzv_port = gang_ports[0]
     addresses = node_addresses(spec, cluster, [p["address"] for p in probes])
     master_addr = addresses[0]
@@ -103,24 +104,22 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
 
 
 def port_requests(spec: JobSpec) -> list[list[int | None]]:
-    """The ports each node is asked for (None: pick a free one). Node 0: replica 0's master and
-    rendezvous ports (the user's when given), then the router's link port; then two per replica
-    whose head a node is."""
+    """The ports each node is asked for (None: pick a free one): two per replica whose head it is,
+    master and rendezvous; replica 0's first, on node 0 (the user's when given)."""
     heads = heads_per_node(spec.replicas, len(spec.nodes))
     out: list[list[int | None]] = [[None, None] * k for k in heads]
-    out[0] = [spec.master_port, spec.rdzv_port, None, *out[0][2:]]
+    out[0] = [spec.master_port, spec.rdzv_port, *out[0][2:]]
     return out
 
 
-def assign_ports(spec: JobSpec, chosen: list[list[int]]) -> tuple[list[tuple[int, int]], int]:
-    """Per replica (master, rendezvous), in replica order, and the link port, from the probes' picks."""
+def assign_ports(spec: JobSpec, chosen: list[list[int]]) -> list[tuple[int, int]]:
+    """Per replica (master, rendezvous), in replica order, from the probes' picks."""
     left = [list(c) for c in chosen]
-    link = left[0].pop(2)
     gang: list[tuple[int, int]] = []
     for rep in spec.replicas:
         ports = left[rep.head]
         gang.append((ports.pop(0), ports.pop(0)))
-    return gang, link
+    return gang
 
 
 def _launch_dir_note(spec: JobSpec, probes: list[dict[str, Any]]) -> tuple[str, ...]:
@@ -181,6 +180,7 @@ def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
         args["ports"] = want
     if c is cluster.clients[0]:
         args["front"] = {"bind": spec.serve.bind, "port": spec.serve.port}
+        args["link"] = True  # the router's link port, which replica leaders dial
         if spec.serve.model and not spec.serve.handler and spec.model_check:
             args["model_config"] = spec.serve.model
     if spec.serve.model and spec.serve.model.startswith(("/", "~", ".")):

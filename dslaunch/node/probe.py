@@ -55,6 +55,26 @@ def _front_port(bind: str, port: int | None, avoid: set[int], scan: int = 100) -
     return {"front_error": f"no free port on {bind} from {first} to {first + scan - 1}"}
 
 
+def _stable_port(avoid: set[int]) -> int:
+    """A free port below the kernel's ephemeral range, for a listener that others redial.
+
+    A client redialing a port in the ephemeral range while nothing listens there can be given
+    that very port as its own source port and connect to itself (TCP simultaneous open on
+    loopback), after which the listener cannot bind it again.
+    """
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(max(1024, low // 2), low - 1)
+        if port not in avoid and port_free(port):
+            return port
+    return _free_port(avoid)
+
+
 def _free_port(avoid: set[int]) -> int:
     for _ in range(50):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -107,6 +127,9 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
             chosen.append(p if p is not None else _free_port(taken))
             taken.add(chosen[-1])
         out["ports"] = chosen
+        if args.get("link"):
+            out["link_port"] = _stable_port(taken)
+            taken.add(out["link_port"])
         front = args.get("front")
         if front is not None:
             out.update(_front_port(front["bind"], front.get("port"), taken))
