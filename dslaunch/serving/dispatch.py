@@ -23,85 +23,30 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dslaunch.serving import link as L
 from dslaunch.serving.batcher import STOPPING, Pending
 from dslaunch.serving.config import FrontConfig
+from dslaunch.serving.replicaview import (
+    DOWN,
+    DRAINING,
+    READY,
+    Job,
+    Link,
+    Replica,
+    deterministic,
+    results_of,
+)
 from dslaunch.wire import protocol as P
-from dslaunch.wire.protocol import ProtocolError, Request
+from dslaunch.wire.protocol import ProtocolError
 
 CAP_BATCHES = 2  # a replica holds at most this many batches of rows at once; the rest wait here
 PING_S = 5.0  # each link is pinged this often ...
 PING_LIMIT_S = 15.0  # ... and dropped when nothing came back for this long (a host gone silent)
 MAX_HANDSHAKES = 64
 ANSWER_BYTES = 1 << 28  # the longest answer line a replica may send (a batch of embeddings)
-CONNECTING, READY, DRAINING, DOWN = "connecting", "ready", "draining", "down"
-
-
-@dataclass
-class Job:
-    """One client request in the router: where it runs, and the stream text its client already has."""
-
-    pending: Pending
-    deadline: float
-    sent: dict[int, str] = field(default_factory=dict)  # per row: text already given to the client
-    got: dict[int, str] = field(default_factory=dict)  # per row: text of the current run
-
-    @property
-    def live(self) -> bool:
-        return not (self.pending.cancelled or self.pending.answered)
-
-
-class Link:
-    """One replica leader's connection: its requests in flight, by the router's ids."""
-
-    def __init__(self, replica: Replica, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.replica = replica
-        self.reader, self.writer = reader, writer
-        self.flights: dict[int, Job] = {}
-        self.heard = time.monotonic()
-        self.pinged = 0.0
-        self.dead = False
-
-
-@dataclass
-class Replica:
-    id: int
-    state: str = CONNECTING
-    attempt: int = 0
-    ranks: int = 0
-    cap: int = 0
-    outstanding: int = 0  # rows sent and not answered
-    served: int = 0
-    errors: int = 0
-    since: float = field(default_factory=time.time)
-    draining: bool = False
-    last_sent: float = 0.0
-    link: Link | None = None
-
-    def row(self) -> dict[str, Any]:
-        return {"id": self.id, "state": self.state, "attempt": self.attempt, "ranks": self.ranks,
-                "in_flight": self.outstanding, "served": self.served, "errors": self.errors,
-                "since": round(self.since, 3)}  # fmt: skip
-
-    def set(self, state: str) -> None:
-        if state != self.state:
-            self.state, self.since = state, time.time()
-
-
-def deterministic(req: Request) -> bool:
-    """A re-run gives the same text: greedy or seeded generation (and every other op)."""
-    return req.op != "generate" or req.params.greedy or req.params.seed is not None
-
-
-def results_of(req: Request, answer: dict[str, Any]) -> list[Any]:
-    """A replica's plural answer as the Front's ("done", results)."""
-    if req.op == "health":
-        return list(answer.get("ranks") or [])
-    return list(answer["embeddings"] if req.op == "embed" else answer["results"])
 
 
 class Dispatcher:
@@ -126,6 +71,7 @@ class Dispatcher:
         self._handshakes = 0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Future[None] | None = None
+        self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     # -- what the Front uses -------------------------------------------------------------------
     @property
@@ -159,6 +105,21 @@ class Dispatcher:
 
     def rows(self) -> list[dict[str, Any]]:
         return [r.row() for r in self.replicas.values()]
+
+    async def ask_all(self, op: str, timeout: float = 2.0) -> dict[int, dict[str, Any]]:
+        """Every linked leader's own answer to `op` (e.g. its engine's `stats`); the slow ones left out."""
+        assert self.loop is not None
+        asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        for rep in self.replicas.values():
+            if rep.link is not None and not rep.link.dead:
+                rid = f"{op}-{next(self._ids)}"
+                asked[rep.id] = self._asked[rid] = self.loop.create_future()
+                rep.link.writer.write(P.encode({"id": rid, "op": op}))
+        if asked:
+            await asyncio.wait(asked.values(), timeout=timeout)
+        for rid in [k for k, f in self._asked.items() if f.done() or f in asked.values()]:
+            self._asked.pop(rid, None)
+        return {r: f.result() for r, f in asked.items() if f.done() and not f.cancelled()}
 
     # -- the link listener ---------------------------------------------------------------------
     async def listen(self, bind: str, port: int, patience: float = 10.0) -> asyncio.Server:
@@ -241,6 +202,11 @@ class Dispatcher:
                 self._answer(link, json.loads(line))
 
     def _answer(self, link: Link, answer: dict[str, Any]) -> None:
+        asked = self._asked.pop(answer.get("id"), None)  # type: ignore[arg-type]
+        if asked is not None:
+            if not asked.done():
+                asked.set_result(answer)
+            return
         job = link.flights.get(answer.get("id"))  # type: ignore[arg-type]
         if job is None:
             return  # a ping's answer, or a request already given up on

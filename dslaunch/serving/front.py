@@ -187,6 +187,10 @@ class Front:
         """What `stats` answers (and the status file summarises)."""
         return self.stats.snapshot(self.batcher.depth, self.batcher.in_flight)
 
+    async def stats_now(self) -> dict[str, Any]:
+        """What the `stats` op answers: the router asks its replicas' engines first."""
+        return self.stats_doc()
+
     # -- connections ---------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: count it against --max-connections, sniff its protocol, serve it."""

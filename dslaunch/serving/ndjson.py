@@ -182,7 +182,7 @@ async def _answer(front: Front, conn: Conn, req: Request) -> None:
         await conn.send(P.ok(req.id))
         return
     if req.op == "stats":
-        await conn.send(P.ok(req.id, stats=front.stats_doc()))
+        await conn.send(P.ok(req.id, stats=await front.stats_now()))
         return
     if req.op == "health" and not req.deep:
         extra = {"proof": front.proof(req.challenge)} if req.challenge else {}

@@ -22,8 +22,9 @@ from typing import Any
 
 from dslaunch.serving.batcher import STOPPING
 from dslaunch.serving.config import FrontConfig
-from dslaunch.serving.dispatch import READY, Dispatcher
+from dslaunch.serving.dispatch import Dispatcher
 from dslaunch.serving.front import Front
+from dslaunch.serving.replicaview import READY
 from dslaunch.serving.stats import Stats
 from dslaunch.wire import protocol as P
 from dslaunch.wire.nodedir import NodeDir
@@ -59,8 +60,35 @@ class RouterFront(Front):
     def stats_doc(self) -> dict[str, Any]:
         return {**super().stats_doc(), "replicas": self.batcher.rows()}
 
+    async def stats_now(self) -> dict[str, Any]:
+        """The router's own counters (requests, latency) with the engines' summed over replicas."""
+        doc = self.stats_doc()
+        engines = await self.batcher.ask_all("stats")
+        for row in doc["replicas"]:
+            row["engine"] = (engines.get(row["id"]) or {}).get("stats")
+        doc.update(merge_engines([e["stats"] for e in engines.values() if isinstance(e.get("stats"), dict)]))
+        return doc
+
     def status_doc(self) -> dict[str, Any]:
         return {**super().status_doc(), "router": True, "replicas": self.batcher.rows()}
+
+
+def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replicas' engine counters as one engine's: sums, and means weighted by their counts."""
+    if not stats:
+        return {}
+    total = lambda key: sum(float(s.get(key) or 0) for s in stats)  # noqa: E731
+    steps, batches = total("steps"), total("batches")
+    step_rows = sum(s["rows_per_step"]["mean"] * s.get("steps", 0) for s in stats)
+    batch_rows = sum(s["batch_size"]["mean"] * s.get("batches", 0) for s in stats)
+    return {
+        "steps": int(steps), "batches": int(batches), "tokens_generated": int(total("tokens_generated")),
+        "engine_busy_s": round(total("engine_busy_s"), 4), "tokens_per_s": round(total("tokens_per_s"), 1),
+        "rows_per_step": {"mean": round(step_rows / steps, 3) if steps else 0.0,
+                          "max": max(s["rows_per_step"]["max"] for s in stats)},
+        "batch_size": {"mean": round(batch_rows / batches, 3) if batches else 0.0,
+                       "max": max(s["batch_size"]["max"] for s in stats)},
+    }  # fmt: skip
 
 
 class Loading:
