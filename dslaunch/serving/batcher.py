@@ -28,6 +28,8 @@ STOPPING = "the job is stopping or restarting; retry"
 # A stream whose client stops reading is cut off once this much of its text waits unread.
 STREAM_BUFFER_BYTES = 1 << 20
 STREAM_BUFFER_CHUNKS = 8192
+# How the answer of a stream cut off at that bound begins (the front then closes its connection).
+STREAM_CUT = "stream cut off"
 
 
 _outbox = threading.local()
@@ -111,7 +113,7 @@ class Pending:
             self.unread_chunks += 1
             over = self.unread_bytes > self.stream_bytes or self.unread_chunks > self.stream_chunks
         if over:
-            why = f"stream cut off: over {self.stream_bytes} bytes unread (the client stopped reading)"
+            why = f"{STREAM_CUT}: over {self.stream_bytes} bytes or {self.stream_chunks} chunks unread (not read)"
             self.fail(P.OVERLOADED, why)
             return
         self.put(("chunk", index, text))
