@@ -281,6 +281,11 @@ class Batcher:
                 return RowBatch([self.queue.popleft()])
         return None
 
+    def queued_rows(self) -> int:
+        """Rows of the generate requests waiting in the queue."""
+        with self.cv:
+            return self._rows("generate")
+
     def admit(self, fits: Callable[[Pending], bool]) -> list[Pending]:
         """Generate requests that fit (`fits` takes them into account when it says so), in arrival
         order: the first that does not fit waits, and so does everything behind it. A request
