@@ -278,11 +278,13 @@ def report(name: str, out: dict[str, Any]) -> None:
         row: list[Any] = [c, out["offline"]["levels"][c]["tokens_per_s"]]
         for key in served_keys:
             lv = out[key]["levels"][c]
-            row += [lv["tokens_per_s"], out[key]["ratio"][c], lv["p50_ms"], lv["rows_per_step"], lv["engine_busy"]]
+            row += [lv["tokens_per_s"], out[key]["ratio"][c], lv["p50_ms"], lv["rows_per_step"],
+                    lv["tokens_per_forward"], lv["engine_busy"]]  # fmt: skip
         rows.append(row)
     heads = ["clients", "offline tok/s"]
     for key in served_keys:
-        heads += [f"{key} tok/s", f"{key}/offline", f"{key} p50 ms", f"{key} rows/step", f"{key} busy"]
+        heads += [f"{key} tok/s", f"{key}/offline", f"{key} p50 ms", f"{key} rows/step", f"{key} tok/fwd",
+                  f"{key} busy"]  # fmt: skip
     print(f"\n{name}")
     print(table(heads, rows))
     for key in served_keys:
