@@ -24,9 +24,10 @@ def main() -> None:
             levels = sorted(int(k) for k in data["offline"]["levels"])
             ax.plot(levels, [data["offline"]["levels"][str(c)]["tokens_per_s"] for c in levels], "k-o",
                     label="offline engine (all requests at once)")  # fmt: skip
-            for run in data["served"]:
-                ax.plot(levels, [run["levels"][str(c)]["tokens_per_s"] for c in levels], "-o",
-                        label=f"served, {run['ranks']} rank(s), --batch-wait-ms {run['batch_wait_ms']:g}")  # fmt: skip
+            names = {"tp2": "served, 2 simulated nodes x 1 rank (TP=2)", "tp1": "served, 1 rank x 2 threads (TP=1)"}
+            for key in (k for k in data if k != "offline"):
+                ax.plot(levels, [data[key]["levels"][str(c)]["tokens_per_s"] for c in levels], "-o",
+                        label=names.get(key, key))  # fmt: skip
             ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="tokens/s", xticks=levels,
                    xticklabels=[str(c) for c in levels], title=f"Served vs offline ({name}, CPU)")  # fmt: skip
             ax.legend(fontsize=8)

@@ -1,14 +1,16 @@
 """dslaunch next to `transformers serve --continuous-batching --device cpu`, side by side.
 
-The same model directory, one rank / one server process each with both cores, one after the
-other on this machine: closed-loop clients (1, 16, 32), 32 new tokens, greedy. Each level runs
-twice per server: answers in one piece (tokens/s, latency p50/p99), then streamed (time to the
+The same model directory, one rank / one server process each with both cores: closed-loop
+clients (1, 16, 32), 32 new tokens, greedy. Both servers stay up and are measured in turn, level
+by level, for several rounds; the tables give the median over rounds (this machine is shared and
+its load changes by the minute, so only measurements taken close together are compared). Each
+turn runs twice: answers in one piece (tokens/s, latency p50/p99), then streamed (time to the
 first text chunk, p50/p99). dslaunch is reached through its NDJSON front, the peer through its
 OpenAI-style `/v1/completions` (no chat template: the same raw prompt). Both count the tokens
 they really generated (a row may end early at EOS). The models: the built-in tiny Llama and a
 ~28M-parameter Llama built from a config (random weights, no download).
 
-    python benchmarks/versus.py [--seconds 5] [--models tiny,llama28m]
+    python benchmarks/versus.py [--seconds 4] [--rounds 3] [--models tiny,llama28m]
 
 Needs the peer's extras: pip install -e '.[bench]' (transformers[serving]).
 """
@@ -21,10 +23,12 @@ import http.client
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +61,20 @@ def _ours(port: int, stream: bool) -> Any:
     return one
 
 
-def run_dslaunch(env: dict[str, str], work: Path, model: Path, seconds: float) -> dict[str, Any]:
-    up = dslaunch(env, "up", "--work-dir", str(work), "--model", str(model), "--max-batch-size", "32")
+@contextlib.contextmanager
+def dslaunch_server(env: dict[str, str], work: Path, model: Path) -> Iterator[Any]:
+    """`dslaunch up` on this machine, one rank; yields the client factory."""
+    up = dslaunch(
+        env, "up", "--work-dir", str(work), "--model", str(model), "--max-batch-size", "32", "--batch-wait-ms", "0"
+    )
     if up.returncode != 0:
         raise SystemExit(up.stdout + up.stderr)
     try:
         rec = json.loads((Path(env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
         port = rec["front"]["port"]
-        return _levels(lambda stream: _ours(port, stream), seconds)
+        factory = lambda stream: _ours(port, stream)  # noqa: E731
+        factory.port = port  # type: ignore[attr-defined]
+        yield factory
     finally:
         dslaunch(env, "down", "--grace", "5")
 
@@ -101,7 +111,9 @@ def _theirs(port: int, model: Path, stream: bool) -> Any:
     return one
 
 
-def run_peer(model: Path, seconds: float, tmp: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def peer_server(model: Path, tmp: Path) -> Iterator[Any]:
+    """`transformers serve --continuous-batching --device cpu`; yields the client factory."""
     from tests.simnodes import free_port
 
     port = free_port()
@@ -122,7 +134,7 @@ def run_peer(model: Path, seconds: float, tmp: Path) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"transformers serve did not start; see {tmp / 'peer.log'}")
             time.sleep(0.5)
-        return _levels(lambda stream: _theirs(port, model, stream), seconds)
+        yield lambda stream: _theirs(port, model, stream)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -134,20 +146,41 @@ def run_peer(model: Path, seconds: float, tmp: Path) -> dict[str, Any]:
         log.close()
 
 
-def _levels(make: Any, seconds: float) -> dict[int, dict[str, float]]:
-    closed_loop(4, 2.0, make(False))  # warm-up (the peer builds its batching manager on first use)
-    out = {}
-    for n in LEVELS:
-        out[n] = closed_loop(n, seconds, make(False))
-        streamed = closed_loop(n, seconds, make(True))
-        out[n].update(ttft_p50_ms=streamed["ttft_p50_ms"], ttft_p99_ms=streamed["ttft_p99_ms"],
-                      stream_tokens_per_s=streamed["tokens_per_s"])  # fmt: skip
+def measure(make: Any, n: int, seconds: float) -> dict[str, float]:
+    """One turn at one level: in one piece, then streamed."""
+    out = closed_loop(n, seconds, make(False))
+    streamed = closed_loop(n, seconds, make(True))
+    out.update(ttft_p50_ms=streamed["ttft_p50_ms"], ttft_p99_ms=streamed["ttft_p99_ms"],
+               stream_tokens_per_s=streamed["tokens_per_s"],
+               both_wall_s=out["wall_s"] + streamed["wall_s"])  # fmt: skip
     return out
+
+
+def engine_share(make: Any, n: int, seconds: float) -> dict[str, float]:
+    """dslaunch's turn, with rows per step, tokens per forward pass and busy share from its counters."""
+    with Client("127.0.0.1", make.port, timeout=60) as c:
+        before = c.stats()
+        out = measure(make, n, seconds)
+        after = c.stats()
+    steps = max(after["steps"] - before["steps"], 1)
+    rows = after["rows_per_step"]["mean"] * after["steps"] - before["rows_per_step"]["mean"] * before["steps"]
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    passes = max(after["forward_passes"] - before["forward_passes"], 1)
+    out.update(rows_per_step=rows / steps, tokens_per_forward=tokens / passes,
+               engine_busy=(after["engine_busy_s"] - before["engine_busy_s"]) / out["both_wall_s"])  # fmt: skip
+    return out
+
+
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the median over rounds (and the rounds themselves, for the JSON)."""
+    keys = rounds[0].keys()
+    return {**{k: statistics.median(r[k] for r in rounds) for k in keys}, "rounds": rounds}  # type: ignore[dict-item]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="Measuring time per level and mode.")
+    ap.add_argument("--seconds", type=float, default=4.0, help="Measuring time per level, mode and round.")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="tiny,llama28m")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -164,15 +197,23 @@ def main() -> None:
                 model = tinymodel.build(tmp / "models" / tinymodel.NAME)
             else:
                 model = build_llama(tmp / "models" / name)
-            ours = run_dslaunch(env, tmp / "work", model, args.seconds)
-            theirs = run_peer(model, args.seconds, tmp)
-            results[name] = {"dslaunch": ours, "transformers_serve": theirs}
-            report(name, ours, theirs)
+            with dslaunch_server(env, tmp / "work", model) as ours, peer_server(model, tmp) as theirs:
+                for make in (ours, theirs):
+                    closed_loop(4, 2.0, make(False))  # warm-up (the peer builds its manager on first use)
+                runs: dict[str, dict[int, list[dict[str, float]]]] = {"dslaunch": {}, "transformers_serve": {}}
+                for _ in range(args.rounds):
+                    for n in LEVELS:
+                        for who, make in (("dslaunch", ours), ("transformers_serve", theirs)):
+                            turn = engine_share if who == "dslaunch" else measure
+                            runs[who].setdefault(n, []).append(turn(make, n, args.seconds))
+            results[name] = {who: {n: median_of(r) for n, r in by.items()} for who, by in runs.items()}
+            report(name, results[name]["dslaunch"], results[name]["transformers_serve"])
     import transformers
 
     setup = (f"one rank / one server with {os.cpu_count()} threads each, CPU, {NEW_TOKENS} new tokens, greedy, "
              f"closed-loop clients; transformers {transformers.__version__} serve --continuous-batching --device cpu "
-             "(defaults otherwise); dslaunch --max-batch-size 32")  # fmt: skip
+             "(defaults otherwise); dslaunch --max-batch-size 32 --batch-wait-ms 0; "
+             f"medians of {args.rounds} interleaved rounds of {args.seconds:g} s")  # fmt: skip
     write("versus", {"setup": setup, "models": results}, args.out)
 
 
@@ -186,6 +227,8 @@ def report(name: str, ours: dict[int, Any], theirs: dict[int, Any]) -> None:
     print(f"\n{name}")
     print(table(["clients", "dslaunch tok/s", "transformers serve tok/s", "ratio", "p50 ms ours / peer",
                  "TTFT p50 ms ours / peer", "TTFT p99 ms ours / peer"], rows))  # fmt: skip
+    share = [[n, ours[n]["rows_per_step"], ours[n]["tokens_per_forward"], ours[n]["engine_busy"]] for n in LEVELS]
+    print(table(["clients", "dslaunch rows/step", "tokens/forward pass", "engine busy"], share))
 
 
 if __name__ == "__main__":

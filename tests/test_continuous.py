@@ -204,3 +204,19 @@ def test_a_prompt_too_long_by_its_bytes_is_refused_before_tokenizing(served: Ser
     assert e.value.code == "bad_request"
     with pytest.raises(ProtocolError, match="tokens") as e:  # under the byte bound: tokenized, then refused
         served.submit(_gen("The quick brown fox " * 200, 4))
+
+
+def test_queued_requests_wait_a_few_steps_to_join_together() -> None:
+    from types import SimpleNamespace
+
+    from dslaunch.rank.steps import JOIN_AFTER_STEPS, _hold
+
+    def gen(*remaining: int) -> Any:
+        return SimpleNamespace(remaining=lambda: list(remaining))
+
+    assert not _hold(gen(), 0, 3, 8, 0), "nothing runs: join at once"
+    assert _hold(gen(30, 3), 2, 1, 6, 0), "a row ends in 3 steps: its successor can share the prefill"
+    assert not _hold(gen(30, 3), 2, 6, 6, 0), "the queue already fills the free rows"
+    assert not _hold(gen(30, 3), 2, 1, 6, JOIN_AFTER_STEPS), "held long enough"
+    assert _hold(gen(*[30] * 10), 10, 2, 22, 0), "2 waiting beside 10 running: wait for more"
+    assert not _hold(gen(*[30] * 10), 10, 4, 22, 0), "a third of the running rows: join now"

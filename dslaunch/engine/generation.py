@@ -54,6 +54,10 @@ class Generation:
         sampling = RowSampling.of(params, secrets.randbits(63))
         return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop))
 
+    def remaining(self) -> list[int]:
+        """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
+        return [r.budget - r.count for r in self.rows if r.reason is None]
+
     def costs(self) -> list[int]:
         """The most KV-cache tokens each running row may hold."""
         return [r.cost for r in self.rows if r.reason is None]

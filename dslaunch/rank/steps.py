@@ -17,6 +17,14 @@ from dslaunch.rank.channel import BEAT, RESTARTING, STEP, STOP, Channel, Message
 from dslaunch.rank.lockstep import run_batch
 from dslaunch.wire.protocol import BAD_REQUEST, INTERNAL, UNAVAILABLE, ProtocolError
 
+# Joining costs a prefill forward pass of its own, and a small model (or any model decoding a
+# small batch) is bound by reading its weights: a prefill costs about as much as a decode step.
+# So while rows run, queued requests may wait up to JOIN_AFTER_STEPS steps to join together
+# with others: while running rows will finish within that time (their clients, or the next
+# requests, then join in the same prefill), or while they are fewer than JOIN_RATIO of the
+# running rows (as TGI's waiting_served_ratio). Never when they already fill the free rows.
+JOIN_RATIO = 0.3
+JOIN_AFTER_STEPS = 8
 # After the front closes (down, restart), running rows may finish for this long; then they are
 # answered `unavailable` (the worker waits 8 s for this loop before it leaves anyway).
 DRAIN_S = 5.0
@@ -28,6 +36,7 @@ def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -
     kv, gen = engine.new_batch(), engine.generation()
     channel.progress.batch = gen
     closing: float | None = None
+    held = 0  # steps queued requests have been held back to join together
 
     while True:
         gen.cancelled()
@@ -48,7 +57,12 @@ def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -
                 continue
         if _probe(engine, channel, source, gen):
             continue
-        joins = [] if source.closed else source.admit(Admission(engine, channel.capacity, gen.costs()))
+        if source.closed:
+            joins = []
+        elif _hold(gen, running, source.queued_rows(), channel.capacity - running, held):
+            joins, held = [], held + 1
+        else:
+            joins, held = source.admit(Admission(engine, channel.capacity, gen.costs())), 0
         if not gen.rows and not joins:
             continue
         with source.events_together():
@@ -86,6 +100,14 @@ def _step(channel: Channel, source: Any, gen: Any, kv: Any, joins: list[Any]) ->
     made = gen.advance(keep, new, logits)
     source.stepped(len(keep) + len(new), time.perf_counter() - t0, made, len(new))
     return True
+
+
+def _hold(gen: Any, running: int, queued: int, free: int, held: int) -> bool:
+    """Whether queued requests wait one more step to join together with others (see JOIN_RATIO)."""
+    if not running or not queued or queued >= free or held >= JOIN_AFTER_STEPS:
+        return False
+    left = JOIN_AFTER_STEPS - held
+    return any(n <= left for n in gen.remaining()) or queued < JOIN_RATIO * running
 
 
 class Admission:

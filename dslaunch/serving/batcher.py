@@ -28,6 +28,8 @@ STOPPING = "the job is stopping or restarting; retry"
 # A stream whose client stops reading is cut off once this much of its text waits unread.
 STREAM_BUFFER_BYTES = 1 << 20
 STREAM_BUFFER_CHUNKS = 8192
+# How the answer of a stream cut off at that bound begins (the front then closes its connection).
+STREAM_CUT = "stream cut off"
 
 
 _outbox = threading.local()
@@ -114,7 +116,7 @@ class Pending:
             self.unread_chunks += 1
             over = self.unread_bytes > self.stream_bytes or self.unread_chunks > self.stream_chunks
         if over:
-            why = f"stream cut off: over {self.stream_bytes} bytes unread (the client stopped reading)"
+            why = f"{STREAM_CUT}: over {self.stream_bytes} bytes or {self.stream_chunks} chunks unread (not read)"
             self.fail(P.OVERLOADED, why)
             return
         self.put(("chunk", index, text))
@@ -281,6 +283,11 @@ class Batcher:
             if self._drop_cancelled() and self.queue[0].kind == "probe":
                 return RowBatch([self.queue.popleft()])
         return None
+
+    def queued_rows(self) -> int:
+        """Rows of the generate requests waiting in the queue."""
+        with self.cv:
+            return self._rows("generate")
 
     def admit(self, fits: Callable[[Pending], bool]) -> list[Pending]:
         """Generate requests that fit (`fits` takes them into account when it says so), in arrival

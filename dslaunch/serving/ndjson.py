@@ -15,7 +15,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from dslaunch.serving.batcher import Pending
+from dslaunch.serving.batcher import STREAM_CUT, Pending
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
@@ -168,6 +168,9 @@ async def _request(front: Front, conn: Conn, req: Request) -> None:
         front.metrics.request("ndjson", req.op, e.code)
         with contextlib.suppress(ConnectionError, OSError):
             await conn.send(P.error(req.id, e.code, e.message))
+        if e.message.startswith(STREAM_CUT):  # the client stopped reading: its error, then the end
+            conn.closing = True
+            conn.writer.close()
     except (ConnectionError, OSError, asyncio.CancelledError):
         pass
     except Exception:

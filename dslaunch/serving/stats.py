@@ -27,6 +27,7 @@ class Stats:
         self.tokens = 0
         self.busy_s = 0.0
         self.steps = 0
+        self.forwards = 0
         self.step_rows = 0
         self.step_rows_max = 0
 
@@ -47,15 +48,17 @@ class Stats:
             self._step(rows, seconds, tokens)
 
     def step(self, rows: int, seconds: float, tokens: int, joined: int) -> None:
-        """One step of the running batch (`rows` rows in its forward passes, `joined` of them new)."""
+        """One step of the running batch (`rows` rows in its forward passes, `joined` of them new):
+        one decode pass for the rows that were running, one prefill pass for the joiners."""
         with self.lock:
             if joined:
                 self.batches += 1
                 self.batch_sizes[joined] += 1
-            self._step(rows, seconds, tokens)
+            self._step(rows, seconds, tokens, int(rows > joined) + int(joined > 0))
 
-    def _step(self, rows: int, seconds: float, tokens: int) -> None:
+    def _step(self, rows: int, seconds: float, tokens: int, forwards: int = 1) -> None:
         self.steps += 1
+        self.forwards += forwards
         self.step_rows += rows
         self.step_rows_max = max(self.step_rows_max, rows)
         self.busy_s += seconds
@@ -78,6 +81,7 @@ class Stats:
                     "histogram": {str(k): v for k, v in sizes.items()},
                 },
                 "steps": self.steps,
+                "forward_passes": self.forwards,
                 "rows_per_step": {
                     "mean": round(self.step_rows / self.steps, 3) if self.steps else 0.0,
                     "max": self.step_rows_max,
