@@ -153,6 +153,8 @@ def test_the_router_killed_comes_back_on_its_port_and_the_job_goes_on(job, want)
     st = wait_status(cli, lambda s: s["state"] == "ready" and s["front"]["ready"], 60)
     assert st["front"]["address"] == f"127.0.0.1:{_port(rec)}"
     assert [r["restarts"] for r in st["replicas"]] == [0, 0], "ranks are untouched by a router crash"
+    log = cli("logs", "--router")
+    assert log.returncode == 0 and "killed by signal 9" in log.stdout and "replica 1 linked" in log.stdout, log.stdout
 
 
 def test_down_leaves_nothing_on_any_node(job) -> None:

@@ -172,15 +172,21 @@ def restart(name: str, replicas: tuple[int, ...], drain_timeout: float, timeout:
 @click.option("--rank", "-r", "ranks", type=int, multiple=True, help="Only this rank (repeatable).")
 @click.option("--lines", "-l", type=int, default=50, show_default=True, help="Lines per rank.")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")
-def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool) -> None:
+@click.option("--router", "router", is_flag=True, help="The router's log instead (links, replicas up and down).")
+def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool, router: bool) -> None:
     """Print the ranks' logs from every node, each line prefixed with its rank.
 
     \b
     Examples:
       dslaunch logs
       dslaunch logs --rank 1 -f
+      dslaunch logs --router
     """
     rec = state.require(name)
+    if router:
+        for text in joblogs.router_log(rec, lines):
+            console.print(render.plain(f"[router] {text}"), markup=False)
+        return
     wanted = list(ranks) or None
     for r in wanted or []:
         if not 0 <= r < rec.world_size:

@@ -53,6 +53,16 @@ def read_logs(rec: JobRecord, ranks: list[int] | None, lines: int) -> tuple[dict
     return dict(sorted(out.items())), errors
 
 
+def router_log(rec: JobRecord, lines: int) -> list[str]:
+    """The last lines the router (and its supervisor) wrote: links, replicas up and down, refusals."""
+    i = next((i for i, n in enumerate(rec.nodes) if n.kind == "router"), None)
+    if i is None:
+        return []
+    with cluster_for(rec) as cluster:
+        out = cluster.clients[i].call("logs", {"node_dir": rec.nodes[i].node_dir, "agent": True, "lines": lines})
+    return list(out.get("agent", []))
+
+
 def follow_logs(rec: JobRecord, ranks: list[int] | None) -> Iterator[tuple[int, str]]:
     """(rank, line) as lines are written on any node, until the caller stops iterating."""
     q: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=10000)

@@ -27,6 +27,8 @@ def tail(path: Path, lines: int) -> list[str]:
 
 def op_logs(args: dict[str, Any]) -> dict[str, Any]:
     nd = NodeDir.at(args["node_dir"])
+    if args.get("agent"):  # the process the unit's agent runs (the router's own log, say)
+        return {"agent": tail(nd.agent_log, int(args.get("lines", 100)))}
     files = nd.rank_logs(args.get("ranks"))
     return {"logs": {k: tail(p, int(args.get("lines", 100))) for k, p in files.items()}}
 
