@@ -34,6 +34,7 @@ from dslaunch.wire.serve import ServeSpec
 
 STOP_WAIT_S = 8.0  # after SIGTERM, how long requests already on a replica may take to finish
 TEXT_RETRY_S = 5.0
+TEXT_WAIT_S = 30.0  # an OpenAI chat or embeddings request waits this long for the router's tokenizer
 
 
 class RouterFront(Front):
@@ -92,15 +93,27 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Loading:
-    """Stands for the tokenizer until it is loaded: the OpenAI routes that need it say `unavailable`."""
+    """Stands for the tokenizer until it is loaded: the OpenAI routes that need it wait for it (off
+    the event loop, bounded), then say `unavailable` if it is still not there."""
+
+    def __init__(self, wait_s: float = TEXT_WAIT_S) -> None:
+        self.loaded = threading.Event()
+        self.tools: Any = None
+        self.wait_s = wait_s
 
     def precheck(self, req: Any) -> None:
         pass
 
-    def chat(self, messages: Any) -> str:
-        raise ProtocolError(P.UNAVAILABLE, "the router is still loading the model's tokenizer; retry")
+    def _tools(self) -> Any:
+        if not self.loaded.wait(self.wait_s):
+            raise ProtocolError(P.UNAVAILABLE, "the router is still loading the model's tokenizer; retry")
+        return self.tools
 
-    count = chat  # type: ignore[assignment]
+    def chat(self, messages: Any) -> str:
+        return str(self._tools().chat(messages))
+
+    def count(self, texts: list[str]) -> int:
+        return int(self._tools().count(texts))
 
 
 class TextLoader:
@@ -132,7 +145,11 @@ class TextLoader:
                     config = AutoConfig.from_pretrained(self.path)
                     positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
                 assert self.front is not None
-                self.front.text = TextTools(tok, threading.Lock(), positions)
+                tools, waiting = TextTools(tok, threading.Lock(), positions), self.front.text
+                self.front.text = tools
+                if isinstance(waiting, Loading):  # requests already waiting for it go on
+                    waiting.tools = tools
+                    waiting.loaded.set()
                 return
             except Exception as e:
                 why = f"cannot load the tokenizer of {self.path} yet ({type(e).__name__}: {e}); retrying"[:400]
