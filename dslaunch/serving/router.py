@@ -5,8 +5,8 @@
 It owns the public port (NDJSON and HTTP, auth, limits, the queue: the Front, unchanged) and
 hands the work to replica leaders over their links (`serving.dispatch`), which they dial in on
 `link_bind:link_port`. Prompts are checked (tokenized) where they run, on the replica; the router
-keeps its own tokenizer only for the OpenAI routes' chat template and token counts, loaded once a
-replica is up (the ranks build the built-in model on first load).
+keeps its own tokenizer only for the OpenAI routes' chat template and token counts, loaded when
+one first needs it (and retried: the ranks build the built-in model on their first load).
 """
 
 from __future__ import annotations
@@ -96,15 +96,18 @@ class Loading:
     """Stands for the tokenizer until it is loaded: the OpenAI routes that need it wait for it (off
     the event loop, bounded), then say `unavailable` if it is still not there."""
 
-    def __init__(self, wait_s: float = TEXT_WAIT_S) -> None:
+    def __init__(self, start: Any = None, wait_s: float = TEXT_WAIT_S) -> None:
         self.loaded = threading.Event()
         self.tools: Any = None
+        self.start = start  # begins the load (once): on first use, so jobs that never ask pay nothing
         self.wait_s = wait_s
 
     def precheck(self, req: Any) -> None:
         pass
 
     def _tools(self) -> Any:
+        if self.start is not None:
+            self.start(None)
         if not self.loaded.wait(self.wait_s):
             raise ProtocolError(P.UNAVAILABLE, "the router is still loading the model's tokenizer; retry")
         return self.tools
@@ -117,18 +120,21 @@ class Loading:
 
 
 class TextLoader:
-    """The router's tokenizer (OpenAI routes), loaded off the loop once a replica has dialed in."""
+    """The router's tokenizer (OpenAI routes), loaded in a thread when first needed (transformers
+    costs seconds of CPU and a few hundred MB: most jobs never need it here)."""
 
     def __init__(self, serve: ServeSpec, models: Path) -> None:
         self.serve = serve
         self.path = serve.model or str(models / _tiny_name())
         self.front: Front | None = None
         self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
 
-    def __call__(self, hello: dict[str, Any]) -> None:
-        if self.thread is None and isinstance(self.front.text if self.front else None, Loading):
-            self.thread = threading.Thread(target=self._load, name="dslaunch-tokenizer", daemon=True)
-            self.thread.start()
+    def __call__(self, _hello: dict[str, Any] | None) -> None:
+        with self.lock:
+            if self.thread is None and isinstance(self.front.text if self.front else None, Loading):
+                self.thread = threading.Thread(target=self._load, name="dslaunch-tokenizer", daemon=True)
+                self.thread.start()
 
     def _load(self) -> None:
         """Until it works: a replica on another node may have built the built-in model first."""
@@ -179,12 +185,12 @@ def build(env: RouterEnv, nd: NodeDir) -> tuple[RouterFront, Dispatcher]:
     model = serve.handler or serve.model or str(nd.models / _tiny_name())
     cfg = FrontConfig.from_serve(serve, _secret(nd.front_token), _secret(nd.front_nonce), Path(model).name)
     text = TextLoader(serve, nd.models)
-    disp = Dispatcher(cfg, key, env.replicas, task, nd.drain, on_link=text)
+    disp = Dispatcher(cfg, key, env.replicas, task, nd.drain)
     info = {"world_size": env.world_size, "ranks": [], "restarts": 0, "model": model, "task": task}
     front = RouterFront(cfg, info, None, disp, Stats(), nd.front_status)  # type: ignore[arg-type]
     text.front = front
     if not serve.handler:
-        front.text = Loading()
+        front.text = Loading(start=text)
     return front, disp
 
 
