@@ -18,26 +18,27 @@ pytestmark = pytest.mark.ssh
 
 
 # World size 4 (two slots per node) is served and checked the same way in test_e2e_ssh.py, on the
-# jobs its end-to-end tests start anyway.
-@pytest.mark.parametrize(("method", "slots"), [("tcp", 1), ("file", 1), ("env", 1)])
+# jobs its end-to-end tests start anyway. Here: one replica across both nodes (tcp), and two
+# replicas of one rank, one per node, with each other init method (every replica its own gang).
+@pytest.mark.parametrize(("method", "tp"), [("tcp", 2), ("file", 1), ("env", 1)])
 def test_generation_across_nodes_matches_the_plain_model(
-    sim: SimCluster, cli: Cli, tmp_path: Path, method: str, slots: int
+    sim: SimCluster, cli: Cli, tmp_path: Path, method: str, tp: int
 ) -> None:
     from dslaunch.engine.tinymodel import NAME
 
     extra = ["--rdzv-dir", str(tmp_path)] if method == "file" else []
-    if method == "tcp":
-        extra = ["--tp", "2"]  # one replica spanning both nodes (the default here, said explicitly)
-    res = cli.up("-H", str(sim.hostfile(slots=slots)), "--init-method", method, "--timeout", "180", *extra)
+    res = cli.up("-H", str(sim.hostfile(slots=1)), "--init-method", method, "--tp", str(tp), "--timeout", "180", *extra)
     assert res.returncode == 0, res.stdout + res.stderr
     q = cli("query", *PROMPTS, "-k", "12", "--json")
     assert q.returncode == 0, q.stderr
     got = [r["text"] for r in json.loads(q.stdout)["results"]]
     assert got == plain_generate(cli.work_dir / "models" / NAME, PROMPTS, 12)
     health = json.loads(cli("query", "--health", "--deep").stdout)
-    assert health["world_size"] == 2 * slots and len(health["ranks"]) == 2 * slots
+    assert health["world_size"] == 2 and len(health["ranks"]) == tp and len(health["replicas"]) == 2 // tp
     st = json.loads(cli("status", "--json").stdout)
-    assert [(r["ranks"], r["hosts"], r["state"]) for r in st["replicas"]] == [([0, 1], ["node0", "node1"], "ready")]
+    want = [([0, 1], ["node0", "node1"])] if tp == 2 else [([0], ["node0"]), ([1], ["node1"])]
+    assert [(r["ranks"], r["hosts"]) for r in st["replicas"]] == want
+    assert all(r["state"] == "ready" and r["linked"] == "ready" for r in st["replicas"])
     assert st["front"]["ready"] and st["front"]["address"].startswith("127.0.0.1:")
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
     assert cli("down").returncode == 0
