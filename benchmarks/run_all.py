@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["fanout.py", "launchers.py", "serving.py", "versus.py", "http_api.py", "recovery.py", "plots.py"]
+BENCHMARKS = [
+    "fanout.py",
+    "launchers.py",
+    "serving.py",
+    "versus.py",
+    "http_api.py",
+    "router.py",
+    "replicas.py",
+    "plots.py",
+]
 
 
 def main() -> int:

@@ -39,9 +39,7 @@ def restart(
 ) -> RestartReport:
     """Restart the job's replicas (all, or `only`) one after the other; raise naming what failed."""
     with store.locked(name):
-        rec = store.load(name)
-        if rec is None:
-            raise UserError(f"no job named {name!r} (see 'dslaunch status --name {name}')")
+        rec = store.require(name)
         if rec.router is None:
             raise UserError(f"job {name!r} was started by an older dslaunch without a router; restart it with down/up")
         targets = list(range(rec.replicas)) if only is None else only
