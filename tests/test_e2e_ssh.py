@@ -33,7 +33,9 @@ class FourRanks:
     rdzv_dir: Path
 
 
-@pytest.fixture(scope="module", params=["tcp", "file", "env"])
+# env:// is served across nodes per replica in test_serve_ssh.py; here tcp (one replica said with
+# --tp 4) and file (the rendezvous file per restart, removed by `down`)
+@pytest.fixture(scope="module", params=["tcp", "file"])
 def four(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FourRanks]:
     """Two nodes with two slots each, per init method; the tests below take turns on the one job:
     serving first, then status, logs and `down` (which ends it)."""

@@ -18,9 +18,10 @@ pytestmark = pytest.mark.ssh
 
 
 # World size 4 (two slots per node) is served and checked the same way in test_e2e_ssh.py, on the
-# jobs its end-to-end tests start anyway. Here: one replica across both nodes (tcp), and two
-# replicas of one rank, one per node, with each other init method (every replica its own gang).
-@pytest.mark.parametrize(("method", "tp"), [("tcp", 2), ("file", 1), ("env", 1)])
+# jobs its end-to-end tests start anyway, and one replica across two one-slot nodes (`--tp 2`) in
+# faults/test_rank_dies_in_flight.py. Here: two replicas of one rank, one per node, with the file
+# and env init methods (every replica its own gang; tcp replicas: test_replicas.py).
+@pytest.mark.parametrize(("method", "tp"), [("file", 1), ("env", 1)])
 def test_generation_across_nodes_matches_the_plain_model(
     sim: SimCluster, cli: Cli, tmp_path: Path, method: str, tp: int
 ) -> None:

@@ -11,6 +11,10 @@ from dslaunch.transport.nodes import Cluster
 from dslaunch.wire.records import JobRecord
 from dslaunch.wire.states import GROUP_FORMED, NodeStage, ranks_ready
 
+# Each poll runs nodectl on every agent and the router (a Python start-up each): often enough to
+# show progress, rarely enough not to take the CPU the starting ranks need.
+POLL_S = 0.5
+
 
 class LaunchFailed(UserError):
     """`up` failed after starting something; `details` has the failing ranks' last log lines."""
@@ -87,7 +91,7 @@ def wait_ready(rec: JobRecord, cluster: Cluster, timeout: float, progress: Progr
                 + ("" if ready_ranks < rec.world_size else "; the router never saw every replica"),
                 failure_details(rec, cluster),
             )
-        time.sleep(0.3)
+        time.sleep(POLL_S)
 
 
 def failure_details(rec: JobRecord, cluster: Cluster, lines: int = 12) -> list[str]:

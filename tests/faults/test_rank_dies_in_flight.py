@@ -39,7 +39,7 @@ def _reference(model_dir: Path, k: int) -> dict[str, str]:
 
 
 def test_no_request_fails_when_the_only_replica_restarts(sim: SimCluster, cli: Cli) -> None:
-    res = cli.up("-H", str(sim.hostfile(slots=1)), "--timeout", "180", "--port", front_port())
+    res = cli.up("-H", str(sim.hostfile(slots=1)), "--tp", "2", "--timeout", "180", "--port", front_port())
     assert res.returncode == 0, res.stdout + res.stderr
     rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
     port = rec["front"]["port"]
