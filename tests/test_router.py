@@ -106,6 +106,7 @@ def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
     # the engines' counters come from the replicas themselves, summed: every batch they ran
     batches = [r["engine"]["batches"] for r in stats["replicas"]]
     assert all(b > 0 for b in batches) and stats["batches"] == sum(batches)
+    assert stats["forward_passes"] == sum(r["engine"]["forward_passes"] for r in stats["replicas"])
     assert stats["batch_size"]["mean"] > 0
     assert deep["status"] == "ready" and deep["world_size"] == 2 and deep["ranks_ready"] == 2
     assert [r["rank"] for r in deep["ranks"]] == [0]

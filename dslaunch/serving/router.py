@@ -84,6 +84,7 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
     batch_rows = sum(s["batch_size"]["mean"] * s.get("batches", 0) for s in stats)
     return {
         "steps": int(steps), "batches": int(batches), "tokens_generated": int(total("tokens_generated")),
+        "forward_passes": int(total("forward_passes")),
         "engine_busy_s": round(total("engine_busy_s"), 4), "tokens_per_s": round(total("tokens_per_s"), 1),
         "rows_per_step": {"mean": round(step_rows / steps, 3) if steps else 0.0,
                           "max": max(s["rows_per_step"]["max"] for s in stats)},
