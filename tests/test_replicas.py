@@ -138,8 +138,22 @@ def test_the_router_killed_comes_back_on_its_port_and_the_job_goes_on(job, want)
     _sim, cli, rec = job
     child = [p for p in job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}") if _is_router(p)]
     assert len(child) == 1, "one router process, under its supervisor"
+    caught: list[BaseException] = []
+
+    def in_flight() -> None:  # a long request on the router when it dies: a clear error, no hang
+        try:
+            with Client("127.0.0.1", _port(rec), retry_for=0, timeout=60) as c:
+                c.generate(PROMPTS[0], max_new_tokens=400)
+        except (FrontError, OSError) as e:
+            caught.append(e)
+
+    asker = threading.Thread(target=in_flight, daemon=True)
+    asker.start()
+    time.sleep(0.5)
     for p in child:
         os.kill(p, signal.SIGKILL)
+    asker.join(60)
+    assert caught and "closed the connection" in str(caught[0]), caught
     deadline = time.monotonic() + 60
     while True:
         try:

@@ -32,10 +32,16 @@ def test_a_node_lost_during_up_is_named_and_nothing_is_left(sim: SimCluster, cli
     everywhere = f"DSLAUNCH_NODE_DIR={cli.work_dir}"
     try:
         deadline = time.monotonic() + 60
-        # per node: the agent's shell, the agent and the rank
-        while time.monotonic() < deadline and len(job_pids(everywhere)) < 6:
+
+        def on_both_nodes() -> bool:  # per node: the agent's shell, the agent and the rank
+            jobs = [p.name for p in cli.work_dir.iterdir() if p.name != "models"]
+            return bool(jobs) and all(
+                len(job_pids(f"{everywhere}/{jobs[0]}/node{i}")) >= 3 for i in (0, 1)
+            )  # not the router's processes: they are on node 0 from the start
+
+        while time.monotonic() < deadline and not on_both_nodes():
             time.sleep(0.2)
-        assert len(job_pids(everywhere)) >= 6, "agents and ranks should be running on both nodes"
+        assert on_both_nodes(), "agents and ranks should be running on both nodes"
         time.sleep(1)
         t0 = time.monotonic()
         sim.cut_node(sim.nodes[1])
