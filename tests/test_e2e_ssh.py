@@ -33,17 +33,17 @@ class FourRanks:
     rdzv_dir: Path
 
 
-# env:// is served across nodes per replica in test_serve_ssh.py; here tcp (one replica said with
-# --tp 4) and file (the rendezvous file per restart, removed by `down`)
-@pytest.fixture(scope="module", params=["tcp", "file"])
+# tcp at world 4 is test_replicas.py's job, env:// is served across nodes per replica in
+# test_serve_ssh.py; here file (the rendezvous file per restart, removed by `down`), with one
+# replica of every rank said explicitly (--tp 4): the same job as the default
+@pytest.fixture(scope="module", params=["file"])
 def four(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FourRanks]:
     """Two nodes with two slots each, per init method; the tests below take turns on the one job:
     serving first, then status, logs and `down` (which ends it)."""
     method = request.param
     rdzv = tmp_path_factory.mktemp("rdzv")
     extra = ["--rdzv-dir", str(rdzv)] if method == "file" else []
-    if method == "tcp":
-        extra = ["--tp", "4"]  # one replica of every rank, said explicitly: the same job as the default
+    extra += ["--tp", "4"]
     job = ssh_job(tmp_path_factory, "--init-method", method, "--timeout", "180", *extra, slots=2)
     for sim, cli, up in job:
         yield FourRanks(sim, cli, up, method, rdzv)
