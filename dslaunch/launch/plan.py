@@ -157,7 +157,7 @@ def make_plan(
                 ranks.append(RankPlan(u.rank_offset + lr, u.node, lr, spec.nodes[u.node].host, device, u.replica))
     node_plans.sort(key=lambda n: n.unit)
     ranks.sort(key=lambda r: r.rank)
-    router = router_plan(spec, jid, serve, n_rep, master_addr, link)
+    router = router_plan(spec, jid, serve, n_rep, master_addr, link, unit=len(node_plans))
     return LaunchPlan(
         job_id=jid, name=spec.name, run_id=run_id, world_size=spec.world_size, init_method=spec.init_method,
         init_url=replicas[0].init_url, backend=backend, master_addr=master_addr, master_port=master_port,
@@ -203,22 +203,20 @@ def _unit_plan(
                     u.gang_offset)  # fmt: skip
 
 
-def router_plan(spec: JobSpec, jid: str, serve: Any, n_rep: int, link_addr: str, link_port: int) -> RouterPlan:
+def router_plan(
+    spec: JobSpec, jid: str, serve: Any, n_rep: int, link_addr: str, link_port: int, unit: int
+) -> RouterPlan:
     """The router under its supervisor (which restarts it on the same address if it crashes)."""
     ndir = router_dir_path(spec.work_dir, jid)
     renv = RouterEnv(
         job_id=jid, name=spec.name, node_dir=ndir, replicas=n_rep, tp=spec.tp_size, link_bind=link_addr,
-        link_port=link_port, serve=serve, unit=len(list(_all_units(spec))),
+        link_port=link_port, serve=serve, unit=unit,
     )  # fmt: skip
     argv = (spec.python, "-m", SUPERVISOR_MODULE, "--", spec.python, "-m", ROUTER_MODULE)
     env = {**spec.env, **renv.to_env()}
     if spec.launch_dir:
         env[LAUNCH_DIR_ENV] = spec.launch_dir
     return RouterPlan(ndir, argv, env, link_addr, link_port)
-
-
-def _all_units(spec: JobSpec) -> list[Unit]:
-    return [u for r in spec.replicas for u in r.units]
 
 
 def agent_argv(
