@@ -37,8 +37,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The suite waits on real processes (sshd, torchrun, rendezvous) far more than it computes, so it
+# runs in parallel with more workers than cores; tests that share a module's job stay on one
+# worker (tests/conftest.py groups them). `make test JOBS=1` runs it serially.
+JOBS ?= 6
 test: $(STAMP) sshd lint
-	$(PY) -m pytest -q -ra
+	$(PY) .ci/budget.py -- $(PY) -m pytest -q -ra -n $(JOBS) --dist loadgroup
 
 demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash examples/demo.sh
