@@ -77,14 +77,27 @@ def test_line_reader_refuses_long_lines_once_and_resyncs() -> None:
     assert lr.feed(b"0123456789AB\n") == [None]  # complete but too long
 
 
+def _byte_at_a_time(size: int) -> float:
+    """Seconds to feed a `size`-byte line one byte at a time (the fastest of three runs)."""
+    data = b"y" * size + b"\nab\n"
+    best = float("inf")
+    for _ in range(3):
+        lr = P.LineReader(limit=2 << 20)
+        t0 = time.perf_counter()
+        out = [line for i in range(len(data)) for line in lr.feed(data[i : i + 1])]
+        best = min(best, time.perf_counter() - t0)
+        assert out == [b"y" * size, b"ab"]
+    return best
+
+
 def test_line_reader_keeps_its_place_so_a_byte_at_a_time_is_linear() -> None:
-    """1 MiB fed one byte at a time took 9.6 s when every read rescanned the whole buffer."""
-    lr = P.LineReader(limit=2 << 20)
-    data = b"y" * (1 << 20) + b"\nab\n"
-    t0 = time.perf_counter()
-    out = [line for i in range(len(data)) for line in lr.feed(data[i : i + 1])]
-    assert out == [b"y" * (1 << 20), b"ab"]
-    assert time.perf_counter() - t0 < 4.0
+    """1 MiB fed one byte at a time took 9.6 s when every read rescanned the whole buffer.
+
+    Compared with itself rather than a clock: four times the bytes cost about four times the
+    time when each read scans only what is new, and sixteen times when it rescans the buffer.
+    """
+    small, large = _byte_at_a_time(64 << 10), _byte_at_a_time(256 << 10)
+    assert large < 8 * small, f"{large:.3f} s for 256 KiB against {small:.3f} s for 64 KiB"
 
 
 @pytest.mark.parametrize(
@@ -149,12 +162,14 @@ def test_batcher_waits_for_company_caps_rows_and_keeps_kinds_apart() -> None:
         assert first and [j for j in first.jobs] == [jobs[0], jobs[2]], "same kind, at most 4 rows"
         assert b.next_batch(1.0).jobs == [jobs[1]]
         assert b.next_batch(1.0).jobs == [jobs[3]]
-        late = _job(loop)
-        b.submit(late)
-        threading.Timer(0.02, lambda: b.submit(_job(loop))).start()
+        # a request alone waits for company (a window far longer than the test): the next one
+        # joins it, and the batch goes as soon as it is full rather than at the window's end
+        waiting = Batcher(FrontConfig(max_batch_size=4, batch_wait_ms=60_000, max_queue=10), Stats())
+        waiting.submit(_job(loop, n=2))
+        threading.Timer(0.02, lambda: waiting.submit(_job(loop, n=2))).start()
         t0 = time.monotonic()
-        got = b.next_batch(1.0)
-        assert len(got.jobs) == 2 and time.monotonic() - t0 < 1.0, "the second request joined within the wait"
+        got = waiting.next_batch(1.0)
+        assert len(got.jobs) == 2 and time.monotonic() - t0 < 30, "the second request joined within the wait"
     finally:
         loop.close()
 

@@ -24,12 +24,36 @@ DELAY = 0.3
 
 @pytest.fixture
 def kit(tmp_path: Path) -> Iterator[Kit]:
+    """A router of its own with no replica yet, for a test that decides how they come."""
     k = Kit(tmp_path, SERVE, replicas=2)
     try:
         k.start_router()
         yield k
     finally:
         k.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
+    """One router and its two slowed replicas for the tests that leave them as they found them."""
+    k = Kit(tmp_path_factory.mktemp("router"), SERVE, replicas=2)
+    try:
+        k.start_router()
+        yield k
+    finally:
+        k.close()
+
+
+@pytest.fixture
+def both(shared: Kit) -> Kit:
+    """The shared kit with both replicas up and ready (started again where a test ended one)."""
+    for r in (0, 1):
+        p = shared.procs.get(r)
+        if p is None or p.poll() is not None:
+            shared.procs.pop(r, None)
+            shared.start_replica(r, delay=DELAY)
+        shared.wait_state(r, "ready")
+    return shared
 
 
 def _infer_all(kit: Kit, inputs: list[Any]) -> list[Any]:
@@ -91,9 +115,8 @@ def test_the_link_refuses_a_wrong_key_both_ways(kit: Kit) -> None:
         asyncio.run(dial_impostor())
 
 
-def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
-    kit.start_replica(0, delay=DELAY)
-    kit.start_replica(1, delay=DELAY)
+def test_two_replicas_share_concurrent_load_and_answer_alike(both: Kit) -> None:
+    kit = both
     inputs = [{"n": i} for i in range(12)]
     assert _infer_all(kit, inputs) == [{"echo": x} for x in inputs]
     with kit.client() as c:
@@ -115,10 +138,8 @@ def test_two_replicas_share_concurrent_load_and_answer_alike(kit: Kit) -> None:
 
 
 def _while_replica_0_holds(kit: Kit, rows: int, act: Any) -> list[Any]:
-    """Ten requests from ten clients over two slowed replicas; `act` once replica 0 holds more
+    """Ten requests from ten clients over the two slowed replicas; `act` once replica 0 holds more
     than `rows` rows of them. Returns every answer."""
-    kit.start_replica(0, delay=DELAY)
-    kit.start_replica(1, delay=DELAY)
     box: list[Any] = []
     t = threading.Thread(target=lambda: box.append(_infer_all(kit, [{"n": i} for i in range(10)])))
     t.start()
@@ -128,27 +149,29 @@ def _while_replica_0_holds(kit: Kit, rows: int, act: Any) -> list[Any]:
     return box[0]
 
 
-def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(kit: Kit) -> None:
+def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(both: Kit) -> None:
+    kit = both
     inputs = [{"n": i} for i in range(10)]
+    restarts = kit.health()["restarts"]
     answers = _while_replica_0_holds(kit, 0, lambda: kit.kill_replica(0))
     assert answers == [{"echo": x} for x in inputs], "every request was re-run on the other replica"
     assert kit.replica(0)["state"] == "down"
     kit.start_replica(0, delay=DELAY)  # its gang restarted: a new attempt dials in
     health = kit.health()
-    assert health["restarts"] == 1 and [r["state"] for r in health["replicas"]] == ["ready", "ready"]
+    assert health["restarts"] == restarts + 1 and [r["state"] for r in health["replicas"]] == ["ready", "ready"]
     assert _infer_all(kit, inputs[:4]) == [{"echo": x} for x in inputs[:4]]
 
 
-def test_a_replica_stopping_gracefully_hands_its_queue_back(kit: Kit) -> None:
+def test_a_replica_stopping_gracefully_hands_its_queue_back(both: Kit) -> None:
     """SIGTERM: the leader answers what it had queued with `unavailable`; the router re-runs it."""
+    kit = both
     answers = _while_replica_0_holds(kit, SERVE.max_batch_size, lambda: kit.procs[0].terminate())  # some queued
     assert answers == [{"echo": {"n": i}} for i in range(10)]
     assert kit.procs.pop(0).wait(30) == 0
 
 
-def test_drain_stops_new_work_to_a_replica(kit: Kit) -> None:
-    kit.start_replica(0)
-    kit.start_replica(1)
+def test_drain_stops_new_work_to_a_replica(both: Kit) -> None:
+    kit = both
     kit.router_dir.drain.write_text("[1]")
     kit.wait_state(1, "draining")
     before = kit.replica(1)["served"]
@@ -204,7 +227,8 @@ def test_a_token_guards_the_router_and_sigterm_answers_the_queue(tmp_path: Path)
         kit.close()
 
 
-def test_a_router_whose_port_is_taken_says_so_and_exits(kit: Kit) -> None:
+def test_a_router_whose_port_is_taken_says_so_and_exits(shared: Kit) -> None:
+    kit = shared
     second = Kit(kit.work, SERVE, replicas=1)
     second.serve = kit.serve  # the same public port, still held by the first router
     try:
@@ -216,26 +240,27 @@ def test_a_router_whose_port_is_taken_says_so_and_exits(kit: Kit) -> None:
         second.close()
 
 
-def test_a_restarted_router_gets_its_replicas_back_on_the_same_ports(kit: Kit) -> None:
-    kit.start_replica(0)
-    kit.start_replica(1)
+def test_a_restarted_router_gets_its_replicas_back_on_the_same_ports(both: Kit) -> None:
+    kit = both
     assert kit.router is not None
     kit.router.kill()
     kit.router.wait(30)
     kit.router_dir.front_status.unlink()
     kit.start_router()  # same public and link ports, as its supervisor restarts it
-    kit.wait_state(0, "ready", 0)
-    kit.wait_state(1, "ready", 0)
+    kit.wait_state(0, "ready", kit.attempts[0])  # the same leaders, not new attempts
+    kit.wait_state(1, "ready", kit.attempts[1])
     assert _infer_all(kit, [1, 2, 3]) == [{"echo": 1}, {"echo": 2}, {"echo": 3}]
 
 
-def test_a_newer_attempt_takes_the_replica_and_an_older_one_is_refused(kit: Kit) -> None:
-    old = kit.start_replica(0)
+def test_a_newer_attempt_takes_the_replica_and_an_older_one_is_refused(both: Kit) -> None:
+    kit = both
+    old, was = kit.procs[0], kit.attempts[0]
     try:
-        kit.start_replica(0)  # attempt 1 while attempt 0 still runs (a gang on its way out)
+        kit.start_replica(0, delay=DELAY)  # the next attempt while this one still runs (a gang on its way out)
         log = kit.work / kit.job / "node0" / "replica.log"
-        kit.until(lambda: "LinkRefused: replica 0 is linked with attempt 1, after 0" in log.read_text())
-        assert kit.replica(0)["attempt"] == 1 and kit.replica(0)["state"] == "ready"
+        refused = f"LinkRefused: replica 0 is linked with attempt {was + 1}, after {was}"
+        kit.until(lambda: refused in log.read_text())
+        assert kit.replica(0)["attempt"] == was + 1 and kit.replica(0)["state"] == "ready"
         assert _infer_all(kit, [5]) == [{"echo": 5}]
     finally:
         old.kill()
