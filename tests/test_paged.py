@@ -46,7 +46,7 @@ def build(kind: str) -> Any:
             max_position_embeddings=256,
             word_embed_proj_dim=64,
             eos_token_id=None,
-        ),  # fmt: skip
+        ),
         "gpt2": lambda: t.GPT2Config(
             vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, eos_token_id=None
         ),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION = "dslaunch_paged"
+BLOCK_SIZE = 16  # tokens per KV block
 _active = threading.local()
 
 
@@ -38,6 +39,35 @@ class StepLayout:
     lens: list[int]
     tables: list[list[int]]
     sample: list[bool]
+
+    def flat(self) -> list[int]:
+        """The layout as one flat list of integers: per row (start, tokens, sample, blocks), then
+        every row's block table, then every row's tokens (what followers receive)."""
+        head = [v for r in range(len(self.lens)) for v in
+                (self.starts[r], self.lens[r], int(self.sample[r]), len(self.tables[r]))]  # fmt: skip
+        return head + [b for t in self.tables for b in t] + self.tokens
+
+    @classmethod
+    def of_flat(cls, flat: list[int], rows: int, blocks: int, size: int) -> StepLayout:
+        """Decode `flat`, refusing anything this rank cannot apply (the ranks are out of step)."""
+        head, at = flat[: 4 * rows], 4 * rows
+        starts, lens, sample, tables = head[0::4], head[1::4], [bool(v) for v in head[2::4]], []
+        for start, n, k in zip(starts, lens, head[3::4], strict=True):
+            table = flat[at : at + k]
+            at += k
+            if n < 1 or start < 0 or len(table) != k or k * size < start + n or not all(0 <= b < blocks for b in table):
+                raise RuntimeError("a paged step this rank cannot apply: the ranks are out of step")
+            tables.append(table)
+        tokens = flat[at:]
+        if len(tokens) != sum(lens) or len(head) != 4 * rows:
+            raise RuntimeError("a paged step of the wrong length: the ranks are out of step")
+        return cls(tokens, starts, lens, tables, sample)
+
+    @classmethod
+    def of_plan(cls, chunks: list[Any]) -> StepLayout:
+        """The layout of a scheduler's chunks (`engine/scheduler.Chunk`)."""
+        return cls([t for c in chunks for t in c.tokens], [c.start for c in chunks], [len(c.tokens) for c in chunks],
+                   [c.table for c in chunks], [c.sample for c in chunks])  # fmt: skip
 
 
 class _Step:
@@ -173,12 +203,14 @@ def supports_paged(model: Any) -> bool:
     return bool(getattr(type(model), "_supports_attention_backend", False))
 
 
-def use_paged(model: Any) -> None:
-    """Route the model's attention (every sub-config's, too) through the paged function."""
+def use_paged(model: Any, name: str = ATTENTION) -> str:
+    """Route the model's attention (every sub-config's, too) through `name`, the paged function
+    by default; returns the implementation it used before."""
     register()
-    seen = set()
+    before, seen = getattr(model.config, "_attn_implementation", None) or "sdpa", set()
     for mod in model.modules():
         cfg = getattr(mod, "config", None)
         if cfg is not None and id(cfg) not in seen and hasattr(cfg, "_attn_implementation"):
             seen.add(id(cfg))
-            cfg._attn_implementation = ATTENTION
+            cfg._attn_implementation = name
+    return before
