@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from dslaunch.engine import tinymodel
-from dslaunch.engine.kvbatch import KVBatch
+from dslaunch.engine.paged import PagedKV
 from dslaunch.serving.batcher import Pending
 from dslaunch.wire.protocol import ProtocolError
 from tests.inproc import Served, build_gpt2, reference
@@ -136,15 +136,16 @@ def test_degenerate_sampling_parameters_answer(served: Served, ref: Any, params:
 def test_a_failing_step_answers_its_rows_and_the_loop_goes_on(
     served: Served, ref: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real, calls = KVBatch.decode, [0]
+    assert served.engine.kv_path == "paged"  # the tiny Llama's attention goes through the interface
+    real, calls = PagedKV.step, [0]
 
-    def flaky(self: KVBatch, tokens: list[int]) -> Any:
+    def flaky(self: PagedKV, layout: Any) -> Any:
         calls[0] += 1
         if calls[0] == 3:
             raise RuntimeError("injected forward failure")
-        return real(self, tokens)
+        return real(self, layout)
 
-    monkeypatch.setattr(KVBatch, "decode", flaky)
+    monkeypatch.setattr(PagedKV, "step", flaky)
     with pytest.raises(ProtocolError) as e:
         served.ask(_gen("Hello world", 10))
     assert e.value.code == "internal" and "injected" in e.value.message
@@ -177,21 +178,22 @@ def test_deep_health_runs_between_steps(served: Served, ref: Any) -> None:
     assert served.events(job)[-1][1][0]["text"] == ref("The quick brown fox jumps", 60)
 
 
-def test_admission_keeps_tokens_in_flight_under_the_bound(tiny: Path, tmp_path: Path, ref: Any) -> None:
-    s = Served(tiny, tmp_path, max_batch_size=8, max_batch_tokens=100)
+def test_admission_counts_the_blocks_rows_use(tiny: Path, tmp_path: Path, ref: Any) -> None:
+    """The paged cache: 160 tokens are 10 blocks of 16, and a row holds the blocks it uses."""
+    s = Served(tiny, tmp_path, max_batch_size=8, max_batch_tokens=160)
     try:
-        jobs = [s.submit(_gen(PROMPTS[i % 2], 40)) for i in range(6)]  # each row costs 42 or 45
+        jobs = [s.submit(_gen(PROMPTS[i % 2], 40)) for i in range(6)]  # each row ends at 42 or 45 tokens
         texts = [s.events(j)[-1][1][0]["text"] for j in jobs]
         assert texts == [ref(PROMPTS[i % 2], 40) for i in range(6)]
-        assert s.stats.snapshot(0, 0)["rows_per_step"]["max"] == 2, "two rows fit in 100 tokens, never three"
-        # the cache is padded to its longest row: a 92-token row leaves no room for a 10-token one
+        assert s.stats.snapshot(0, 0)["kv_blocks_used"] == 0
+        # a padded cache would count 4 rows x 62 tokens; here the long row's 4 blocks and one each
         steps = s.stats.steps
-        long, short = s.submit(_gen("Hello world", 90)), [s.submit(_gen("One command", 8)) for _ in range(3)]
-        assert s.events(long)[-1][1][0]["text"] == ref("Hello world", 90)
+        long, short = s.submit(_gen("Hello world", 60)), [s.submit(_gen("One command", 8)) for _ in range(3)]
+        assert s.events(long)[-1][1][0]["text"] == ref("Hello world", 60)
         assert [s.events(j)[-1][1][0]["text"] for j in short] == [ref("One command", 8)] * 3
-        assert s.stats.steps - steps >= 90 + 7, "the short rows ran after the long one, not beside it"
+        assert s.stats.steps - steps < 60 + 7, "the short rows ran beside the long one"
         with pytest.raises(ProtocolError, match="max-batch-tokens"):
-            s.submit(_gen("Hello world", 120))
+            s.submit(_gen("Hello world", 170))
     finally:
         s.close()
 

@@ -83,6 +83,8 @@ def test_rows_joining_and_leaving_on_both_ranks_get_their_solo_text(port: int, r
     with Client("127.0.0.1", port) as c:
         stats = c.stats()
     assert stats["rows_per_step"]["max"] <= 6 and stats["rows_per_step"]["mean"] > 1
+    # both ranks ran the packed steps over identical block pools; every block is free again
+    assert stats["kv_cache"] == "paged" and stats["kv_blocks_total"] > 0 and stats["kv_blocks_used"] == 0
 
 
 NUMBERS = [0, 1, -1, 1e-45, 5e-324, 1e-5, 0.5, 1, 1.0, 2, 100, 101, 1e308, 2**63 - 1, 2**63, 1 << 20, (1 << 20) + 1,

@@ -192,8 +192,12 @@ SERVE_OPTIONS = [
     click.option("--max-batch-size", type=int, default=_serve("max_batch_size"), show_default=True,
                  help="Most rows (prompts) in one forward batch."),
     click.option("--max-batch-tokens", type=int, default=_serve("max_batch_tokens"), show_default=True,
-                 help="Most KV cache tokens in flight (prompt + max_new_tokens of every running row); "
-                      "requests beyond it wait in the queue."),
+                 help="KV cache size in tokens: the block pool of models whose attention is paged (rows "
+                      "hold the blocks they use), or the bound of the padded cache (rows x the longest row's "
+                      "prompt + max_new_tokens); requests beyond it wait in the queue."),
+    click.option("--max-step-tokens", type=int, default=_serve("max_step_tokens"), show_default=True,
+                 help="Most tokens one forward pass computes (paged models): every running row's next token, "
+                      "then chunks of joining prompts; a longer prompt is prefilled over several steps."),
     click.option("--batch-wait-ms", type=float, default=_serve("batch_wait_ms"), show_default=True,
                  help="How long the first request of a batch waits for company."),
     click.option("--max-queue", type=int, default=_serve("max_queue"), show_default=True,

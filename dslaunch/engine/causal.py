@@ -10,9 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, broadcast, shard
-from dslaunch.engine.generation import Generation
+from dslaunch.engine.generation import Generation, row_budget
 from dslaunch.engine.kvbatch import KVBatch, cache_keyword
+from dslaunch.engine.packed import PackedBatch
+from dslaunch.engine.paged import BLOCK_SIZE, PagedKV, StepLayout, supports_paged, use_paged
 from dslaunch.engine.prompts import PromptTokenizer
+from dslaunch.engine.scheduler import Scheduler
 from dslaunch.wire.protocol import BAD_REQUEST, GenParams, ProtocolError, Request
 from dslaunch.wire.serve import ServeSpec
 
@@ -40,6 +43,9 @@ class CausalLMEngine(Pretrained):
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
         self.vocab = int(getattr(config, "vocab_size", 0) or len(self.tok))
         self.max_batch_tokens = opts.max_batch_tokens
+        self.max_batch_size, self.max_step_tokens = opts.max_batch_size, opts.max_step_tokens
+        self.blocks = max(1, opts.max_batch_tokens // BLOCK_SIZE)
+        self.kv_path = self._choose_path(opts)
         self.pad_id = int(self.tok.pad_token_id or 0)
         # the front's own tokenizer (rank 0 only: the other ranks never tokenize a prompt)
         self.prompts = PromptTokenizer(path, self.max_positions) if ctx.lead else None
@@ -47,6 +53,27 @@ class CausalLMEngine(Pretrained):
         # wrapper would only add its overhead (no clean-up of tokenization spaces)
         backend = getattr(self.tok, "backend_tokenizer", None)
         self._backend_decode = None if getattr(self.tok, "clean_up_tokenization_spaces", True) else backend
+
+    def _choose_path(self, opts: ServeSpec) -> str:
+        """ "paged" when the model's attention goes through transformers' AttentionInterface (and
+        DeepSpeed did not inject kernels of its own): a one-token forward must then reach the
+        paged function in every layer. Otherwise "padded": the left-padded cache (`KVBatch`).
+        Every rank decides alike (same model, same flags)."""
+        import torch
+
+        if opts.kernel_inject or not supports_paged(self.model):
+            return "padded"
+        before = use_paged(self.model)
+        try:
+            with torch.inference_mode():
+                layers = PagedKV(self.model, 1, BLOCK_SIZE, self.ctx.device).probe()
+        except Exception as e:
+            print(f"paged attention failed its first forward ({type(e).__name__}: {e}); using the padded cache")
+            layers = 0
+        if layers == int(getattr(self.config, "num_hidden_layers", layers) or layers) and layers > 0:
+            return "paged"
+        use_paged(self.model, before)
+        return "padded"
 
     # -- rank 0, the front's thread ---------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -65,6 +92,17 @@ class CausalLMEngine(Pretrained):
             if max(row) >= self.vocab or min(row) < 0:
                 raise ProtocolError(BAD_REQUEST, f"prompt {i} has a token outside the model's vocabulary")
             ids.append(row)
+        if self.kv_path == "paged":
+            need = max(self.cost(len(row), req.params) for row in ids)
+            if len(ids) > self.max_batch_size or -(-need // BLOCK_SIZE) > self.blocks:
+                raise ProtocolError(
+                    BAD_REQUEST,
+                    f"this request needs {len(ids)} rows of up to {need} tokens of KV cache (prompt + "
+                    f"max_new_tokens); the job holds {self.max_batch_size} rows (--max-batch-size) and "
+                    f"{self.blocks * BLOCK_SIZE} tokens (--max-batch-tokens)",
+                )
+            req.ids = ids
+            return
         need = len(ids) * max(self.cost(len(row), req.params) for row in ids)
         if need > self.max_batch_tokens:
             raise ProtocolError(
@@ -75,13 +113,21 @@ class CausalLMEngine(Pretrained):
         req.ids = ids
 
     def cost(self, prompt_tokens: int, params: GenParams) -> int:
-        """KV cache tokens a row may hold at most. The cache is left-padded to its longest row, so
-        admission counts rows x the longest cost against --max-batch-tokens."""
-        return prompt_tokens + max(1, min(params.max_new_tokens, self.max_positions - prompt_tokens))
+        """KV cache tokens a row may hold at most. The padded cache is left-padded to its longest
+        row, so its admission counts rows x the longest cost against --max-batch-tokens."""
+        return prompt_tokens + row_budget(prompt_tokens, params, self.max_positions)
 
     # -- every rank ---------------------------------------------------------------------------------
-    def new_batch(self) -> KVBatch:
+    def new_batch(self) -> KVBatch | PagedKV:
+        """The running batch's KV cache on this rank: the block pool, or the left-padded cache."""
+        if self.kv_path == "paged":
+            return PagedKV(self.model, self.blocks, BLOCK_SIZE, self.ctx.device)
         return KVBatch(self.model, self.ctx.device, self.pad_id, self.cache_kw)
+
+    def packed(self, max_rows: int | None = None) -> PackedBatch:
+        """Rank 0's rows and scheduler over the block pool (paged path only)."""
+        sched = Scheduler(self.blocks, BLOCK_SIZE, max_rows or self.max_batch_size, self.max_step_tokens)
+        return PackedBatch(self.generation(), sched)
 
     def generation(self) -> Generation:
         """Rank 0's rows of a running batch, decoding with the engine's own tokenizer."""
@@ -93,10 +139,14 @@ class CausalLMEngine(Pretrained):
         return self.tok.decode(ids, skip_special_tokens=True)
 
     def probe(self) -> None:
+        """A one-token forward (deep health, start-up); over a pool of its own on the paged path."""
         import torch
 
-        ids = torch.tensor([[self.pad_id]], device=self.ctx.device)
         with torch.inference_mode():
+            if self.kv_path == "paged":
+                PagedKV(self.model, 1, BLOCK_SIZE, self.ctx.device).probe()
+                return
+            ids = torch.tensor([[self.pad_id]], device=self.ctx.device)
             self.model(input_ids=ids, use_cache=False)
 
     def run(self, work: Work, sink: Sink | None) -> list[dict[str, Any]] | None:
@@ -107,6 +157,8 @@ class CausalLMEngine(Pretrained):
         ctx = self.ctx
         with self.tok_lock:
             ids = [list(self.tok(p)["input_ids"]) for p in work.inputs]
+        if self.kv_path == "paged":
+            return self._run_paged(ids, work, sink)
         kv, gen = self.new_batch(), self.generation()
         results: list[Any] = [None] * len(ids)
         pairs = enumerate(zip(ids, work.params, strict=True))
@@ -129,6 +181,28 @@ class CausalLMEngine(Pretrained):
                     return results if ctx.lead else None
                 keep = packet[1 : 1 + n].tolist()
                 logits = kv.step(keep, packet[1 + len(ids) : 1 + len(ids) + n].tolist(), [])
+
+    def _run_paged(self, ids: list[list[int]], work: Work, sink: Sink | None) -> list[dict[str, Any]] | None:
+        """`run` over the block pool: rank 0's scheduler decides every step, as when serving."""
+        import torch
+
+        kv, batch = self.new_batch(), self.packed(max_rows=len(ids))
+        results: list[Any] = [None] * len(ids)
+        for i, (x, p) in enumerate(zip(ids, work.params, strict=True)):
+            if self.ctx.lead:
+                batch.add(x, p, _Collect(results, i, sink))
+        with torch.inference_mode():
+            while True:
+                plan = batch.plan() if self.ctx.lead else None
+                flat = StepLayout.of_plan(plan.chunks).flat() if plan is not None else []
+                head = broadcast(torch.tensor([len(plan.chunks) if plan else 0, len(flat)], dtype=torch.long), self.ctx)
+                rows, n = int(head[0]), int(head[1])
+                if not rows:
+                    return results if self.ctx.lead else None
+                flat = broadcast(torch.tensor(flat or [0] * n, dtype=torch.long), self.ctx).tolist()
+                logits = kv.step(StepLayout.of_flat(flat, rows, self.blocks, BLOCK_SIZE))
+                if plan is not None:
+                    batch.after(plan, logits)
 
 
 class _Collect:

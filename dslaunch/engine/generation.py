@@ -18,6 +18,11 @@ from dslaunch.engine.sampling import RowSampling, choose
 from dslaunch.wire.protocol import INTERNAL, GenParams
 
 
+def row_budget(prompt_tokens: int, params: GenParams, max_positions: int) -> int:
+    """Most new tokens of a row: max_new_tokens, cut to what the model's positions allow."""
+    return max(1, min(params.max_new_tokens, max_positions - prompt_tokens))
+
+
 @dataclass
 class Row:
     """One prompt being generated: its budget, sampling, text so far and where answers go."""
@@ -50,7 +55,7 @@ class Generation:
 
     def row(self, ids: list[int], params: GenParams, sink: RowSink) -> Row:
         """A new row for `ids`; its seed is drawn here when the request gave none."""
-        budget = max(1, min(params.max_new_tokens, self.max_positions - len(ids)))
+        budget = row_budget(len(ids), params, self.max_positions)
         sampling = RowSampling.of(params, secrets.randbits(63))
         return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop))
 
@@ -75,12 +80,17 @@ class Generation:
         self.joining = []
         if logits is None or not self.rows:
             return 0
+        return self.choose_next(self.rows, logits)
+
+    def choose_next(self, rows: list[Row], logits: Any) -> int:
+        """Choose the next token of each of `rows` (one row of `logits` each), stream its text and
+        finish the rows that are done. Returns the number of tokens generated."""
         try:
-            tokens = choose(logits, [r.sampling for r in self.rows], [r.count for r in self.rows])
+            tokens = choose(logits, [r.sampling for r in rows], [r.count for r in rows])
         except Exception:  # never expected: sampling is built not to raise; greedy keeps the loop going
             tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
         made = 0
-        for row, token in zip(self.rows, tokens, strict=True):
+        for row, token in zip(rows, tokens, strict=True):
             try:
                 made += self._push(row, token)
             except Exception as e:

@@ -9,7 +9,10 @@ Every message is one fixed-size int64 tensor broadcast from rank 0 over a separa
     [8+B : 8+2B]   the indices of the rows leaving
     [8+2B : 8+3B]  the prompt length of each joining row
 
-A step with joiners is followed by one flat int64 tensor of their prompt ids; a whole batch
+A step with joiners is followed by one flat int64 tensor of their prompt ids. A packed step (the
+paged engine: [2] rows in the step, [5] payload length) is followed by one flat int64 tensor:
+per row (start position, tokens, sample, blocks), then the block tables, then the tokens
+(`engine/paged.StepLayout.flat`). A whole batch
 (embed, handlers) by its inputs as UTF-8 JSON bytes. `seq` counts messages: a follower that
 sees another number than it expects is out of step and ends.
 """
@@ -20,7 +23,7 @@ import json
 import time
 from typing import Any
 
-STEP, BEAT, STOP, WORK, PROBE = 1, 2, 3, 4, 5
+STEP, BEAT, STOP, WORK, PROBE, PACKED = 1, 2, 3, 4, 5, 6
 HEADER = 8
 RESTARTING = "the job is restarting (a rank was lost); retry"
 

@@ -83,7 +83,9 @@ def startup(cfg: GroupConfig, node: NodeEnv, nd: NodeDir, status: RankStatus, st
     engine = checked(channel, "loading the model", lambda: load_engine(ctx.options, ctx))
     # one real forward on every rank before ready: a family sharded wrongly fails here, named
     checked(channel, "the first forward", engine.probe)
-    print(f"engine ready: task {engine.task}, model {engine.name}, {time.monotonic() - t0:.1f}s", flush=True)
+    kv = getattr(engine, "kv_path", None)
+    print(f"engine ready: task {engine.task}, model {engine.name}, {time.monotonic() - t0:.1f}s"
+          + (f", KV cache {kv}" if kv else ""), flush=True)  # fmt: skip
     ranks = channel.gather({"rank": cfg.rank, "host": socket.gethostname(), "device": cfg.device})
     heartbeat = min(serve.heartbeat_s, cfg.timeout_s / 3)
     front = None
@@ -224,7 +226,7 @@ def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: Gr
     stats = Stats()
     batcher = Batcher(fcfg, stats)
     info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
-            "task": engine.task}  # fmt: skip
+            "task": engine.task, "kv_cache": getattr(engine, "kv_path", None)}  # fmt: skip
     dial = None
     if node.router:  # a replica of several: dial the job's router instead of listening publicly
         from dslaunch.serving.link import Dialer
@@ -233,7 +235,8 @@ def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: Gr
         if key is None:
             raise RuntimeError(f"no replica key in {nd.replica_secret}: cannot link to the router")
         hello = {"replica": node.replica, "attempt": cfg.restart, "ranks": cfg.world_size, "model": str(engine.name),
-                 "task": engine.task, "max_batch_size": node.serve.max_batch_size}  # fmt: skip
+                 "task": engine.task, "max_batch_size": node.serve.max_batch_size,
+                 "kv_cache": getattr(engine, "kv_path", None)}  # fmt: skip
         dial = Dialer(node.router, key, hello)
     front = Front(fcfg, info, engine.check, batcher, stats, nd.front_status, TextTools.of(engine), dial=dial)
     front.start()

@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dslaunch.rank.batches import probe_between
 from dslaunch.rank.channel import BEAT, RESTARTING, STEP, STOP, Channel, Message, peer_lost
-from dslaunch.rank.lockstep import run_batch
 from dslaunch.wire.protocol import BAD_REQUEST, INTERNAL, UNAVAILABLE, ProtocolError
 
 # Joining costs a prefill forward pass of its own, and a small model (or any model decoding a
@@ -55,7 +55,7 @@ def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -
             if got is False:
                 channel.send(Message(BEAT, 0))
                 continue
-        if _probe(engine, channel, source, gen):
+        if probe_between(engine, channel, source, gen):
             continue
         if source.closed:
             joins = []
@@ -131,32 +131,3 @@ class Admission:
             return False
         self.rows, self.top = rows, top
         return True
-
-
-def _probe(engine: Any, channel: Channel, source: Any, gen: Any) -> bool:
-    """A deep-health probe at the head of the queue runs between two steps."""
-    batch = source.take_probe()
-    if batch is None:
-        return False
-    channel.progress.batch = _Both(gen, batch)
-    try:
-        results = run_batch(engine, channel, batch)
-    except BaseException:
-        gen.fail(UNAVAILABLE, RESTARTING)
-        raise
-    finally:
-        channel.progress.batch = gen
-    if results is not None:
-        batch.resolve(results)
-    return True
-
-
-class _Both:
-    """What the hang watchdog answers while a probe runs: the probe and the running rows."""
-
-    def __init__(self, *parts: Any) -> None:
-        self.parts = parts
-
-    def fail(self, code: str, message: str) -> None:
-        for part in self.parts:
-            part.fail(code, message)

@@ -321,8 +321,12 @@ class Batcher:
         """Around one step of rank 0's loop: its answers and chunks go out with one wake-up."""
         return one_wakeup()
 
-    def stepped(self, rows: int, seconds: float, tokens: int, joined: int) -> None:
-        self.stats.step(rows, seconds, tokens, joined)
+    def stepped(self, rows: int, seconds: float, tokens: int, joined: int, forwards: int | None = None) -> None:
+        self.stats.step(rows, seconds, tokens, joined, forwards)
+
+    def engine_stats(self, read: Callable[[], dict[str, Any]]) -> None:
+        """The running engine's own counters (the paged cache's blocks, prefix hits), for `stats`."""
+        self.stats.engine = read
 
     def _drop_cancelled(self) -> bool:
         while self.queue and self.queue[0].cancelled:

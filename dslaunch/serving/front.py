@@ -319,6 +319,7 @@ class Front:
             "restarts": self.info.get("restarts", 0),
             "model": self.info.get("model"),
             "task": self.info.get("task"),
+            **({"kv_cache": self.info["kv_cache"]} if self.info.get("kv_cache") else {}),
             "queue": self.batcher.depth,
             "uptime_s": round(time.time() - self.stats.started, 1),
         }

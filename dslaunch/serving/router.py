@@ -82,7 +82,7 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
     steps, batches = total("steps"), total("batches")
     step_rows = sum(s["rows_per_step"]["mean"] * s.get("steps", 0) for s in stats)
     batch_rows = sum(s["batch_size"]["mean"] * s.get("batches", 0) for s in stats)
-    return {
+    out = {
         "steps": int(steps), "batches": int(batches), "tokens_generated": int(total("tokens_generated")),
         "forward_passes": int(total("forward_passes")),
         "engine_busy_s": round(total("engine_busy_s"), 4), "tokens_per_s": round(total("tokens_per_s"), 1),
@@ -91,6 +91,12 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
         "batch_size": {"mean": round(batch_rows / batches, 3) if batches else 0.0,
                        "max": max(s["batch_size"]["max"] for s in stats)},
     }  # fmt: skip
+    paged = [s for s in stats if "kv_blocks_total" in s]
+    if paged:
+        keys = ("prefix_cache_queries", "prefix_cache_hits", "kv_blocks_used", "kv_blocks_total", "preemptions")
+        out.update({k: int(sum(s.get(k) or 0 for s in paged)) for k in keys})
+    out["kv_cache"] = ",".join(sorted({str(s.get("kv_cache", "padded")) for s in stats}))
+    return out
 
 
 class Loading:

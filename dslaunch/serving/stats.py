@@ -30,6 +30,7 @@ class Stats:
         self.forwards = 0
         self.step_rows = 0
         self.step_rows_max = 0
+        self.engine: Any = None  # a callable: the engine's own counters (kv_cache, prefix cache, blocks)
 
     def answered(self, seconds: float) -> None:
         with self.lock:
@@ -47,14 +48,17 @@ class Stats:
             self.batch_sizes[rows] += 1
             self._step(rows, seconds, tokens)
 
-    def step(self, rows: int, seconds: float, tokens: int, joined: int) -> None:
-        """One step of the running batch (`rows` rows in its forward passes, `joined` of them new):
-        one decode pass for the rows that were running, one prefill pass for the joiners."""
+    def step(self, rows: int, seconds: float, tokens: int, joined: int, forwards: int | None = None) -> None:
+        """One step of the running batch (`rows` rows in its forward passes, `joined` of them new).
+        The padded cache runs one decode pass for the rows that were running and one prefill pass
+        for the joiners; a packed step is one pass (`forwards`)."""
         with self.lock:
             if joined:
                 self.batches += 1
                 self.batch_sizes[joined] += 1
-            self._step(rows, seconds, tokens, int(rows > joined) + int(joined > 0))
+            if forwards is None:
+                forwards = int(rows > joined) + int(joined > 0)
+            self._step(rows, seconds, tokens, forwards)
 
     def _step(self, rows: int, seconds: float, tokens: int, forwards: int = 1) -> None:
         self.steps += 1
@@ -91,7 +95,16 @@ class Stats:
                 "engine_busy_s": round(self.busy_s, 4),
                 "tokens_per_s": round(self.tokens / self.busy_s, 1) if self.busy_s else 0.0,
                 "uptime_s": round(time.time() - self.started, 1),
+                **self._engine(),
             }
+
+    def _engine(self) -> dict[str, Any]:
+        """The paged engine's counters: kv_cache ("paged"), prefix_cache_queries/_hits,
+        kv_blocks_used/_total, kv_block_size, preemptions; {} for other engines."""
+        try:
+            return dict(self.engine()) if self.engine is not None else {}
+        except Exception:  # read from another thread while a step runs: skip this once
+            return {}
 
 
 def _percentile(sorted_s: list[float], q: int) -> float | None:

@@ -59,7 +59,8 @@ class ServeSpec:
     bind: str = "127.0.0.1"
     port: int | None = None  # None: DEFAULT_FRONT_PORT or the next free one
     max_batch_size: int = 8
-    max_batch_tokens: int = 16384  # KV cache tokens in flight: prompt + max_new_tokens, summed over rows
+    max_batch_tokens: int = 16384  # KV cache tokens: the block pool's size (the padded cache's bound)
+    max_step_tokens: int = 512  # tokens one forward pass computes at most (decode tokens + prefill chunks)
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     max_request_bytes: int = 1 << 20
@@ -86,6 +87,7 @@ class ServeSpec:
         for flag, value, lo in (
             ("--max-batch-size", self.max_batch_size, 1),
             ("--max-batch-tokens", self.max_batch_tokens, 2),
+            ("--max-step-tokens", self.max_step_tokens, 1),
             ("--max-queue", self.max_queue, 1),
             ("--max-request-bytes", self.max_request_bytes, 256),
             ("--max-new-tokens", self.max_new_tokens, 1),

@@ -1,0 +1,213 @@
+"""The step policy of the paged engine: admission, chunked prefill, preemption, prefix reuse.
+
+Pure policy over a `BlockPool` (no model, no tensors), run by rank 0 only; its decisions reach
+the other ranks as data (`Plan`), so they never need a scheduler of their own.
+
+The interface, in the order the loop calls it each step:
+
+- `add(key, prompt, budget)`: a row waits to join (`fits` says beforehand whether it ever can);
+- `schedule() -> Plan`: this step's chunks, one per scheduled row, within the token budget;
+- `commit(plan)`: the forward ran: the chunks' tokens are in the cache;
+- `append(key, token)` for each row that goes on with a new token, `finish(key)` for each row
+  that is done (or went away, whether running or waiting): its blocks go back to the pool.
+
+Each step, as vLLM's v1 scheduler does: every running row, oldest first, gets its next tokens
+(one when decoding; the next chunk of its prompt while prefilling) up to `step_tokens` in all.
+When the pool has no block for a running row, the newest running rows are preempted: their
+blocks are freed and they wait again at the head of the queue, to be recomputed from their
+prompt and the tokens they already generated (so a preempted row never fails, and greedy
+output is unchanged). Then, unless someone was preempted, waiting rows join in order while
+the budget, the row limit and the pool allow: a joiner first takes the longest cached prefix of
+its prompt's full blocks (at least one token is always computed, for the logits), then blocks
+for its first chunk, and joins only if one block per running row stays free after that.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from dslaunch.engine.blocks import ROOT, BlockPool, chain
+
+
+@dataclass
+class Seq:
+    """One row as the scheduler sees it: its tokens, what of them is cached, its blocks."""
+
+    key: int
+    tokens: list[int]  # prompt, then every generated token (the last one not yet fed)
+    prompt_len: int
+    budget: int
+    hashes: list[bytes]  # of the prompt's full blocks
+    computed: int = 0  # tokens whose K/V are in the row's blocks
+    blocks: list[int] = field(default_factory=list)
+    published: int = 0  # leading blocks already in the prefix cache (or taken from it)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one row computes in a step: `tokens` at positions `start ...`, over `table`."""
+
+    key: int
+    start: int
+    tokens: list[int]
+    table: list[int]
+    sample: bool  # the chunk ends at the row's last token: its logits choose the next one
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step: the chunks to compute, in row order, and who was preempted to make room."""
+
+    chunks: list[Chunk]
+    preempted: list[int]
+    joined: list[int]
+
+
+class Scheduler:
+    """Admission, chunking, preemption and prefix reuse over one block pool (module docstring)."""
+
+    def __init__(
+        self, blocks: int, block_size: int, max_rows: int, step_tokens: int, prefix_caching: bool = True
+    ) -> None:
+        if max_rows < 1 or step_tokens < 1:
+            raise ValueError("a scheduler needs at least one row and one token per step")
+        self.pool = BlockPool(blocks, block_size)
+        self.size = block_size
+        self.max_rows, self.step_tokens = max_rows, step_tokens
+        self.prefix_caching = prefix_caching
+        self.running: list[Seq] = []
+        self.waiting: deque[Seq] = deque()
+        self.seqs: dict[int, Seq] = {}
+        self.queries = self.hits = self.preemptions = 0
+
+    # -- the interface --------------------------------------------------------------------------
+    def fits(self, prompt_len: int, budget: int) -> bool:
+        """Whether a row could ever run: alone, it holds prompt + budget tokens at most."""
+        return -(-(prompt_len + budget) // self.size) <= self.pool.total
+
+    def add(self, key: int, prompt: list[int], budget: int) -> None:
+        if key in self.seqs:
+            raise ValueError(f"row {key} is already scheduled")
+        if not prompt or not self.fits(len(prompt), budget):
+            raise ValueError(f"row {key} can never fit in the pool")
+        hashes, h = [], ROOT
+        if self.prefix_caching:
+            for i in range(len(prompt) // self.size):
+                h = chain(h, prompt[i * self.size : (i + 1) * self.size])
+                hashes.append(h)
+        seq = Seq(key, list(prompt), len(prompt), budget, hashes)
+        self.seqs[key] = seq
+        self.waiting.append(seq)
+
+    def schedule(self) -> Plan:
+        left = self.step_tokens
+        chunks: list[Chunk] = []
+        preempted: list[int] = []
+        i = 0
+        while i < len(self.running) and left > 0:
+            seq = self.running[i]
+            n = min(len(seq.tokens) - seq.computed, left)
+            while not self._grow(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.key)
+                if victim is seq:
+                    break
+            else:
+                chunks.append(self._chunk(seq, n))
+                left -= n
+                i += 1
+        joined: list[int] = []
+        while not preempted and self.waiting and left > 0 and len(self.running) < self.max_rows:
+            seq = self.waiting[0]
+            if not self._join(seq, left):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            n = min(len(seq.tokens) - seq.computed, left)
+            chunks.append(self._chunk(seq, n))
+            joined.append(seq.key)
+            left -= n
+        return Plan(chunks, preempted, joined)
+
+    def commit(self, plan: Plan) -> None:
+        """The plan's forward ran: its tokens are cached, and full prompt blocks are published."""
+        for c in plan.chunks:
+            seq = self.seqs[c.key]
+            seq.computed = c.start + len(c.tokens)
+            full = min(len(seq.hashes), seq.computed // self.size)
+            for j in range(seq.published, full):
+                self.pool.publish(seq.blocks[j], seq.hashes[j])
+            seq.published = max(seq.published, full)
+
+    def append(self, key: int, token: int) -> None:
+        self.seqs[key].tokens.append(token)
+
+    def finish(self, key: int) -> None:
+        """A row is done or went away, running or waiting: its blocks go back to the pool."""
+        seq = self.seqs.pop(key, None)
+        if seq is None:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+
+    def reset(self) -> None:
+        """Every row ends (a failed step): the pool is all free again, cached blocks kept."""
+        for key in list(self.seqs):
+            self.finish(key)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "prefix_cache_queries": self.queries,
+            "prefix_cache_hits": self.hits,
+            "kv_blocks_used": self.pool.used,
+            "kv_blocks_total": self.pool.total,
+            "kv_block_size": self.size,
+            "preemptions": self.preemptions,
+        }
+
+    # -- the parts --------------------------------------------------------------------------------
+    def _need(self, seq: Seq, n: int) -> int:
+        return max(0, -(-(seq.computed + n) // self.size) - len(seq.blocks))
+
+    def _grow(self, seq: Seq, n: int) -> bool:
+        got = self.pool.allocate(self._need(seq, n))
+        if got is None:
+            return False
+        seq.blocks += got
+        return True
+
+    def _chunk(self, seq: Seq, n: int) -> Chunk:
+        start = seq.computed
+        end = start + n
+        return Chunk(seq.key, start, seq.tokens[start:end], list(seq.blocks), end == len(seq.tokens))
+
+    def _preempt(self, seq: Seq) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.computed, seq.published = [], 0, 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _join(self, seq: Seq, left: int) -> bool:
+        """Take the cached prefix and the first chunk's blocks, or nothing and return False."""
+        usable = min(len(seq.hashes), (len(seq.tokens) - 1) // self.size)
+        hit = self.pool.lookup(seq.hashes[:usable]) if usable else []
+        seq.blocks, seq.computed, seq.published = hit, len(hit) * self.size, len(hit)
+        n = min(len(seq.tokens) - seq.computed, left)
+        need = self._need(seq, n)
+        if self.pool.free - need >= (len(self.running) if self.running else 0):
+            got = self.pool.allocate(need)
+            if got is not None:
+                seq.blocks = hit + got
+                self.queries += usable
+                self.hits += len(hit)
+                return True
+        self.pool.release(hit)
+        seq.blocks, seq.computed, seq.published = [], 0, 0
+        return False
