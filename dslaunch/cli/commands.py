@@ -18,7 +18,9 @@ from dslaunch.launch import logs as joblogs
 from dslaunch.launch import status as jobstatus
 from dslaunch.launch import store as state
 from dslaunch.launch.hostfile import choose_nodes
+from dslaunch.launch.slurmalloc import choose_launcher, choose_slurm_nodes
 from dslaunch.launch.spec import JobSpec, collect_user_env
+from dslaunch.transport.launchers import get_launcher
 from dslaunch.wire.serve import ServeSpec
 
 
@@ -33,7 +35,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
        work_dir: str, no_launch_dir: bool, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
        parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None, tp: int | None,
-       **serve_opts: Any) -> None:  # fmt: skip
+       launcher: str, **serve_opts: Any) -> None:  # fmt: skip
     """Start a job on every node of the hostfile, load the model on every rank and serve it.
 
     The job's router on node 0 answers on one socket front (newline-delimited JSON and the
@@ -41,7 +43,13 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     """
     model_check = not serve_opts.pop("skip_model_check")
     serve = ServeSpec(**serve_opts, token=_read_token(token_file))
-    nodes, notes = choose_nodes(hostfile, include, exclude, num_nodes, num_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if choose_launcher(launcher, hostfile, os.environ, None) == "slurm" and not hostfile:
+        launcher = "slurm"
+        nodes, notes = choose_slurm_nodes(os.environ, include, exclude, num_nodes, num_gpus), []
+    else:
+        nodes, notes = choose_nodes(hostfile, include, exclude, num_nodes, num_gpus,
+                                    os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
+        launcher = choose_launcher(launcher, hostfile, os.environ, nodes)
     env = collect_user_env(os.environ, env_pairs, env_file)
     spec = JobSpec(
         nodes=nodes, name=name, init_method=init_method, rdzv_dir=rdzv_dir, master_addr=master_addr,
@@ -51,13 +59,13 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         launch_dir=None if no_launch_dir else os.getcwd(), model_check=model_check,
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
-        keep_logs=keep_logs, serve=serve, tp=tp,
+        keep_logs=keep_logs, serve=serve, tp=tp, launcher=launcher,
     )  # fmt: skip
     for line in notes:
         err_console.print(f"note: {line}", markup=False)
     if dry_run:
         plan, note = launch.dry_plan(spec)
-        console.print(render.plan_view(plan, note))
+        console.print(render.plan_view(plan, note, get_launcher(spec.launcher).describe()))
         return
     t0 = time.monotonic()
     units = [u for r in spec.replicas for u in r.units]
