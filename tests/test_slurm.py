@@ -1,0 +1,135 @@
+"""`--launcher slurm` against a real Slurm: munged, slurmctld and two slurmd started for this module.
+
+Inside a real `salloc` (its own environment: SLURM_JOB_ID, SLURM_JOB_NODELIST, ...): `up` picks the
+Slurm launcher by itself, every agent and the router are steps of their own that outlive `up`,
+`status` names the Slurm job and its steps, `query` reaches the router through an `srun` hop, and
+`down` leaves no process and no step. The errors Slurm gives are one line naming the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dslaunch.wire.records import JobRecord, NodeRecord
+from dslaunch.wire.states import JobState
+from tests.conftest import Cli, _guard, job_pids, status_json
+from tests.slurmsim import Allocation, SlurmSim, allocate, slurm_available
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmSim]:
+    why = slurm_available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    sim = SlurmSim(tmp_path_factory.mktemp("slurm"), ["sn1", "sn2"]).start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def _cli(tmp: Path, env: dict[str, str]) -> Cli:
+    env = {k: v for k, v in env.items() if not k.startswith("DSLAUNCH_")}
+    env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200")
+    (tmp / "work").mkdir(mode=0o700, exist_ok=True)
+    return Cli(env, tmp / "work")
+
+
+@pytest.fixture
+def alloc(slurm: SlurmSim, tmp_path: Path) -> Iterator[Allocation]:
+    a = allocate(slurm, tmp_path, "-N2", "--ntasks-per-node=1")
+    try:
+        yield a
+    finally:
+        a.release()
+
+
+def _our_steps(slurm: SlurmSim, job: str) -> list[str]:
+    return [s for s in slurm.steps(job) if " dslaunch-" in s]
+
+
+def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, tmp_path: Path) -> None:
+    cli = _cli(tmp_path, alloc.env)
+    try:
+        res = cli.up("--init-method", "tcp")
+        assert res.returncode == 0, res.stdout + res.stderr
+        rec = json.loads((tmp_path / "home" / "jobs" / "default.json").read_text())
+        assert rec["launcher"] == "slurm" and rec["launcher_meta"] == {"job": alloc.job}
+        assert [n["host"] for n in rec["nodes"]] == ["sn1", "sn2", "sn1"]  # two agents, then the router
+        jid = rec["job_id"]
+        # `up` has exited: every agent and the router run on as steps of their own
+        steps = _our_steps(slurm, alloc.job)
+        assert sorted(s.split()[1] for s in steps) == [f"dslaunch-{jid}-{i}" for i in range(3)], steps
+        st = status_json(cli)
+        assert st["state"] == "ready", st["reason"]
+        labels = dict(map(tuple, st["launcher"]))
+        assert labels["launcher"] == "slurm" and labels["slurm job"] == f"{alloc.job} RUNNING"
+        assert f"dslaunch-{jid}-0" in labels["slurm steps"]
+        shown = cli("status")
+        assert "launcher slurm" in shown.stdout and f"slurm job {alloc.job} RUNNING" in shown.stdout
+        q = cli("query", "Hello world", "-k", "4", "--json")
+        assert q.returncode == 0, q.stderr
+        assert json.loads(q.stdout)["text"]
+        logs = cli("logs", "--lines", "200")
+        assert logs.returncode == 0 and "[rank 1]" in logs.stdout, logs.stderr
+        down = cli("down")
+        assert down.returncode == 0 and "verified: none left" in down.stdout, down.stdout + down.stderr
+        assert _our_steps(slurm, alloc.job) == []
+        assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == []
+        assert not (tmp_path / "home" / "jobs" / "default.json").exists()
+    finally:
+        _guard(cli)
+
+
+def test_slurm_errors_are_one_line_naming_the_command(slurm: SlurmSim, tmp_path: Path) -> None:
+    a = allocate(slurm, tmp_path, "-N1")
+    cli = _cli(tmp_path, a.env)
+    try:
+        # no Slurm commands on PATH: which one is missing, said once
+        no_srun = _cli(tmp_path, {**a.env, "PATH": str(Path(os.sys.executable).parent)})
+        _one_line(no_srun.up(), "scontrol: not found")
+        # a partition Slurm refuses: its own message
+        bad = subprocess.run(["salloc", "-p", "nosuch", "--no-shell", "-N1"], env=slurm.env(), capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert bad.returncode != 0 and "invalid partition" in bad.stderr.lower()
+        # an allocation that has ended: up says which command failed and why
+        a.release()
+        _one_line(cli.up(), f"squeue: Slurm job {a.job} no longer exists (the allocation ended or expired)")
+    finally:
+        a.release()
+        _guard(cli)
+
+
+def test_down_after_the_allocation_ended_removes_the_record(slurm: SlurmSim, tmp_path: Path) -> None:
+    """Slurm ended the allocation (time limit, scancel) and every step with it: `down` says so."""
+    a = allocate(slurm, tmp_path, "-N1")
+    a.release()
+    cli = _cli(tmp_path, a.env)
+    jobs = tmp_path / "home" / "jobs"
+    jobs.mkdir(parents=True, mode=0o700)
+    os.chmod(tmp_path / "home", 0o700)
+    rec = JobRecord(name="default", run_id="r1", job_id="default-r1", state=JobState.READY, world_size=1,
+                    init_method="tcp", backend="gloo", python=os.sys.executable, master_addr="127.0.0.1",
+                    master_port=1, rdzv_port=2, launcher="slurm", launcher_meta={"job": a.job},
+                    nodes=[NodeRecord(0, "sn1", "sn1", 1, 0, str(tmp_path / "work" / "n0"))])  # fmt: skip
+    (jobs / "default.json").write_text(json.dumps(rec.to_dict()))
+    (jobs / "default.json").chmod(0o600)
+    down = cli("down")
+    assert down.returncode == 0, down.stderr
+    assert f"the Slurm job {a.job} had ended already" in down.stdout
+    assert not (jobs / "default.json").exists()
+
+
+def _one_line(res: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert fragment in lines[0], res.stderr
