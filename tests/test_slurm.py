@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from dslaunch.errors import UserError
+from dslaunch.transport.slurm import slurm as run_slurm
 from dslaunch.wire.records import JobRecord, NodeRecord
 from dslaunch.wire.states import JobState
 from tests.conftest import Cli, _guard, job_pids, status_json
@@ -78,6 +80,13 @@ def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, 
         q = cli("query", "Hello world", "-k", "4", "--json")
         assert q.returncode == 0, q.stderr
         assert json.loads(q.stdout)["text"]
+        # a rolling restart starts each agent again as a new step of its own
+        before = set(_our_steps(slurm, alloc.job))
+        again = cli("restart", timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        after = _our_steps(slurm, alloc.job)
+        assert len(after) == 3 and len(set(after) - before) == 2, (before, after)  # the router kept its step
+        assert status_json(cli)["state"] == "ready"
         logs = cli("logs", "--lines", "200")
         assert logs.returncode == 0 and "[rank 1]" in logs.stdout, logs.stderr
         down = cli("down")
@@ -96,10 +105,18 @@ def test_slurm_errors_are_one_line_naming_the_command(slurm: SlurmSim, tmp_path:
         # no Slurm commands on PATH: which one is missing, said once
         no_srun = _cli(tmp_path, {**a.env, "PATH": str(Path(os.sys.executable).parent)})
         _one_line(no_srun.up(), "scontrol: not found")
-        # a partition Slurm refuses: its own message
-        bad = subprocess.run(["salloc", "-p", "nosuch", "--no-shell", "-N1"], env=slurm.env(), capture_output=True,
-                             text=True, timeout=60)  # fmt: skip
-        assert bad.returncode != 0 and "invalid partition" in bad.stderr.lower()
+        # the dry run names the launcher, the allocation and the selection in srun's terms
+        dry = cli.up("--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        out = " ".join(dry.stdout.split())
+        assert "launcher slurm" in out and f"slurm job {a.job} RUNNING" in out and "srun selection -n 1" in out
+        assert "sn1" in out
+        # a partition Slurm refuses: one line, the command and Slurm's own message
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLURM_CONF", str(slurm.conf))
+            refused = r"^sbatch: Batch job submission failed: Invalid partition name specified$"
+            with pytest.raises(UserError, match=refused):
+                run_slurm(["sbatch", "-p", "nosuch", "-N1", "--wrap", "true"])
         # an allocation that has ended: up says which command failed and why
         a.release()
         _one_line(cli.up(), f"squeue: Slurm job {a.job} no longer exists (the allocation ended or expired)")

@@ -18,7 +18,7 @@ from dslaunch.launch import logs as joblogs
 from dslaunch.launch import status as jobstatus
 from dslaunch.launch import store as state
 from dslaunch.launch.hostfile import choose_nodes
-from dslaunch.launch.slurmalloc import choose_launcher, choose_slurm_nodes
+from dslaunch.launch.slurmalloc import choose_launcher, choose_slurm_nodes, srun_selection
 from dslaunch.launch.spec import JobSpec, collect_user_env
 from dslaunch.transport.launchers import get_launcher
 from dslaunch.wire.serve import ServeSpec
@@ -65,7 +65,10 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         err_console.print(f"note: {line}", markup=False)
     if dry_run:
         plan, note = launch.dry_plan(spec)
-        console.print(render.plan_view(plan, note, get_launcher(spec.launcher).describe()))
+        lines = get_launcher(spec.launcher).describe()
+        if spec.launcher == "slurm":  # the same selection in srun's terms, as DeepSpeed's Slurm runner says it
+            lines.append(("srun selection", " ".join(srun_selection(nodes, include, exclude, num_nodes, num_gpus))))
+        console.print(render.plan_view(plan, note, lines))
         return
     t0 = time.monotonic()
     units = [u for r in spec.replicas for u in r.units]

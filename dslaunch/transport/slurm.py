@@ -54,7 +54,8 @@ def slurm(argv: list[str], timeout: float = 60.0, stdin: str | None = None) -> s
     except subprocess.TimeoutExpired:
         raise UserError(f"{argv[0]}: no answer within {timeout:g}s (is slurmctld reachable?)") from None
     if p.returncode != 0:
-        raise UserError(f"{argv[0]}: {_last_line(p.stderr) or f'exit status {p.returncode}'}")
+        said = _last_line(p.stderr).removeprefix(f"{argv[0]}: ").removeprefix("error: ")
+        raise UserError(f"{argv[0]}: {said or f'exit status {p.returncode}'}")
     return p.stdout
 
 
