@@ -3,6 +3,7 @@
 Inside a real `salloc` (its own environment: SLURM_JOB_ID, SLURM_JOB_NODELIST, ...): `up` picks the
 Slurm launcher by itself, every agent and the router are steps of their own that outlive `up`,
 `status` names the Slurm job and its steps, `query` reaches the router through an `srun` hop, and
+a killed rank restarts its gang inside the steps, `restart` starts each agent as a new step, and
 `down` leaves no process and no step. The errors Slurm gives are one line naming the command.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +22,10 @@ from dslaunch.errors import UserError
 from dslaunch.transport.slurm import slurm as run_slurm
 from dslaunch.wire.records import JobRecord, NodeRecord
 from dslaunch.wire.states import JobState
-from tests.conftest import Cli, _guard, job_pids, status_json
+from tests.conftest import Cli, _guard, job_pids, status_json, wait_status
 from tests.slurmsim import Allocation, SlurmSim, allocate, slurm_available
+
+pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +84,13 @@ def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, 
         q = cli("query", "Hello world", "-k", "4", "--json")
         assert q.returncode == 0, q.stderr
         assert json.loads(q.stdout)["text"]
+        # a rank killed: torchrun restarts the gang inside the steps, rank 0 stays on the first node
+        victim = st["ranks"][1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        st = wait_status(cli, lambda s: s["state"] == "ready" and all(r["restarts"] == 1 for r in s["ranks"]))
+        assert [(r["rank"], r["host"], r["restarts"]) for r in st["ranks"]] == [(0, "sn1", 1), (1, "sn2", 1)]
+        assert victim not in {r["pid"] for r in st["ranks"]}
+        assert len(_our_steps(slurm, alloc.job)) == 3  # the same steps: the agents never left
         # a rolling restart starts each agent again as a new step of its own
         before = set(_our_steps(slurm, alloc.job))
         again = cli("restart", timeout=300)

@@ -169,9 +169,11 @@ def node_addresses(spec: JobSpec, cluster: Cluster, reached: list[str | None]) -
 
 def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
     """One node's facts; node 0 also picks the ports. Times the node's shell start-up too."""
-    t0 = time.monotonic()
-    c.transport.run(["true"], timeout=spec.connect_timeout + spec.command_timeout)
-    shell_s = time.monotonic() - t0
+    shell_s = 0.0
+    if getattr(c.transport, "login_shell", True):  # a Slurm step runs no login shell: nothing to time
+        t0 = time.monotonic()
+        c.transport.run(["true"], timeout=spec.connect_timeout + spec.command_timeout)
+        shell_s = time.monotonic() - t0
     args: dict[str, Any] = {"work_dir": spec.work_dir}
     want = port_requests(spec)[cluster.clients.index(c)]
     if want:

@@ -80,6 +80,8 @@ def step_argv(job: str, host: str, name: str, argv: list[str], unbound: bool = F
 class SlurmTransport:
     """Commands on one node of the allocation, each as a short step."""
 
+    login_shell = False  # srun starts the command itself: pre-flight has no shell start-up to time
+
     def __init__(self, node: Node, opts: ConnectOptions, job: str) -> None:
         self.node = node
         self.opts = opts
