@@ -76,3 +76,6 @@ def test_dry_run_names_the_launcher_it_chose() -> None:
     res = _dry_run()
     assert res.exit_code == 0, res.output
     assert "launcher local" in " ".join(res.output.split())
+    # Slurm's submission flags mean nothing to another launcher: refused, naming them
+    res = _dry_run("--partition", "gpu")
+    assert res.exit_code == 1 and "--partition, --time and --account are for a job 'up' submits" in res.output

@@ -161,3 +161,52 @@ def _one_line(res: subprocess.CompletedProcess[str], fragment: str) -> None:
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert fragment in lines[0], res.stderr
+
+
+def _submitted(slurm: SlurmSim, name: str = "default") -> list[tuple[str, str, str]]:
+    out = slurm.run("squeue", "-h", "-n", f"dslaunch-{name}", "-o", "%i|%T|%r", check=False).stdout
+    return [tuple(line.split("|")) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def _wait_for(cond: object, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: SlurmSim, tmp_path: Path) -> None:
+    """No allocation: `up` submits one, says why it pends (the partition is held down), runs
+    once Slurm runs it, and `down` cancels it; Ctrl-C while it pends cancels it too."""
+    cli = _cli(tmp_path, slurm.env())
+    slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=DOWN")
+    try:
+        # Ctrl-C while pending: the submitted job is cancelled
+        p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir))
+        _wait_for(lambda: _submitted(slurm))
+        os.kill(p.pid, signal.SIGINT)
+        _out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        assert "PENDING: PartitionDown (Ctrl-C cancels it)" in err and "cancelled Slurm job" in err, err
+        _wait_for(lambda: not _submitted(slurm))
+        # pending, then running once the partition is up again, then ready; down cancels it
+        p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir),
+                      "--time", "30")  # fmt: skip
+        _wait_for(lambda: [s[1:] for s in _submitted(slurm)] == [("PENDING", "PartitionDown")])
+        job = _submitted(slurm)[0][0]
+        slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=UP")
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+        assert f"Slurm job {job} PENDING: PartitionDown" in err
+        labels = dict(map(tuple, status_json(cli)["launcher"]))
+        assert labels["slurm job"] == f"{job} RUNNING" and "dslaunch-default-" in labels["slurm steps"]
+        down = cli("down")
+        assert down.returncode == 0 and "verified: none left" in down.stdout, down.stdout + down.stderr
+        assert _submitted(slurm) == [] and slurm.steps(job) == []
+    finally:
+        slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=UP")
+        for job, _state, _reason in _submitted(slurm):
+            slurm.run("scancel", job, check=False)
+        _guard(cli)

@@ -73,6 +73,9 @@ UP_OPTIONS = [
         help="How the job's processes reach the nodes. auto: slurm inside a Slurm allocation without "
         "--hostfile, local for this machine alone, else ssh.",
     ),
+    click.option("--partition", default=None, help="Slurm partition, when 'up' submits the job (no allocation)."),
+    click.option("--time", "time_limit", default=None, help="Slurm time limit of a job 'up' submits (sbatch --time)."),
+    click.option("--account", default=None, help="Slurm account charged for a job 'up' submits."),
     click.option("--rdzv-dir", default=None, help="Directory shared by every node (NFS), for --init-method file."),
     click.option(
         "--master-addr",

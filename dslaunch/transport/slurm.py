@@ -298,4 +298,12 @@ class SlurmLauncher:
         while left and time.monotonic() < deadline:
             time.sleep(0.2)
             left = self.steps(job_id)
-        return [f"step {sid} ({name})" for sid, name in left]
+        out = [f"step {sid} ({name})" for sid, name in left]
+        if self.meta.get("submitted"):  # `up` submitted the job for this one: it goes too
+            with contextlib.suppress(UserError):
+                slurm(["scancel", self.job])
+            while self.job_state() != "GONE" and time.monotonic() < deadline:
+                time.sleep(0.3)
+            if self.job_state() != "GONE":
+                out.append(f"Slurm job {self.job} (scancel did not end it)")
+        return out
