@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint demo bench sshd clean
+.PHONY: install test lint demo bench sshd slurm clean
 
 install: $(STAMP)
 
@@ -33,6 +33,17 @@ sshd:
 	  else echo "sshd or ps missing: install openssh-server and procps (SSH tests will be skipped)"; fi; \
 	fi
 
+# The Slurm tests start their own munged, slurmctld and slurmd (tests/slurmsim.py); install Debian's
+# packages when missing and we are root. The packages' own daemons are not started or enabled.
+slurm:
+	@if ! command -v slurmd >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmd ] || ! command -v srun >/dev/null 2>&1 \
+	    || [ ! -x /usr/sbin/munged ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing slurm-wlm and munge"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	  else echo "slurmd, srun or munged missing: install slurm-wlm and munge (Slurm tests will be skipped)"; fi; \
+	fi
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
@@ -41,7 +52,7 @@ lint: $(STAMP)
 # runs in parallel with more workers than cores; tests that share a module's job stay on one
 # worker (tests/conftest.py groups them). `make test JOBS=1` runs it serially.
 JOBS ?= 6
-test: $(STAMP) sshd lint
+test: $(STAMP) sshd slurm lint
 	$(PY) .ci/budget.py -- $(PY) -m pytest -q -ra -n $(JOBS) --dist loadgroup
 
 demo: $(STAMP)

@@ -215,13 +215,15 @@ def connector(rec: Any) -> tuple[str, Callable[[], Conn], Callable[[], None] | N
     """Where a job's front is ("host:port", for messages), how to open a connection, and what closes
     the SSH connection a tunnel runs over (None when it is reached directly)."""
     from dslaunch.transport.base import ConnectOptions
-    from dslaunch.transport.nodes import connect
+    from dslaunch.transport.launchers import get_launcher
 
     front = _front(rec)
     port, bind = int(front.port), front.bind
     node0 = rec.nodes[0].node()
     if front.loopback and not node0.is_local:
-        transport = connect(node0, ConnectOptions(rec.connect_timeout, rec.command_timeout, rec.accept_new_host_keys))
+        launcher = get_launcher(getattr(rec, "launcher", "ssh"), getattr(rec, "launcher_meta", None))
+        opts = ConnectOptions(rec.connect_timeout, rec.command_timeout, rec.accept_new_host_keys)
+        transport = launcher.connect(node0, opts)  # SSH, or an srun step on a Slurm node
         tunnel: Any = getattr(transport, "tunnel", None)
         return f"{node0.host} → {bind}:{port}", lambda: tunnel(bind, port), transport.close
     host = bind

@@ -47,9 +47,10 @@ def test_missing_hostfile(cli: Cli, tmp_path: Path) -> None:
     _one_line_error(cli.up("--hostfile", str(tmp_path / "nope")), "hostfile not found")
 
 
-def test_unknown_init_method_is_refused_by_click(cli: Cli) -> None:
-    res = cli.up("--init-method", "mpi")
-    assert res.returncode == 2 and "'mpi' is not one of 'tcp', 'file', 'env'" in res.stderr
+def test_unknown_init_method_or_launcher_is_refused_naming_the_choices(cli: Cli) -> None:
+    # the choices are the registries' (wire/initmethods, transport/launchers), not a fixed list
+    _one_line_error(cli.up("--init-method", "mpi"), "--init-method 'mpi': choose one of tcp, file, env")
+    _one_line_error(cli.up("--launcher", "pbs"), "--launcher 'pbs': choose one of local, ssh, slurm")
 
 
 def test_status_logs_without_a_job(cli: Cli) -> None:

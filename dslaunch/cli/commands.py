@@ -15,10 +15,13 @@ from dslaunch.cli.options import GRACE_DEFAULT, SERVE_OPTIONS, UP_EXAMPLES, UP_O
 from dslaunch.errors import UserError
 from dslaunch.launch import lifecycle as launch
 from dslaunch.launch import logs as joblogs
+from dslaunch.launch import slurmsubmit
 from dslaunch.launch import status as jobstatus
 from dslaunch.launch import store as state
 from dslaunch.launch.hostfile import choose_nodes
+from dslaunch.launch.slurmalloc import choose_launcher, choose_slurm_nodes, srun_selection
 from dslaunch.launch.spec import JobSpec, collect_user_env
+from dslaunch.transport.launchers import get_launcher
 from dslaunch.wire.serve import ServeSpec
 
 
@@ -33,6 +36,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
        work_dir: str, no_launch_dir: bool, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
        parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None, tp: int | None,
+       launcher: str, partition: str | None, time_limit: str | None, account: str | None,
        **serve_opts: Any) -> None:  # fmt: skip
     """Start a job on every node of the hostfile, load the model on every rank and serve it.
 
@@ -41,7 +45,22 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     """
     model_check = not serve_opts.pop("skip_model_check")
     serve = ServeSpec(**serve_opts, token=_read_token(token_file))
-    nodes, notes = choose_nodes(hostfile, include, exclude, num_nodes, num_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    submitted: dict[str, str] = {}
+    if choose_launcher(launcher, hostfile, os.environ, None) == "slurm" and not hostfile:
+        launcher, alloc = "slurm", dict(os.environ)
+        if not alloc.get("SLURM_JOB_ID") and not dry_run:  # a login node: submit the allocation first
+            try:
+                alloc = slurmsubmit.submit_and_wait(name, num_nodes, num_gpus, partition, time_limit, account, _say)
+            except KeyboardInterrupt:
+                sys.exit(130)  # the job was cancelled, and said so
+            submitted, num_nodes = {"job": alloc["SLURM_JOB_ID"], "submitted": "1"}, None
+        nodes, notes = choose_slurm_nodes(alloc, include, exclude, num_nodes, num_gpus), []
+    elif partition or time_limit or account:
+        raise UserError("--partition, --time and --account are for a job 'up' submits to Slurm (--launcher slurm)")
+    else:
+        nodes, notes = choose_nodes(hostfile, include, exclude, num_nodes, num_gpus,
+                                    os.environ.get("CUDA_VISIBLE_DEVICES"))  # fmt: skip
+        launcher = choose_launcher(launcher, hostfile, os.environ, nodes)
     env = collect_user_env(os.environ, env_pairs, env_file)
     spec = JobSpec(
         nodes=nodes, name=name, init_method=init_method, rdzv_dir=rdzv_dir, master_addr=master_addr,
@@ -51,13 +70,16 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         launch_dir=None if no_launch_dir else os.getcwd(), model_check=model_check,
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
-        keep_logs=keep_logs, serve=serve, tp=tp,
+        keep_logs=keep_logs, serve=serve, tp=tp, launcher=launcher, launcher_meta=submitted,
     )  # fmt: skip
     for line in notes:
         err_console.print(f"note: {line}", markup=False)
     if dry_run:
         plan, note = launch.dry_plan(spec)
-        console.print(render.plan_view(plan, note))
+        lines = get_launcher(spec.launcher).describe()
+        if spec.launcher == "slurm":  # the same selection in srun's terms, as DeepSpeed's Slurm runner says it
+            lines.append(("srun selection", " ".join(srun_selection(nodes, include, exclude, num_nodes, num_gpus))))
+        console.print(render.plan_view(plan, note, lines))
         return
     t0 = time.monotonic()
     units = [u for r in spec.replicas for u in r.units]
@@ -72,14 +94,22 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
                 spec, view.update, warn=lambda line: err_console.print(f"warning: {render.plain(line)}", markup=False),
                 note=lambda line: err_console.print(f"note: {render.plain(line)}", markup=False),
             )  # fmt: skip
-    except launch.LaunchFailed as e:
-        for line in e.details:
-            err_console.print(render.plain(line), markup=False, style="dim")
+    except BaseException as e:
+        if submitted:  # the job 'up' submitted goes with everything else it started
+            slurmsubmit.cancel(submitted["job"])
+            err_console.print(f"cancelled Slurm job {submitted['job']}", markup=False)
+        if isinstance(e, launch.LaunchFailed):
+            for line in e.details:
+                err_console.print(render.plain(line), markup=False, style="dim")
+        if isinstance(e, KeyboardInterrupt):
+            err_console.print("interrupted: everything 'up' had started was removed from every node")
+            sys.exit(130)
         raise
-    except KeyboardInterrupt:
-        err_console.print("interrupted: everything 'up' had started was removed from every node")
-        sys.exit(130)
     console.print(render.up_summary(rec, time.monotonic() - t0))
+
+
+def _say(line: str) -> None:
+    err_console.print(line, markup=False)
 
 
 @main.command()

@@ -8,7 +8,9 @@ from typing import Any
 
 import click
 
-from dslaunch.launch.spec import BACKENDS, INIT_METHODS, JobSpec
+from dslaunch.launch.spec import BACKENDS, JobSpec
+from dslaunch.transport.launchers import LAUNCHERS
+from dslaunch.wire.initmethods import INIT_METHODS
 from dslaunch.wire.serve import DTYPES, TASKS, ServeSpec
 
 
@@ -58,11 +60,22 @@ UP_OPTIONS = [
     ),
     click.option(
         "--init-method",
-        type=click.Choice(INIT_METHODS),
         default=_job("init_method"),
         show_default=True,
+        metavar=f"[{'|'.join(INIT_METHODS)}]",  # checked by JobSpec against the registry (wire/initmethods)
         help="How workers form their process group.",
     ),
+    click.option(
+        "--launcher",
+        default="auto",
+        show_default=True,
+        metavar=f"[auto|{'|'.join(LAUNCHERS)}]",  # checked by JobSpec against the registry (transport/launchers)
+        help="How the job's processes reach the nodes. auto: slurm inside a Slurm allocation without "
+        "--hostfile, local for this machine alone, else ssh.",
+    ),
+    click.option("--partition", default=None, help="Slurm partition, when 'up' submits the job (no allocation)."),
+    click.option("--time", "time_limit", default=None, help="Slurm time limit of a job 'up' submits (sbatch --time)."),
+    click.option("--account", default=None, help="Slurm account charged for a job 'up' submits."),
     click.option("--rdzv-dir", default=None, help="Directory shared by every node (NFS), for --init-method file."),
     click.option(
         "--master-addr",

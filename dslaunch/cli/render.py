@@ -79,10 +79,12 @@ def _stage(s: str) -> Text:
     return _t(s, STAGE_STYLE.get(s, ""))
 
 
-def plan_view(plan: LaunchPlan, facts_note: str = "") -> Group:
+def plan_view(plan: LaunchPlan, facts_note: str = "", launcher: list[tuple[str, str]] | None = None) -> Group:
     """The dry-run output: job summary, nodes with their agent command, and every rank."""
     head = Table.grid(padding=(0, 2))
     head.add_row("job", f"{plan.name} ({plan.job_id})")
+    for label, value in launcher or [("launcher", plan.launcher)]:
+        head.add_row(label, Text(value))
     head.add_row("world size", str(plan.world_size))
     head.add_row("init method", Text(f"{plan.init_method}  {plan.init_url}"))
     head.add_row("backend", plan.backend)
@@ -220,6 +222,7 @@ def status_view(st: JobStatus) -> Group:
         f"  {plain(st.reason)}\n",
         f"world size {st.world_size} · init {st.init_method} · backend {st.backend} · "
         f"master {st.master} · run {st.run_id} · up {_age(st.created)}",
+        *[f"\n{label} {value}" for label, value in st.launcher],
     )  # fmt: skip
     nodes = Table(title="nodes", title_justify="left")
     for col in ("#", "host", "runs", "reachable", "agent", "pid", "processes", "note"):
@@ -296,6 +299,8 @@ def front_line(f: dict[str, Any]) -> Text:
 
 
 def down_text(rep: DownReport) -> Text:
+    if rep.ended:
+        return Text.assemble(("stopped", "bold green"), f": job {rep.name!r} — {rep.ended}; its record is removed")
     if rep.clean:
         return Text.assemble(
             ("stopped", "bold green"),
@@ -305,6 +310,7 @@ def down_text(rep: DownReport) -> Text:
     lines = [f"job {rep.name!r} is not fully stopped:"]
     lines += [f"  {u}" for u in rep.unreachable]
     lines += [f"  {h}: processes still running: {' '.join(map(str, p))}" for h, p in rep.survivors.items()]
+    lines += [f"  still running: {x}" for x in rep.leftovers]
     lines.append(f"the record is kept; run 'dslaunch down --name {rep.name}' again once the node answers")
     return _t("\n".join(lines), style="red")
 

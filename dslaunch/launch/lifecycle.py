@@ -22,7 +22,9 @@ from dslaunch.launch.ready import LaunchFailed, wait_ready
 from dslaunch.launch.records import cluster_for, new_record
 from dslaunch.launch.spec import JobSpec
 from dslaunch.transport.fanout import HostResults
+from dslaunch.transport.launchers import Launcher, get_launcher
 from dslaunch.transport.nodes import Cluster, NodeClient
+from dslaunch.wire.initmethods import init_method
 from dslaunch.wire.records import JobRecord
 from dslaunch.wire.states import JobState, NodeStage
 
@@ -44,7 +46,9 @@ def up(
                 f"on {len(old.nodes)} node(s)); see it with 'dslaunch status --name {spec.name}', "
                 f"remove it with 'dslaunch down --name {spec.name}', or pick another --name"
             )
-        with Cluster(spec.nodes, connect_options(spec), spec.python, spec.parallelism) as machines:
+        launcher = get_launcher(spec.launcher, spec.launcher_meta)
+        launcher.check()
+        with Cluster(spec.nodes, connect_options(spec), spec.python, spec.parallelism, launcher) as machines:
             facts = preflight(spec, machines, per_node(spec, progress))
             for line in facts.warnings:
                 if warn is not None:
@@ -56,7 +60,7 @@ def up(
                 spec, uuid.uuid4().hex[:8], facts.master_addr, facts.master_port, facts.rdzv_port,
                 facts.backend, facts.addresses, facts.front_port, facts.gang_ports, facts.link_port,
             )  # fmt: skip
-            rec = new_record(spec, plan, facts)
+            rec = new_record(spec, plan, facts, launcher.meta)
             store.save(rec)
             cluster = machines.view(rec.node_list())  # one entry per agent, then the router
             try:
@@ -120,7 +124,10 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
     from dslaunch.transport.sshconfig import resolve
 
     head = spec.nodes[0]
-    addr = spec.master_addr or ("127.0.0.1" if head.is_local else resolve(head.host, head.user).hostname)
+    via_ssh = spec.launcher == "ssh"
+    addr = spec.master_addr or (
+        "127.0.0.1" if head.is_local else resolve(head.host, head.user).hostname if via_ssh else head.host
+    )
     backend = "gloo" if spec.backend == "auto" else spec.backend
     plan = make_plan(spec, "dryrun00", addr, spec.master_port or 29500, spec.rdzv_port or 29400, backend)
     open_ = []
@@ -144,8 +151,8 @@ def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progres
     def start(c: NodeClient) -> dict[str, Any]:
         i = cluster.clients.index(c)
         if i == router_index:
-            return start_router(plan, c, token, nonce, key)
-        return start_unit(plan, plan.nodes[i], c, key)
+            return start_router(plan, c, token, nonce, key, cluster.launcher)
+        return start_unit(plan, plan.nodes[i], c, key, cluster.launcher)
 
     if plan.router is not None:  # first: its link listens before any replica leader dials
         _report_started(rec, [router_index], cluster.map(start, [cluster.clients[router_index]]), progress)
@@ -170,28 +177,30 @@ def _report_started(rec: JobRecord, indices: list[int], results: HostResults[Any
         raise LaunchFailed(f"could not start {what}: {details[0]}", details)
 
 
-def start_unit(plan: LaunchPlan, np: NodePlan, c: NodeClient, key: str | None) -> dict[str, Any]:
+def start_unit(plan: LaunchPlan, np: NodePlan, c: NodeClient, key: str | None, launcher: Launcher) -> dict[str, Any]:
     """One agent; a replica's head also checks its ports again, its leader gets the link key."""
     rp = plan.replicas[np.replica]
     head = np.unit == rp.units[0]
     ports = {"rendezvous port (--rdzv-port)": rp.rdzv_port}
-    if plan.init_method in ("tcp", "env"):
+    if init_method(plan.init_method).uses_master_port:
         ports["master port (--master-port)"] = rp.master_port
     files = {"replica.secret": key} if head and key else {}
-    return c.call(
-        "start",
+    return launcher.start(
+        c,
         {"job_id": plan.job_id, "node_rank": np.unit, "node_dir": np.node_dir, "argv": list(np.argv),
          "env": np.env, "files": files, "free_ports": ports if head else {}},
     )  # fmt: skip
 
 
-def start_router(plan: LaunchPlan, c: NodeClient, token: str | None, nonce: str | None, key: str | None) -> Any:
+def start_router(
+    plan: LaunchPlan, c: NodeClient, token: str | None, nonce: str | None, key: str | None, launcher: Launcher
+) -> Any:
     """The router under its supervisor, on node 0; the public token and the link key on stdin."""
     assert plan.router is not None
     rp = plan.router
     files = {k: v for k, v in (("front.token", token), ("front.nonce", nonce), ("replica.secret", key)) if v}
-    return c.call(
-        "start",
+    return launcher.start(
+        c,
         {"job_id": plan.job_id, "node_rank": len(plan.nodes), "node_dir": rp.node_dir, "argv": list(rp.argv),
          "env": rp.env, "files": files, "free_ports": {"router link port": rp.link_port}},
     )  # fmt: skip
@@ -221,10 +230,12 @@ class DownReport:
     nodes: int = 0
     unreachable: list[str] = field(default_factory=list)
     survivors: dict[str, list[int]] = field(default_factory=dict)
+    leftovers: list[str] = field(default_factory=list)  # what the launcher still ran (Slurm steps)
+    ended: str | None = None  # why nothing was left to stop (Slurm had ended the allocation)
 
     @property
     def clean(self) -> bool:
-        return not self.unreachable and not self.survivors
+        return not self.unreachable and not self.survivors and not self.leftovers
 
 
 def down(name: str, grace: float = 10.0) -> DownReport | None:
@@ -237,6 +248,10 @@ def down(name: str, grace: float = 10.0) -> DownReport | None:
         store.save(rec)
         report = DownReport(name, nodes=len({(n.host, n.target) for n in rec.nodes}))
         with cluster_for(rec) as cluster:
+            report.ended = cluster.launcher.ended()
+            if report.ended:  # nothing runs any more; only the record is left to remove
+                store.remove(name)
+                return report
             for r in teardown(rec, cluster, grace):
                 if not r.ok:
                     report.unreachable.append(str(r.error))
@@ -246,6 +261,7 @@ def down(name: str, grace: float = 10.0) -> DownReport | None:
                 report.killed += v.get("killed", 0)
                 if v.get("survivors"):
                     report.survivors[r.node.host] = v["survivors"]
+            report.leftovers = cluster.launcher.cleanup(rec.job_id)
         if report.clean:
             store.remove(name)
         return report

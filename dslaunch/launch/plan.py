@@ -94,6 +94,7 @@ class LaunchPlan:
     tp: int = 0
     replicas: tuple[ReplicaPlan, ...] = ()
     router: RouterPlan | None = None
+    launcher: str = "ssh"
 
 
 def job_id(name: str, run_id: str) -> str:
@@ -105,13 +106,7 @@ def init_url(spec: JobSpec, jid: str, master_addr: str, master_port: int) -> str
 
     `jid` is the gang's id: the job's, with `-r<N>` for replica N when there are several.
     """
-    if spec.init_method == "tcp":
-        host = f"[{master_addr}]" if ":" in master_addr else master_addr
-        return f"tcp://{host}:{master_port}"
-    if spec.init_method == "file":
-        assert spec.rdzv_dir is not None
-        return f"file://{spec.rdzv_dir.rstrip('/')}/{jid}-{{restart}}"
-    return "env://"
+    return spec.method.url(jid, master_addr, master_port, spec.rdzv_dir)
 
 
 def gang_id(jid: str, replica: int, replicas: int) -> str:
@@ -162,7 +157,7 @@ def make_plan(
         job_id=jid, name=spec.name, run_id=run_id, world_size=spec.world_size, init_method=spec.init_method,
         init_url=replicas[0].init_url, backend=backend, master_addr=master_addr, master_port=master_port,
         rdzv_port=rdzv_port, front_port=serve.port or DEFAULT_FRONT_PORT, nodes=tuple(node_plans),
-        ranks=tuple(ranks), tp=spec.tp_size, replicas=replicas, router=router,
+        ranks=tuple(ranks), tp=spec.tp_size, replicas=replicas, router=router, launcher=spec.launcher,
     )  # fmt: skip
 
 

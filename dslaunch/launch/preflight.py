@@ -6,7 +6,6 @@ flag to change, so a user fixes them in one go instead of one `up` at a time.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from importlib import metadata
 from typing import Any
 
 from dslaunch import __version__
-from dslaunch.errors import NodeOpFailed, RemoteError, UserError
+from dslaunch.errors import NodeOpFailed, UserError
 from dslaunch.launch.families import family_problem
 from dslaunch.launch.plan import choose_backend
 from dslaunch.launch.replicas import heads_per_node
@@ -82,8 +81,7 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
         problems.insert(0, family)
     if problems:
         raise UserError("pre-flight failed:\n  " + "\n  ".join(problems))
-    if spec.init_method == "file":
-        _check_shared_dir(spec, cluster)
+    spec.method.preflight(spec.rdzv_dir, cluster)
     gang_ports = assign_ports(spec, [p.get("ports") or [] for p in probes])
     link_port = int(probes[0]["link_port"])
     master_port, rdzv_port = gang_ports[0]
@@ -171,9 +169,11 @@ def node_addresses(spec: JobSpec, cluster: Cluster, reached: list[str | None]) -
 
 def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
     """One node's facts; node 0 also picks the ports. Times the node's shell start-up too."""
-    t0 = time.monotonic()
-    c.transport.run(["true"], timeout=spec.connect_timeout + spec.command_timeout)
-    shell_s = time.monotonic() - t0
+    shell_s = 0.0
+    if getattr(c.transport, "login_shell", True):  # a Slurm step runs no login shell: nothing to time
+        t0 = time.monotonic()
+        c.transport.run(["true"], timeout=spec.connect_timeout + spec.command_timeout)
+        shell_s = time.monotonic() - t0
     args: dict[str, Any] = {"work_dir": spec.work_dir}
     want = port_requests(spec)[cluster.clients.index(c)]
     if want:
@@ -251,22 +251,3 @@ def _head_problems(spec: JobSpec, head: dict[str, Any]) -> list[str]:
         if port is not None and port in busy:
             problems.append(f"{host}: port {port} is in use ({flag}; leave it out to pick a free one)")
     return problems
-
-
-def _check_shared_dir(spec: JobSpec, cluster: Cluster) -> None:
-    """Write a probe on node 0 and read it on every other node: the directory must be one."""
-    head, rest = cluster.clients[0], cluster.clients[1:]
-    try:
-        wrote = head.call("rdzv-write", {"dir": spec.rdzv_dir})
-    except NodeOpFailed as e:
-        raise UserError(f"{e.host}: --rdzv-dir {e.reason}") from None
-    try:
-        args = {"dir": spec.rdzv_dir, "path": wrote["path"], "token": wrote["token"]}
-        results = cluster.map(lambda c: c.call("rdzv-read", args), rest)
-        if results.failed:
-            why = [f"{r.node.host}: --rdzv-dir {getattr(r.error, 'reason', r.error)}" for r in results.failed]
-            lines = "\n  ".join(why)
-            raise UserError(f"--init-method file needs one directory shared by all nodes (--rdzv-dir):\n  {lines}")
-    finally:
-        with contextlib.suppress(RemoteError):
-            head.call("remove", {"paths": [wrote["path"]]})

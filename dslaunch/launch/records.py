@@ -9,12 +9,13 @@ from dslaunch.launch.plan import LaunchPlan
 from dslaunch.launch.preflight import Facts
 from dslaunch.launch.spec import JobSpec
 from dslaunch.transport.base import ConnectOptions
+from dslaunch.transport.launchers import Launcher, get_launcher
 from dslaunch.transport.nodes import Cluster
 from dslaunch.wire.records import FrontRecord, JobRecord, NodeRecord
 from dslaunch.wire.states import JobState
 
 
-def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> JobRecord:
+def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts, launcher_meta: dict[str, str] | None = None) -> JobRecord:
     return JobRecord(
         name=spec.name,
         run_id=plan.run_id,
@@ -42,7 +43,7 @@ def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> JobRecord:
             for np in plan.nodes
         ]
         + router_entries(spec, plan, facts),
-        rdzv_glob=f"{spec.rdzv_dir.rstrip('/')}/{plan.job_id}-*" if spec.rdzv_dir else None,
+        rdzv_glob=spec.method.leftovers(spec.rdzv_dir, plan.job_id),
         connect_timeout=spec.connect_timeout,
         command_timeout=spec.command_timeout,
         accept_new_host_keys=spec.accept_new_host_keys,
@@ -51,6 +52,8 @@ def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> JobRecord:
         front=front_record(spec, plan),
         tp=plan.tp,
         replicas=len(plan.replicas),
+        launcher=spec.launcher,
+        launcher_meta=dict(spec.launcher_meta if launcher_meta is None else launcher_meta),
     )
 
 
@@ -92,4 +95,9 @@ def record_options(rec: JobRecord) -> ConnectOptions:
 def cluster_for(rec: JobRecord, parallelism: int = 32) -> Cluster:
     """Reconnect to a recorded job's agents and router (one connection per machine) with the
     options it was started with."""
-    return Cluster(rec.node_list(), record_options(rec), rec.python, parallelism)
+    return Cluster(rec.node_list(), record_options(rec), rec.python, parallelism, launcher_of(rec))
+
+
+def launcher_of(rec: JobRecord) -> Launcher:
+    """The launcher the job was started with, with the ids it recorded."""
+    return get_launcher(rec.launcher, rec.launcher_meta)

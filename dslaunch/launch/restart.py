@@ -18,7 +18,7 @@ from dslaunch.errors import UserError
 from dslaunch.launch import store
 from dslaunch.launch.ready import LaunchFailed, failure_details, node_summary
 from dslaunch.launch.records import cluster_for
-from dslaunch.transport.nodes import Cluster
+from dslaunch.transport.nodes import Cluster, NodeClient
 from dslaunch.wire.records import JobRecord
 from dslaunch.wire.states import NodeStage
 
@@ -72,7 +72,7 @@ def restart_one(
     say(f"replica {replica}: restarting {len(units)} agent(s)")
     args = lambda i, _c: {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i}  # noqa: E731
     clients = [cluster.clients[i] for i in units]
-    results = cluster.map(lambda c: c.call("restart", args(cluster.clients.index(c), c)), clients)
+    results = cluster.map(lambda c: _restart_unit(cluster, c, args(cluster.clients.index(c), c)), clients)
     results.raise_failures(f"restart of replica {replica}")
     say(f"replica {replica}: waiting for its ranks and the router")
 
@@ -93,6 +93,13 @@ def restart_one(
         _wait(lambda: (_linked(rec, cluster, replica) or {}).get("state") == "ready", 30,
               f"the router did not take replica {replica} back within 30s")  # fmt: skip
     say(f"replica {replica}: serving again")
+
+
+def _restart_unit(cluster: Cluster, c: NodeClient, args: dict[str, Any]) -> dict[str, Any]:
+    """nodectl `restart`; where the launcher starts agents itself (a Slurm step), it starts it again."""
+    out = c.call("restart", args)
+    again = out.pop("start_again", None)
+    return {**cluster.launcher.start(c, again), **out} if again else out
 
 
 def _drained(seen: dict[str, Any] | None) -> bool:

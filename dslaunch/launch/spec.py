@@ -12,9 +12,10 @@ from dslaunch.errors import UserError
 from dslaunch.launch.hostfile import Node
 from dslaunch.launch.replicas import Replica, divisors, place
 from dslaunch.launch.store import check_name
+from dslaunch.transport.launchers import launcher_factory
+from dslaunch.wire.initmethods import InitMethod, init_method
 from dslaunch.wire.serve import MAX_BACKOFF_S, ServeSpec, positive_seconds
 
-INIT_METHODS = ("tcp", "file", "env")
 BACKENDS = ("auto", "nccl", "gloo")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Launch-host variables forwarded to every node: DeepSpeed's launcher forwards NCCL*, PYTHON*
@@ -59,18 +60,13 @@ class JobSpec:
     launch_dir: str | None = None
     model_check: bool = True  # refuse families AutoTP cannot shard, from config.json (launch/families)
     tp: int | None = None  # ranks per replica (tensor-parallel degree); None: every rank, one replica
+    launcher: str = "ssh"  # how the agents reach the nodes (transport/launchers: local, ssh, slurm, ...)
+    launcher_meta: dict[str, str] = field(default_factory=dict)  # what the launcher records (a Slurm job id)
 
     def __post_init__(self) -> None:
         check_name(self.name)
-        if self.init_method not in INIT_METHODS:
-            raise UserError(f"--init-method {self.init_method!r}: choose one of {', '.join(INIT_METHODS)}")
-        if self.init_method == "file":
-            if not self.rdzv_dir:
-                raise UserError("--init-method file needs --rdzv-dir: a directory every node sees (e.g. on NFS)")
-            if not self.rdzv_dir.startswith("/"):
-                raise UserError(f"--rdzv-dir {self.rdzv_dir!r}: must be an absolute path")
-        elif self.rdzv_dir:
-            raise UserError(f"--rdzv-dir is only used with --init-method file (not {self.init_method})")
+        self.method.check_flags(self.rdzv_dir)
+        launcher_factory(self.launcher)  # a UserError listing the launchers when unknown
         if self.backend not in BACKENDS:
             raise UserError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         for flag, port in (("--master-port", self.master_port), ("--rdzv-port", self.rdzv_port)):
@@ -115,6 +111,11 @@ class JobSpec:
                 f"--tp {self.tp}: the job has {world} rank(s), which {self.tp} does not divide into replicas; "
                 f"choose one of {choices}"
             )
+
+    @property
+    def method(self) -> InitMethod:
+        """The `--init-method` (wire/initmethods): its flags, URL, pre-flight check and group set-up."""
+        return init_method(self.init_method)
 
     @property
     def tp_size(self) -> int:

@@ -78,6 +78,7 @@ class JobStatus:
     last_failure: dict[str, Any] = field(default_factory=dict)
     tp: int = 0
     replicas: list[ReplicaStatus] = field(default_factory=list)
+    launcher: list[tuple[str, str]] = field(default_factory=list)  # which launcher, and its own ids
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -264,4 +265,6 @@ def front_status(rec: JobRecord, raw: dict[str, Any] | None) -> dict[str, Any]:
 
 def status(rec: JobRecord) -> JobStatus:
     with cluster_for(rec) as cluster:
-        return gather(rec, cluster)
+        st = gather(rec, cluster)
+        st.launcher = cluster.launcher.describe()
+        return st

@@ -58,6 +58,8 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nprocs))
     # The plan cannot know how `~` expands here: it writes {node_dir} and we fill it in.
     argv = [a.replace("{node_dir}", str(ndir)) for a in args["argv"]]
+    if args.get("foreground"):
+        _exec_agent(nd, args, argv, env, cwd)  # never returns
     log = os.fdopen(os.open(nd.agent_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600), "ab")
     try:
         proc = subprocess.Popen(
@@ -82,6 +84,28 @@ def op_start(args: dict[str, Any]) -> dict[str, Any]:
     if proc.poll() is not None:
         raise NodeOpError("the agent exited at once", log=tail(nd.agent_log, 15))
     return {"pid": proc.pid, "launch_dir": cwd}
+
+
+def _exec_agent(nd: NodeDir, args: dict[str, Any], argv: list[str], env: dict[str, str], cwd: str | None) -> None:
+    """Become the agent (its wrapper) in this very process: the launcher made this process its own
+    unit (a Slurm job step), which lives exactly as long as the agent. The answer goes out first."""
+    import json
+    import sys
+
+    pid = os.getpid()
+    with contextlib.suppress(OSError):
+        os.setsid()  # a group of its own, as the detached agent has: `stop` signals the group
+    nd.agent_pid.write_text(str(pid))
+    write_json_atomic(nd.root / START_FILE, {k: v for k, v in args.items() if k not in ("files", "free_ports")})
+    sys.stdout.write(json.dumps({"pid": pid, "launch_dir": cwd}) + "\n")
+    sys.stdout.flush()
+    log = os.open(nd.agent_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.chdir(cwd or str(nd.root))
+    os.execve("/bin/sh", ["/bin/sh", "-c", _AGENT_WRAPPER, str(nd.agent_exit), *argv], env)
 
 
 _VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -166,6 +190,9 @@ def op_restart(args: dict[str, Any]) -> dict[str, Any]:
     for f in [*nd.ranks.glob("rank*.attempt"), *nd.ranks.glob("rank*.json")]:
         with contextlib.suppress(OSError):
             f.unlink()
+    if saved.get("foreground"):
+        # its launcher starts it (a Slurm step of its own): this op's process cannot become it
+        return {"stopped": stopped, "start_again": {k: v for k, v in saved.items() if k != "foreground"}}
     return {**op_start(saved), "stopped": stopped}
 
 

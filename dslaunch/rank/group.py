@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
+from dslaunch.wire.initmethods import INIT_METHODS
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.rankenv import NodeEnv
 
@@ -106,19 +107,7 @@ def form_group(cfg: GroupConfig) -> None:
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     if cfg.backend == "nccl":
         torch.cuda.set_device(cfg.local_rank)
-    timeout = timedelta(seconds=cfg.timeout_s)
-    if cfg.init_method == "env":
-        os.environ.update(
-            RANK=str(cfg.rank),
-            WORLD_SIZE=str(cfg.world_size),
-            MASTER_ADDR=cfg.master_addr,
-            MASTER_PORT=str(cfg.master_port),
-        )
-        dist.init_process_group(cfg.backend, init_method="env://", timeout=timeout)
-    else:
-        dist.init_process_group(
-            cfg.backend, init_method=cfg.url, rank=cfg.rank, world_size=cfg.world_size, timeout=timeout
-        )
+    INIT_METHODS[cfg.init_method].init_group(dist, cfg, cfg.url)
     if dist.get_rank() != cfg.rank or dist.get_world_size() != cfg.world_size:
         raise RuntimeError(
             f"process group has rank {dist.get_rank()}/{dist.get_world_size()}, expected {cfg.rank}/{cfg.world_size}"

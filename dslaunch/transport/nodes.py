@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from dslaunch.errors import NodeOpError, NodeOpFailed, RemoteError
 from dslaunch.transport.base import ConnectOptions, RunResult, Transport
 from dslaunch.transport.fanout import HostResults, fan_out
-from dslaunch.transport.local import LocalTransport
+from dslaunch.transport.launchers import Launcher, SSHLauncher
 from dslaunch.wire.hosts import Node
 
 T = TypeVar("T")
@@ -28,13 +28,10 @@ _SAFE_RUN = (
 )
 
 
-def connect(node: Node, opts: ConnectOptions) -> Transport:
-    """The transport for a node: local for `localhost`, SSH for everything else."""
-    if node.is_local:
-        return LocalTransport(node, opts)
-    from dslaunch.transport.ssh import SSHTransport
-
-    return SSHTransport(node, opts)
+def connect(node: Node, opts: ConnectOptions, launcher: Launcher | None = None) -> Transport:
+    """The transport for a node, as the job's launcher reaches it (by default: local for
+    `localhost`, SSH for everything else)."""
+    return (launcher or SSHLauncher()).connect(node, opts)
 
 
 class NodeClient:
@@ -87,15 +84,19 @@ def explain_failure(res: RunResult, python: str) -> str:
 class Cluster:
     """The job's nodes, each with its lazily opened transport: fan-out of nodectl ops to all."""
 
-    def __init__(self, nodes: list[Node], opts: ConnectOptions, python: str, parallelism: int = 32):
+    def __init__(
+        self, nodes: list[Node], opts: ConnectOptions, python: str, parallelism: int = 32,
+        launcher: Launcher | None = None,
+    ) -> None:  # fmt: skip
         self.opts = opts
         self.python = python
         self.parallelism = parallelism
+        self.launcher: Launcher = launcher or SSHLauncher()
         # one connection per machine: the agents of two replicas on one node share it
         conns: dict[tuple[str, str | None], Any] = {}
         for n in nodes:
             if (n.host, n.user) not in conns:
-                conns[(n.host, n.user)] = connect(n, opts)
+                conns[(n.host, n.user)] = self.launcher.connect(n, opts)
         self.clients = [NodeClient(n, conns[(n.host, n.user)], python, opts.command_timeout) for n in nodes]
 
     def view(self, nodes: list[Node]) -> Cluster:
@@ -103,7 +104,7 @@ class Cluster:
         connections; closing the view closes nothing."""
         conns = {(c.node.host, c.node.user): c.transport for c in self.clients}
         out = Cluster.__new__(Cluster)
-        out.opts, out.python, out.parallelism = self.opts, self.python, self.parallelism
+        out.opts, out.python, out.parallelism, out.launcher = self.opts, self.python, self.parallelism, self.launcher
         out.clients = [NodeClient(n, conns[(n.host, n.user)], self.python, self.opts.command_timeout) for n in nodes]
         out._view = True
         return out

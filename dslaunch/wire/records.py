@@ -78,6 +78,8 @@ class JobRecord:
     front: FrontRecord | None = None
     tp: int = 0  # ranks per replica (0 in records from before replicas: every rank)
     replicas: int = 1
+    launcher: str = "ssh"  # how the job's processes reach the nodes (records from before launchers: ssh)
+    launcher_meta: dict[str, str] = field(default_factory=dict)  # the launcher's own ids (a Slurm job)
 
     @property
     def agents(self) -> list[NodeRecord]:

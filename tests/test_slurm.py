@@ -1,0 +1,212 @@
+"""`--launcher slurm` against a real Slurm: munged, slurmctld and two slurmd started for this module.
+
+Inside a real `salloc` (its own environment: SLURM_JOB_ID, SLURM_JOB_NODELIST, ...): `up` picks the
+Slurm launcher by itself, every agent and the router are steps of their own that outlive `up`,
+`status` names the Slurm job and its steps, `query` reaches the router through an `srun` hop, and
+a killed rank restarts its gang inside the steps, `restart` starts each agent as a new step, and
+`down` leaves no process and no step. The errors Slurm gives are one line naming the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dslaunch.errors import UserError
+from dslaunch.transport.slurm import slurm as run_slurm
+from dslaunch.wire.records import JobRecord, NodeRecord
+from dslaunch.wire.states import JobState
+from tests.conftest import Cli, _guard, job_pids, status_json, wait_status
+from tests.slurmsim import Allocation, SlurmSim, allocate, slurm_available
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmSim]:
+    why = slurm_available()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    sim = SlurmSim(tmp_path_factory.mktemp("slurm"), ["sn1", "sn2"]).start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def _cli(tmp: Path, env: dict[str, str]) -> Cli:
+    env = {k: v for k, v in env.items() if not k.startswith("DSLAUNCH_")}
+    env.update(DSLAUNCH_HOME=str(tmp / "home"), COLUMNS="200")
+    (tmp / "work").mkdir(mode=0o700, exist_ok=True)
+    return Cli(env, tmp / "work")
+
+
+@pytest.fixture
+def alloc(slurm: SlurmSim, tmp_path: Path) -> Iterator[Allocation]:
+    a = allocate(slurm, tmp_path, "-N2", "--ntasks-per-node=1")
+    try:
+        yield a
+    finally:
+        a.release()
+
+
+def _our_steps(slurm: SlurmSim, job: str) -> list[str]:
+    return [s for s in slurm.steps(job) if " dslaunch-" in s]
+
+
+def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, tmp_path: Path) -> None:
+    cli = _cli(tmp_path, alloc.env)
+    try:
+        res = cli.up("--init-method", "tcp")
+        assert res.returncode == 0, res.stdout + res.stderr
+        rec = json.loads((tmp_path / "home" / "jobs" / "default.json").read_text())
+        assert rec["launcher"] == "slurm" and rec["launcher_meta"] == {"job": alloc.job}
+        assert [n["host"] for n in rec["nodes"]] == ["sn1", "sn2", "sn1"]  # two agents, then the router
+        jid = rec["job_id"]
+        # `up` has exited: every agent and the router run on as steps of their own
+        steps = _our_steps(slurm, alloc.job)
+        assert sorted(s.split()[1] for s in steps) == [f"dslaunch-{jid}-{i}" for i in range(3)], steps
+        st = status_json(cli)
+        assert st["state"] == "ready", st["reason"]
+        labels = dict(map(tuple, st["launcher"]))
+        assert labels["launcher"] == "slurm" and labels["slurm job"] == f"{alloc.job} RUNNING"
+        assert f"dslaunch-{jid}-0" in labels["slurm steps"]
+        shown = cli("status")
+        assert "launcher slurm" in shown.stdout and f"slurm job {alloc.job} RUNNING" in shown.stdout
+        q = cli("query", "Hello world", "-k", "4", "--json")
+        assert q.returncode == 0, q.stderr
+        assert json.loads(q.stdout)["text"]
+        # a rank killed: torchrun restarts the gang inside the steps, rank 0 stays on the first node
+        victim = st["ranks"][1]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        st = wait_status(cli, lambda s: s["state"] == "ready" and all(r["restarts"] == 1 for r in s["ranks"]))
+        assert [(r["rank"], r["host"], r["restarts"]) for r in st["ranks"]] == [(0, "sn1", 1), (1, "sn2", 1)]
+        assert victim not in {r["pid"] for r in st["ranks"]}
+        assert len(_our_steps(slurm, alloc.job)) == 3  # the same steps: the agents never left
+        # a rolling restart starts each agent again as a new step of its own
+        before = set(_our_steps(slurm, alloc.job))
+        again = cli("restart", timeout=300)
+        assert again.returncode == 0, again.stdout + again.stderr
+        after = _our_steps(slurm, alloc.job)
+        assert len(after) == 3 and len(set(after) - before) == 2, (before, after)  # the router kept its step
+        assert status_json(cli)["state"] == "ready"
+        logs = cli("logs", "--lines", "200")
+        assert logs.returncode == 0 and "[rank 1]" in logs.stdout, logs.stderr
+        down = cli("down")
+        assert down.returncode == 0 and "verified: none left" in down.stdout, down.stdout + down.stderr
+        assert _our_steps(slurm, alloc.job) == []
+        assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == []
+        assert not (tmp_path / "home" / "jobs" / "default.json").exists()
+    finally:
+        _guard(cli)
+
+
+def test_slurm_errors_are_one_line_naming_the_command(slurm: SlurmSim, tmp_path: Path) -> None:
+    a = allocate(slurm, tmp_path, "-N1")
+    cli = _cli(tmp_path, a.env)
+    try:
+        # no Slurm commands on PATH: which one is missing, said once
+        no_srun = _cli(tmp_path, {**a.env, "PATH": str(Path(os.sys.executable).parent)})
+        _one_line(no_srun.up(), "scontrol: not found")
+        # the dry run names the launcher, the allocation and the selection in srun's terms
+        dry = cli.up("--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        out = " ".join(dry.stdout.split())
+        assert "launcher slurm" in out and f"slurm job {a.job} RUNNING" in out and "srun selection -n 1" in out
+        assert "sn1" in out
+        # a partition Slurm refuses: one line, the command and Slurm's own message
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLURM_CONF", str(slurm.conf))
+            refused = r"^sbatch: Batch job submission failed: Invalid partition name specified$"
+            with pytest.raises(UserError, match=refused):
+                run_slurm(["sbatch", "-p", "nosuch", "-N1", "--wrap", "true"])
+        # an allocation that has ended: up says which command failed and why
+        a.release()
+        _one_line(cli.up(), f"squeue: Slurm job {a.job} no longer exists (the allocation ended or expired)")
+    finally:
+        a.release()
+        _guard(cli)
+
+
+def test_down_after_the_allocation_ended_removes_the_record(slurm: SlurmSim, tmp_path: Path) -> None:
+    """Slurm ended the allocation (time limit, scancel) and every step with it: `down` says so."""
+    a = allocate(slurm, tmp_path, "-N1")
+    a.release()
+    cli = _cli(tmp_path, a.env)
+    jobs = tmp_path / "home" / "jobs"
+    jobs.mkdir(parents=True, mode=0o700)
+    os.chmod(tmp_path / "home", 0o700)
+    rec = JobRecord(name="default", run_id="r1", job_id="default-r1", state=JobState.READY, world_size=1,
+                    init_method="tcp", backend="gloo", python=os.sys.executable, master_addr="127.0.0.1",
+                    master_port=1, rdzv_port=2, launcher="slurm", launcher_meta={"job": a.job},
+                    nodes=[NodeRecord(0, "sn1", "sn1", 1, 0, str(tmp_path / "work" / "n0"))])  # fmt: skip
+    (jobs / "default.json").write_text(json.dumps(rec.to_dict()))
+    (jobs / "default.json").chmod(0o600)
+    down = cli("down")
+    assert down.returncode == 0, down.stderr
+    assert f"the Slurm job {a.job} had ended already" in down.stdout
+    assert not (jobs / "default.json").exists()
+
+
+def _one_line(res: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert fragment in lines[0], res.stderr
+
+
+def _submitted(slurm: SlurmSim, name: str = "default") -> list[tuple[str, str, str]]:
+    out = slurm.run("squeue", "-h", "-n", f"dslaunch-{name}", "-o", "%i|%T|%r", check=False).stdout
+    return [tuple(line.split("|")) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def _wait_for(cond: object, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: SlurmSim, tmp_path: Path) -> None:
+    """No allocation: `up` submits one, says why it pends (the partition is held down), runs
+    once Slurm runs it, and `down` cancels it; Ctrl-C while it pends cancels it too."""
+    cli = _cli(tmp_path, slurm.env())
+    slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=DOWN")
+    try:
+        # Ctrl-C while pending: the submitted job is cancelled
+        p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir))
+        _wait_for(lambda: _submitted(slurm))
+        os.kill(p.pid, signal.SIGINT)
+        _out, err = p.communicate(timeout=60)
+        assert p.returncode == 130, err
+        assert "PENDING: PartitionDown (Ctrl-C cancels it)" in err and "cancelled Slurm job" in err, err
+        _wait_for(lambda: not _submitted(slurm))
+        # pending, then running once the partition is up again, then ready; down cancels it
+        p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir),
+                      "--time", "30")  # fmt: skip
+        _wait_for(lambda: [s[1:] for s in _submitted(slurm)] == [("PENDING", "PartitionDown")])
+        job = _submitted(slurm)[0][0]
+        slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=UP")
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+        assert f"Slurm job {job} PENDING: PartitionDown" in err
+        labels = dict(map(tuple, status_json(cli)["launcher"]))
+        assert labels["slurm job"] == f"{job} RUNNING" and "dslaunch-default-" in labels["slurm steps"]
+        down = cli("down")
+        assert down.returncode == 0 and "verified: none left" in down.stdout, down.stdout + down.stderr
+        assert _submitted(slurm) == [] and slurm.steps(job) == []
+    finally:
+        slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=UP")
+        for job, _state, _reason in _submitted(slurm):
+            slurm.run("scancel", job, check=False)
+        _guard(cli)
