@@ -234,7 +234,7 @@ def test_a_newer_attempt_takes_the_replica_and_an_older_one_is_refused(kit: Kit)
     try:
         kit.start_replica(0)  # attempt 1 while attempt 0 still runs (a gang on its way out)
         log = kit.work / kit.job / "node0" / "replica.log"
-        kit.until(lambda: "LinkRefused: replica 0 is linked with attempt 1, after 0" in log.read_text())
+        kit.until(lambda: "replica 0 is linked with attempt 1, after 0" in log.read_text())
         assert kit.replica(0)["attempt"] == 1 and kit.replica(0)["state"] == "ready"
         assert _infer_all(kit, [5]) == [{"echo": 5}]
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from dslaunch.serving.dispatch import Dispatcher
 from dslaunch.serving.front import Front
 from dslaunch.serving.replicaview import READY
 from dslaunch.serving.stats import Stats
+from dslaunch.wire import held
 from dslaunch.wire import protocol as P
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.protocol import ProtocolError
@@ -214,6 +216,10 @@ def main() -> int:
         front.close()
         return 1
     print(f"router serving on {front.address}; replicas dial {env.link_bind}:{env.link_port}", flush=True)
+    ready = os.environ.get(held.READY_ENV)
+    if ready:  # its supervisor resets its back-off for a router that got this far
+        with contextlib.suppress(OSError):
+            Path(ready).touch()
     stop.wait()
     print("router stopping", flush=True)
     front.stop_accepting(STOPPING)
