@@ -15,6 +15,7 @@ from dslaunch.launch.replicas import Replica, Unit
 from dslaunch.launch.spec import JobSpec
 from dslaunch.wire.nodedir import node_dir_path, router_dir_path
 from dslaunch.wire.rankenv import EXPAND_ENV, LAUNCH_DIR_ENV, NodeEnv
+from dslaunch.wire.restarts import ATTEMPT_FIELD
 from dslaunch.wire.routerenv import RouterEnv
 from dslaunch.wire.serve import DEFAULT_FRONT_PORT
 
@@ -110,7 +111,7 @@ def init_url(spec: JobSpec, jid: str, master_addr: str, master_port: int) -> str
         return f"tcp://{host}:{master_port}"
     if spec.init_method == "file":
         assert spec.rdzv_dir is not None
-        return f"file://{spec.rdzv_dir.rstrip('/')}/{jid}-{{restart}}"
+        return f"file://{spec.rdzv_dir.rstrip('/')}/{jid}-{ATTEMPT_FIELD}"
     return "env://"
 
 

@@ -12,7 +12,8 @@ from dslaunch.errors import UserError
 from dslaunch.launch.hostfile import Node
 from dslaunch.launch.replicas import Replica, divisors, place
 from dslaunch.launch.store import check_name
-from dslaunch.wire.serve import MAX_BACKOFF_S, ServeSpec, positive_seconds
+from dslaunch.wire.restarts import MAX_BACKOFF_S
+from dslaunch.wire.serve import ServeSpec, positive_seconds
 
 INIT_METHODS = ("tcp", "file", "env")
 BACKENDS = ("auto", "nccl", "gloo")

@@ -37,6 +37,7 @@ from dslaunch.wire import held
 from dslaunch.wire import protocol as P
 from dslaunch.wire.jsonio import write_json_atomic
 from dslaunch.wire.protocol import ProtocolError, Request
+from dslaunch.wire.states import FrontState
 
 DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients
 SNIFF_S = 1.0  # a refused connection waits this long for its first byte, to answer in its protocol
@@ -328,7 +329,7 @@ class Front:
 
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ready" if self.accepting else "stopping",
+            "status": FrontState.READY if self.accepting else FrontState.STOPPING,
             "world_size": self.info["world_size"],
             "ranks_ready": len(self.info.get("ranks", [])),
             "restarts": self.info.get("restarts", 0),
