@@ -9,6 +9,7 @@ The router is `python -m dslaunch.serving.router` with a RouterEnv environment.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import secrets
 import signal
@@ -57,25 +58,35 @@ class Kit:
         self.router: subprocess.Popen[bytes] | None = None
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.attempts: dict[int, int] = {}
+        self.token: str | None = None  # the front's token, when a test gave the router one
 
     @property
     def port(self) -> int:
         return self.serve.port
 
     def client(self, **kw: Any) -> Client:
-        return Client("127.0.0.1", self.port, timeout=120, retry_for=0, **kw)
+        return Client("127.0.0.1", self.port, timeout=120, retry_for=0, **{"token": self.token, **kw})
 
-    def start_router(self, wait: bool = True) -> subprocess.Popen[bytes]:
+    def start_router(self, wait: bool = True, supervised: bool = False) -> subprocess.Popen[bytes]:
+        """The router; `supervised`: under `node.supervise`, as `up` runs it (self.router is the supervisor)."""
         env = RouterEnv(job_id=self.job, name="t", node_dir=str(self.router_dir.root), replicas=self.replicas, tp=1,
                         link_bind="127.0.0.1", link_port=self.link_port, serve=self.serve)  # fmt: skip
         log = open(self.router_dir.root / "router.log", "ab")  # noqa: SIM115
-        self.router = subprocess.Popen([sys.executable, "-m", "dslaunch.serving.router"], cwd=ROOT, stdout=log,
+        keeper = [sys.executable, "-m", "dslaunch.node.supervise", "--"] if supervised else []
+        self.router = subprocess.Popen([*keeper, sys.executable, "-m", "dslaunch.serving.router"], cwd=ROOT, stdout=log,
                                        stderr=subprocess.STDOUT, env={**os.environ, **env.to_env()})  # fmt: skip
         if not wait:
             return self.router
         _until(lambda: self.router_dir.front_status.exists() or self.router.poll() is not None, 60, self.logs)
         assert self.router.poll() is None, self.logs()
         return self.router
+
+    def router_pid(self) -> int:
+        """The supervised router's own pid (the supervisor's child)."""
+        return int(json.loads((self.router_dir.root / "supervisor.json").read_text())["child_pid"])
+
+    def router_log(self) -> str:
+        return (self.router_dir.root / "router.log").read_text(errors="replace")
 
     def start_replica(self, r: int, key: str | None = None, delay: float = 0.0) -> subprocess.Popen[bytes]:
         """Replica `r`'s leader (attempt counted up on every start); returns once it has linked."""

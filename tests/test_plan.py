@@ -128,7 +128,7 @@ def test_env_errors_name_the_source(tmp_path: Path) -> None:
 
 
 def test_restart_back_off_starts_at_the_second_restart_and_doubles() -> None:
-    from dslaunch.wire.serve import MAX_BACKOFF_S, backoff_delay
+    from dslaunch.wire.restarts import MAX_BACKOFF_S, backoff_delay
 
     assert [backoff_delay(1.5, a) for a in range(6)] == [0, 0, 1.5, 3, 6, 12]
     assert backoff_delay(1, 30) == MAX_BACKOFF_S

@@ -101,3 +101,33 @@ def test_replicas_are_judged_each_as_its_own_gang_and_the_router_alone_keeps_not
     assert classify([*agents_gone, router], _ranks(alive=False))[0] is JobState.FAILED
     router_gone = NodeStatus(2, "n0", True, agent_alive=False, kind="router")
     assert classify([*_nodes(), router_gone], _ranks()) == (JobState.DEGRADED, "router not running on n0")
+
+
+def test_the_routers_view_of_a_replica_moves_only_as_its_table_says() -> None:
+    import pytest
+
+    from dslaunch.serving.replicaview import Replica
+    from dslaunch.wire.states import LINK_MOVES, FrontState, LinkState, front_state
+
+    assert set(LINK_MOVES) == set(LinkState), "every state has its moves"
+    assert all(LinkState.CONNECTING not in to for to in LINK_MOVES.values()), "connecting is only the start"
+    rep = Replica(0)
+    for state in (LinkState.READY, LinkState.DRAINING, LinkState.DOWN, LinkState.READY, LinkState.DOWN):
+        rep.set(state)
+        assert rep.row()["state"] == state.value
+    with pytest.raises(ValueError, match="no move from down to connecting"):
+        rep.set(LinkState.CONNECTING)
+    with pytest.raises(ValueError):
+        Replica(1).set(LinkState.DOWN)  # a replica that never linked cannot go down
+    assert front_state(True, ["draining", "ready"]) is FrontState.READY
+    assert front_state(True, ["draining", "down", "connecting"]) is FrontState.STARTING
+    assert front_state(False, ["ready"]) is FrontState.STOPPING
+
+
+def test_the_gang_restart_rule() -> None:
+    from dslaunch.wire.restarts import ATTEMPT_FIELD, attempt_url, backoff_delay, hang_limit
+
+    assert [backoff_delay(1.0, a) for a in range(5)] == [0, 0, 1, 2, 4], "the first restart is immediate"
+    assert hang_limit(120, 0, 4) == 120 and hang_limit(120, 3, 4) == 240 and hang_limit(120, 0, 1) == 0
+    assert attempt_url(f"file:///r/j-{ATTEMPT_FIELD}", 3) == "file:///r/j-3"
+    assert attempt_url("tcp://h:1", 3) == "tcp://h:1"

@@ -25,6 +25,18 @@ time.sleep(600)
 """
 
 
+# Dies young twice, then after a healthy run, then exits 0: the back-off grows, then starts again.
+LOOPER = """
+import pathlib, sys, time
+runs = pathlib.Path(sys.argv[1]) / "runs"
+n = int(runs.read_text()) + 1 if runs.exists() else 1
+runs.write_text(str(n))
+if n == 3:
+    time.sleep(float(sys.argv[2]))
+sys.exit(0 if n == 4 else 3)
+"""
+
+
 def _wait(pred, timeout: float = 15.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -56,6 +68,20 @@ def test_supervisor_restarts_a_crashed_child_and_ends_with_it_on_sigterm(tmp_pat
         for p in [int((tmp_path / "child.pid").read_text())] if (tmp_path / "child.pid").exists() else []:
             if procs.alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_the_backoff_it_logs_is_the_one_it_waits_and_a_healthy_run_resets_it(tmp_path: Path) -> None:
+    from dslaunch.node import supervise
+
+    env = dict(os.environ, DSLAUNCH_NODE_DIR=str(tmp_path))
+    argv = [sys.executable, "-m", "dslaunch.node.supervise", "--", sys.executable, "-c", LOOPER, str(tmp_path),
+            str(supervise.HEALTHY_S + 0.2)]  # fmt: skip
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    delays = [line.rsplit(" ", 1)[1] for line in out.stdout.splitlines() if "restarting in" in line]
+    # before: the third line still said 2s (the delay before the reset) and the wait was 0.5 s
+    assert delays == ["0.5s", "1s", "0.5s"], out.stdout
+    assert json.loads((tmp_path / "supervisor.json").read_text())["last_backoff_s"] == 0.5
 
 
 def test_restart_op_stops_the_unit_and_starts_it_again_keeping_its_files(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from dslaunch.launch.lifecycle import DownReport
 from dslaunch.launch.plan import LaunchPlan
 from dslaunch.launch.status import JobStatus
 from dslaunch.wire.records import JobRecord
-from dslaunch.wire.states import JobState, NodeStage, RankStage
+from dslaunch.wire.states import JobState, NodeStage, RankStage, ReplicaState
 
 # Every state dslaunch reports has a style here (a test checks that none is missing).
 STAGE_STYLE: dict[str, str] = {
@@ -268,7 +268,7 @@ def replicas_table(st: JobStatus) -> Table:
         t.add_column(col, overflow="fold")
     for r in st.replicas:
         span = f"{r.ranks[0]}..{r.ranks[-1]}" if r.ranks else "-"
-        style = "green" if r.state == "ready" else "yellow"
+        style = "green" if r.state == ReplicaState.READY else "yellow"
         t.add_row(
             str(r.replica), span, _t(", ".join(r.hosts)), Text(r.state, style), str(r.restarts), r.linked or "-",
             str(r.in_flight), str(r.served), _t(r.reason),

@@ -9,7 +9,7 @@ from dslaunch.errors import UserError
 from dslaunch.launch.preflight import Progress, quiet
 from dslaunch.transport.nodes import Cluster
 from dslaunch.wire.records import JobRecord
-from dslaunch.wire.states import GROUP_FORMED, NodeStage, ranks_ready
+from dslaunch.wire.states import GROUP_FORMED, LinkState, NodeStage, RankStage, ranks_ready
 
 # Each poll runs nodectl on every agent and the router (a Python start-up each): often enough to
 # show progress, rarely enough not to take the CPU the starting ranks need.
@@ -32,7 +32,7 @@ def node_summary(want: int, st: dict[str, Any]) -> tuple[NodeStage, str]:
         return NodeStage.FAILED, f"agent exited ({'code ' + str(code) if code is not None else 'killed'})"
     ranks = st.get("ranks", [])
     alive = [r for r in ranks if r.get("alive")]
-    ready = [r for r in alive if r.get("stage") == "ready"]
+    ready = [r for r in alive if r.get("stage") == RankStage.READY]
     restarts = max((r.get("restarts", 0) for r in ranks), default=0)
     note = f", restart {restarts}" if restarts else ""
     if ranks_ready(((bool(r.get("alive")), r.get("stage", ""), r.get("restarts", 0)) for r in ranks), want):
@@ -50,7 +50,7 @@ def router_summary(st: dict[str, Any], replicas: int) -> tuple[NodeStage, str]:
     front = st.get("front") or {}
     if not (front.get("alive") and front.get("ready")):
         return NodeStage.STARTED, "router starting"
-    ready = sum(1 for r in front.get("replicas", []) if r.get("state") == "ready")
+    ready = sum(1 for r in front.get("replicas", []) if r.get("state") == LinkState.READY)
     if ready >= replicas:
         return NodeStage.READY, f"router on {front.get('address')}, {ready}/{replicas} replicas"
     return NodeStage.RENDEZVOUS, f"{ready}/{replicas} replicas linked"

@@ -20,7 +20,7 @@ from dslaunch.launch.ready import LaunchFailed, failure_details, node_summary
 from dslaunch.launch.records import cluster_for
 from dslaunch.transport.nodes import Cluster, NodeClient
 from dslaunch.wire.records import JobRecord
-from dslaunch.wire.states import NodeStage
+from dslaunch.wire.states import DRAINED, LINKED, LinkState, NodeStage
 
 
 @dataclass
@@ -82,15 +82,13 @@ def restart_one(
         stages = [node_summary(rec.nodes[i].nprocs, r.value or {})[0] for i, r in zip(units, sts, strict=True)]
         if NodeStage.FAILED in stages:
             raise LaunchFailed(f"replica {replica} failed while restarting", failure_details(rec, cluster))
-        return all(s == NodeStage.READY for s in stages) and (_linked(rec, cluster, replica) or {}).get("state") in (
-            "ready",
-            "draining",
-        )
+        linked = (_linked(rec, cluster, replica) or {}).get("state") in LINKED
+        return all(s == NodeStage.READY for s in stages) and linked
 
     _wait(ready, ready_timeout, f"replica {replica} was not ready again within {ready_timeout:g}s (--timeout)")
     if rec.replicas > 1:
         _drain(rec, cluster, [])  # and wait until the router has read it: the next drain must not overlap
-        _wait(lambda: (_linked(rec, cluster, replica) or {}).get("state") == "ready", 30,
+        _wait(lambda: (_linked(rec, cluster, replica) or {}).get("state") == LinkState.READY, 30,
               f"the router did not take replica {replica} back within 30s")  # fmt: skip
     say(f"replica {replica}: serving again")
 
@@ -104,7 +102,7 @@ def _restart_unit(cluster: Cluster, c: NodeClient, args: dict[str, Any]) -> dict
 
 def _drained(seen: dict[str, Any] | None) -> bool:
     """The router has read the drain (so nothing new goes there) and the replica has nothing left."""
-    return seen is not None and seen.get("state") in ("draining", "down") and not seen.get("in_flight")
+    return seen is not None and seen.get("state") in DRAINED and not seen.get("in_flight")
 
 
 def _router_index(rec: JobRecord) -> int:

@@ -14,7 +14,8 @@ from dslaunch.launch.replicas import Replica, divisors, place
 from dslaunch.launch.store import check_name
 from dslaunch.transport.launchers import launcher_factory
 from dslaunch.wire.initmethods import InitMethod, init_method
-from dslaunch.wire.serve import MAX_BACKOFF_S, ServeSpec, positive_seconds
+from dslaunch.wire.restarts import MAX_BACKOFF_S
+from dslaunch.wire.serve import ServeSpec, positive_seconds
 
 BACKENDS = ("auto", "nccl", "gloo")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -9,7 +9,7 @@ from typing import Any
 from dslaunch.launch.records import cluster_for
 from dslaunch.transport.nodes import Cluster
 from dslaunch.wire.records import JobRecord
-from dslaunch.wire.states import JobState, RankStage, ranks_ready
+from dslaunch.wire.states import JobState, RankStage, ReplicaState, ranks_ready
 
 
 @dataclass
@@ -52,9 +52,9 @@ class ReplicaStatus:
     replica: int
     ranks: list[int]
     hosts: list[str]
-    state: str  # ready | starting | restarting | down, judged from its ranks
+    state: ReplicaState  # judged from its ranks
     restarts: int = 0
-    linked: str | None = None  # the router's view: ready | draining | down | connecting
+    linked: str | None = None  # the router's view (a LinkState value), None when it has none
     in_flight: int = 0
     served: int = 0
     errors: int = 0
@@ -201,11 +201,12 @@ def replica_status(rec: JobRecord, ranks: list[RankStatus], linked: list[dict[st
         restarts = max((r.restarts for r in mine), default=0)
         failed = next((r for r in mine if r.stage == RankStage.FAILED or not r.alive), None)
         if ranks_ready(((r.alive, r.stage, r.restarts) for r in mine), len(mine)):
-            state, reason = "ready", ""
+            state, reason = ReplicaState.READY, ""
         elif failed is not None and failed.stage == RankStage.FAILED:
-            state, reason = "restarting", f"rank {failed.rank} failed: {failed.error or ''}".strip()
+            state, reason = ReplicaState.RESTARTING, f"rank {failed.rank} failed: {failed.error or ''}".strip()
         else:
-            state, reason = "starting", f"{sum(r.stage == RankStage.READY and r.alive for r in mine)}/{len(mine)} ready"
+            up = sum(r.stage == RankStage.READY and r.alive for r in mine)
+            state, reason = ReplicaState.STARTING, f"{up}/{len(mine)} ready"
         link = seen.get(k, {})
         out.append(ReplicaStatus(
             k, [r.rank for r in mine], hosts, state, restarts, link.get("state"), int(link.get("in_flight", 0) or 0),

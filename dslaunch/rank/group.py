@@ -15,6 +15,7 @@ from pathlib import Path
 from dslaunch.wire.initmethods import INIT_METHODS
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.rankenv import NodeEnv
+from dslaunch.wire.restarts import attempt_url
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class GroupConfig:
     @property
     def url(self) -> str:
         """The init URL for this attempt: the file method gets a fresh file per restart."""
-        return self.init_url.replace("{restart}", str(self.restart))
+        return attempt_url(self.init_url, self.restart)
 
     @property
     def device(self) -> str:

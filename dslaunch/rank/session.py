@@ -2,7 +2,8 @@
 
 startup  load the engine on every rank, agree on the ranks' identities, start the front on
          rank 0, run the lock-step loop in a thread (the main thread stays free for signals)
-watch    until a signal (`down`, a gang restart), a loop error, or no progress (a hung peer)
+watch    until a signal (`down`, a gang restart), a loop error, or no progress (a hung peer);
+         how each ends the attempt is the gang-restart rule (`wire/restarts.py`, RankEnd)
 shutdown rank 0 closes the front, answers what is queued with `unavailable`, finishes the running
          batch and tells every rank to stop; then the rank leaves the group. Other ranks never end
          on their own: an agent whose workers all exit 0 would leave the job.
@@ -24,11 +25,10 @@ from dslaunch.rank.group import GroupConfig, leave_group
 from dslaunch.rank.process import RankStatus, StopFlag, memory
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.rankenv import NodeEnv
+from dslaunch.wire.restarts import HUNG_EXIT, PEER_LOSS_WAIT_S, hang_limit
 from dslaunch.wire.states import RankStage
 
-HUNG_EXIT = 75  # the exit code of a rank that ended itself because the job stopped making progress
 STOP_WAIT_S = 8.0  # after SIGTERM, how long the running batch may take to finish
-PEER_LOSS_WAIT_S = 20.0  # after a lost peer, how long to wait for the agent's restart signal
 
 
 class Outcome(Enum):
@@ -142,13 +142,13 @@ def watch(s: Session) -> Outcome:
 
     cfg, loop, stop = s.cfg, s.loop, s.stop
     # rank 0 judges first; the others only act when rank 0 itself hangs
-    hang_limit = s.node.serve.hang_timeout * (1 if cfg.rank == 0 else 2) if cfg.world_size > 1 else 0
+    limit = hang_limit(s.node.serve.hang_timeout, cfg.rank, cfg.world_size)  # RankEnd.HUNG
     s.progress.beat()
     while not stop.event.wait(0.5):
         if loop.error is not None:
             break
-        if hang_limit and s.progress.idle_for() > hang_limit:
-            hung(s, hang_limit)
+        if limit and s.progress.idle_for() > limit:
+            hung(s, limit)
     if loop.error is not None and peer_lost(loop.error) and stop.signum is None:
         # Another rank is gone. Its agent starts a new round and ours restarts every worker with
         # SIGTERM within moments; failing here too would count a second failure and make torchrun

@@ -5,6 +5,7 @@ Phases, each written to the rank's status file so `dslaunch status` can show it:
   attempt    the job-wide attempt number, and the back-off before a repeated restart
   rendezvous the process group with the chosen init method, proven by an all-reduce
   serve      engine, front and lock-step loop, until stopped (rank/session.py)
+How a rank ends each attempt, and what its gang does then, is the rule in wire/restarts.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dslaunch.rank.group import GroupConfig
 from dslaunch.rank.process import RankStatus, StopFlag, die_with_parent, redirect_output, threads
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.rankenv import NodeEnv
-from dslaunch.wire.serve import backoff_delay
+from dslaunch.wire.restarts import PEER_LOSS_WAIT_S, backoff_delay
 from dslaunch.wire.states import RankStage
 
 
@@ -69,7 +70,7 @@ def main() -> int:
         rank.status.update(RankStage.FAILED, error=f"{type(e).__name__}: {e}".strip()[:2000], retry=retry)
         traceback.print_exc()
         if not retry:
-            # every rank failed the same way: end the job instead of restarting into the same
+            # RankEnd.SAME_EVERYWHERE: end the replica instead of restarting into the same
             # failure (the agent restarts only ranks that exit non-zero)
             print("not restarting: every rank failed the same way", flush=True)
             return 0
@@ -87,7 +88,7 @@ def _run(rank: Rank) -> int:
     if _back_off(rank):
         return 0
     _rendezvous(rank)
-    from dslaunch.rank.session import PEER_LOSS_WAIT_S, PeerFailedStartup, shutdown, startup, watch
+    from dslaunch.rank.session import PeerFailedStartup, shutdown, startup, watch
 
     try:
         session = startup(rank.cfg, rank.node, rank.nd, rank.status, rank.stop)

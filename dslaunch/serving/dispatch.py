@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dslaunch.serving import drainfile
 from dslaunch.serving import link as L
 from dslaunch.serving.batcher import STOPPING, Pending
 from dslaunch.serving.config import FrontConfig
@@ -39,13 +40,13 @@ from dslaunch.serving.replicaview import (
     deterministic,
     results_of,
 )
+from dslaunch.wire import held
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError
 
 CAP_BATCHES = 2  # a replica holds at most this many batches of rows at once; the rest wait here
 PING_S = 5.0  # each link is pinged this often ...
 PING_LIMIT_S = 15.0  # ... and dropped when nothing came back for this long (a host gone silent)
-MAX_HANDSHAKES = 64
 ANSWER_BYTES = 1 << 28  # the longest answer line a replica may send (a batch of embeddings)
 
 
@@ -67,8 +68,9 @@ class Dispatcher:
         self.why = ""
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
-        self._said: set[str] = set()
-        self._handshakes = 0
+        self._say = L.PeerLog()
+        self._handshakes = L.HandshakePool()
+        self.drained: frozenset[int] = frozenset()
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Future[None] | None = None
         self._asked: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -126,9 +128,13 @@ class Dispatcher:
         """Where replica leaders dial in; a restarted router may wait for its predecessor's port."""
         self.loop = asyncio.get_running_loop()
         deadline = time.monotonic() + patience
+        sock = held.inherited(bind, port)  # the supervisor holds it: never free between two routers
         while True:
             try:
-                server = await asyncio.start_server(self._accept, bind, port, reuse_address=True)
+                if sock is not None:
+                    server = await asyncio.start_server(self._accept, sock=sock)
+                else:
+                    server = await asyncio.start_server(self._accept, bind, port, reuse_address=True)
                 break
             except OSError as e:
                 if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
@@ -150,19 +156,19 @@ class Dispatcher:
                 self._lost(rep.link, "the router is stopping")
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._handshakes >= MAX_HANDSHAKES:  # anyone may connect; only so many may be proving themselves
-            writer.close()
-            return
-        self._handshakes += 1
+        evicted = self._handshakes.enter(writer)  # anyone may connect; when full, the biggest holder's oldest goes
+        if evicted is not None:
+            self._say(f"handshake pool full ({L.MAX_HANDSHAKES}): closed the oldest handshake from {evicted}")
         try:
             hello = await asyncio.wait_for(L.accept(reader, writer, self.key, self._judge), L.HANDSHAKE_S)
             rep = self.replicas[hello["replica"]]
         except (L.LinkRefused, OSError, asyncio.TimeoutError, ValueError) as e:
-            self._say(f"refused a link from {(writer.get_extra_info('peername') or ['?'])[0]}: {e}")
+            why = str(e) if isinstance(e, L.LinkRefused) else type(e).__name__  # our words, never the peer's
+            self._say(f"refused a link from {L.peer_host(writer)}: {why}")
             writer.close()
             return
         finally:
-            self._handshakes -= 1
+            self._handshakes.leave(writer)
         if rep.link is not None:
             self._lost(rep.link, "replaced by a new link from the same replica")
         link = Link(rep, reader, writer)
@@ -317,30 +323,47 @@ class Dispatcher:
 
     # -- once a second -------------------------------------------------------------------------
     async def _tick(self) -> None:
+        """Housekeeping; one failed round is logged (bounded) and the next one runs regardless."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            self._read_drain()
-            self._prune()
-            for rep in self.replicas.values():
-                link = rep.link
-                if link is None:
-                    continue
-                for rid in [rid for rid, job in link.flights.items() if not job.live]:
-                    self._cancel(link, rid)
-                if now - link.heard > PING_LIMIT_S:
-                    self._lost(link, f"no answer to pings for {PING_LIMIT_S:g}s")
-                elif now - link.pinged >= PING_S:
-                    link.pinged = now
-                    link.writer.write(P.encode({"id": "ping", "op": "health"}))
-            self._pump()
+            try:
+                await self._read_drain()
+                self._tick_once()
+            except Exception as e:
+                self._say(f"router housekeeping failed: {type(e).__name__}: {L.inert(e)}")
+            self._say.flush()
 
-    def _read_drain(self) -> None:
-        """The replicas `dslaunch restart` drains: they get no new work and finish what they have."""
-        ids: set[int] = set()
-        if self.drain_path is not None:
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                ids = {int(i) for i in json.loads(self.drain_path.read_text() or "[]")}
+    def _tick_once(self) -> None:
+        """Cancel what clients gave up on, ping the links, drop the silent ones, send queued work."""
+        now = time.monotonic()
+        self._prune()
+        for rep in self.replicas.values():
+            link = rep.link
+            if link is None:
+                continue
+            for rid in [rid for rid, job in link.flights.items() if not job.live]:
+                self._cancel(link, rid)
+            if now - link.heard > PING_LIMIT_S:
+                self._lost(link, f"no answer to pings for {PING_LIMIT_S:g}s")
+            elif now - link.pinged >= PING_S:
+                link.pinged = now
+                link.writer.write(P.encode({"id": "ping", "op": "health"}))
+        self._pump()
+
+    async def _read_drain(self) -> None:
+        """The replicas `dslaunch restart` drains: they get no new work and finish what they have.
+
+        Read off the loop (`drainfile`: strict, no links, no FIFOs); a bad file keeps the set."""
+        if self.drain_path is None:
+            return
+        try:
+            ids = await asyncio.to_thread(drainfile.read, self.drain_path, len(self.replicas))
+        except drainfile.BadDrainFile as e:
+            self._say(f"drain file {self.drain_path} refused: {e}; still draining {sorted(self.drained)}")
+            return
+        if ids != self.drained:
+            print(f"drain file {self.drain_path}: draining {sorted(ids)} (was {sorted(self.drained)})", flush=True)
+            self.drained = ids
         for rep in self.replicas.values():
             rep.draining = rep.id in ids
             if rep.link is not None and rep.state in (READY, DRAINING):
@@ -350,8 +373,3 @@ class Dispatcher:
         """Requests whose client went away or timed out leave the queue."""
         if any(not j.live for j in self.queue):
             self.queue = deque(j for j in self.queue if j.live)
-
-    def _say(self, what: str) -> None:
-        if what not in self._said and len(self._said) < 50:
-            self._said.add(what)
-            print(what, flush=True)

@@ -30,11 +30,14 @@ from typing import Any
 from dslaunch.engine.base import OP_FOR_TASK
 from dslaunch.serving.batcher import STOPPING, Batcher, Pending
 from dslaunch.serving.config import FrontConfig
+from dslaunch.serving.gate import Gate
 from dslaunch.serving.metrics import Metrics
 from dslaunch.serving.stats import Stats
+from dslaunch.wire import held
 from dslaunch.wire import protocol as P
 from dslaunch.wire.jsonio import write_json_atomic
 from dslaunch.wire.protocol import ProtocolError, Request
+from dslaunch.wire.states import FrontState
 
 DRAIN_S = 3.0  # on close, how long answers already decided may take to reach their clients
 SNIFF_S = 1.0  # a refused connection waits this long for its first byte, to answer in its protocol
@@ -68,7 +71,7 @@ class Front:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.address = dial.address if dial is not None else f"{cfg.bind}:{cfg.port}"
-        self.connections = 0
+        self.gate = Gate(cfg.max_connections, preauth=cfg.token is not None)
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
@@ -105,6 +108,10 @@ class Front:
         if self.status_path is not None:
             with contextlib.suppress(OSError):
                 self.status_path.unlink()
+
+    @property
+    def connections(self) -> int:
+        return len(self.gate)
 
     @property
     def closing(self) -> bool:
@@ -145,6 +152,9 @@ class Front:
 
     async def _listen(self, patience: float = 10.0) -> asyncio.Server:
         """Bind the port; after a gang restart the previous rank 0 may hold it for a moment."""
+        sock = held.inherited(self.cfg.bind, self.cfg.port)  # a supervisor holds it across restarts
+        if sock is not None:
+            return await asyncio.start_server(self._accept, sock=sock)
         deadline = time.monotonic() + patience
         while True:
             try:
@@ -197,10 +207,9 @@ class Front:
         from dslaunch.serving.http import serve_http
         from dslaunch.serving.ndjson import serve_ndjson
 
-        if self.connections >= self.cfg.max_connections:
+        if not self.gate.enter(writer):
             await self._refuse(reader, writer)
             return
-        self.connections += 1
         got = 0
         try:
             first = await asyncio.wait_for(self._sniff(reader), self.first_deadline())
@@ -213,7 +222,7 @@ class Front:
         except Exception:
             self.log_internal("connection")
         finally:
-            self.connections -= 1
+            self.gate.leave(writer)
             writer.close()
             if got > 1 << 20:
                 self.trim_memory()
@@ -235,7 +244,7 @@ class Front:
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Over --max-connections: answer `overloaded` (HTTP 429 to an HTTP client), then close."""
-        msg = f"{self.connections} connections open (--max-connections); retry later"
+        msg = self.overloaded()
         self.stats.failed(P.OVERLOADED)
         self.metrics.refused += 1
         try:
@@ -251,6 +260,13 @@ class Front:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.drain(), SNIFF_S)
         writer.close()
+
+    def promote(self, writer: asyncio.StreamWriter) -> bool:
+        """An authenticated connection leaves the pre-auth pool; False: --max-connections is reached."""
+        return self.gate.promote(writer)
+
+    def overloaded(self) -> str:
+        return f"{len(self.gate.members)} connections open (--max-connections); retry later"
 
     def authorised(self, token: str | None) -> bool:
         if self.cfg.token is None:
@@ -313,7 +329,7 @@ class Front:
 
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ready" if self.accepting else "stopping",
+            "status": FrontState.READY if self.accepting else FrontState.STOPPING,
             "world_size": self.info["world_size"],
             "ranks_ready": len(self.info.get("ranks", [])),
             "restarts": self.info.get("restarts", 0),

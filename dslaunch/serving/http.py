@@ -173,6 +173,9 @@ class _Http:
         if not self.front.authorised(_bearer(headers.get("authorization", ""))):
             await self._error(401, P.UNAUTHORIZED, "this front needs the job's token: Authorization: Bearer <token>")
             raise _Closed("unauthorised")
+        if not self.front.promote(self.writer):  # out of the pre-auth pool, into --max-connections
+            await self._error(429, P.OVERLOADED, self.front.overloaded())
+            raise _Closed("overloaded")
         method = event.method.decode("ascii", "replace")
         route = _route(path)
         self.route = route or "?"
@@ -209,6 +212,11 @@ class _Http:
             except TimeoutError:
                 await self._error(408, "request_timeout", "the request body did not arrive in time")
                 raise _Closed("body time-out") from None
+            except h11.RemoteProtocolError:
+                if self.reader.at_eof():  # the client left mid-body: nobody to answer
+                    raise _Closed("the client left during the body") from None
+                # h11's text may quote the body (the prompt): neither logged nor echoed
+                raise ProtocolError(P.BAD_REQUEST, "malformed HTTP request body (its framing)") from None
             if isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:

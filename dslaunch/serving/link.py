@@ -17,6 +17,7 @@ import hmac
 import json
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from dslaunch.serving.front import Front
 
 HANDSHAKE_S = 10.0  # each side's whole handshake, from connect
+HELLO_S = 3.0  # the router waits this long for a leader's hello (a leader sends it at once)
+MAX_HANDSHAKES = 64  # handshakes in progress at the router; a newcomer then evicts one (HandshakePool)
 HANDSHAKE_BYTES = 1 << 16
 REDIAL_S = (0.2, 2.0)  # the leader's back-off between dials: first, most (the router may be restarting)
 HELLO_INTS = ("replica", "attempt", "ranks", "max_batch_size")
@@ -44,7 +47,14 @@ def _same(a: Any, b: str) -> bool:
     return isinstance(a, str) and hmac.compare_digest(a.encode(), b.encode())
 
 
-async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
+def inert(text: Any, limit: int = 200) -> str:
+    """A peer's text as one log-safe line: quoted, control characters escaped, bounded."""
+    return json.dumps(str(text)[:limit])
+
+
+async def _read(reader: asyncio.StreamReader, peer_errors: bool = True) -> dict[str, Any]:
+    """One handshake line. `peer_errors`: a refusal's text is passed on (quoted, bounded); the router
+    never passes on a leader's, since leaders send none and anyone can dial the link port."""
     line = await reader.readline()
     if not line:
         raise LinkRefused("the other side closed the connection during the handshake")
@@ -55,7 +65,7 @@ async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise LinkRefused("not a handshake line")
     if "error" in msg:
-        raise LinkRefused(str(msg["error"])[:200])
+        raise LinkRefused(f"refused: {inert(msg['error'])}" if peer_errors else "an error line, not a hello")
     return msg
 
 
@@ -81,7 +91,10 @@ async def accept(
     says nothing; a refused leader never sees the router's proof, so it never counts as linked."""
     mine = secrets.token_hex(16)
     writer.write(encode({"challenge": mine}))
-    msg = await _read(reader)
+    try:
+        msg = await asyncio.wait_for(_read(reader, peer_errors=False), HELLO_S)
+    except asyncio.TimeoutError:
+        raise LinkRefused(f"no hello within {HELLO_S:g}s") from None
     hello, theirs = msg.get("hello"), msg.get("challenge")
     why = ""
     if not isinstance(hello, dict) or not isinstance(theirs, str) or not 16 <= len(theirs) <= 128:
@@ -91,12 +104,78 @@ async def accept(
     elif not all(isinstance(hello.get(k), int) and hello[k] >= 0 for k in HELLO_INTS):
         why = f"a hello needs the integers {', '.join(HELLO_INTS)}"
     else:
-        why = judge(hello)
+        why = judge(hello)  # type: ignore[arg-type]
     if why:
         writer.write(encode({"error": why}))
         raise LinkRefused(why)
     writer.write(encode({"proof": _mac(key, "router", theirs, mine)}))
     return hello  # type: ignore[return-value]
+
+
+class HandshakePool:
+    """The link port's handshakes in progress, bounded so that a flood cannot lock leaders out.
+
+    Anyone may connect. When MAX_HANDSHAKES are in progress, a newcomer takes the slot of the oldest
+    handshake of the peer address holding the most slots (that one is closed). A leader answers
+    the router's challenge at once, so its handshake lasts milliseconds; a silent connection lasts
+    HELLO_S at most, and under a flood it is evicted long before. A flood from one host thus
+    evicts its own connections first, and leaders on other hosts are never evicted by it.
+    """
+
+    def __init__(self, cap: int = MAX_HANDSHAKES) -> None:
+        self.cap = cap
+        self.slots: dict[asyncio.StreamWriter, tuple[str, float]] = {}
+        self.evicted = 0
+
+    def enter(self, writer: asyncio.StreamWriter) -> str | None:
+        """Take a slot; returns the peer whose handshake was closed to make room, if one was."""
+        evicted = None
+        if len(self.slots) >= self.cap:
+            counts = Counter(peer for peer, _ in self.slots.values())
+            most = max(counts.values())
+            victim = min((w for w, (p, _) in self.slots.items() if counts[p] == most), key=lambda w: self.slots[w][1])
+            evicted = self.slots.pop(victim)[0]
+            self.evicted += 1
+            victim.transport.abort()
+        self.slots[writer] = (peer_host(writer), time.monotonic())
+        return evicted
+
+    def leave(self, writer: asyncio.StreamWriter) -> None:
+        self.slots.pop(writer, None)
+
+
+def peer_host(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, (tuple, list)) and peer else "?"
+
+
+class PeerLog:
+    """Log lines about what peers did: each distinct line at most once per WINDOW_S, at most LINES
+    per window in all; the rest are counted and summed up in one line, so a flood of distinct junk
+    can neither fill the log nor keep later refusals out of it for longer than a window."""
+
+    WINDOW_S = 60.0
+    LINES = 20
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.seen: set[str] = set()
+        self.dropped = 0
+
+    def __call__(self, what: str) -> None:
+        self.flush()
+        if what in self.seen or len(self.seen) >= self.LINES:
+            self.dropped += 1
+            return
+        self.seen.add(what)
+        print(what, flush=True)
+
+    def flush(self) -> None:
+        if time.monotonic() - self.t0 < self.WINDOW_S:
+            return
+        if self.dropped:
+            print(f"({self.dropped} more lines like these in the last {self.WINDOW_S:g}s not shown)", flush=True)
+        self.t0, self.seen, self.dropped = time.monotonic(), set(), 0
 
 
 class Dialer:

@@ -147,13 +147,18 @@ async def _admit(front: Front, conn: Conn, line: bytes) -> Request | None:
                 return None
             if not front.authorised(req.token):
                 raise ProtocolError(P.UNAUTHORIZED, "this front needs the job's token")
+            if not front.promote(conn.writer):  # out of the pre-auth pool, into --max-connections
+                raise ProtocolError(P.OVERLOADED, front.overloaded())
             conn.authed = True
+        elif req.token is not None and not front.authorised(req.token):
+            # a wrong token is refused on an authenticated connection too, and ends it
+            raise ProtocolError(P.UNAUTHORIZED, "wrong token for this front")
         return req
     except ProtocolError as e:
         front.stats.failed(e.code)
         front.metrics.request("ndjson", "?", e.code)
         await conn.send(P.error(e.id if rid is None else rid, e.code, e.message))
-        if e.code == P.UNAUTHORIZED:
+        if e.code == P.UNAUTHORIZED or (e.code == P.OVERLOADED and not conn.authed):
             conn.closing = True
         return None
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from dslaunch.serving.batcher import Pending
 from dslaunch.wire.protocol import Request
+from dslaunch.wire.states import LINK_MOVES, LinkState
 
-CONNECTING, READY, DRAINING, DOWN = "connecting", "ready", "draining", "down"
+CONNECTING, READY, DRAINING, DOWN = LinkState.CONNECTING, LinkState.READY, LinkState.DRAINING, LinkState.DOWN
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Link:
 @dataclass
 class Replica:
     id: int
-    state: str = CONNECTING
+    state: LinkState = CONNECTING
     attempt: int = 0
     ranks: int = 0
     cap: int = 0
@@ -64,9 +65,13 @@ class Replica:
                 "in_flight": self.outstanding, "served": self.served, "errors": self.errors,
                 "since": round(self.since, 3)}  # fmt: skip
 
-    def set(self, state: str) -> None:
-        if state != self.state:
-            self.state, self.since = state, time.time()
+    def set(self, state: LinkState) -> None:
+        """Move to `state` (staying is no move); a move LINK_MOVES does not allow is a bug here."""
+        if state == self.state:
+            return
+        if state not in LINK_MOVES[self.state]:
+            raise ValueError(f"replica {self.id}: no move from {self.state} to {state}")
+        self.state, self.since = state, time.time()
 
 
 def deterministic(req: Request) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -24,13 +25,14 @@ from dslaunch.serving.batcher import STOPPING
 from dslaunch.serving.config import FrontConfig
 from dslaunch.serving.dispatch import Dispatcher
 from dslaunch.serving.front import Front
-from dslaunch.serving.replicaview import READY
 from dslaunch.serving.stats import Stats
+from dslaunch.wire import held
 from dslaunch.wire import protocol as P
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.protocol import ProtocolError
 from dslaunch.wire.routerenv import RouterEnv
 from dslaunch.wire.serve import ServeSpec
+from dslaunch.wire.states import LINKED, front_state
 
 STOP_WAIT_S = 8.0  # after SIGTERM, how long requests already on a replica may take to finish
 TEXT_RETRY_S = 5.0
@@ -44,8 +46,8 @@ class RouterFront(Front):
 
     def health(self) -> dict[str, Any]:
         reps = self.batcher.rows()
-        linked = [r for r in reps if r["state"] in (READY, "draining")]
-        status = "stopping" if not self.accepting else "ready" if any(r["state"] == READY for r in reps) else "starting"
+        linked = [r for r in reps if r["state"] in LINKED]
+        status = front_state(self.accepting, [r["state"] for r in reps])
         return {
             "status": status,
             "world_size": self.info["world_size"],
@@ -220,6 +222,10 @@ def main() -> int:
         front.close()
         return 1
     print(f"router serving on {front.address}; replicas dial {env.link_bind}:{env.link_port}", flush=True)
+    ready = os.environ.get(held.READY_ENV)
+    if ready:  # its supervisor resets its back-off for a router that got this far
+        with contextlib.suppress(OSError):
+            Path(ready).touch()
     stop.wait()
     print("router stopping", flush=True)
     front.stop_accepting(STOPPING)

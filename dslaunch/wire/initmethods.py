@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from dslaunch.errors import NodeOpFailed, RemoteError, UserError
+from dslaunch.wire.restarts import ATTEMPT_FIELD
 
 
 class InitMethod:
@@ -88,7 +89,7 @@ class FileInit(InitMethod):
 
     def url(self, gang: str, master_addr: str, master_port: int, rdzv_dir: str | None) -> str:
         assert rdzv_dir is not None
-        return f"file://{rdzv_dir.rstrip('/')}/{gang}-{{restart}}"
+        return f"file://{rdzv_dir.rstrip('/')}/{gang}-{ATTEMPT_FIELD}"
 
     def leftovers(self, rdzv_dir: str | None, job_id: str) -> str | None:
         return f"{rdzv_dir.rstrip('/')}/{job_id}-*" if rdzv_dir else None

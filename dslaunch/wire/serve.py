@@ -22,24 +22,10 @@ _HANDLER_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _MODEL_NAME_RE = re.compile(r"^[\w.:/-]{1,128}$")
 
 
-MAX_BACKOFF_S = 60.0
-
-
 def positive_seconds(flag: str, value: float) -> None:
     """Durations are finite and above 0 (click accepts 'nan' and 'inf' as floats)."""
     if not 0 < value < math.inf:
         raise UserError(f"{flag} {value:g}: must be more than 0 seconds (and finite)")
-
-
-def backoff_delay(base: float, attempt: int) -> float:
-    """Seconds to wait before job-wide attempt `attempt` (0 is the first start).
-
-    The first restart is immediate: one lost rank should cost as little as possible. Later ones
-    double from `base`, so a rank that crashes at once cannot spin the whole job in a tight loop.
-    """
-    if attempt <= 1 or base <= 0:
-        return 0.0
-    return min(MAX_BACKOFF_S, base * 2 ** (attempt - 2))
 
 
 @dataclass

@@ -73,6 +73,59 @@ class JobState(_Values):
     STOPPING = "stopping"
 
 
+class ReplicaState(_Values):
+    """One replica as `status` judges it from its ranks (every replica is its own gang).
+
+    starting → ready (`ranks_ready` holds for its ranks); ready → restarting (a rank failed: its
+    gang restarts) → starting → ready.
+    """
+
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+
+
+class LinkState(_Values):
+    """One replica as the router sees it: its link (`serving/replicaview.Replica.set` checks moves).
+
+    connecting → ready | draining (its leader linked; draining when `restart` drains it);
+    ready ⇄ draining (the drain file); ready | draining → down (the link closed or went silent,
+    or its leader said it is stopping); down → ready | draining (its leader linked again).
+    """
+
+    CONNECTING = "connecting"  # never linked since the router started
+    READY = "ready"  # linked: gets new work
+    DRAINING = "draining"  # linked: finishes what it has, gets nothing new
+    DOWN = "down"  # was linked, is not now
+
+
+LINK_MOVES: dict[LinkState, frozenset[LinkState]] = {
+    LinkState.CONNECTING: frozenset({LinkState.READY, LinkState.DRAINING}),
+    LinkState.READY: frozenset({LinkState.DRAINING, LinkState.DOWN}),
+    LinkState.DRAINING: frozenset({LinkState.READY, LinkState.DOWN}),
+    LinkState.DOWN: frozenset({LinkState.READY, LinkState.DRAINING}),
+}
+LINKED = frozenset({LinkState.READY, LinkState.DRAINING})  # a link is up
+DRAINED = frozenset({LinkState.DRAINING, LinkState.DOWN})  # `restart` may stop it (once nothing is in flight)
+
+
+class FrontState(_Values):
+    """A front's `health` status. The router's: starting ⇄ ready (some replica's link is READY);
+    any → stopping (SIGTERM: it answers what is queued and takes nothing new). A replica leader's
+    (or a one-replica job's rank 0): ready → stopping."""
+
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+def front_state(accepting: bool, links: Iterable[str]) -> FrontState:
+    """The one rule for the router's status, from whether it accepts work and its links' states."""
+    if not accepting:
+        return FrontState.STOPPING
+    return FrontState.READY if any(s == LinkState.READY for s in links) else FrontState.STARTING
+
+
 # Stages of a rank whose process group exists (up shows its node as past `started`).
 GROUP_FORMED = frozenset({RankStage.RENDEZVOUS, RankStage.LOADING, RankStage.READY})
 
