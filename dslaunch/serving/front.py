@@ -261,10 +261,6 @@ class Front:
             await asyncio.wait_for(writer.drain(), SNIFF_S)
         writer.close()
 
-    def promote(self, writer: asyncio.StreamWriter) -> bool:
-        """An authenticated connection leaves the pre-auth pool; False: --max-connections is reached."""
-        return self.gate.promote(writer)
-
     def overloaded(self) -> str:
         return f"{len(self.gate.members)} connections open (--max-connections); retry later"
 

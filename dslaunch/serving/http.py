@@ -173,7 +173,7 @@ class _Http:
         if not self.front.authorised(_bearer(headers.get("authorization", ""))):
             await self._error(401, P.UNAUTHORIZED, "this front needs the job's token: Authorization: Bearer <token>")
             raise _Closed("unauthorised")
-        if not self.front.promote(self.writer):  # out of the pre-auth pool, into --max-connections
+        if not self.front.gate.promote(self.writer):  # out of the pre-auth pool, into --max-connections
             await self._error(429, P.OVERLOADED, self.front.overloaded())
             raise _Closed("overloaded")
         method = event.method.decode("ascii", "replace")

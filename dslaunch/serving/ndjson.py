@@ -147,7 +147,7 @@ async def _admit(front: Front, conn: Conn, line: bytes) -> Request | None:
                 return None
             if not front.authorised(req.token):
                 raise ProtocolError(P.UNAUTHORIZED, "this front needs the job's token")
-            if not front.promote(conn.writer):  # out of the pre-auth pool, into --max-connections
+            if not front.gate.promote(conn.writer):  # out of the pre-auth pool, into --max-connections
                 raise ProtocolError(P.OVERLOADED, front.overloaded())
             conn.authed = True
         elif req.token is not None and not front.authorised(req.token):
