@@ -15,6 +15,7 @@ BENCHMARKS = [
     "http_api.py",
     "router.py",
     "replicas.py",
+    "paged.py",
     "plots.py",
 ]
 

@@ -36,8 +36,6 @@ class BlockPool:
         self.hash_of: list[bytes | None] = [None] * total
         self.cached: dict[bytes, int] = {}
         self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(total))
-        self.queries = 0  # prompt blocks looked up in the prefix cache
-        self.hits = 0  # of which found
 
     @property
     def free(self) -> int:
@@ -75,7 +73,6 @@ class BlockPool:
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """The cached blocks for the longest prefix of `hashes`, each now shared by the caller."""
-        self.queries += len(hashes)
         out = []
         for h in hashes:
             b = self.cached.get(h)
@@ -85,7 +82,6 @@ class BlockPool:
                 del self.free_queue[b]
             self.refs[b] += 1
             out.append(b)
-        self.hits += len(out)
         return out
 
     def publish(self, block: int, h: bytes) -> None:

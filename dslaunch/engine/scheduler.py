@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from dslaunch.engine.blocks import ROOT, BlockPool, chain
 
 
-@dataclass
+@dataclass(eq=False)
 class Seq:
     """One row as the scheduler sees it: its tokens, what of them is cached, its blocks."""
 

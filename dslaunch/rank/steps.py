@@ -35,6 +35,7 @@ def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -
     """Rank 0: step the running batch until the source closes and the rows are done."""
     kv, gen = engine.new_batch(), engine.generation()
     channel.progress.batch = gen
+    source.engine_stats(lambda: {"kv_cache": "padded"})
     closing: float | None = None
     held = 0  # steps queued requests have been held back to join together
 

@@ -97,7 +97,9 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
     if paged:
         keys = ("prefix_cache_queries", "prefix_cache_hits", "kv_blocks_used", "kv_blocks_total", "preemptions")
         out.update({k: int(sum(s.get(k) or 0 for s in paged)) for k in keys})
-    out["kv_cache"] = ",".join(sorted({str(s.get("kv_cache", "padded")) for s in stats}))
+    paths = sorted({str(s["kv_cache"]) for s in stats if s.get("kv_cache")})
+    if paths:
+        out["kv_cache"] = ",".join(paths)
     return out
 
 

@@ -46,7 +46,7 @@ class ServeSpec:
     port: int | None = None  # None: DEFAULT_FRONT_PORT or the next free one
     max_batch_size: int = 8
     max_batch_tokens: int = 16384  # KV cache tokens: the block pool's size (the padded cache's bound)
-    max_step_tokens: int = 512  # tokens one forward pass computes at most (decode tokens + prefill chunks)
+    max_step_tokens: int = 128  # tokens one forward pass computes at most (decode tokens + prefill chunks)
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     max_request_bytes: int = 1 << 20
