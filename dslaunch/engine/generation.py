@@ -8,6 +8,7 @@ a sink that fails) ends that row with `internal` while the others go on.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,9 @@ class Row:
     next_token: int = 0  # chosen at the last step, fed at the next one
     reason: str | None = None  # set once finished: eos, stop, length, cancelled, error
     ended: bool = field(default=False, repr=False)
+    arrived: float = 0.0  # monotonic: when its request reached this front (for the observer's timings)
+    joined: float = 0.0  # when it joined the batch
+    last: float | None = None  # when its latest token was chosen (None: no token yet)
 
     @property
     def cost(self) -> int:
@@ -47,12 +51,16 @@ class Generation:
         self.max_positions = max_positions
         self.rows: list[Row] = []
         self.joining: list[Row] = []  # rows in the step under way, not in `rows` until it is done
+        # told each step's first tokens and gaps, and each row's end (serving.reqtimes.RequestTimes)
+        self.observer: Any = None
 
     def row(self, ids: list[int], params: GenParams, sink: RowSink) -> Row:
         """A new row for `ids`; its seed is drawn here when the request gave none."""
         budget = max(1, min(params.max_new_tokens, self.max_positions - len(ids)))
         sampling = RowSampling.of(params, secrets.randbits(63))
-        return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop))
+        now = time.monotonic()
+        arrived = getattr(sink, "arrived", None) or now
+        return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop), arrived=arrived, joined=now)
 
     def remaining(self) -> list[int]:
         """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
@@ -80,12 +88,31 @@ class Generation:
         except Exception:  # never expected: sampling is built not to raise; greedy keeps the loop going
             tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
         made = 0
+        timed = self._timed() if self.observer is not None else None
         for row, token in zip(self.rows, tokens, strict=True):
             try:
                 made += self._push(row, token)
             except Exception as e:
                 self.end(row, "error", (INTERNAL, f"generating this prompt failed: {type(e).__name__}: {e}"[:500]))
+        if timed is not None:
+            self.observer.step(*timed, made)
         return made
+
+    def _timed(self) -> tuple[list[float], list[float], int]:
+        """This step's first-token times (since arrival), gaps since the last token, and the prompt
+        tokens of the rows getting their first token: what the observer counts."""
+        now = time.monotonic()
+        firsts: list[float] = []
+        gaps: list[float] = []
+        prompt = 0
+        for row in self.rows:
+            if row.last is None:
+                firsts.append(now - row.arrived)
+                prompt += row.prompt_tokens
+            else:
+                gaps.append(now - row.last)
+            row.last = now
+        return firsts, gaps, prompt
 
     def _push(self, row: Row, token: int) -> int:
         row.next_token = token
@@ -109,6 +136,8 @@ class Generation:
         if row.ended:
             return
         row.reason, row.ended = reason, True
+        if self.observer is not None:
+            self.observer.ended(reason, time.monotonic() - row.arrived, row.joined - row.arrived)
         if error is None and reason != "cancelled":
             try:
                 rest = row.text.finish()

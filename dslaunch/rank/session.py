@@ -222,6 +222,7 @@ def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: Gr
     model_name = Path(str(engine.name)).name
     fcfg = FrontConfig.from_serve(node.serve, secret(nd.front_token), secret(nd.front_nonce), model_name)
     stats = Stats()
+    stats.engine_fields = getattr(engine, "cache_stats", None)  # a paged engine's blocks and prefix cache
     batcher = Batcher(fcfg, stats)
     info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
             "task": engine.task}  # fmt: skip

@@ -21,6 +21,7 @@ import h11
 
 from dslaunch.serving import openai_api as O
 from dslaunch.serving.batcher import Pending
+from dslaunch.serving.metrics import CONTENT_TYPE
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
@@ -245,8 +246,9 @@ class _Http:
         snap = self.front.stats_doc()
         live = {"connections": self.front.connections, "restarts": self.front.info.get("restarts", 0),
                 "ready": self.front.accepting}  # fmt: skip
-        text = self.front.metrics.render(snap, live).encode()
-        await self._respond(200, text, "text/plain; version=0.0.4; charset=utf-8")
+        engines = await self.front.engine_docs()
+        text = self.front.metrics.render(snap, live, engines, self.cfg.served_model_name or "model")
+        await self._respond(200, text, CONTENT_TYPE)
         self.front.metrics.request("http", self.route, "ok")
 
     async def _collect(self, req: Request, shape: Callable[[list[Any]], Any]) -> Any:

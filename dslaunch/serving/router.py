@@ -25,7 +25,8 @@ from dslaunch.serving.config import FrontConfig
 from dslaunch.serving.dispatch import Dispatcher
 from dslaunch.serving.front import Front
 from dslaunch.serving.replicaview import READY
-from dslaunch.serving.stats import Stats
+from dslaunch.serving.reqtimes import merge as merge_times
+from dslaunch.serving.stats import CACHE_FIELDS, Stats
 from dslaunch.wire import protocol as P
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.protocol import ProtocolError
@@ -73,6 +74,13 @@ class RouterFront(Front):
     def status_doc(self) -> dict[str, Any]:
         return {**super().status_doc(), "router": True, "replicas": self.batcher.rows()}
 
+    async def engine_docs(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each linked replica's engine stats (the slow and the down left out), and their sum as
+        `all`, whose waiting requests include the router's own queue."""
+        got = await self.batcher.ask_all("stats")
+        docs = [(str(rid), a["stats"]) for rid, a in sorted(got.items()) if isinstance(a.get("stats"), dict)]
+        return [*docs, ("all", engines_total([d for _, d in docs], self.batcher.depth))]
+
 
 def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
     """The replicas' engine counters as one engine's: sums, and means weighted by their counts."""
@@ -90,7 +98,20 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
                           "max": max(s["rows_per_step"]["max"] for s in stats)},
         "batch_size": {"mean": round(batch_rows / batches, 3) if batches else 0.0,
                        "max": max(s["batch_size"]["max"] for s in stats)},
+        **{k: int(total(k)) for k in CACHE_FIELDS if any(k in s for s in stats)},
     }  # fmt: skip
+
+
+def engines_total(docs: list[dict[str, Any]], queued_here: int) -> dict[str, Any]:
+    """The replicas' engine stats as one engine's for the metrics: gauges and counters summed."""
+    out: dict[str, Any] = {"in_flight": sum(int(d.get("in_flight") or 0) for d in docs),
+                           "queue": queued_here + sum(int(d.get("queue") or 0) for d in docs),
+                           "request_times": merge_times([d.get("request_times") or {} for d in docs])}  # fmt: skip
+    for key in CACHE_FIELDS:
+        have = [d[key] for d in docs if isinstance(d.get(key), (int, float))]
+        if have:
+            out[key] = sum(have)
+    return out
 
 
 class Loading:

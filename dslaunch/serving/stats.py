@@ -3,6 +3,10 @@
 Generate jobs run step by step: `batches` then counts the groups of rows that joined the running
 batch together (`batch_size`: rows per group), and `steps` / `rows_per_step` say how full each
 forward pass was. Embed and handler jobs run whole batches, one step each.
+
+`request_times` are the engine's per-request histograms (`serving.reqtimes`); an engine that has
+a KV block pool or a prefix cache reports `CACHE_FIELDS` through `engine_fields` (set by the
+session to the engine's `cache_stats`), and they appear at the top of the snapshot.
 """
 
 from __future__ import annotations
@@ -10,7 +14,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
+
+from dslaunch.serving.reqtimes import RequestTimes
+
+# what an engine with a block pool or a prefix cache reports (counters, and blocks now in use)
+CACHE_FIELDS = ("prefix_cache_queries", "prefix_cache_hits", "kv_blocks_used", "kv_blocks_total")
 
 
 class Stats:
@@ -30,6 +40,8 @@ class Stats:
         self.forwards = 0
         self.step_rows = 0
         self.step_rows_max = 0
+        self.times = RequestTimes()
+        self.engine_fields: Callable[[], dict[str, Any]] | None = None
 
     def answered(self, seconds: float) -> None:
         with self.lock:
@@ -65,6 +77,22 @@ class Stats:
         self.tokens += tokens
 
     def snapshot(self, queue: int, in_flight: int) -> dict[str, Any]:
+        doc = self._snapshot(queue, in_flight)
+        doc["request_times"] = self.times.doc()
+        doc.update(self.cache_fields())
+        return doc
+
+    def cache_fields(self) -> dict[str, int]:
+        """The engine's block-pool and prefix-cache numbers, where it has them (else none)."""
+        if self.engine_fields is None:
+            return {}
+        try:
+            got = self.engine_fields() or {}
+        except Exception:  # a stats read must never fail an answer
+            return {}
+        return {k: int(got[k]) for k in CACHE_FIELDS if isinstance(got.get(k), (int, float))}
+
+    def _snapshot(self, queue: int, in_flight: int) -> dict[str, Any]:
         with self.lock:
             lat = sorted(self.latency)
             sizes = dict(sorted(self.batch_sizes.items()))

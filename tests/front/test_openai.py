@@ -141,7 +141,7 @@ def test_curl_completion_stream_and_metrics(base_url: str) -> None:
                              capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "# TYPE dslaunch_request_duration_seconds histogram" in metrics
     assert 'dslaunch_requests_total{protocol="http",op="completions",outcome="ok"}' in metrics
-    assert "dslaunch_queue_depth 0" in metrics and "\ndslaunch_restarts " in metrics
+    assert "dslaunch_queue_depth 0.0" in metrics and "\ndslaunch_restarts " in metrics
     health = subprocess.run(["curl", "-sS", *auth, base_url.removesuffix("/v1") + "/health?deep=1"],
                             capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert json.loads(health)["deep"] is True and len(json.loads(health)["ranks"]) == 2
