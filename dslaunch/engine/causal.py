@@ -54,10 +54,13 @@ class CausalLMEngine(Pretrained):
         assert self.prompts is not None
         limit, ids = self.max_positions, []
         for i, prompt in enumerate(req.inputs):
-            size = len(prompt.encode("utf-8", "surrogatepass"))
-            if self.prompts.max_bytes is not None and size > self.prompts.max_bytes:
-                raise ProtocolError(BAD_REQUEST, f"prompt {i} is {size} bytes: over {limit} tokens for certain")
-            row = self.prompts.encode(prompt)
+            if isinstance(prompt, list):  # token ids already: checked as a tokenized prompt is
+                row = list(prompt)
+            else:
+                size = len(prompt.encode("utf-8", "surrogatepass"))
+                if self.prompts.max_bytes is not None and size > self.prompts.max_bytes:
+                    raise ProtocolError(BAD_REQUEST, f"prompt {i} is {size} bytes: over {limit} tokens for certain")
+                row = self.prompts.encode(prompt)
             if not row:
                 raise ProtocolError(BAD_REQUEST, f"prompt {i} has no tokens")
             if len(row) >= limit:

@@ -222,7 +222,9 @@ class _Http:
 
     async def _models(self, path: str, _query: str, _body: bytes) -> None:
         name = self.cfg.served_model_name or "model"
-        card = O.model_card(name, self.front.stats.started)
+        text = self.front.text
+        length = await asyncio.to_thread(lambda: text.max_positions) if text is not None and self._generates() else None
+        card = O.model_card(name, self.front.stats.started, length)
         if path.rstrip("/") == "/v1/models":
             await self._json(200, {"object": "list", "data": [card]})
         elif path.removeprefix("/v1/models/") == name:
@@ -257,6 +259,22 @@ class _Http:
                 if event[0] == "done":
                     return shape(event[1])
         raise ProtocolError(P.INTERNAL, "the request ended without an answer")
+
+    def _generates(self) -> bool:
+        return self.front.info.get("task") == "generate"
+
+    async def _tokenizer(self, path: str, _query: str, body: bytes) -> None:
+        """/tokenize and /detokenize (vLLM's shapes): the OpenAI routes' tokenizer, off the loop."""
+        from dslaunch.serving import tokenize_api
+
+        self._serves("generate", path)
+        if self.front.text is None:
+            raise ProtocolError(P.BAD_REQUEST, "this model has no tokenizer")
+        shape = tokenize_api.tokenize if path == "/tokenize" else tokenize_api.detokenize
+        doc = P.load_json(body)
+        answer = await asyncio.to_thread(shape, doc, self.cfg.served_model_name or "model", self.front.text)
+        await self._json(200, answer)
+        self.front.metrics.request("http", self.route, "ok")
 
     def _serves(self, task: str, route: str) -> None:
         if self.front.info.get("task") != task:
@@ -331,6 +349,8 @@ _ROUTES: dict[str, Callable[[_Http, str, str, bytes], Awaitable[None]]] = {
     "embeddings": _Http._embeddings,
     "completions": _Http._completions,
     "chat.completions": _Http._completions,
+    "tokenize": _Http._tokenizer,
+    "detokenize": _Http._tokenizer,
 }
 
 
@@ -338,7 +358,8 @@ def _route(path: str) -> str | None:
     if path in ("/v1/models", "/v1/models/") or path.startswith("/v1/models/"):
         return "models"
     return {"/health": "health", "/metrics": "metrics", "/v1/embeddings": "embeddings",
-            "/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}.get(path)  # fmt: skip
+            "/v1/completions": "completions", "/v1/chat/completions": "chat.completions",
+            "/tokenize": "tokenize", "/detokenize": "detokenize"}.get(path)  # fmt: skip
 
 
 def _bearer(value: str) -> str | None:

@@ -8,6 +8,7 @@ accept exactly the same values.
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import threading
 import time
@@ -53,6 +54,7 @@ _WHY = {
     "logit_bias": "no logit bias",
 }
 _RENAME = {"'max_new_tokens'": "'max_tokens'", "'prompt'": "'prompt' (or 'messages')"}
+_PARAM = {"max_new_tokens": "max_tokens"}  # the NDJSON field a message names -> the OpenAI one
 
 
 @dataclass
@@ -72,6 +74,8 @@ class TextTools:
     def __init__(self, tok: Any, lock: Any, max_positions: int | None = None) -> None:
         self.tok = tok
         self.lock = lock
+        self.max_positions = max_positions  # the model's context (max_model_len), when it is a generator
+        self.vocab_size = len(tok)
         self.max_bytes: int | None = None
         if max_positions:
             # no token covers more than 4 bytes per character of its vocabulary string, so a prompt
@@ -108,9 +112,25 @@ class TextTools:
         with self.lock:
             return sum(len(ids) for ids in self.tok(texts)["input_ids"])
 
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """The ids the engine runs for `text` (it adds special tokens as the tokenizer does)."""
+        with self.lock:
+            return list(self.tok(text, add_special_tokens=special)["input_ids"])
 
-def model_card(name: str, created: float) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": int(created), "owned_by": "dslaunch"}
+    def detokenize(self, ids: list[int]) -> str:
+        with self.lock:
+            return str(self.tok.decode(ids))
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        with self.lock:
+            return [str(t) for t in self.tok.convert_ids_to_tokens(ids)]
+
+
+def model_card(name: str, created: float, max_model_len: int | None = None) -> dict[str, Any]:
+    card = {"id": name, "object": "model", "created": int(created), "owned_by": "dslaunch"}
+    if max_model_len:
+        card["max_model_len"] = max_model_len  # as vLLM's card has it
+    return card
 
 
 def error_body(message: str, code: str, kind: str, param: str | None = None) -> dict[str, Any]:
@@ -155,13 +175,12 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
         messages = _messages(body.get("messages"))
         obj["prompt"] = "(chat)"  # replaced by the rendered template
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
-            raise _bad("'prompt' as token ids is not supported: send text", "prompt")
-        obj["prompt"] = prompt
+        obj["prompt"] = body.get("prompt")  # text, token ids, or a list of either
     try:
         req = P.request_from(obj, limits)
     except ProtocolError as e:
+        field = re.match(r"'(\w+)'", e.message)
+        e.param = _PARAM.get(field.group(1), field.group(1)) if field else None  # type: ignore[attr-defined]
         for old, new in _RENAME.items():
             e.message = e.message.replace(old, new)
         raise

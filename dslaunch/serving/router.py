@@ -140,6 +140,12 @@ class Loading:
     def count(self, texts: list[str]) -> int:
         return int(self._tools().count(texts))
 
+    def __getattr__(self, name: str) -> Any:
+        """The rest of TextTools (tokenize, detokenize, max_positions ...), once it is loaded."""
+        if name in ("tokenize", "detokenize", "token_strs", "max_positions", "vocab_size"):
+            return getattr(self._tools(), name)
+        raise AttributeError(name)
+
 
 class TextLoader:
     """The router's tokenizer (OpenAI routes), loaded in a thread when first needed (transformers

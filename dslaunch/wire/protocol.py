@@ -187,7 +187,7 @@ def _parse(obj: dict[str, Any], rid: Any, limits: Limits) -> Request:
     if "timeout" in obj:
         req.timeout = _number(obj, "timeout", 0.0, limits.max_timeout, lo_open=True)
     if op == "generate":
-        req.inputs, req.single = _texts(obj, "prompt", limits.max_prompts)
+        req.inputs, req.single = _prompts(obj, limits.max_prompts)
         req.params = _gen_params(obj, limits)
         req.stream = _bool(obj, "stream")
     elif op == "embed":
@@ -223,6 +223,29 @@ def _texts(obj: dict[str, Any], key: str, most: int) -> tuple[list[str], bool]:
         if not s:
             raise ProtocolError(BAD_REQUEST, f"{key!r} item {i} is empty")
     return list(items), single
+
+
+def _prompts(obj: dict[str, Any], most: int) -> tuple[list[Any], bool]:
+    """`prompt`: a string, a list of token ids, or a list of either (strings or id lists)."""
+    value = obj.get("prompt")
+    if isinstance(value, list) and value and all(_token_id(t) for t in value):
+        return [list(value)], True
+    if isinstance(value, list) and value and all(isinstance(p, list) for p in value):
+        for i, ids in enumerate(value):
+            if not ids or not all(_token_id(t) for t in ids):
+                raise ProtocolError(BAD_REQUEST, f"'prompt' item {i} must be a non-empty list of token ids")
+        if len(value) > most:
+            raise ProtocolError(BAD_REQUEST, f"'prompt' has {len(value)} items; send 1 to {most} per request")
+        return [list(ids) for ids in value], False
+    try:
+        return _texts(obj, "prompt", most)
+    except ProtocolError as e:
+        e.message = e.message.replace("a list of strings", "a list of strings, token ids or lists of token ids")
+        raise
+
+
+def _token_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31
 
 
 def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:

@@ -79,7 +79,7 @@ def test_chat_uses_the_template_streamed_and_not(base_url: str, port: int) -> No
             ),
             "tools",
         ),
-        (lambda c: c.completions.create(model="tiny", prompt="Hi", max_tokens=0), None),
+        (lambda c: c.completions.create(model="tiny", prompt="Hi", max_tokens=0), "max_tokens"),
         (lambda c: c.embeddings.create(model="tiny", input="Hi"), None),  # a generate job
     ],
 )
@@ -140,7 +140,7 @@ def test_curl_completion_stream_and_metrics(base_url: str) -> None:
     metrics = subprocess.run(["curl", "-sS", *auth, base_url.removesuffix("/v1") + "/metrics"],
                              capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "# TYPE dslaunch_request_duration_seconds histogram" in metrics
-    assert 'dslaunch_requests_total{protocol="http",op="completions",outcome="ok"}' in metrics
+    assert 'dslaunch_requests_total{op="completions",outcome="ok",protocol="http"}' in metrics
     assert "dslaunch_queue_depth 0.0" in metrics and "\ndslaunch_restarts " in metrics
     health = subprocess.run(["curl", "-sS", *auth, base_url.removesuffix("/v1") + "/health?deep=1"],
                             capture_output=True, text=True, timeout=60).stdout  # fmt: skip

@@ -1,0 +1,140 @@
+"""The request fields real clients send, on a live job through the official `openai` client:
+token-id prompts, stop lists, usage on streams, vLLM's /tokenize and /detokenize, and the model
+card's max_model_len. Every other value of those fields is a 400 naming it, and none restarts
+the job (a fuzz over the HTTP bodies)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.front.conftest import TOKEN
+
+
+def _oai(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=TOKEN, timeout=120, max_retries=0)
+
+
+def _post(base_url: str, path: str, body: Any) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    req = urllib.request.Request(base_url.removesuffix("/v1") + path, data=data, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_tokenize_detokenize_and_token_id_prompts(base_url: str) -> None:
+    c = _oai(base_url)
+    status, tok = _post(base_url, "/tokenize", {"model": "tiny", "prompt": "Hello world"})
+    assert status == 200 and set(tok) == {"count", "max_model_len", "tokens", "token_strs"}, tok
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["token_strs"] is None
+    card = c.models.retrieve("tiny")
+    assert card.max_model_len == tok["max_model_len"] > 0  # type: ignore[attr-defined]
+    text = c.completions.create(model="tiny", prompt="Hello world", max_tokens=6, temperature=0)
+    assert text.usage.prompt_tokens == tok["count"], "the ids /tokenize gives are those the engine runs"
+    ids = c.completions.create(model="tiny", prompt=tok["tokens"], max_tokens=6, temperature=0)
+    assert ids.choices[0].text == text.choices[0].text and ids.usage.prompt_tokens == tok["count"]
+    _, other = _post(base_url, "/tokenize", {"prompt": "The quick brown fox", "return_token_strs": True})
+    assert len(other["token_strs"]) == other["count"]
+    two = c.completions.create(model="tiny", prompt=[tok["tokens"], other["tokens"]], max_tokens=6, temperature=0)
+    alone = c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=6, temperature=0)
+    assert [ch.text for ch in two.choices] == [text.choices[0].text, alone.choices[0].text]
+    assert two.usage.prompt_tokens == tok["count"] + other["count"]
+    status, back = _post(base_url, "/detokenize", {"model": "tiny", "tokens": tok["tokens"]})
+    assert status == 200 and "Hello world" in back["prompt"], back
+
+    messages = [{"role": "user", "content": "Hello"}]
+    _, chat_tok = _post(base_url, "/tokenize", {"messages": messages})
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert chat.usage.prompt_tokens == chat_tok["count"]
+
+
+def test_stop_lists_and_usage_on_chat_streams(base_url: str) -> None:
+    c = _oai(base_url)
+    full = c.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0).choices[0].text
+    stops = [full[6:8], full[3:5]]
+    stopped = c.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0, stop=stops)
+    assert stopped.choices[0].text == full[: min(full.index(s) for s in stops)]
+    assert stopped.choices[0].finish_reason == "stop"
+    messages = [{"role": "user", "content": "Hello"}]
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    assert all(ch.usage is None for ch in chunks[:-1]) and chunks[-1].choices == []
+    plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+        ("/v1/completions", {"prompt": [[1], "a"]}, "prompt"),
+        ("/v1/completions", {"prompt": [[]]}, "prompt"),
+        ("/v1/completions", {"prompt": [10**8]}, None),  # outside the vocabulary: the engine's check
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "truncate": 3}, "truncate"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+        ("/detokenize", {"tokens": [1, -1]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ],
+)
+def test_bad_values_are_a_400_naming_the_field(base_url: str, path: str, body: Any, param: str | None) -> None:
+    status, answer = _post(base_url, path, {"model": "tiny", **body} if "model" not in body else body)
+    assert status in (400, 404), answer
+    assert answer["error"]["param"] == param, answer
+    assert answer["error"]["message"]
+
+
+VALUES: dict[str, list[Any]] = {
+    "prompt": ["Hello", [5, 6], [[5], [6, 7]], [[]], [-3], [1.5], [True], "", [], None, [2**40], {"a": 1}],
+    "stop": ["x", ["a", "b"], [], [""], ["a"] * 17, 3, None],
+    "stream": [True, False, "yes", None],
+    "stream_options": [{"include_usage": True}, {"include_usage": False}, {"other": 1}, [], None],
+    "max_tokens": [1, 3, 0, -1, 10**9, None],
+    "tokens": [[1, 2], [], [-1], ["a"], None],
+    "messages": [[{"role": "user", "content": "Hi"}], [], [{"content": "x"}], None],
+}
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    path = draw(st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]))
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 3} if path == "/v1/completions" else {}
+    for key in draw(st.lists(st.sampled_from(sorted(VALUES)), max_size=4, unique=True)):
+        value = draw(st.sampled_from(VALUES[key]))
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return path, body
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=bodies())
+def test_no_field_value_breaks_the_job(base_url: str, case: tuple[str, dict[str, Any]]) -> None:
+    path, body = case
+    if path == "/v1/completions" and body.get("stream") is True:
+        body.pop("stream")  # the SSE answer is covered above; here every answer is one JSON body
+        body.pop("stream_options", None)
+    status, answer = _post(base_url, path, body)
+    assert status in (200, 400), (path, body, answer)
+    if status == 400:
+        assert answer["error"]["code"] == "bad_request" and answer["error"]["message"], answer
+
+
+def test_the_job_never_restarted_after_the_fields(base_url: str) -> None:
+    req = urllib.request.Request(base_url.removesuffix("/v1") + "/health", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["restarts"] == 0
