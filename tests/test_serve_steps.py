@@ -96,6 +96,12 @@ FIELDS = {
     "stop": ["", "x", " ", ["\n", "o"], [""], ["a"] * 17, 3, None, "\ud800"],
     "stream": [True, False, 1, None],
     "timeout": [0.001, 5, 0, -1, 1e9],
+    "presence_penalty": [*NUMBERS, 1.5, -2],
+    "frequency_penalty": [*NUMBERS, 0.5],
+    "repetition_penalty": [*NUMBERS, 1.3, 0.5],
+    "logit_bias": [{"5": 100}, {"2": -100, "3": 5}, {"99999999": 1}, {"x": 1}, {"5": 1e9}, [], None],
+    "min_tokens": [*NUMBERS, 2, 6],
+    "ignore_eos": [True, False, 1, None],
     "prompt": [
         "Hello",
         "é✓🙂",

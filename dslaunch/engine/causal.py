@@ -68,6 +68,9 @@ class CausalLMEngine(Pretrained):
             if max(row) >= self.vocab or min(row) < 0:
                 raise ProtocolError(BAD_REQUEST, f"prompt {i} has a token outside the model's vocabulary")
             ids.append(row)
+        outside = [t for t, _ in req.params.logit_bias if t >= self.vocab]
+        if outside:
+            raise ProtocolError(BAD_REQUEST, f"'logit_bias' names token {outside[0]}, outside the model's vocabulary")
         need = len(ids) * max(self.cost(len(row), req.params) for row in ids)
         if need > self.max_batch_tokens:
             raise ProtocolError(

@@ -15,6 +15,8 @@ from typing import Any
 
 from dslaunch.engine.base import RowSink
 from dslaunch.engine.decode import TextStream
+from dslaunch.engine.penalties import Penalties
+from dslaunch.engine.penalties import apply as apply_penalties
 from dslaunch.engine.sampling import RowSampling, choose
 from dslaunch.wire.protocol import INTERNAL, GenParams
 
@@ -35,6 +37,10 @@ class Row:
     arrived: float = 0.0  # monotonic: when its request reached this front (for the observer's timings)
     joined: float = 0.0  # when it joined the batch
     last: float | None = None  # when its latest token was chosen (None: no token yet)
+    penalty: Penalties | None = None  # penalties, logit bias, min_tokens (engine.penalties)
+    ignore_eos: bool = False
+    out: list[int] = field(default_factory=list, repr=False)  # generated ids (kept for penalties)
+    prompt: list[int] | None = field(default=None, repr=False)  # kept for a repetition penalty
 
     @property
     def cost(self) -> int:
@@ -60,7 +66,11 @@ class Generation:
         sampling = RowSampling.of(params, secrets.randbits(63))
         now = time.monotonic()
         arrived = getattr(sink, "arrived", None) or now
-        return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop), arrived=arrived, joined=now)
+        penalty = Penalties.of(params)
+        prompt = list(ids) if penalty is not None and penalty.repetition != 1.0 else None
+        text = TextStream(self.decode, params.stop)
+        return Row(sink, len(ids), budget, sampling, text, arrived=arrived, joined=now, penalty=penalty,
+                   ignore_eos=params.ignore_eos, prompt=prompt)  # fmt: skip
 
     def remaining(self) -> list[int]:
         """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
@@ -84,6 +94,7 @@ class Generation:
         if logits is None or not self.rows:
             return 0
         try:
+            logits = apply_penalties(logits, self.rows, self.eos)
             tokens = choose(logits, [r.sampling for r in self.rows], [r.count for r in self.rows])
         except Exception:  # never expected: sampling is built not to raise; greedy keeps the loop going
             tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
@@ -116,10 +127,12 @@ class Generation:
 
     def _push(self, row: Row, token: int) -> int:
         row.next_token = token
-        if token in self.eos:
+        if token in self.eos and not row.ignore_eos:
             self.end(row, "eos")
             return 0
         row.count += 1
+        if row.penalty is not None:
+            row.out.append(token)
         text = row.text.push(token)
         if text:
             row.sink.chunk(text)

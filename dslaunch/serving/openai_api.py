@@ -1,6 +1,6 @@
 """The OpenAI API's shapes: its request bodies turned into dslaunch requests, and results back.
 
-Fields dslaunch cannot honour (`n` > 1, `logprobs`, tools, penalties) get a 400 naming the field,
+Fields dslaunch cannot honour (`n` > 1, `logprobs`, tools) get a 400 naming the field,
 never a silent ignore. Validation of what remains is the NDJSON protocol's own, so both paths
 accept exactly the same values.
 """
@@ -20,8 +20,9 @@ from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
-           "logprobs", "user", "presence_penalty", "frequency_penalty", "logit_bias"}  # fmt: skip
+# vLLM's extensions beside OpenAI's fields: top_k, repetition_penalty, min_tokens, ignore_eos
+_PASSED = ("top_p", "top_k", "seed", "stop", *P.PENALTY_FIELDS)
+_COMMON = {"model", "max_tokens", "temperature", "stream", "stream_options", "n", "logprobs", "user", *_PASSED}
 FIELDS = {
     "completions": _COMMON | {"prompt", "echo", "best_of", "suffix"},
     "chat": _COMMON
@@ -39,8 +40,7 @@ FIELDS = {
 }
 # a value that does nothing is accepted; anything else is refused by name
 _NO_OP = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
-          "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-          "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "function_call": (None, "none"),
+          "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []), "function_call": (None, "none"),
           "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True)}  # fmt: skip
 _WHY = {
     "n": "one choice per prompt",
@@ -49,9 +49,6 @@ _WHY = {
     "suffix": "no insertion",
     "logprobs": "no log probabilities",
     "top_logprobs": "no log probabilities",
-    "presence_penalty": "no penalties",
-    "frequency_penalty": "no penalties",
-    "logit_bias": "no logit bias",
 }
 _RENAME = {"'max_new_tokens'": "'max_tokens'", "'prompt'": "'prompt' (or 'messages')"}
 _PARAM = {"max_new_tokens": "max_tokens"}  # the NDJSON field a message names -> the OpenAI one
@@ -167,7 +164,7 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
     if max_tokens is not None:
         obj["max_new_tokens"] = max_tokens
     obj["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]  # OpenAI's default
-    for key in ("top_p", "seed", "stop"):
+    for key in _PASSED:
         if body.get(key) is not None:
             obj[key] = body[key]
     messages = None

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from dslaunch.wire.lines import LineReader as LineReader  # part of the wire format, for its users
 from dslaunch.wire.serve import ServeSpec
 
 _DEFAULTS = ServeSpec()  # the defaults of `up`'s serving flags live there
@@ -33,6 +34,9 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, OVERLOADED, UNAVAILABLE, TIMEOUT, UNAUTHO
 WORK_OPS = ("generate", "embed", "infer")
 OPS = (*WORK_OPS, "health", "stats", "auth")
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+PENALTY_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+                  "ignore_eos")  # fmt: skip
 MAX_ID_CHARS = 256
 
 
@@ -68,6 +72,13 @@ class GenParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # penalties and limits, as OpenAI and vLLM define them (engine.penalties applies them)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -91,7 +102,8 @@ class Request:
 
 _COMMON = {"id", "op", "token", "timeout"}
 _FIELDS = {
-    "generate": _COMMON | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"},
+    "generate": _COMMON
+    | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", *PENALTY_FIELDS},
     "embed": _COMMON | {"input"},
     "infer": _COMMON | {"input"},
     "health": _COMMON | {"deep", "challenge"},
@@ -256,14 +268,37 @@ def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
     seed = obj.get("seed")
     if seed is not None:
         seed = _int(obj, "seed", 0, 2**63 - 1)
+    max_new = _int(obj, "max_new_tokens", 1, limits.max_new_tokens, limits.default_max_new_tokens)
     return GenParams(
-        max_new_tokens=_int(obj, "max_new_tokens", 1, limits.max_new_tokens, limits.default_max_new_tokens),
+        max_new_tokens=max_new,
         temperature=_number(obj, "temperature", 0.0, 100.0, default=0.0),
         top_p=_number(obj, "top_p", 0.0, 1.0, default=1.0, lo_open=True),
         top_k=_int(obj, "top_k", 0, 1 << 20, 0),
         seed=seed,
         stop=tuple(stops),
+        presence_penalty=_number(obj, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(obj, "frequency_penalty", -2.0, 2.0),
+        repetition_penalty=_number(obj, "repetition_penalty", 0.0, 10.0, default=1.0, lo_open=True),
+        logit_bias=_logit_bias(obj.get("logit_bias")),
+        min_tokens=_int(obj, "min_tokens", 0, max_new, 0),
+        ignore_eos=_bool(obj, "ignore_eos"),
     )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token id (a string of digits) to a bias from -100 to 100."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise ProtocolError(BAD_REQUEST, f"'logit_bias' must map token ids to numbers (at most {MAX_LOGIT_BIAS})")
+    out = []
+    for key, bias in value.items():
+        if not isinstance(key, str) or not key.isascii() or not key.isdigit() or len(key) > 10:
+            raise ProtocolError(BAD_REQUEST, f"'logit_bias' key {key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ProtocolError(BAD_REQUEST, f"'logit_bias' for token {key} must be a number from -100 to 100")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
 
 
 def _int(obj: dict[str, Any], key: str, lo: int, hi: int, default: int = 0) -> int:
@@ -291,6 +326,9 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     return v
 
 
+_PLAIN = GenParams()
+
+
 def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
     """A parsed request as a line again (the router forwarding it to a replica under its own id).
 
@@ -306,6 +344,9 @@ def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
                    top_p=p.top_p, top_k=p.top_k, stop=list(p.stop), stream=req.stream)  # fmt: skip
         if p.seed is not None:
             obj["seed"] = p.seed
+        for key in PENALTY_FIELDS:
+            if getattr(p, key) != getattr(_PLAIN, key):
+                obj[key] = dict((str(t), b) for t, b in p.logit_bias) if key == "logit_bias" else getattr(p, key)
     elif req.op in ("embed", "infer"):
         obj["input"] = list(req.inputs)
     elif req.op == "health":
@@ -332,42 +373,3 @@ def ok(rid: Any, **fields: Any) -> dict[str, Any]:
 
 def error(rid: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
-
-
-class LineReader:
-    """Split a byte stream into lines, refusing (once per line) any longer than `limit` bytes.
-
-    asyncio's readline drops its buffer on an over-long line and then parses the rest of that line
-    as a new one; this keeps discarding until the newline instead.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.buf = bytearray()
-        self.discarding = False
-        self.scanned = 0  # bytes of `buf` known to hold no newline: never searched twice
-
-    def feed(self, data: bytes) -> list[bytes | None]:
-        """Complete lines in order; None stands for a line that was too long."""
-        out: list[bytes | None] = []
-        self.buf += data
-        while True:
-            nl = self.buf.find(b"\n", self.scanned)
-            if nl < 0:
-                self.scanned = len(self.buf)
-                if len(self.buf) > self.limit:
-                    if not self.discarding:
-                        out.append(None)
-                    self.discarding = True
-                    self.buf.clear()
-                    self.scanned = 0
-                return out
-            line = bytes(self.buf[:nl])
-            del self.buf[: nl + 1]
-            self.scanned = 0
-            if self.discarding:
-                self.discarding = False
-            elif len(line) > self.limit:
-                out.append(None)
-            elif line.strip():
-                out.append(line)

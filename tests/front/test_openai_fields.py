@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import Cli
 from tests.front.conftest import TOKEN
 
 
@@ -75,6 +76,39 @@ def test_stop_lists_and_usage_on_chat_streams(base_url: str) -> None:
     assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
 
 
+def test_penalties_through_the_client_streamed_and_not(job: tuple[Cli, Any], base_url: str, port: int) -> None:
+    """The same greedy text as the NDJSON protocol with the same fields (which
+    tests/test_penalties.py checks against transformers), on completions and chat."""
+    from dslaunch.client import Client
+
+    c = _oai(base_url)
+    fields = {"presence_penalty": 1.5, "frequency_penalty": 0.9, "logit_bias": {"7": 3}}
+    extra = {"repetition_penalty": 1.4, "min_tokens": 4, "ignore_eos": True}  # vLLM's, beside OpenAI's
+    with Client("127.0.0.1", port, token=TOKEN, timeout=120) as nd:
+        want = nd.generate("Hello world", max_new_tokens=10, **fields, **extra)
+        plain = nd.generate("Hello world", max_new_tokens=10)
+    assert want["text"] != plain["text"] and want["tokens"] == 10
+    r = c.completions.create(model="tiny", prompt="Hello world", max_tokens=10, temperature=0, **fields,
+                             extra_body=extra)  # fmt: skip
+    assert r.choices[0].text == want["text"] and r.usage.completion_tokens == 10
+    chunks = list(c.completions.create(model="tiny", prompt="Hello world", max_tokens=10, temperature=0, stream=True,
+                                       **fields, extra_body=extra))  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want["text"]
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, **fields,
+                                     extra_body=extra)  # fmt: skip
+    streamed = c.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True,
+                                         **fields, extra_body=extra)  # fmt: skip
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    assert text == chat.choices[0].message.content
+    q = job[0]("query", "Hello world", "-k", "10", "--presence-penalty", "1.5", "--frequency-penalty", "0.9",
+               "--logit-bias", "7=3", "--repetition-penalty", "1.4", "--min-tokens", "4", "--ignore-eos",
+               "--json")  # fmt: skip
+    assert q.returncode == 0 and json.loads(q.stdout)["text"] == want["text"], q.stdout + q.stderr
+    bad = job[0]("query", "Hello", "--logit-bias", "seven=3")
+    assert bad.returncode != 0 and "--logit-bias 'seven=3'" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -86,6 +120,12 @@ def test_stop_lists_and_usage_on_chat_streams(base_url: str) -> None:
         ("/tokenize", {"prompt": 5}, "prompt"),
         ("/tokenize", {"prompt": "x", "truncate": 3}, "truncate"),
         ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"100000000": 1}}, None),  # the engine's vocabulary
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": -1}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "min_tokens": 99, "max_tokens": 3}, "min_tokens"),
+        ("/v1/completions", {"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
         ("/detokenize", {"tokens": [1, -1]}, "tokens"),
         ("/detokenize", {"tokens": "abc"}, "tokens"),
     ],
@@ -105,6 +145,13 @@ VALUES: dict[str, list[Any]] = {
     "max_tokens": [1, 3, 0, -1, 10**9, None],
     "tokens": [[1, 2], [], [-1], ["a"], None],
     "messages": [[{"role": "user", "content": "Hi"}], [], [{"content": "x"}], None],
+    "presence_penalty": [0.5, -2, 2.01, "1", None],
+    "frequency_penalty": [1, -0.5, float("nan"), None],
+    "repetition_penalty": [1.2, 0, 0.01, 11, None],
+    "logit_bias": [{"5": 100}, {"5": -100, "6": 3}, {"-1": 1}, {"5": "x"}, {}, [], None],
+    "min_tokens": [1, 3, 4, -1, None],
+    "ignore_eos": [True, False, 0, None],
+    "top_k": [0, 5, -1, None],
 }
 
 
