@@ -102,6 +102,7 @@ FIELDS = {
     "logit_bias": [{"5": 100}, {"2": -100, "3": 5}, {"99999999": 1}, {"x": 1}, {"5": 1e9}, [], None],
     "min_tokens": [*NUMBERS, 2, 6],
     "ignore_eos": [True, False, 1, None],
+    "logprobs": [*NUMBERS, 3, 20],
     "prompt": [
         "Hello",
         "é✓🙂",

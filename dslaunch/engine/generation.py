@@ -15,6 +15,7 @@ from typing import Any
 
 from dslaunch.engine.base import RowSink
 from dslaunch.engine.decode import TextStream
+from dslaunch.engine.logprobs import token_logprobs
 from dslaunch.engine.penalties import Penalties
 from dslaunch.engine.penalties import apply as apply_penalties
 from dslaunch.engine.sampling import RowSampling, choose
@@ -41,6 +42,8 @@ class Row:
     ignore_eos: bool = False
     out: list[int] = field(default_factory=list, repr=False)  # generated ids (kept for penalties)
     prompt: list[int] | None = field(default=None, repr=False)  # kept for a repetition penalty
+    top: int | None = None  # logprobs asked: alternatives per token
+    logprobs: list[Any] = field(default_factory=list, repr=False)  # per counted token: (id, logprob, top)
 
     @property
     def cost(self) -> int:
@@ -70,7 +73,7 @@ class Generation:
         prompt = list(ids) if penalty is not None and penalty.repetition != 1.0 else None
         text = TextStream(self.decode, params.stop)
         return Row(sink, len(ids), budget, sampling, text, arrived=arrived, joined=now, penalty=penalty,
-                   ignore_eos=params.ignore_eos, prompt=prompt)  # fmt: skip
+                   ignore_eos=params.ignore_eos, prompt=prompt, top=params.logprobs)  # fmt: skip
 
     def remaining(self) -> list[int]:
         """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
@@ -100,14 +103,27 @@ class Generation:
             tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
         made = 0
         timed = self._timed() if self.observer is not None else None
-        for row, token in zip(self.rows, tokens, strict=True):
+        lps = self._logprobs(logits, tokens)
+        for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
             try:
-                made += self._push(row, token)
+                made += self._push(row, token, lps.get(i))
             except Exception as e:
                 self.end(row, "error", (INTERNAL, f"generating this prompt failed: {type(e).__name__}: {e}"[:500]))
         if timed is not None:
             self.observer.step(*timed, made)
         return made
+
+    def _logprobs(self, logits: Any, tokens: list[int]) -> dict[int, Any]:
+        """The rows that asked for logprobs, by index: (logprob, top alternatives)."""
+        at = [i for i, r in enumerate(self.rows) if r.top is not None and r.reason is None]
+        if not at:
+            return {}
+        try:
+            got = token_logprobs(logits, at, tokens, [self.rows[i].sampling.temperature for i in at],
+                                 [int(self.rows[i].top or 0) for i in at])  # fmt: skip
+        except Exception:  # never expected; the text goes on without them
+            return {}
+        return dict(zip(at, got, strict=True))
 
     def _timed(self) -> tuple[list[float], list[float], int]:
         """This step's first-token times (since arrival), gaps since the last token, and the prompt
@@ -125,7 +141,7 @@ class Generation:
             row.last = now
         return firsts, gaps, prompt
 
-    def _push(self, row: Row, token: int) -> int:
+    def _push(self, row: Row, token: int, logprob: Any = None) -> int:
         row.next_token = token
         if token in self.eos and not row.ignore_eos:
             self.end(row, "eos")
@@ -133,6 +149,8 @@ class Generation:
         row.count += 1
         if row.penalty is not None:
             row.out.append(token)
+        if logprob is not None:  # before the row may end below: its answer carries this token's
+            row.logprobs.append((token, *logprob))
         text = row.text.push(token)
         if text:
             row.sink.chunk(text)
@@ -156,15 +174,27 @@ class Generation:
                 rest = row.text.finish()
                 if rest:
                     row.sink.chunk(rest)
-                row.sink.done(
-                    {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
-                     "finish_reason": reason}
-                )  # fmt: skip
+                result = {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
+                          "finish_reason": reason}  # fmt: skip
+                if row.top is not None:
+                    result["logprobs"] = self._logprob_doc(row)
+                row.sink.done(result)
                 return
             except Exception as e:
                 error = (INTERNAL, f"finishing this prompt failed: {type(e).__name__}: {e}"[:500])
         if error is not None:
             row.sink.fail(*error)
+
+    def _logprob_doc(self, row: Row) -> dict[str, Any]:
+        """The NDJSON shape: each counted token's text, id and logprob, and its alternatives."""
+        entries = row.logprobs
+        return {
+            "tokens": [self.decode([t]) for t, _, _ in entries],
+            "token_ids": [t for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [[{"id": i, "token": self.decode([i]), "logprob": v} for i, v in top]
+                             for _, _, top in entries],
+        }  # fmt: skip
 
     def cancelled(self) -> None:
         """Rows whose request went away (client gone, time-out, cut off) leave at the next step."""

@@ -1,6 +1,6 @@
 """The OpenAI API's shapes: its request bodies turned into dslaunch requests, and results back.
 
-Fields dslaunch cannot honour (`n` > 1, `logprobs`, tools) get a 400 naming the field,
+Fields dslaunch cannot honour (`n` > 1, `echo`, tools, logprobs on a stream) get a 400 naming the field,
 never a silent ignore. Validation of what remains is the NDJSON protocol's own, so both paths
 accept exactly the same values.
 """
@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from dslaunch.serving import logprob_shapes
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
@@ -39,16 +40,14 @@ FIELDS = {
     },
 }
 # a value that does nothing is accepted; anything else is refused by name
-_NO_OP = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
-          "top_logprobs": (None, 0), "tools": (None, []), "functions": (None, []), "function_call": (None, "none"),
-          "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True)}  # fmt: skip
+_NO_OP = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+          "functions": (None, []), "function_call": (None, "none"), "tool_choice": (None, "none"),
+          "parallel_tool_calls": (None, False, True)}  # fmt: skip
 _WHY = {
     "n": "one choice per prompt",
     "best_of": "one choice per prompt",
     "echo": "no prompt echo",
     "suffix": "no insertion",
-    "logprobs": "no log probabilities",
-    "top_logprobs": "no log probabilities",
 }
 _RENAME = {"'max_new_tokens'": "'max_tokens'", "'prompt'": "'prompt' (or 'messages')"}
 _PARAM = {"max_new_tokens": "max_tokens"}  # the NDJSON field a message names -> the OpenAI one
@@ -167,6 +166,11 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
     for key in _PASSED:
         if body.get(key) is not None:
             obj[key] = body[key]
+    top = _logprobs(body, kind)
+    if top is not None:
+        if stream:
+            raise _bad("'logprobs' on a stream is not supported: ask without 'stream'", "logprobs")
+        obj["logprobs"] = top
     messages = None
     if kind == "chat":
         messages = _messages(body.get("messages"))
@@ -183,6 +187,26 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
         raise
     include = bool(opts and opts.get("include_usage"))
     return Ask(kind, req, model, include, messages)
+
+
+def _logprobs(body: dict[str, Any], kind: str) -> int | None:
+    """Alternatives per token asked for, or None: completions' `logprobs: k`, chat's
+    `logprobs: true` with `top_logprobs: k` (the range is the NDJSON field's)."""
+    if kind == "completions":
+        value = body.get("logprobs")
+        if value is None or value is False:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad("'logprobs' must be an integer (alternatives per token)", "logprobs")
+        return value
+    on, top = body.get("logprobs"), body.get("top_logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise _bad("'logprobs' must be true or false", "logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= P.MAX_LOGPROBS):
+        raise _bad(f"'top_logprobs' must be an integer from 0 to {P.MAX_LOGPROBS}", "top_logprobs")
+    if top and not on:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if on else None
 
 
 def _check_model(body: dict[str, Any], model: str) -> None:
@@ -270,9 +294,11 @@ class Shaper:
             finish = FINISH.get(r.get("finish_reason", ""), "stop")
             if self.chat:
                 msg = {"role": "assistant", "content": r["text"]}
-                choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": finish})
+                lp = logprob_shapes.chat(r.get("logprobs"))
+                choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish})
             else:
-                choices.append({"index": i, "text": r["text"], "logprobs": None, "finish_reason": finish})
+                lp = logprob_shapes.completion(r.get("logprobs"))
+                choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": finish})
         return {**self._head(self.object), "choices": choices, "usage": self.usage(results)}
 
     def chunk(self, index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:

@@ -35,8 +35,11 @@ WORK_OPS = ("generate", "embed", "infer")
 OPS = (*WORK_OPS, "health", "stats", "auth")
 MAX_STOP = 16
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 PENALTY_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
                   "ignore_eos")  # fmt: skip
+# beside the penalties, forwarded by the router when set
+EXTRA_FIELDS = (*PENALTY_FIELDS, "logprobs")
 MAX_ID_CHARS = 256
 
 
@@ -79,6 +82,7 @@ class GenParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # the chosen token's log probability and this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -103,7 +107,7 @@ class Request:
 _COMMON = {"id", "op", "token", "timeout"}
 _FIELDS = {
     "generate": _COMMON
-    | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", *PENALTY_FIELDS},
+    | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", *EXTRA_FIELDS},
     "embed": _COMMON | {"input"},
     "infer": _COMMON | {"input"},
     "health": _COMMON | {"deep", "challenge"},
@@ -282,6 +286,7 @@ def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
         logit_bias=_logit_bias(obj.get("logit_bias")),
         min_tokens=_int(obj, "min_tokens", 0, max_new, 0),
         ignore_eos=_bool(obj, "ignore_eos"),
+        logprobs=None if obj.get("logprobs") is None else _int(obj, "logprobs", 0, MAX_LOGPROBS),
     )
 
 
@@ -344,7 +349,7 @@ def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
                    top_p=p.top_p, top_k=p.top_k, stop=list(p.stop), stream=req.stream)  # fmt: skip
         if p.seed is not None:
             obj["seed"] = p.seed
-        for key in PENALTY_FIELDS:
+        for key in EXTRA_FIELDS:
             if getattr(p, key) != getattr(_PLAIN, key):
                 obj[key] = dict((str(t), b) for t, b in p.logit_bias) if key == "logit_bias" else getattr(p, key)
     elif req.op in ("embed", "infer"):

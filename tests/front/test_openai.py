@@ -70,7 +70,7 @@ def test_chat_uses_the_template_streamed_and_not(base_url: str, port: int) -> No
     ("call", "param"),
     [
         (lambda c: c.completions.create(model="tiny", prompt="Hi", n=2), "n"),
-        (lambda c: c.completions.create(model="tiny", prompt="Hi", logprobs=2), "logprobs"),
+        (lambda c: c.completions.create(model="tiny", prompt="Hi", echo=True), "echo"),
         (
             lambda c: c.chat.completions.create(
                 model="tiny",

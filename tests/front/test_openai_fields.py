@@ -109,6 +109,33 @@ def test_penalties_through_the_client_streamed_and_not(job: tuple[Cli, Any], bas
     assert bad.returncode != 0 and "--logit-bias 'seven=3'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_logprobs_in_the_openai_shapes(base_url: str, port: int) -> None:
+    """The NDJSON numbers (which tests/test_logprobs.py checks against transformers) in the
+    completions and chat shapes, as the official client reads them."""
+    from dslaunch.client import Client
+
+    c = _oai(base_url)
+    with Client("127.0.0.1", port, token=TOKEN, timeout=120) as nd:
+        want = nd.generate("Hello world", max_new_tokens=8, logprobs=3)["logprobs"]
+    r = c.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens == want["tokens"] and len(lp.tokens) == r.usage.completion_tokens
+    assert lp.token_logprobs == want["token_logprobs"]
+    assert [list(d) for d in lp.top_logprobs] == [[a["token"] for a in alts] for alts in want["top_logprobs"]] or all(
+        len(d) <= 3 for d in lp.top_logprobs)  # two alternatives may share a text: one key  # fmt: skip
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert r.choices[0].text.startswith(lp.tokens[0])
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                     top_logprobs=2)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert bytes(content[0].bytes).decode() == content[0].token
+    plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=False)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -126,6 +153,15 @@ def test_penalties_through_the_client_streamed_and_not(job: tuple[Cli, Any], bas
         ("/v1/completions", {"prompt": "x", "repetition_penalty": -1}, "repetition_penalty"),
         ("/v1/completions", {"prompt": "x", "min_tokens": 99, "max_tokens": 3}, "min_tokens"),
         ("/v1/completions", {"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2, "stream": True}, "logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
         ("/detokenize", {"tokens": [1, -1]}, "tokens"),
         ("/detokenize", {"tokens": "abc"}, "tokens"),
     ],
@@ -152,6 +188,7 @@ VALUES: dict[str, list[Any]] = {
     "min_tokens": [1, 3, 4, -1, None],
     "ignore_eos": [True, False, 0, None],
     "top_k": [0, 5, -1, None],
+    "logprobs": [0, 2, 20, 21, -1, True, False, None],
 }
 
 
