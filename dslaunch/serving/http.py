@@ -300,12 +300,23 @@ class _Http:
             ask.req.inputs = [await asyncio.to_thread(self.front.text.chat, ask.messages)]
         shaper = O.Shaper(ask)
         if not ask.req.stream:
-            results = await self._collect(ask.req, lambda r: r)
-            self.front.metrics.prompt_tokens += sum(int(r.get("prompt_tokens", 0)) for r in results)
+            results = await self._samples(ask)
+            self.front.metrics.prompt_tokens += shaper.usage(results)["prompt_tokens"]
             await self._json(200, shaper.result(results))
             self.front.metrics.request("http", self.route, "ok")
             return
         await self._stream(ask, shaper)
+
+    async def _samples(self, ask: O.Ask) -> list[Any]:
+        """The results of every sample (`n`), run side by side; one failing ends the others."""
+        if ask.n == 1:
+            return list(await self._collect(ask.req, lambda r: r))
+        tasks = [asyncio.ensure_future(self._collect(r, lambda r: r)) for r in ask.samples()]
+        try:
+            return ask.interleave(list(await asyncio.gather(*tasks)))
+        finally:
+            for t in tasks:
+                t.cancel()
 
     async def _stream(self, ask: O.Ask, shaper: O.Shaper) -> None:
         """SSE: a refusal before the first event is a plain error status; later ones an error event."""

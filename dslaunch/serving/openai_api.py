@@ -1,6 +1,6 @@
 """The OpenAI API's shapes: its request bodies turned into dslaunch requests, and results back.
 
-Fields dslaunch cannot honour (`n` > 1, `echo`, tools, logprobs on a stream) get a 400 naming the field,
+Fields dslaunch cannot honour (`echo`, tools, `n` or logprobs on a stream) get a 400 naming the field,
 never a silent ignore. Validation of what remains is the NDJSON protocol's own, so both paths
 accept exactly the same values.
 """
@@ -8,6 +8,7 @@ accept exactly the same values.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 import struct
 import threading
@@ -40,11 +41,10 @@ FIELDS = {
     },
 }
 # a value that does nothing is accepted; anything else is refused by name
-_NO_OP = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+_NO_OP = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
           "functions": (None, []), "function_call": (None, "none"), "tool_choice": (None, "none"),
           "parallel_tool_calls": (None, False, True)}  # fmt: skip
 _WHY = {
-    "n": "one choice per prompt",
     "best_of": "one choice per prompt",
     "echo": "no prompt echo",
     "suffix": "no insertion",
@@ -62,6 +62,20 @@ class Ask:
     model: str
     include_usage: bool = False
     messages: list[dict[str, Any]] | None = None  # chat: rendered with the template before queueing
+    n: int = 1  # samples per prompt
+
+    def samples(self) -> list[Request]:
+        """One request per sample: sample j has seed + j (its own seed stream) when seeded."""
+        if self.n == 1:
+            return [self.req]
+        p = self.req.params
+        return [dataclasses.replace(self.req, id=f"{self.req.id}-{j}", params=dataclasses.replace(
+            p, seed=None if p.seed is None else (p.seed + j) % (1 << 63))) for j in range(self.n)]  # fmt: skip
+
+    @staticmethod
+    def interleave(outs: list[list[Any]]) -> list[Any]:
+        """Per-sample results as choices, prompt by prompt: prompt i's sample j is i * n + j."""
+        return [out[i] for i in range(len(outs[0])) for out in outs]
 
 
 class TextTools:
@@ -186,7 +200,13 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
             e.message = e.message.replace(old, new)
         raise
     include = bool(opts and opts.get("include_usage"))
-    return Ask(kind, req, model, include, messages)
+    n = 1 if body.get("n") is None else body["n"]
+    prompts = 1 if messages is not None else len(req.inputs)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n * prompts <= limits.max_prompts:
+        raise _bad(f"'n' must be an integer, and n x prompts at most {limits.max_prompts} (--max-batch-size)", "n")
+    if n > 1 and stream:
+        raise _bad("'n' above 1 on a stream is not supported: ask without 'stream'", "n")
+    return Ask(kind, req, model, include, messages, n)
 
 
 def _logprobs(body: dict[str, Any], kind: str) -> int | None:
@@ -282,9 +302,9 @@ class Shaper:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.ask.model}
 
-    @staticmethod
-    def usage(results: list[dict[str, Any]]) -> dict[str, int]:
-        prompt = sum(int(r.get("prompt_tokens", 0)) for r in results)
+    def usage(self, results: list[dict[str, Any]]) -> dict[str, int]:
+        """Each prompt counted once, whatever its samples (`n`); every sample's tokens."""
+        prompt = sum(int(r.get("prompt_tokens", 0)) for r in results[:: self.ask.n])
         done = sum(int(r.get("tokens", 0)) for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 

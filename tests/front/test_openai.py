@@ -69,7 +69,7 @@ def test_chat_uses_the_template_streamed_and_not(base_url: str, port: int) -> No
 @pytest.mark.parametrize(
     ("call", "param"),
     [
-        (lambda c: c.completions.create(model="tiny", prompt="Hi", n=2), "n"),
+        (lambda c: c.completions.create(model="tiny", prompt="Hi", best_of=2), "best_of"),
         (lambda c: c.completions.create(model="tiny", prompt="Hi", echo=True), "echo"),
         (
             lambda c: c.chat.completions.create(

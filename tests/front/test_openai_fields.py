@@ -136,6 +136,25 @@ def test_logprobs_in_the_openai_shapes(base_url: str, port: int) -> None:
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
 
 
+def test_n_samples_have_their_own_seed_streams_and_usage(base_url: str, port: int) -> None:
+    from dslaunch.client import Client
+
+    c = _oai(base_url)
+    r = c.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=40, n=3)
+    with Client("127.0.0.1", port, token=TOKEN, timeout=120) as nd:
+        want = [nd.generate("Hello", max_new_tokens=6, temperature=1.0, seed=40 + j) for j in range(3)]
+    assert [ch.text for ch in r.choices] == [w["text"] for w in want] and [ch.index for ch in r.choices] == [0, 1, 2]
+    assert len({ch.text for ch in r.choices}) > 1, "each sample draws its own tokens"
+    assert r.usage.prompt_tokens == want[0]["prompt_tokens"], "the prompt is counted once"
+    assert r.usage.completion_tokens == sum(w["tokens"] for w in want)
+    two = c.completions.create(model="tiny", prompt=["Hello", "The quick"], max_tokens=4, temperature=0, n=2)
+    texts = [ch.text for ch in two.choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]  # prompt-major order
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1.0, seed=3, n=2)
+    assert len(chat.choices) == 2 and chat.usage.prompt_tokens < chat.usage.total_tokens
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -162,6 +181,9 @@ def test_logprobs_in_the_openai_shapes(base_url: str, port: int) -> None:
             "top_logprobs",
         ),
         ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 5, "stream": True}, "n"),
+        ("/v1/completions", {"prompt": ["x", "y"], "n": 3}, "n"),  # 6 rows: over --max-batch-size 4
         ("/detokenize", {"tokens": [1, -1]}, "tokens"),
         ("/detokenize", {"tokens": "abc"}, "tokens"),
     ],
@@ -189,6 +211,7 @@ VALUES: dict[str, list[Any]] = {
     "ignore_eos": [True, False, 0, None],
     "top_k": [0, 5, -1, None],
     "logprobs": [0, 2, 20, 21, -1, True, False, None],
+    "n": [1, 2, 0, 5, "2", None],
 }
 
 
