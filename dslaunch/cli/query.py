@@ -24,6 +24,12 @@ from dslaunch.launch import store as state
 @click.option("--top-k", type=int, default=None, help="Sample among the k likeliest tokens.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (same seed, same text).")
 @click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
+@click.option("--presence-penalty", type=float, default=None, help="Minus this for a token already generated.")
+@click.option("--frequency-penalty", type=float, default=None, help="Minus this per time a token was generated.")
+@click.option("--repetition-penalty", type=float, default=None, help="Divide a seen token's logit by this (1: none).")
+@click.option("--logit-bias", multiple=True, metavar="TOKEN=BIAS", help="Add BIAS (-100 to 100) to token id TOKEN.")
+@click.option("--min-tokens", type=int, default=None, help="Generate at least this many tokens before an end.")
+@click.option("--ignore-eos", is_flag=True, default=None, help="Go on past end-of-sequence tokens.")
 @click.option("--stream", "-s", is_flag=True, help="Print text as it is generated.")
 @click.option("--embed", is_flag=True, help="Embed the texts instead (jobs started with --task embed).")
 @click.option("--infer", "infer_json", default=None, metavar="JSON", help="Send this input to a --handler job.")
@@ -37,7 +43,7 @@ from dslaunch.launch import store as state
 def query(prompts: tuple[str, ...], name: str, max_new_tokens: int | None, temperature: float | None,
           top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...], stream: bool,
           embed: bool, infer_json: str | None, health: bool, deep: bool, want_stats: bool, as_json: bool,
-          timeout: float) -> None:  # fmt: skip
+          timeout: float, **penalties: Any) -> None:  # fmt: skip
     """Send prompts (or texts, or a health check) to the job's front and print the answer.
 
     The front is found from the job record; when it listens on node 0's loopback and node 0 is
@@ -58,6 +64,7 @@ def query(prompts: tuple[str, ...], name: str, max_new_tokens: int | None, tempe
                                 "top_k": top_k, "seed": seed}.items() if v is not None}  # fmt: skip
     if stop:
         params["stop"] = list(stop)
+    params.update(_penalties(penalties))
     asks = sum([bool(texts) and not infer_json, bool(infer_json), health, want_stats])
     if asks != 1:
         raise UserError("give prompts (or --embed texts), --infer JSON, --health or --stats: exactly one of them")
@@ -110,3 +117,20 @@ def _ask(c: Any, texts: list[str], params: dict[str, Any], stream: bool, embed: 
         click.echo()
         return None
     return final
+
+
+def _penalties(given: dict[str, Any]) -> dict[str, Any]:
+    """The penalty options as request fields; --logit-bias TOKEN=BIAS pairs as a map."""
+    out = {k: v for k, v in given.items() if v is not None and k != "logit_bias"}
+    bias: dict[str, float] = {}
+    for pair in given.get("logit_bias") or ():
+        token, sep, value = pair.partition("=")
+        try:
+            if not sep or not token.strip().isdigit():
+                raise ValueError(pair)
+            bias[token.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--logit-bias {pair!r}: give TOKEN=BIAS, a token id and a number") from None
+    if bias:
+        out["logit_bias"] = bias
+    return out

@@ -81,10 +81,13 @@ class CausalLMEngine(Pretrained):
         assert self.prompts is not None
         limit, ids = self.max_positions, []
         for i, prompt in enumerate(req.inputs):
-            size = len(prompt.encode("utf-8", "surrogatepass"))
-            if self.prompts.max_bytes is not None and size > self.prompts.max_bytes:
-                raise ProtocolError(BAD_REQUEST, f"prompt {i} is {size} bytes: over {limit} tokens for certain")
-            row = self.prompts.encode(prompt)
+            if isinstance(prompt, list):  # token ids already: checked as a tokenized prompt is
+                row = list(prompt)
+            else:
+                size = len(prompt.encode("utf-8", "surrogatepass"))
+                if self.prompts.max_bytes is not None and size > self.prompts.max_bytes:
+                    raise ProtocolError(BAD_REQUEST, f"prompt {i} is {size} bytes: over {limit} tokens for certain")
+                row = self.prompts.encode(prompt)
             if not row:
                 raise ProtocolError(BAD_REQUEST, f"prompt {i} has no tokens")
             if len(row) >= limit:
@@ -92,6 +95,9 @@ class CausalLMEngine(Pretrained):
             if max(row) >= self.vocab or min(row) < 0:
                 raise ProtocolError(BAD_REQUEST, f"prompt {i} has a token outside the model's vocabulary")
             ids.append(row)
+        outside = [t for t, _ in req.params.logit_bias if t >= self.vocab]
+        if outside:
+            raise ProtocolError(BAD_REQUEST, f"'logit_bias' names token {outside[0]}, outside the model's vocabulary")
         if self.kv_path == "paged":
             need = max(self.cost(len(row), req.params) for row in ids)
             if len(ids) > self.max_batch_size or -(-need // BLOCK_SIZE) > self.blocks:

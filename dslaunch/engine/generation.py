@@ -8,12 +8,16 @@ a sink that fails) ends that row with `internal` while the others go on.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dslaunch.engine.base import RowSink
 from dslaunch.engine.decode import TextStream
+from dslaunch.engine.logprobs import token_logprobs
+from dslaunch.engine.penalties import Penalties
+from dslaunch.engine.penalties import apply as apply_penalties
 from dslaunch.engine.sampling import RowSampling, choose
 from dslaunch.wire.protocol import INTERNAL, GenParams
 
@@ -36,6 +40,15 @@ class Row:
     next_token: int = 0  # chosen at the last step, fed at the next one
     reason: str | None = None  # set once finished: eos, stop, length, cancelled, error
     ended: bool = field(default=False, repr=False)
+    arrived: float = 0.0  # monotonic: when its request reached this front (for the observer's timings)
+    joined: float = 0.0  # when it joined the batch
+    last: float | None = None  # when its latest token was chosen (None: no token yet)
+    penalty: Penalties | None = None  # penalties, logit bias, min_tokens (engine.penalties)
+    ignore_eos: bool = False
+    out: list[int] = field(default_factory=list, repr=False)  # generated ids (kept for penalties)
+    prompt: list[int] | None = field(default=None, repr=False)  # kept for a repetition penalty
+    top: int | None = None  # logprobs asked: alternatives per token
+    logprobs: list[Any] = field(default_factory=list, repr=False)  # per counted token: (id, logprob, top)
 
     @property
     def cost(self) -> int:
@@ -52,12 +65,20 @@ class Generation:
         self.max_positions = max_positions
         self.rows: list[Row] = []
         self.joining: list[Row] = []  # rows in the step under way, not in `rows` until it is done
+        # told each step's first tokens and gaps, and each row's end (serving.reqtimes.RequestTimes)
+        self.observer: Any = None
 
     def row(self, ids: list[int], params: GenParams, sink: RowSink) -> Row:
         """A new row for `ids`; its seed is drawn here when the request gave none."""
         budget = row_budget(len(ids), params, self.max_positions)
         sampling = RowSampling.of(params, secrets.randbits(63))
-        return Row(sink, len(ids), budget, sampling, TextStream(self.decode, params.stop))
+        now = time.monotonic()
+        arrived = getattr(sink, "arrived", None) or now
+        penalty = Penalties.of(params)
+        prompt = list(ids) if penalty is not None and penalty.repetition != 1.0 else None
+        text = TextStream(self.decode, params.stop)
+        return Row(sink, len(ids), budget, sampling, text, arrived=arrived, joined=now, penalty=penalty,
+                   ignore_eos=params.ignore_eos, prompt=prompt, top=params.logprobs)  # fmt: skip
 
     def remaining(self) -> list[int]:
         """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
@@ -86,23 +107,60 @@ class Generation:
         """Choose the next token of each of `rows` (one row of `logits` each), stream its text and
         finish the rows that are done. Returns the number of tokens generated."""
         try:
+            logits = apply_penalties(logits, rows, self.eos)
             tokens = choose(logits, [r.sampling for r in rows], [r.count for r in rows])
         except Exception:  # never expected: sampling is built not to raise; greedy keeps the loop going
             tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
         made = 0
-        for row, token in zip(rows, tokens, strict=True):
+        timed = self._timed(rows) if self.observer is not None else None
+        lps = self._logprobs(rows, logits, tokens)
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             try:
-                made += self._push(row, token)
+                made += self._push(row, token, lps.get(i))
             except Exception as e:
                 self.end(row, "error", (INTERNAL, f"generating this prompt failed: {type(e).__name__}: {e}"[:500]))
+        if timed is not None:
+            self.observer.step(*timed, made)
         return made
 
-    def _push(self, row: Row, token: int) -> int:
+    def _logprobs(self, rows: list[Row], logits: Any, tokens: list[int]) -> dict[int, Any]:
+        """The rows that asked for logprobs, by index: (logprob, top alternatives)."""
+        at = [i for i, r in enumerate(rows) if r.top is not None and r.reason is None]
+        if not at:
+            return {}
+        try:
+            got = token_logprobs(logits, at, tokens, [rows[i].sampling.temperature for i in at],
+                                 [int(rows[i].top or 0) for i in at])  # fmt: skip
+        except Exception:  # never expected; the text goes on without them
+            return {}
+        return dict(zip(at, got, strict=True))
+
+    def _timed(self, rows: list[Row]) -> tuple[list[float], list[float], int]:
+        """This step's first-token times (since arrival), gaps since the last token, and the prompt
+        tokens of the rows getting their first token: what the observer counts."""
+        now = time.monotonic()
+        firsts: list[float] = []
+        gaps: list[float] = []
+        prompt = 0
+        for row in rows:
+            if row.last is None:
+                firsts.append(now - row.arrived)
+                prompt += row.prompt_tokens
+            else:
+                gaps.append(now - row.last)
+            row.last = now
+        return firsts, gaps, prompt
+
+    def _push(self, row: Row, token: int, logprob: Any = None) -> int:
         row.next_token = token
-        if token in self.eos:
+        if token in self.eos and not row.ignore_eos:
             self.end(row, "eos")
             return 0
         row.count += 1
+        if row.penalty is not None:
+            row.out.append(token)
+        if logprob is not None:  # before the row may end below: its answer carries this token's
+            row.logprobs.append((token, *logprob))
         text = row.text.push(token)
         if text:
             row.sink.chunk(text)
@@ -119,20 +177,34 @@ class Generation:
         if row.ended:
             return
         row.reason, row.ended = reason, True
+        if self.observer is not None:
+            self.observer.ended(reason, time.monotonic() - row.arrived, row.joined - row.arrived)
         if error is None and reason != "cancelled":
             try:
                 rest = row.text.finish()
                 if rest:
                     row.sink.chunk(rest)
-                row.sink.done(
-                    {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
-                     "finish_reason": reason}
-                )  # fmt: skip
+                result = {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
+                          "finish_reason": reason}  # fmt: skip
+                if row.top is not None:
+                    result["logprobs"] = self._logprob_doc(row)
+                row.sink.done(result)
                 return
             except Exception as e:
                 error = (INTERNAL, f"finishing this prompt failed: {type(e).__name__}: {e}"[:500])
         if error is not None:
             row.sink.fail(*error)
+
+    def _logprob_doc(self, row: Row) -> dict[str, Any]:
+        """The NDJSON shape: each counted token's text, id and logprob, and its alternatives."""
+        entries = row.logprobs
+        return {
+            "tokens": [self.decode([t]) for t, _, _ in entries],
+            "token_ids": [t for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [[{"id": i, "token": self.decode([i]), "logprob": v} for i, v in top]
+                             for _, _, top in entries],
+        }  # fmt: skip
 
     def cancelled(self) -> None:
         """Rows whose request went away (client gone, time-out, cut off) leave at the next step."""

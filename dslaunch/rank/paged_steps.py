@@ -29,6 +29,7 @@ def lead_packed(engine: Any, channel: Channel, source: Any, heartbeat_s: float) 
     kv: PagedKV = engine.new_batch()
     batch: PackedBatch = engine.packed()
     gen = batch.gen
+    gen.observer = getattr(source, "times", None)  # request timings for the metrics (serving.reqtimes)
     channel.progress.batch = gen
     source.engine_stats(batch.stats)
     closing: float | None = None

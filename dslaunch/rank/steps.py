@@ -34,6 +34,7 @@ STOPPING = "the job is stopping; retry"
 def lead_steps(engine: Any, channel: Channel, source: Any, heartbeat_s: float) -> None:
     """Rank 0: step the running batch until the source closes and the rows are done."""
     kv, gen = engine.new_batch(), engine.generation()
+    gen.observer = getattr(source, "times", None)  # request timings for the metrics (serving.reqtimes)
     channel.progress.batch = gen
     source.engine_stats(lambda: {"kv_cache": "padded"})
     closing: float | None = None

@@ -150,6 +150,11 @@ class RowOf:
     def __init__(self, job: Pending, index: int) -> None:
         self.job, self.index = job, index
 
+    @property
+    def arrived(self) -> float:
+        """When the request reached this front (monotonic): where its queue time starts."""
+        return self.job.t0
+
     def chunk(self, text: str) -> None:
         self.job.chunk(self.index, text)
 
@@ -211,6 +216,11 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self.queue)
+
+    @property
+    def times(self) -> Any:
+        """The request timings that rank 0's generation loop reports to (serving.reqtimes)."""
+        return self.stats.times
 
     def submit(self, job: Pending) -> None:
         with self.cv:

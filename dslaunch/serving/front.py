@@ -201,6 +201,10 @@ class Front:
         """What the `stats` op answers: the router asks its replicas' engines first."""
         return self.stats_doc()
 
+    async def engine_docs(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each engine's stats for the `dslaunch:` metrics, by engine label: this front's own."""
+        return [("0", self.stats_doc())]
+
     # -- connections ---------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: count it against --max-connections, sniff its protocol, serve it."""

@@ -21,6 +21,7 @@ import h11
 
 from dslaunch.serving import openai_api as O
 from dslaunch.serving.batcher import Pending
+from dslaunch.serving.metrics import CONTENT_TYPE
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
@@ -229,7 +230,9 @@ class _Http:
 
     async def _models(self, path: str, _query: str, _body: bytes) -> None:
         name = self.cfg.served_model_name or "model"
-        card = O.model_card(name, self.front.stats.started)
+        text = self.front.text
+        length = await asyncio.to_thread(lambda: text.max_positions) if text is not None and self._generates() else None
+        card = O.model_card(name, self.front.stats.started, length)
         if path.rstrip("/") == "/v1/models":
             await self._json(200, {"object": "list", "data": [card]})
         elif path.removeprefix("/v1/models/") == name:
@@ -253,8 +256,9 @@ class _Http:
         snap = self.front.stats_doc()
         live = {"connections": self.front.connections, "restarts": self.front.info.get("restarts", 0),
                 "ready": self.front.accepting}  # fmt: skip
-        text = self.front.metrics.render(snap, live).encode()
-        await self._respond(200, text, "text/plain; version=0.0.4; charset=utf-8")
+        engines = await self.front.engine_docs()
+        text = self.front.metrics.render(snap, live, engines, self.cfg.served_model_name or "model")
+        await self._respond(200, text, CONTENT_TYPE)
         self.front.metrics.request("http", self.route, "ok")
 
     async def _collect(self, req: Request, shape: Callable[[list[Any]], Any]) -> Any:
@@ -263,6 +267,22 @@ class _Http:
                 if event[0] == "done":
                     return shape(event[1])
         raise ProtocolError(P.INTERNAL, "the request ended without an answer")
+
+    def _generates(self) -> bool:
+        return self.front.info.get("task") == "generate"
+
+    async def _tokenizer(self, path: str, _query: str, body: bytes) -> None:
+        """/tokenize and /detokenize (vLLM's shapes): the OpenAI routes' tokenizer, off the loop."""
+        from dslaunch.serving import tokenize_api
+
+        self._serves("generate", path)
+        if self.front.text is None:
+            raise ProtocolError(P.BAD_REQUEST, "this model has no tokenizer")
+        shape = tokenize_api.tokenize if path == "/tokenize" else tokenize_api.detokenize
+        doc = P.load_json(body)
+        answer = await asyncio.to_thread(shape, doc, self.cfg.served_model_name or "model", self.front.text)
+        await self._json(200, answer)
+        self.front.metrics.request("http", self.route, "ok")
 
     def _serves(self, task: str, route: str) -> None:
         if self.front.info.get("task") != task:
@@ -288,12 +308,23 @@ class _Http:
             ask.req.inputs = [await asyncio.to_thread(self.front.text.chat, ask.messages)]
         shaper = O.Shaper(ask)
         if not ask.req.stream:
-            results = await self._collect(ask.req, lambda r: r)
-            self.front.metrics.prompt_tokens += sum(int(r.get("prompt_tokens", 0)) for r in results)
+            results = await self._samples(ask)
+            self.front.metrics.prompt_tokens += shaper.usage(results)["prompt_tokens"]
             await self._json(200, shaper.result(results))
             self.front.metrics.request("http", self.route, "ok")
             return
         await self._stream(ask, shaper)
+
+    async def _samples(self, ask: O.Ask) -> list[Any]:
+        """The results of every sample (`n`), run side by side; one failing ends the others."""
+        if ask.n == 1:
+            return list(await self._collect(ask.req, lambda r: r))
+        tasks = [asyncio.ensure_future(self._collect(r, lambda r: r)) for r in ask.samples()]
+        try:
+            return ask.interleave(list(await asyncio.gather(*tasks)))
+        finally:
+            for t in tasks:
+                t.cancel()
 
     async def _stream(self, ask: O.Ask, shaper: O.Shaper) -> None:
         """SSE: a refusal before the first event is a plain error status; later ones an error event."""
@@ -337,6 +368,8 @@ _ROUTES: dict[str, Callable[[_Http, str, str, bytes], Awaitable[None]]] = {
     "embeddings": _Http._embeddings,
     "completions": _Http._completions,
     "chat.completions": _Http._completions,
+    "tokenize": _Http._tokenizer,
+    "detokenize": _Http._tokenizer,
 }
 
 
@@ -344,7 +377,8 @@ def _route(path: str) -> str | None:
     if path in ("/v1/models", "/v1/models/") or path.startswith("/v1/models/"):
         return "models"
     return {"/health": "health", "/metrics": "metrics", "/v1/embeddings": "embeddings",
-            "/v1/completions": "completions", "/v1/chat/completions": "chat.completions"}.get(path)  # fmt: skip
+            "/v1/completions": "completions", "/v1/chat/completions": "chat.completions",
+            "/tokenize": "tokenize", "/detokenize": "detokenize"}.get(path)  # fmt: skip
 
 
 def _bearer(value: str) -> str | None:

@@ -1,6 +1,6 @@
 """The OpenAI API's shapes: its request bodies turned into dslaunch requests, and results back.
 
-Fields dslaunch cannot honour (`n` > 1, `logprobs`, tools, penalties) get a 400 naming the field,
+Fields dslaunch cannot honour (`echo`, tools, `n` or logprobs on a stream) get a 400 naming the field,
 never a silent ignore. Validation of what remains is the NDJSON protocol's own, so both paths
 accept exactly the same values.
 """
@@ -8,6 +8,8 @@ accept exactly the same values.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import re
 import struct
 import threading
 import time
@@ -15,12 +17,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from dslaunch.serving import logprob_shapes
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n",
-           "logprobs", "user", "presence_penalty", "frequency_penalty", "logit_bias"}  # fmt: skip
+# vLLM's extensions beside OpenAI's fields: top_k, repetition_penalty, min_tokens, ignore_eos
+_PASSED = ("top_p", "top_k", "seed", "stop", *P.PENALTY_FIELDS)
+_COMMON = {"model", "max_tokens", "temperature", "stream", "stream_options", "n", "logprobs", "user", *_PASSED}
 FIELDS = {
     "completions": _COMMON | {"prompt", "echo", "best_of", "suffix"},
     "chat": _COMMON
@@ -37,22 +41,16 @@ FIELDS = {
     },
 }
 # a value that does nothing is accepted; anything else is refused by name
-_NO_OP = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "logprobs": (None, False),
-          "top_logprobs": (None, 0), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-          "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "function_call": (None, "none"),
-          "tool_choice": (None, "none"), "parallel_tool_calls": (None, False, True)}  # fmt: skip
+_NO_OP = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+          "functions": (None, []), "function_call": (None, "none"), "tool_choice": (None, "none"),
+          "parallel_tool_calls": (None, False, True)}  # fmt: skip
 _WHY = {
-    "n": "one choice per prompt",
     "best_of": "one choice per prompt",
     "echo": "no prompt echo",
     "suffix": "no insertion",
-    "logprobs": "no log probabilities",
-    "top_logprobs": "no log probabilities",
-    "presence_penalty": "no penalties",
-    "frequency_penalty": "no penalties",
-    "logit_bias": "no logit bias",
 }
 _RENAME = {"'max_new_tokens'": "'max_tokens'", "'prompt'": "'prompt' (or 'messages')"}
+_PARAM = {"max_new_tokens": "max_tokens"}  # the NDJSON field a message names -> the OpenAI one
 
 
 @dataclass
@@ -64,6 +62,20 @@ class Ask:
     model: str
     include_usage: bool = False
     messages: list[dict[str, Any]] | None = None  # chat: rendered with the template before queueing
+    n: int = 1  # samples per prompt
+
+    def samples(self) -> list[Request]:
+        """One request per sample: sample j has seed + j (its own seed stream) when seeded."""
+        if self.n == 1:
+            return [self.req]
+        p = self.req.params
+        return [dataclasses.replace(self.req, id=f"{self.req.id}-{j}", params=dataclasses.replace(
+            p, seed=None if p.seed is None else (p.seed + j) % (1 << 63))) for j in range(self.n)]  # fmt: skip
+
+    @staticmethod
+    def interleave(outs: list[list[Any]]) -> list[Any]:
+        """Per-sample results as choices, prompt by prompt: prompt i's sample j is i * n + j."""
+        return [out[i] for i in range(len(outs[0])) for out in outs]
 
 
 class TextTools:
@@ -72,6 +84,8 @@ class TextTools:
     def __init__(self, tok: Any, lock: Any, max_positions: int | None = None) -> None:
         self.tok = tok
         self.lock = lock
+        self.max_positions = max_positions  # the model's context (max_model_len), when it is a generator
+        self.vocab_size = len(tok)
         self.max_bytes: int | None = None
         if max_positions:
             # no token covers more than 4 bytes per character of its vocabulary string, so a prompt
@@ -108,9 +122,25 @@ class TextTools:
         with self.lock:
             return sum(len(ids) for ids in self.tok(texts)["input_ids"])
 
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """The ids the engine runs for `text` (it adds special tokens as the tokenizer does)."""
+        with self.lock:
+            return list(self.tok(text, add_special_tokens=special)["input_ids"])
 
-def model_card(name: str, created: float) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": int(created), "owned_by": "dslaunch"}
+    def detokenize(self, ids: list[int]) -> str:
+        with self.lock:
+            return str(self.tok.decode(ids))
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        with self.lock:
+            return [str(t) for t in self.tok.convert_ids_to_tokens(ids)]
+
+
+def model_card(name: str, created: float, max_model_len: int | None = None) -> dict[str, Any]:
+    card = {"id": name, "object": "model", "created": int(created), "owned_by": "dslaunch"}
+    if max_model_len:
+        card["max_model_len"] = max_model_len  # as vLLM's card has it
+    return card
 
 
 def error_body(message: str, code: str, kind: str, param: str | None = None) -> dict[str, Any]:
@@ -147,26 +177,56 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
     if max_tokens is not None:
         obj["max_new_tokens"] = max_tokens
     obj["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]  # OpenAI's default
-    for key in ("top_p", "seed", "stop"):
+    for key in _PASSED:
         if body.get(key) is not None:
             obj[key] = body[key]
+    top = _logprobs(body, kind)
+    if top is not None:
+        if stream:
+            raise _bad("'logprobs' on a stream is not supported: ask without 'stream'", "logprobs")
+        obj["logprobs"] = top
     messages = None
     if kind == "chat":
         messages = _messages(body.get("messages"))
         obj["prompt"] = "(chat)"  # replaced by the rendered template
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
-            raise _bad("'prompt' as token ids is not supported: send text", "prompt")
-        obj["prompt"] = prompt
+        obj["prompt"] = body.get("prompt")  # text, token ids, or a list of either
     try:
         req = P.request_from(obj, limits)
     except ProtocolError as e:
+        field = re.match(r"'(\w+)'", e.message)
+        e.param = _PARAM.get(field.group(1), field.group(1)) if field else None  # type: ignore[attr-defined]
         for old, new in _RENAME.items():
             e.message = e.message.replace(old, new)
         raise
     include = bool(opts and opts.get("include_usage"))
-    return Ask(kind, req, model, include, messages)
+    n = 1 if body.get("n") is None else body["n"]
+    prompts = 1 if messages is not None else len(req.inputs)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n * prompts <= limits.max_prompts:
+        raise _bad(f"'n' must be an integer, and n x prompts at most {limits.max_prompts} (--max-batch-size)", "n")
+    if n > 1 and stream:
+        raise _bad("'n' above 1 on a stream is not supported: ask without 'stream'", "n")
+    return Ask(kind, req, model, include, messages, n)
+
+
+def _logprobs(body: dict[str, Any], kind: str) -> int | None:
+    """Alternatives per token asked for, or None: completions' `logprobs: k`, chat's
+    `logprobs: true` with `top_logprobs: k` (the range is the NDJSON field's)."""
+    if kind == "completions":
+        value = body.get("logprobs")
+        if value is None or value is False:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _bad("'logprobs' must be an integer (alternatives per token)", "logprobs")
+        return value
+    on, top = body.get("logprobs"), body.get("top_logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise _bad("'logprobs' must be true or false", "logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= P.MAX_LOGPROBS):
+        raise _bad(f"'top_logprobs' must be an integer from 0 to {P.MAX_LOGPROBS}", "top_logprobs")
+    if top and not on:
+        raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if on else None
 
 
 def _check_model(body: dict[str, Any], model: str) -> None:
@@ -242,9 +302,9 @@ class Shaper:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.ask.model}
 
-    @staticmethod
-    def usage(results: list[dict[str, Any]]) -> dict[str, int]:
-        prompt = sum(int(r.get("prompt_tokens", 0)) for r in results)
+    def usage(self, results: list[dict[str, Any]]) -> dict[str, int]:
+        """Each prompt counted once, whatever its samples (`n`); every sample's tokens."""
+        prompt = sum(int(r.get("prompt_tokens", 0)) for r in results[:: self.ask.n])
         done = sum(int(r.get("tokens", 0)) for r in results)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
@@ -254,9 +314,11 @@ class Shaper:
             finish = FINISH.get(r.get("finish_reason", ""), "stop")
             if self.chat:
                 msg = {"role": "assistant", "content": r["text"]}
-                choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": finish})
+                lp = logprob_shapes.chat(r.get("logprobs"))
+                choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish})
             else:
-                choices.append({"index": i, "text": r["text"], "logprobs": None, "finish_reason": finish})
+                lp = logprob_shapes.completion(r.get("logprobs"))
+                choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": finish})
         return {**self._head(self.object), "choices": choices, "usage": self.usage(results)}
 
     def chunk(self, index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:

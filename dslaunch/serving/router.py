@@ -25,7 +25,8 @@ from dslaunch.serving.batcher import STOPPING
 from dslaunch.serving.config import FrontConfig
 from dslaunch.serving.dispatch import Dispatcher
 from dslaunch.serving.front import Front
-from dslaunch.serving.stats import Stats
+from dslaunch.serving.reqtimes import merge as merge_times
+from dslaunch.serving.stats import CACHE_FIELDS, Stats
 from dslaunch.wire import held
 from dslaunch.wire import protocol as P
 from dslaunch.wire.nodedir import NodeDir
@@ -75,6 +76,13 @@ class RouterFront(Front):
     def status_doc(self) -> dict[str, Any]:
         return {**super().status_doc(), "router": True, "replicas": self.batcher.rows()}
 
+    async def engine_docs(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each linked replica's engine stats (the slow and the down left out), and their sum as
+        `all`, whose waiting requests include the router's own queue."""
+        got = await self.batcher.ask_all("stats")
+        docs = [(str(rid), a["stats"]) for rid, a in sorted(got.items()) if isinstance(a.get("stats"), dict)]
+        return [*docs, ("all", engines_total([d for _, d in docs], self.batcher.depth))]
+
 
 def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
     """The replicas' engine counters as one engine's: sums, and means weighted by their counts."""
@@ -95,11 +103,22 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
     }  # fmt: skip
     paged = [s for s in stats if "kv_blocks_total" in s]
     if paged:
-        keys = ("prefix_cache_queries", "prefix_cache_hits", "kv_blocks_used", "kv_blocks_total", "preemptions")
-        out.update({k: int(sum(s.get(k) or 0 for s in paged)) for k in keys})
+        out.update({k: int(sum(s.get(k) or 0 for s in paged)) for k in (*CACHE_FIELDS, "preemptions")})
     paths = sorted({str(s["kv_cache"]) for s in stats if s.get("kv_cache")})
     if paths:
         out["kv_cache"] = ",".join(paths)
+    return out
+
+
+def engines_total(docs: list[dict[str, Any]], queued_here: int) -> dict[str, Any]:
+    """The replicas' engine stats as one engine's for the metrics: gauges and counters summed."""
+    out: dict[str, Any] = {"in_flight": sum(int(d.get("in_flight") or 0) for d in docs),
+                           "queue": queued_here + sum(int(d.get("queue") or 0) for d in docs),
+                           "request_times": merge_times([d.get("request_times") or {} for d in docs])}  # fmt: skip
+    for key in CACHE_FIELDS:
+        have = [d[key] for d in docs if isinstance(d.get(key), (int, float))]
+        if have:
+            out[key] = sum(have)
     return out
 
 
@@ -128,6 +147,12 @@ class Loading:
 
     def count(self, texts: list[str]) -> int:
         return int(self._tools().count(texts))
+
+    def __getattr__(self, name: str) -> Any:
+        """The rest of TextTools (tokenize, detokenize, max_positions ...), once it is loaded."""
+        if name in ("tokenize", "detokenize", "token_strs", "max_positions", "vocab_size"):
+            return getattr(self._tools(), name)
+        raise AttributeError(name)
 
 
 class TextLoader:

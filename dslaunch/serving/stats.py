@@ -3,6 +3,10 @@
 Generate jobs run step by step: `batches` then counts the groups of rows that joined the running
 batch together (`batch_size`: rows per group), and `steps` / `rows_per_step` say how full each
 forward pass was. Embed and handler jobs run whole batches, one step each.
+
+`request_times` are the engine's per-request histograms (`serving.reqtimes`); the serving loop
+sets `engine` to a reader of the engine's own counters (which KV cache path; for the paged one
+`CACHE_FIELDS`, block size and preemptions), merged into the snapshot.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ import threading
 import time
 from collections import Counter, deque
 from typing import Any
+
+from dslaunch.serving.reqtimes import RequestTimes
+
+# what an engine with a block pool or a prefix cache reports (counters, and blocks now in use)
+CACHE_FIELDS = ("prefix_cache_queries", "prefix_cache_hits", "kv_blocks_used", "kv_blocks_total")
 
 
 class Stats:
@@ -31,6 +40,7 @@ class Stats:
         self.step_rows = 0
         self.step_rows_max = 0
         self.engine: Any = None  # a callable: the engine's own counters (kv_cache, prefix cache, blocks)
+        self.times = RequestTimes()
 
     def answered(self, seconds: float) -> None:
         with self.lock:
@@ -69,6 +79,11 @@ class Stats:
         self.tokens += tokens
 
     def snapshot(self, queue: int, in_flight: int) -> dict[str, Any]:
+        doc = self._snapshot(queue, in_flight)
+        doc["request_times"] = self.times.doc()
+        return doc
+
+    def _snapshot(self, queue: int, in_flight: int) -> dict[str, Any]:
         with self.lock:
             lat = sorted(self.latency)
             sizes = dict(sorted(self.batch_sizes.items()))

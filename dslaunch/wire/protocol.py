@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from dslaunch.wire.lines import LineReader as LineReader  # part of the wire format, for its users
 from dslaunch.wire.serve import ServeSpec
 
 _DEFAULTS = ServeSpec()  # the defaults of `up`'s serving flags live there
@@ -33,6 +34,12 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, OVERLOADED, UNAVAILABLE, TIMEOUT, UNAUTHO
 WORK_OPS = ("generate", "embed", "infer")
 OPS = (*WORK_OPS, "health", "stats", "auth")
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+PENALTY_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+                  "ignore_eos")  # fmt: skip
+# beside the penalties, forwarded by the router when set
+EXTRA_FIELDS = (*PENALTY_FIELDS, "logprobs")
 MAX_ID_CHARS = 256
 
 
@@ -68,6 +75,14 @@ class GenParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # penalties and limits, as OpenAI and vLLM define them (engine.penalties applies them)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None  # the chosen token's log probability and this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -91,7 +106,8 @@ class Request:
 
 _COMMON = {"id", "op", "token", "timeout"}
 _FIELDS = {
-    "generate": _COMMON | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"},
+    "generate": _COMMON
+    | {"prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", *EXTRA_FIELDS},
     "embed": _COMMON | {"input"},
     "infer": _COMMON | {"input"},
     "health": _COMMON | {"deep", "challenge"},
@@ -187,7 +203,7 @@ def _parse(obj: dict[str, Any], rid: Any, limits: Limits) -> Request:
     if "timeout" in obj:
         req.timeout = _number(obj, "timeout", 0.0, limits.max_timeout, lo_open=True)
     if op == "generate":
-        req.inputs, req.single = _texts(obj, "prompt", limits.max_prompts)
+        req.inputs, req.single = _prompts(obj, limits.max_prompts)
         req.params = _gen_params(obj, limits)
         req.stream = _bool(obj, "stream")
     elif op == "embed":
@@ -225,6 +241,29 @@ def _texts(obj: dict[str, Any], key: str, most: int) -> tuple[list[str], bool]:
     return list(items), single
 
 
+def _prompts(obj: dict[str, Any], most: int) -> tuple[list[Any], bool]:
+    """`prompt`: a string, a list of token ids, or a list of either (strings or id lists)."""
+    value = obj.get("prompt")
+    if isinstance(value, list) and value and all(_token_id(t) for t in value):
+        return [list(value)], True
+    if isinstance(value, list) and value and all(isinstance(p, list) for p in value):
+        for i, ids in enumerate(value):
+            if not ids or not all(_token_id(t) for t in ids):
+                raise ProtocolError(BAD_REQUEST, f"'prompt' item {i} must be a non-empty list of token ids")
+        if len(value) > most:
+            raise ProtocolError(BAD_REQUEST, f"'prompt' has {len(value)} items; send 1 to {most} per request")
+        return [list(ids) for ids in value], False
+    try:
+        return _texts(obj, "prompt", most)
+    except ProtocolError as e:
+        e.message = e.message.replace("a list of strings", "a list of strings, token ids or lists of token ids")
+        raise
+
+
+def _token_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 31
+
+
 def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
     stop = obj.get("stop", [])
     stops = [stop] if isinstance(stop, str) else stop
@@ -233,14 +272,38 @@ def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
     seed = obj.get("seed")
     if seed is not None:
         seed = _int(obj, "seed", 0, 2**63 - 1)
+    max_new = _int(obj, "max_new_tokens", 1, limits.max_new_tokens, limits.default_max_new_tokens)
     return GenParams(
-        max_new_tokens=_int(obj, "max_new_tokens", 1, limits.max_new_tokens, limits.default_max_new_tokens),
+        max_new_tokens=max_new,
         temperature=_number(obj, "temperature", 0.0, 100.0, default=0.0),
         top_p=_number(obj, "top_p", 0.0, 1.0, default=1.0, lo_open=True),
         top_k=_int(obj, "top_k", 0, 1 << 20, 0),
         seed=seed,
         stop=tuple(stops),
+        presence_penalty=_number(obj, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(obj, "frequency_penalty", -2.0, 2.0),
+        repetition_penalty=_number(obj, "repetition_penalty", 0.0, 10.0, default=1.0, lo_open=True),
+        logit_bias=_logit_bias(obj.get("logit_bias")),
+        min_tokens=_int(obj, "min_tokens", 0, max_new, 0),
+        ignore_eos=_bool(obj, "ignore_eos"),
+        logprobs=None if obj.get("logprobs") is None else _int(obj, "logprobs", 0, MAX_LOGPROBS),
     )
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token id (a string of digits) to a bias from -100 to 100."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise ProtocolError(BAD_REQUEST, f"'logit_bias' must map token ids to numbers (at most {MAX_LOGIT_BIAS})")
+    out = []
+    for key, bias in value.items():
+        if not isinstance(key, str) or not key.isascii() or not key.isdigit() or len(key) > 10:
+            raise ProtocolError(BAD_REQUEST, f"'logit_bias' key {key!r} is not a token id")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ProtocolError(BAD_REQUEST, f"'logit_bias' for token {key} must be a number from -100 to 100")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
 
 
 def _int(obj: dict[str, Any], key: str, lo: int, hi: int, default: int = 0) -> int:
@@ -268,6 +331,9 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     return v
 
 
+_PLAIN = GenParams()
+
+
 def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
     """A parsed request as a line again (the router forwarding it to a replica under its own id).
 
@@ -283,6 +349,9 @@ def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
                    top_p=p.top_p, top_k=p.top_k, stop=list(p.stop), stream=req.stream)  # fmt: skip
         if p.seed is not None:
             obj["seed"] = p.seed
+        for key in EXTRA_FIELDS:
+            if getattr(p, key) != getattr(_PLAIN, key):
+                obj[key] = dict((str(t), b) for t, b in p.logit_bias) if key == "logit_bias" else getattr(p, key)
     elif req.op in ("embed", "infer"):
         obj["input"] = list(req.inputs)
     elif req.op == "health":
@@ -309,42 +378,3 @@ def ok(rid: Any, **fields: Any) -> dict[str, Any]:
 
 def error(rid: Any, code: str, message: str) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": {"code": code, "message": message}}
-
-
-class LineReader:
-    """Split a byte stream into lines, refusing (once per line) any longer than `limit` bytes.
-
-    asyncio's readline drops its buffer on an over-long line and then parses the rest of that line
-    as a new one; this keeps discarding until the newline instead.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.buf = bytearray()
-        self.discarding = False
-        self.scanned = 0  # bytes of `buf` known to hold no newline: never searched twice
-
-    def feed(self, data: bytes) -> list[bytes | None]:
-        """Complete lines in order; None stands for a line that was too long."""
-        out: list[bytes | None] = []
-        self.buf += data
-        while True:
-            nl = self.buf.find(b"\n", self.scanned)
-            if nl < 0:
-                self.scanned = len(self.buf)
-                if len(self.buf) > self.limit:
-                    if not self.discarding:
-                        out.append(None)
-                    self.discarding = True
-                    self.buf.clear()
-                    self.scanned = 0
-                return out
-            line = bytes(self.buf[:nl])
-            del self.buf[: nl + 1]
-            self.scanned = 0
-            if self.discarding:
-                self.discarding = False
-            elif len(line) > self.limit:
-                out.append(None)
-            elif line.strip():
-                out.append(line)

@@ -69,8 +69,8 @@ def test_chat_uses_the_template_streamed_and_not(base_url: str, port: int) -> No
 @pytest.mark.parametrize(
     ("call", "param"),
     [
-        (lambda c: c.completions.create(model="tiny", prompt="Hi", n=2), "n"),
-        (lambda c: c.completions.create(model="tiny", prompt="Hi", logprobs=2), "logprobs"),
+        (lambda c: c.completions.create(model="tiny", prompt="Hi", best_of=2), "best_of"),
+        (lambda c: c.completions.create(model="tiny", prompt="Hi", echo=True), "echo"),
         (
             lambda c: c.chat.completions.create(
                 model="tiny",
@@ -79,7 +79,7 @@ def test_chat_uses_the_template_streamed_and_not(base_url: str, port: int) -> No
             ),
             "tools",
         ),
-        (lambda c: c.completions.create(model="tiny", prompt="Hi", max_tokens=0), None),
+        (lambda c: c.completions.create(model="tiny", prompt="Hi", max_tokens=0), "max_tokens"),
         (lambda c: c.embeddings.create(model="tiny", input="Hi"), None),  # a generate job
     ],
 )
@@ -140,8 +140,8 @@ def test_curl_completion_stream_and_metrics(base_url: str) -> None:
     metrics = subprocess.run(["curl", "-sS", *auth, base_url.removesuffix("/v1") + "/metrics"],
                              capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "# TYPE dslaunch_request_duration_seconds histogram" in metrics
-    assert 'dslaunch_requests_total{protocol="http",op="completions",outcome="ok"}' in metrics
-    assert "dslaunch_queue_depth 0" in metrics and "\ndslaunch_restarts " in metrics
+    assert 'dslaunch_requests_total{op="completions",outcome="ok",protocol="http"}' in metrics
+    assert "dslaunch_queue_depth 0.0" in metrics and "\ndslaunch_restarts " in metrics
     health = subprocess.run(["curl", "-sS", *auth, base_url.removesuffix("/v1") + "/health?deep=1"],
                             capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert json.loads(health)["deep"] is True and len(json.loads(health)["ranks"]) == 2

@@ -1,0 +1,28 @@
+"""Log probabilities of the chosen tokens and their best alternatives (rank 0 only).
+
+Computed from the very logits the sampler chose from (after penalties and logit bias), divided by
+the row's temperature as OpenAI and vLLM document it (a greedy row: by 1), in one pass over the
+rows that asked, with one transfer to the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def token_logprobs(logits: Any, at: list[int], tokens: list[int], temps: list[float], ks: list[int]) -> list[Any]:
+    """Per row `at[j]`: (the chosen token's logprob, [(id, logprob) of the best ks[j]])."""
+    import torch
+
+    dev = logits.device
+    sel = torch.tensor(at, dtype=torch.long, device=dev)
+    t = torch.tensor([x if x > 0 else 1.0 for x in temps], dtype=torch.float32, device=dev).unsqueeze(1)
+    lp = torch.log_softmax(logits.index_select(0, sel).float() / t, dim=-1)
+    chosen = lp.gather(1, torch.tensor([tokens[i] for i in at], device=dev).unsqueeze(1)).squeeze(1)
+    k = max(ks)
+    if k:
+        vals, ids = torch.topk(lp, k, dim=-1)
+        top_v, top_i = vals.tolist(), ids.tolist()
+    else:
+        top_v = top_i = [[] for _ in at]
+    return [(c, list(zip(top_i[j][: ks[j]], top_v[j][: ks[j]], strict=True))) for j, c in enumerate(chosen.tolist())]

@@ -1,0 +1,247 @@
+"""The request fields real clients send, on a live job through the official `openai` client:
+token-id prompts, stop lists, usage on streams, vLLM's /tokenize and /detokenize, and the model
+card's max_model_len. Every other value of those fields is a 400 naming it, and none restarts
+the job (a fuzz over the HTTP bodies)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import Cli
+from tests.front.conftest import TOKEN
+
+
+def _oai(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=TOKEN, timeout=120, max_retries=0)
+
+
+def _post(base_url: str, path: str, body: Any) -> tuple[int, Any]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    req = urllib.request.Request(base_url.removesuffix("/v1") + path, data=data, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_tokenize_detokenize_and_token_id_prompts(base_url: str) -> None:
+    c = _oai(base_url)
+    status, tok = _post(base_url, "/tokenize", {"model": "tiny", "prompt": "Hello world"})
+    assert status == 200 and set(tok) == {"count", "max_model_len", "tokens", "token_strs"}, tok
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["token_strs"] is None
+    card = c.models.retrieve("tiny")
+    assert card.max_model_len == tok["max_model_len"] > 0  # type: ignore[attr-defined]
+    text = c.completions.create(model="tiny", prompt="Hello world", max_tokens=6, temperature=0)
+    assert text.usage.prompt_tokens == tok["count"], "the ids /tokenize gives are those the engine runs"
+    ids = c.completions.create(model="tiny", prompt=tok["tokens"], max_tokens=6, temperature=0)
+    assert ids.choices[0].text == text.choices[0].text and ids.usage.prompt_tokens == tok["count"]
+    _, other = _post(base_url, "/tokenize", {"prompt": "The quick brown fox", "return_token_strs": True})
+    assert len(other["token_strs"]) == other["count"]
+    two = c.completions.create(model="tiny", prompt=[tok["tokens"], other["tokens"]], max_tokens=6, temperature=0)
+    alone = c.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=6, temperature=0)
+    assert [ch.text for ch in two.choices] == [text.choices[0].text, alone.choices[0].text]
+    assert two.usage.prompt_tokens == tok["count"] + other["count"]
+    status, back = _post(base_url, "/detokenize", {"model": "tiny", "tokens": tok["tokens"]})
+    assert status == 200 and "Hello world" in back["prompt"], back
+
+    messages = [{"role": "user", "content": "Hello"}]
+    _, chat_tok = _post(base_url, "/tokenize", {"messages": messages})
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=0)
+    assert chat.usage.prompt_tokens == chat_tok["count"]
+
+
+def test_stop_lists_and_usage_on_chat_streams(base_url: str) -> None:
+    c = _oai(base_url)
+    full = c.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0).choices[0].text
+    stops = [full[6:8], full[3:5]]
+    stopped = c.completions.create(model="tiny", prompt="Hello world", max_tokens=12, temperature=0, stop=stops)
+    assert stopped.choices[0].text == full[: min(full.index(s) for s in stops)]
+    assert stopped.choices[0].finish_reason == "stop"
+    messages = [{"role": "user", "content": "Hello"}]
+    chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    assert all(ch.usage is None for ch in chunks[:-1]) and chunks[-1].choices == []
+    plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_penalties_through_the_client_streamed_and_not(job: tuple[Cli, Any], base_url: str, port: int) -> None:
+    """The same greedy text as the NDJSON protocol with the same fields (which
+    tests/test_penalties.py checks against transformers), on completions and chat."""
+    from dslaunch.client import Client
+
+    c = _oai(base_url)
+    fields = {"presence_penalty": 1.5, "frequency_penalty": 0.9, "logit_bias": {"7": 3}}
+    extra = {"repetition_penalty": 1.4, "min_tokens": 4, "ignore_eos": True}  # vLLM's, beside OpenAI's
+    with Client("127.0.0.1", port, token=TOKEN, timeout=120) as nd:
+        want = nd.generate("Hello world", max_new_tokens=10, **fields, **extra)
+        plain = nd.generate("Hello world", max_new_tokens=10)
+    assert want["text"] != plain["text"] and want["tokens"] == 10
+    r = c.completions.create(model="tiny", prompt="Hello world", max_tokens=10, temperature=0, **fields,
+                             extra_body=extra)  # fmt: skip
+    assert r.choices[0].text == want["text"] and r.usage.completion_tokens == 10
+    chunks = list(c.completions.create(model="tiny", prompt="Hello world", max_tokens=10, temperature=0, stream=True,
+                                       **fields, extra_body=extra))  # fmt: skip
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want["text"]
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, **fields,
+                                     extra_body=extra)  # fmt: skip
+    streamed = c.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True,
+                                         **fields, extra_body=extra)  # fmt: skip
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    assert text == chat.choices[0].message.content
+    q = job[0]("query", "Hello world", "-k", "10", "--presence-penalty", "1.5", "--frequency-penalty", "0.9",
+               "--logit-bias", "7=3", "--repetition-penalty", "1.4", "--min-tokens", "4", "--ignore-eos",
+               "--json")  # fmt: skip
+    assert q.returncode == 0 and json.loads(q.stdout)["text"] == want["text"], q.stdout + q.stderr
+    bad = job[0]("query", "Hello", "--logit-bias", "seven=3")
+    assert bad.returncode != 0 and "--logit-bias 'seven=3'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_logprobs_in_the_openai_shapes(base_url: str, port: int) -> None:
+    """The NDJSON numbers (which tests/test_logprobs.py checks against transformers) in the
+    completions and chat shapes, as the official client reads them."""
+    from dslaunch.client import Client
+
+    c = _oai(base_url)
+    with Client("127.0.0.1", port, token=TOKEN, timeout=120) as nd:
+        want = nd.generate("Hello world", max_new_tokens=8, logprobs=3)["logprobs"]
+    r = c.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens == want["tokens"] and len(lp.tokens) == r.usage.completion_tokens
+    assert lp.token_logprobs == want["token_logprobs"]
+    assert [list(d) for d in lp.top_logprobs] == [[a["token"] for a in alts] for alts in want["top_logprobs"]] or all(
+        len(d) <= 3 for d in lp.top_logprobs)  # two alternatives may share a text: one key  # fmt: skip
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert r.choices[0].text.startswith(lp.tokens[0])
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                     top_logprobs=2)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
+    assert bytes(content[0].bytes).decode() == content[0].token
+    plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=False)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+
+def test_n_samples_have_their_own_seed_streams_and_usage(base_url: str, port: int) -> None:
+    from dslaunch.client import Client
+
+    c = _oai(base_url)
+    r = c.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=1.0, seed=40, n=3)
+    with Client("127.0.0.1", port, token=TOKEN, timeout=120) as nd:
+        want = [nd.generate("Hello", max_new_tokens=6, temperature=1.0, seed=40 + j) for j in range(3)]
+    assert [ch.text for ch in r.choices] == [w["text"] for w in want] and [ch.index for ch in r.choices] == [0, 1, 2]
+    assert len({ch.text for ch in r.choices}) > 1, "each sample draws its own tokens"
+    assert r.usage.prompt_tokens == want[0]["prompt_tokens"], "the prompt is counted once"
+    assert r.usage.completion_tokens == sum(w["tokens"] for w in want)
+    two = c.completions.create(model="tiny", prompt=["Hello", "The quick"], max_tokens=4, temperature=0, n=2)
+    texts = [ch.text for ch in two.choices]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]  # prompt-major order
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1.0, seed=3, n=2)
+    assert len(chat.choices) == 2 and chat.usage.prompt_tokens < chat.usage.total_tokens
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+        ("/v1/completions", {"prompt": [[1], "a"]}, "prompt"),
+        ("/v1/completions", {"prompt": [[]]}, "prompt"),
+        ("/v1/completions", {"prompt": [10**8]}, None),  # outside the vocabulary: the engine's check
+        ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "prompt"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"prompt": "x", "truncate": 3}, "truncate"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"100000000": 1}}, None),  # the engine's vocabulary
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": -1}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "min_tokens": 99, "max_tokens": 3}, "min_tokens"),
+        ("/v1/completions", {"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 2, "stream": True}, "logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 5, "stream": True}, "n"),
+        ("/v1/completions", {"prompt": ["x", "y"], "n": 3}, "n"),  # 6 rows: over --max-batch-size 4
+        ("/detokenize", {"tokens": [1, -1]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ],
+)
+def test_bad_values_are_a_400_naming_the_field(base_url: str, path: str, body: Any, param: str | None) -> None:
+    status, answer = _post(base_url, path, {"model": "tiny", **body} if "model" not in body else body)
+    assert status in (400, 404), answer
+    assert answer["error"]["param"] == param, answer
+    assert answer["error"]["message"]
+
+
+VALUES: dict[str, list[Any]] = {
+    "prompt": ["Hello", [5, 6], [[5], [6, 7]], [[]], [-3], [1.5], [True], "", [], None, [2**40], {"a": 1}],
+    "stop": ["x", ["a", "b"], [], [""], ["a"] * 17, 3, None],
+    "stream": [True, False, "yes", None],
+    "stream_options": [{"include_usage": True}, {"include_usage": False}, {"other": 1}, [], None],
+    "max_tokens": [1, 3, 0, -1, 10**9, None],
+    "tokens": [[1, 2], [], [-1], ["a"], None],
+    "messages": [[{"role": "user", "content": "Hi"}], [], [{"content": "x"}], None],
+    "presence_penalty": [0.5, -2, 2.01, "1", None],
+    "frequency_penalty": [1, -0.5, float("nan"), None],
+    "repetition_penalty": [1.2, 0, 0.01, 11, None],
+    "logit_bias": [{"5": 100}, {"5": -100, "6": 3}, {"-1": 1}, {"5": "x"}, {}, [], None],
+    "min_tokens": [1, 3, 4, -1, None],
+    "ignore_eos": [True, False, 0, None],
+    "top_k": [0, 5, -1, None],
+    "logprobs": [0, 2, 20, 21, -1, True, False, None],
+    "n": [1, 2, 0, 5, "2", None],
+}
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    path = draw(st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]))
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 3} if path == "/v1/completions" else {}
+    for key in draw(st.lists(st.sampled_from(sorted(VALUES)), max_size=4, unique=True)):
+        value = draw(st.sampled_from(VALUES[key]))
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return path, body
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=bodies())
+def test_no_field_value_breaks_the_job(base_url: str, case: tuple[str, dict[str, Any]]) -> None:
+    path, body = case
+    if path == "/v1/completions" and body.get("stream") is True:
+        body.pop("stream")  # the SSE answer is covered above; here every answer is one JSON body
+        body.pop("stream_options", None)
+    status, answer = _post(base_url, path, body)
+    assert status in (200, 400), (path, body, answer)
+    if status == 400:
+        assert answer["error"]["code"] == "bad_request" and answer["error"]["message"], answer
+
+
+def test_the_job_never_restarted_after_the_fields(base_url: str) -> None:
+    req = urllib.request.Request(base_url.removesuffix("/v1") + "/health", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["restarts"] == 0
