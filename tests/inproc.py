@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,24 @@ def process_group() -> Any:
     return dist.group.WORLD
 
 
+def save_random(make: Callable[[], Any], tok: Any, out: Path) -> Path:
+    """Build a model with `make()` under a fixed seed, give its matrices large random weights (so
+    greedy text varies with the prompt), and save it with `tok` to `out`."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        model = make()
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def build_gpt2(out: Path, positions: int = 64) -> Path:
     """A tiny GPT-2 (absolute positions, a short position table) with the tiny model's tokenizer."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dslaunch.engine import tinymodel
@@ -41,15 +57,7 @@ def build_gpt2(out: Path, positions: int = 64) -> Path:
     cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=positions,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id)  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        model = GPT2LMHeadModel(cfg)
-        for p in model.parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=0.2)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_random(lambda: GPT2LMHeadModel(cfg), tok, out)
 
 
 class Served:

@@ -18,13 +18,13 @@ import pytest
 
 from dslaunch.launch.families import AUTOTP_BROKEN, AUTOTP_REFUSED, autotp_key, family_problem
 from tests.conftest import Cli, job_pids, local_job
+from tests.inproc import save_random
 
 PROMPTS = ["Hello world", "The quick brown fox", "Numbers 0 1 2"]
 
 
 def build(kind: str, out: Path) -> Path:
     """A 2-layer, 64-wide model of one family with random weights and dslaunch's tiny tokenizer."""
-    import torch
     from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Phi3Config
 
     from dslaunch.engine.tinymodel import build_tokenizer
@@ -39,15 +39,8 @@ def build(kind: str, out: Path) -> Path:
         "phi3": lambda: Phi3Config(**base, num_key_value_heads=2),  # fused qkv_proj, gate_up_proj
         "gpt2": lambda: GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, **ids),
     }[kind]()
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        model = (AutoModelForCausalLM if kind != "bert" else AutoModel).from_config(cfg)
-        for p in model.parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=0.2)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    auto = AutoModelForCausalLM if kind != "bert" else AutoModel
+    return save_random(lambda: auto.from_config(cfg), tok, out)
 
 
 # -- pre-flight's rules, against DeepSpeed's and transformers' own tables --------------------------

@@ -14,7 +14,7 @@ import pytest
 
 from dslaunch.engine import tinymodel
 from dslaunch.serving.router import merge_engines
-from tests.inproc import Served, reference
+from tests.inproc import Served, reference, save_random
 
 SYSTEM = "You are a helpful assistant. Answer briefly and plainly, in one line. " * 2
 
@@ -98,22 +98,13 @@ def test_seeded_sampling_is_the_same_alone_and_among_chunked_rows(small: Served)
 
 
 def build_falcon(out: Path) -> Path:
-    import torch
     from transformers import FalconConfig, FalconForCausalLM
 
     tok = tinymodel.build_tokenizer()
     cfg = FalconConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        new_decoder_architecture=True, num_kv_heads=2, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        model = FalconForCausalLM(cfg)
-        for p in model.parameters():
-            if p.dim() > 1:
-                torch.nn.init.normal_(p, std=0.2)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_random(lambda: FalconForCausalLM(cfg), tok, out)
 
 
 def test_falcon_keeps_the_left_padded_cache_and_matches_its_solo_runs(tmp_path: Path) -> None:
