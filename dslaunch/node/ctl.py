@@ -14,6 +14,7 @@ from typing import Any
 from dslaunch.errors import NodeOpError
 from dslaunch.node.agent import op_drain, op_restart, op_start, op_stop
 from dslaunch.node.logs import follow, op_logs
+from dslaunch.node.modelfiles import op_model_commit, op_model_hashes, op_model_prepare
 from dslaunch.node.probe import op_address, op_probe, op_rdzv_read, op_rdzv_write, op_remove
 from dslaunch.node.report import op_status
 
@@ -29,6 +30,9 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "restart": op_restart,
     "drain": op_drain,
     "logs": op_logs,
+    "model-hashes": op_model_hashes,
+    "model-prepare": op_model_prepare,
+    "model-commit": op_model_commit,
 }
 
 

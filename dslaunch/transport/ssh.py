@@ -234,6 +234,15 @@ class SSHTransport:
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise RemoteError(f"{self.node.host}: cannot tunnel to {host}:{port} over SSH ({e})") from None
 
+    def sftp(self) -> paramiko.SFTPClient:
+        """An SFTP session on this node's one connection (for copying the model in)."""
+        try:
+            return self.client().open_sftp()
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise RemoteError(
+                f"{self.node.host}: cannot open SFTP over SSH ({e}; does its sshd enable the sftp subsystem?)"
+            ) from None
+
     def address(self) -> str | None:
         """The address SSH reached the node at; None through a proxy (the peer is the proxy)."""
         if self.proxied:
