@@ -246,3 +246,45 @@ def test_up_sync_model_copies_before_preflight(world: tuple[SimCluster, Path, Pa
     assert "cannot create the work directory" in res.stderr and "--model" not in res.stderr.split("pre-flight")[-1]
     with _cluster(sim) as cluster:
         assert all(_node_manifest(cluster, i, model)["files"] == want for i in (0, 1))
+
+
+def test_tree_fan_out_a_node_that_holds_the_model_passes_it_on(tmp_path: Path) -> None:
+    """Three nodes: this host sends to node0, then to node1 while node0 sends to node2 directly."""
+    model = tmp_path / "model"
+    _write_model(model)
+    want = manifest(model)
+    private = {i: [str(model)] for i in range(3)}
+    with sim_nodes(tmp_path, 3, private_dirs=private, first_ip=20) as sim, pytest.MonkeyPatch.context() as mp:
+        for k, v in sim.env().items():
+            mp.setenv(k, v)
+        mp.delenv("SSH_AUTH_SOCK", raising=False)
+        spec = JobSpec(nodes=[Node(n.alias, 1) for n in sim.nodes], python=sys.executable)
+        with Cluster(spec.nodes, connect_options(spec), spec.python) as cluster:
+            got = _by_host(sync_model(cluster, str(model), tree_from=3))
+            assert [got[h].source for h in ("node0", "node1", "node2")] == ["", "", "node0"]
+            total = sum(int(f["size"]) for f in want.values())
+            assert got["node2"].bytes_sent == total and sorted(got["node2"].files) == sorted(want)
+            for i in range(3):
+                assert _node_manifest(cluster, i, model)["files"] == want
+            again = sync_model(cluster, str(model), tree_from=3)
+            assert all(r.identical for r in again)
+
+
+def test_a_relay_connection_without_the_token_is_refused(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from dslaunch.node.relay import receive
+
+    lines = receive({"dir": str(tmp_path), "token": "right", "files": {"a": "0" * 64}, "bind": "127.0.0.1"})
+    port = json.loads(next(lines))["port"]
+
+    def intruder() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"wrong\n" + json.dumps({"rel": "a", "offset": 0, "size": 3}).encode() + b"\nabc{}\n")
+
+    t = threading.Thread(target=intruder)
+    t.start()
+    assert "without the sync's token was refused" in json.loads(next(lines))["error"]
+    t.join()
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,8 @@ from dslaunch.transport.nodes import Cluster, NodeClient
 from dslaunch.wire.filehash import PART_SUFFIX, differences, manifest
 
 CHUNK = 1 << 20
+TREE_FROM = 4  # from this many nodes on, nodes that hold the model pass it on
+Manifest = dict[str, dict[str, Any]]
 
 
 class SyncEvents(Protocol):
@@ -48,6 +50,7 @@ class NodeSync:
     files: list[str] = field(default_factory=list)  # copied (or finished) this time
     bytes_sent: int = 0
     resumed: int = 0  # bytes of part files continued rather than sent again
+    source: str = ""  # who sent it: "" for this host, else the node that passed it on
 
     @property
     def identical(self) -> bool:
@@ -59,10 +62,15 @@ def mb(n: int) -> str:
 
 
 def sync_model(
-    cluster: Cluster, model: str, events: SyncEvents | None = None, sftp_for: Callable[[NodeClient], Any] | None = None
+    cluster: Cluster,
+    model: str,
+    events: SyncEvents | None = None,
+    sftp_for: Callable[[NodeClient], Any] | None = None,
+    tree_from: int = TREE_FROM,
 ) -> list[NodeSync]:
     """Copy `model` (a directory on this host) to every node of `cluster` that lacks it or holds
-    another copy; one line per node that failed, all nodes tried."""
+    another copy; one line per node that failed, all nodes tried. From `tree_from` nodes on, nodes
+    that hold the model pass it on (launch/modeltree.py)."""
     local = os.path.expanduser(model)
     if not os.path.isdir(local):
         raise UserError(f"--model {model}: not a directory on this host (nothing to copy)")
@@ -78,7 +86,11 @@ def sync_model(
         if (c.node.host, c.node.user) not in seen:
             seen.add((c.node.host, c.node.user))
             clients.append(c)
-    results = cluster.map(lambda c: _sync_one(c, local, where, want, ev, opener), clients)
+    if len(clients) >= tree_from:
+        from dslaunch.launch.modeltree import sync_tree
+
+        return sync_tree(cluster, clients, local, where, want, ev, opener)
+    results = cluster.map(lambda c: copy_sftp(plan_node(c, where, want, ev), local, want, ev, opener), clients)
     results.raise_failures("model sync")
     return [r.value for r in results if r.value is not None]
 
@@ -99,32 +111,59 @@ def _default_opts() -> Any:
     return ConnectOptions()
 
 
-def _sync_one(
-    c: NodeClient, local: str, where: str, want: dict[str, dict[str, Any]], ev: SyncEvents,
-    opener: Callable[[NodeClient], Any],
-) -> NodeSync:  # fmt: skip
+@dataclass
+class Need:
+    """What one node lacks: the files to send, where each part file stands, the node's directory."""
+
+    client: NodeClient
+    todo: list[str]
+    offsets: dict[str, int]
+    root: str = ""
+
+    @property
+    def host(self) -> str:
+        return self.client.node.host
+
+
+def plan_node(c: NodeClient, where: str, want: Manifest, ev: SyncEvents) -> Need:
+    """Ask the node what it holds; check its free space; create the directories the copy needs."""
     host = c.node.host
     have = c.call("model-hashes", {"dir": where})
     todo = [rel for rel, _why in differences(want, have["files"])]
-    out = NodeSync(host)
     parts = {rel: int(n) for rel, n in have.get("parts", {}).items() if rel in todo}
-    offsets = {rel: parts.get(rel, 0) if parts.get(rel, 0) <= int(want[rel]["size"]) else 0 for rel in todo}  # type: ignore[call-overload]
-    need = sum(int(want[rel]["size"]) - offsets[rel] for rel in todo)  # type: ignore[call-overload]
+    offsets = {rel: parts.get(rel, 0) if parts.get(rel, 0) <= _size(want, rel) else 0 for rel in todo}
+    need = sum(_size(want, rel) - offsets[rel] for rel in todo)
     ev.planned(host, need, len(todo))
     if not todo:
-        return out
+        return Need(c, [], {})
     if need > int(have["free"]):
         raise UserError(
             f"{host}: not enough disk space for --model {where}: {mb(need)} to copy, {mb(int(have['free']))} free "
             "there (nothing was copied)"
         )
     root = c.call("model-prepare", {"dir": where, "dirs": sorted({os.path.dirname(r) for r in todo})})["root"]
+    return Need(c, todo, offsets, root)
+
+
+def _size(want: Manifest, rel: str) -> int:
+    return int(want[rel]["size"])  # type: ignore[call-overload]
+
+
+def copy_sftp(need: Need, local: str, want: Manifest, ev: SyncEvents, opener: Callable[[NodeClient], Any]) -> NodeSync:
+    """Send what the node lacks from this host over SFTP; commit; send again whole what failed its hash."""
+    c, host, root = need.client, need.host, need.root
+    out = NodeSync(host)
+    if not need.todo:
+        return out
+    todo, offsets = list(need.todo), dict(need.offsets)
     sftp = opener(c)
     try:
         for attempt in range(2):
             for rel in todo:
-                out.bytes_sent += _send(sftp, c, os.path.join(local, rel), f"{root}/{rel}{PART_SUFFIX}", offsets[rel],
-                                        lambda n: ev.sent(host, n), int(want[rel]["size"]))  # type: ignore[call-overload]  # fmt: skip
+                dst = f"{root}/{rel}{PART_SUFFIX}"
+                size = _size(want, rel)
+                src = os.path.join(local, rel)
+                out.bytes_sent += _send(sftp, c, src, dst, offsets[rel], lambda n: ev.sent(host, n), size)
                 out.resumed += offsets[rel]
             done = c.call("model-commit", {"dir": root, "files": {r: want[r]["sha256"] for r in todo}})
             out.files += done["committed"]
@@ -132,7 +171,7 @@ def _sync_one(
             if not todo:
                 return out
             if attempt == 0:  # a part file that was not what it claimed: sent again, whole
-                ev.planned(host, sum(int(want[r]["size"]) for r in todo), len(todo))  # type: ignore[call-overload]
+                ev.planned(host, sum(_size(want, r) for r in todo), len(todo))
         raise RemoteError(f"{host}: {todo[0]} arrived with a different hash twice (is the file changing here?)")
     finally:
         sftp.close()
