@@ -212,20 +212,28 @@ def test_cli_sync_prints_plain_lines_when_not_a_terminal(world: tuple[SimCluster
     assert "\x1b[" not in again.stderr
 
 
-def test_hashes_are_cached_by_path_size_and_mtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hashes_are_cached_by_path_size_and_mtime_and_shared_safely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dslaunch.wire import filehash
 
     d = tmp_path / "m"
     _write_model(d)
-    cache = tmp_path / "cache.json"
+    cache = tmp_path / "cache" / "hashes.json"
     first = filehash.manifest(d, cache=cache)
     assert first["model.safetensors"]["sha256"] == hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest()
 
     def no_rehash(*a: object, **k: object) -> str:
         raise AssertionError("rehashed a file the cache knows")
 
+    other = tmp_path / "other"  # a second directory (or node) sharing the cache file keeps both
+    _write_model(other)
+    second = filehash.manifest(other, cache=cache)
+    (tmp_path / "solo").mkdir()
+    copied = tmp_path / "solo" / "copied.bin"  # a file sync verified and renamed: remembered, not rehashed
+    copied.write_bytes(b"weights")
+    filehash.remember(copied, hashlib.sha256(b"weights").hexdigest(), cache=cache)
     monkeypatch.setattr(filehash, "hash_file", no_rehash)
-    assert filehash.manifest(d, cache=cache) == first
+    assert filehash.manifest(d, cache=cache) == first and filehash.manifest(other, cache=cache) == second
+    assert filehash.manifest(tmp_path / "solo", cache=cache)["copied.bin"]["size"] == 7
     monkeypatch.undo()
     (d / "config.json").write_text("{}")  # new size and mtime: hashed again
     assert filehash.manifest(d, cache=cache)["config.json"]["sha256"] == hashlib.sha256(b"{}").hexdigest()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dslaunch.errors import NodeOpError
-from dslaunch.wire.filehash import PART_SUFFIX, hash_file, manifest
+from dslaunch.wire.filehash import PART_SUFFIX, hash_file, manifest, remember
 
 
 def _root(args: dict[str, Any]) -> Path:
@@ -75,6 +75,7 @@ def op_model_commit(args: dict[str, Any]) -> dict[str, Any]:
         try:
             if hash_file(part) == want:
                 os.replace(part, root / rel)
+                remember(root / rel, want)  # the next pre-flight need not read it again
                 done.append(rel)
             else:
                 part.unlink()

@@ -62,16 +62,31 @@ def _load_cache(path: Path) -> dict[str, str]:
     return data if isinstance(data, dict) else {}
 
 
-def _save_cache(path: Path, cache: dict[str, str]) -> None:
-    """Atomically; a cache that cannot be written only costs a rehash next time."""
-    with contextlib.suppress(OSError):
-        import tempfile  # here, not at import: nodectl starts for every op
+def _save_cache(path: Path, new: dict[str, str]) -> None:
+    """Merge `new` into the cache file, under a lock and atomically: nodes sharing a home directory
+    (NFS) share the file, and none may drop what another wrote. A cache that cannot be written
+    only costs a rehash next time."""
+    import fcntl
+    import tempfile  # here, not at import: nodectl starts for every op
 
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(list(cache.items())[-MAX_CACHE:]), f)
-        os.replace(tmp, path)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            cache = _load_cache(path)
+            for k, v in new.items():
+                cache.pop(k, None)
+                cache[k] = v
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hashes-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(list(cache.items())[-MAX_CACHE:]), f)
+            os.replace(tmp, path)
+
+
+def remember(path: str | os.PathLike[str], digest: str, cache: Path | None = None) -> None:
+    """Record a hash just checked (a copied file, before its rename keeps inode and mtime)."""
+    full = Path(path).expanduser().resolve()
+    _save_cache(cache or cache_path(), {_key(str(full), os.stat(full)): digest})
 
 
 def manifest(root: str | os.PathLike[str], workers: int = 8, cache: Path | None = None) -> dict[str, dict[str, object]]:
@@ -87,11 +102,12 @@ def manifest(root: str | os.PathLike[str], workers: int = 8, cache: Path | None 
         from concurrent.futures import ThreadPoolExecutor
 
         todo.sort(key=lambda rel: -stats[rel].st_size)  # the big ones first, so they overlap
+        fresh: dict[str, str] = {}
         with ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
             for rel, digest in zip(todo, pool.map(lambda r: hash_file(base / r), todo), strict=True):
-                known.pop(keys[rel], None)
-                known[keys[rel]] = digest
-        _save_cache(cache, known)
+                fresh[keys[rel]] = digest
+        known.update(fresh)
+        _save_cache(cache, fresh)
     return {rel: {"size": stats[rel].st_size, "sha256": known[keys[rel]]} for rel in files}
 
 
