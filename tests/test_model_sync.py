@@ -212,7 +212,9 @@ def test_cli_sync_prints_plain_lines_when_not_a_terminal(world: tuple[SimCluster
     assert "\x1b[" not in again.stderr
 
 
-def test_hashes_are_cached_by_path_size_and_mtime_and_shared_safely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hashes_are_cached_by_path_size_and_mtime_and_shared_safely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from dslaunch.wire import filehash
 
     d = tmp_path / "m"

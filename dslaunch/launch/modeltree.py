@@ -18,7 +18,7 @@ from typing import Any
 
 from dslaunch.errors import RemoteError
 from dslaunch.launch.modelsync import Manifest, Need, NodeSync, SyncEvents, copy_sftp, plan_node
-from dslaunch.transport.fanout import HostResults, fan_out
+from dslaunch.transport.fanout import fan_out
 from dslaunch.transport.nodes import Cluster, NodeClient
 from dslaunch.wire.hosts import Node
 
@@ -36,7 +36,7 @@ def sync_tree(
     cluster: Cluster, clients: list[NodeClient], local: str, where: str, want: Manifest, ev: SyncEvents, opener: Any
 ) -> list[NodeSync]:
     planned = cluster.map(lambda c: plan_node(c, where, want, ev), clients)
-    failed = HostResults(r for r in planned if not r.ok)
+    failed = [r for r in planned if not r.ok]
     needs = [r.value for r in planned if r.value is not None]
     done = [NodeSync(n.host) for n in needs if not n.todo]
     holders = [n.client for n in needs if not n.todo]
@@ -56,7 +56,9 @@ def sync_tree(
                 holders.append(p.need.client)
             else:
                 failed.append(r)
-    failed.raise_failures("model sync")
+    if failed:
+        lines = "\n  ".join(r.describe() for r in failed)
+        raise RemoteError(f"model sync failed on {len(failed)} of {len(clients)} node(s):\n  {lines}")
     return done
 
 
