@@ -298,3 +298,14 @@ def test_a_relay_connection_without_the_token_is_refused(tmp_path: Path) -> None
     assert "without the sync's token was refused" in json.loads(next(lines))["error"]
     t.join()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_says_when_no_copy_is_needed_and_names_a_shared_filesystem_under_slurm() -> None:
+    from dslaunch.cli.sync import summary
+
+    same = [NodeSync("n1"), NodeSync("n2")]
+    assert summary(same, "slurm")[-1] == "every node already holds this model (a shared filesystem): no copy needed"
+    assert summary(same, "ssh")[-1] == "every node already holds this model: no copy needed"
+    mixed = summary([NodeSync("n1", ["w.safetensors"], 5_000_000, 1_000_000), NodeSync("n2")], "slurm")
+    assert mixed == ["n1: 1 file(s) copied, 5.0 MB sent, 1.0 MB continued from an interrupted copy",
+                     "n2: identical, nothing sent"]  # fmt: skip
