@@ -18,6 +18,7 @@ import getpass
 import os
 import pwd
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -168,8 +169,14 @@ class SimNode:
 class SimCluster:
     """N nodes, each an sshd on its own 127.0.0.x address; `stop()` ends every one of them."""
 
-    def __init__(self, root: Path, n: int, first_ip: int = 2, private_dirs: dict[int, list[str]] | None = None):
+    def __init__(
+        self, root: Path, n: int, first_ip: int = 2, private_dirs: dict[int, list[str]] | None = None,
+        private_sizes: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        """`private_dirs`: per node index, directories that node sees as its own empty tmpfs;
+        `private_sizes`: a tmpfs size (`size=` of mount, e.g. "2m") per such directory."""
         self.root = root
+        self.private_sizes = private_sizes or {}
         self.home = root / "home"
         self.ssh_dir = self.home / ".ssh"
         self.etc = root / "sshd"
@@ -224,6 +231,7 @@ class SimCluster:
             # no ~/.ssh/rc; and bash (when it is the login's shell) reads ~/.bashrc for a command
             # from sshd only at SHLVL < 2: it counts this 1 up to 2
             "PermitUserRC no\nPermitUserEnvironment no\nSetEnv SHLVL=1\n"
+            "Subsystem sftp internal-sftp\n"  # `dslaunch sync` copies over SFTP, as a stock sshd allows
         )
         return conf
 
@@ -231,7 +239,10 @@ class SimCluster:
         """Start (or restart) one node's sshd; private dirs get a tmpfs in its own mount namespace."""
         argv = [SSHD, "-D", "-e", "-f", str(self._config(n))]
         if n.private_dirs:
-            mounts = " && ".join(f"mount -t tmpfs dslaunch-private {d}" for d in n.private_dirs)
+            mounts = " && ".join(
+                f"mount -t tmpfs -o size={self.private_sizes.get(d, '50%')} dslaunch-private {shlex.quote(d)}"
+                for d in n.private_dirs
+            )
             argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
         log = open(self.etc / f"{n.alias}.log", "ab")  # noqa: SIM115 - owned by the child
         n.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)

@@ -1,6 +1,6 @@
 """The `dslaunch` command line: parse flags, build a spec, call the core, render. No logic here."""
 
-from dslaunch.cli import commands, query  # noqa: F401  (registers the commands)
+from dslaunch.cli import commands, query, sync  # noqa: F401  (registers the commands)
 from dslaunch.cli.app import main
 
 __all__ = ["main"]

@@ -12,6 +12,7 @@ import click
 from dslaunch.cli import render
 from dslaunch.cli.app import _read_token, console, err_console, main
 from dslaunch.cli.options import GRACE_DEFAULT, SERVE_OPTIONS, UP_EXAMPLES, UP_OPTIONS, apply, name_option
+from dslaunch.cli.sync import run_sync
 from dslaunch.errors import UserError
 from dslaunch.launch import lifecycle as launch
 from dslaunch.launch import logs as joblogs
@@ -19,6 +20,7 @@ from dslaunch.launch import slurmsubmit
 from dslaunch.launch import status as jobstatus
 from dslaunch.launch import store as state
 from dslaunch.launch.hostfile import choose_nodes
+from dslaunch.launch.preflight import connect_options
 from dslaunch.launch.slurmalloc import choose_launcher, choose_slurm_nodes, srun_selection
 from dslaunch.launch.spec import JobSpec, collect_user_env
 from dslaunch.transport.launchers import get_launcher
@@ -36,7 +38,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
        work_dir: str, no_launch_dir: bool, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
        parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None, tp: int | None,
-       launcher: str, partition: str | None, time_limit: str | None, account: str | None,
+       launcher: str, partition: str | None, time_limit: str | None, account: str | None, sync_model: bool,
        **serve_opts: Any) -> None:  # fmt: skip
     """Start a job on every node of the hostfile, load the model on every rank and serve it.
 
@@ -82,6 +84,10 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         console.print(render.plan_view(plan, note, lines))
         return
     t0 = time.monotonic()
+    if sync_model:  # before pre-flight, which then finds every copy identical
+        if not serve.model:
+            raise UserError("--sync-model copies --model to the nodes: give --model DIR")
+        run_sync(spec.nodes, serve.model, spec.launcher, spec.python, connect_options(spec))
     units = [u for r in spec.replicas for u in r.units]
     tag = (lambda u: f" (replica {u.replica})") if len(spec.replicas) > 1 else (lambda u: "")
     view = render.UpView(

@@ -179,6 +179,12 @@ UP_OPTIONS = [
     ),
     click.option("--keep-logs", is_flag=True, help="Keep the nodes' logs after 'down'."),
     click.option("--dry-run", is_flag=True, help="Print the launch plan and exit without touching a node."),
+    click.option(
+        "--sync-model",
+        is_flag=True,
+        help="First copy --model (a directory here) to every node that lacks it or holds another copy "
+        "(as 'dslaunch sync' does).",
+    ),
 ]
 
 

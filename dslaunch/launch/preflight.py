@@ -15,6 +15,7 @@ from typing import Any
 from dslaunch import __version__
 from dslaunch.errors import NodeOpFailed, UserError
 from dslaunch.launch.families import family_problem
+from dslaunch.launch.modelcheck import local_manifest, mismatch_line, node_path
 from dslaunch.launch.plan import choose_backend
 from dslaunch.launch.replicas import heads_per_node
 from dslaunch.launch.spec import JobSpec
@@ -26,6 +27,7 @@ from dslaunch.wire.states import NodeStage
 Progress = Callable[[int, NodeStage, str], None]
 # A node whose shell takes longer than this to start slows every dslaunch operation on it.
 SLOW_SHELL_S = 1.0
+HASH_RATE = 100e6  # bytes/s a node hashes at least (a slow disk): the probe's extra time
 
 
 def quiet(_i: int, _stage: NodeStage, _detail: str) -> None:
@@ -66,13 +68,19 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
         )
     for i in range(len(nodes)):
         progress(i, NodeStage.CONNECTING, "")
-    results = cluster.map(lambda c: _probe(spec, cluster, c))
+    want = local_manifest(spec.serve.model)
+    results = cluster.map(lambda c: _probe(spec, cluster, c, want))
     for i, r in enumerate(results):
         progress(i, NodeStage.CHECKED if r.ok else NodeStage.FAILED, "" if r.ok else str(r.error))
     results.raise_failures("pre-flight")
     probes = [r.value or {} for r in results]
     backend = choose_backend(spec.backend, [p.get("gpus", 0) for p in probes], [n.nprocs for n in nodes])
     problems = _node_problems(spec, probes) + _backend_problems(spec, probes, backend) + _head_problems(spec, probes[0])
+    if want is not None:
+        model = spec.serve.model or ""
+        lines = [mismatch_line(n.host, model, want, p["model_files"]) for n, p in zip(nodes, probes, strict=True)
+                 if p.get("model_files") is not None]  # fmt: skip
+        problems += [line for line in lines if line]
     family = family_problem(
         spec.serve.model or "", probes[0].get("model_config"), spec.tp_size, spec.serve.kernel_inject,
         probes[0].get("deepspeed"),
@@ -167,7 +175,7 @@ def node_addresses(spec: JobSpec, cluster: Cluster, reached: list[str | None]) -
     return [str(a) for a in out]
 
 
-def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
+def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient, local: dict[str, Any] | None = None) -> dict[str, Any]:
     """One node's facts; node 0 also picks the ports. Times the node's shell start-up too."""
     shell_s = 0.0
     if getattr(c.transport, "login_shell", True):  # a Slurm step runs no login shell: nothing to time
@@ -187,7 +195,11 @@ def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient) -> dict[str, Any]:
         args["model_dir"] = spec.serve.model
     if spec.launch_dir:
         args["launch_dir"] = spec.launch_dir
-    out = c.call("probe", args, timeout=spec.connect_timeout + spec.command_timeout)
+    timeout = spec.connect_timeout + spec.command_timeout
+    if local is not None and spec.serve.model:  # the nodes' hashes, to compare with this host's
+        args["model_hashes"] = node_path(spec.serve.model)
+        timeout += sum(int(f["size"]) for f in local.values()) / HASH_RATE  # a first hash reads every byte
+    out = c.call("probe", args, timeout=timeout)
     out["address"] = c.transport.address()
     out["shell_s"] = shell_s
     return out

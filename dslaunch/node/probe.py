@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dslaunch.errors import NodeOpError
+from dslaunch.wire.filehash import manifest
 
 PROBE_PREFIX = ".dslaunch-probe-"
 
@@ -142,6 +143,11 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
         config = base / os.path.expanduser(model) / "config.json"
         if not config.is_file():
             out["model_dir_error"] = f"{model}: no such model directory here (no config.json)"
+    if args.get("model_hashes") and os.path.isdir(os.path.expanduser(args["model_hashes"])):
+        try:
+            out["model_files"] = manifest(os.path.expanduser(args["model_hashes"]))
+        except OSError as e:
+            out["model_dir_error"] = f"{args['model_hashes']}: cannot read {e.filename}: {e.strerror}"
     if args.get("model_config"):
         out["model_config"] = model_config(args["model_config"], Path(launch_dir) if out["launch_dir_exists"] else None)
     work = args.get("work_dir")

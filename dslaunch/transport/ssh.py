@@ -30,6 +30,7 @@ from dslaunch.wire.hosts import Node
 # paramiko logs transport errors to stderr by itself; dslaunch reports them once, in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
+SFTP_WINDOW = 64 << 20
 MAX_HOPS = 8  # nested ProxyJump through jump hosts' own ProxyJump: deeper is a loop
 
 
@@ -233,6 +234,18 @@ class SSHTransport:
             )
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise RemoteError(f"{self.node.host}: cannot tunnel to {host}:{port} over SSH ({e})") from None
+
+    def sftp(self) -> paramiko.SFTPClient:
+        """An SFTP session on this node's one connection (for copying the model in)."""
+        transport = self.client().get_transport()
+        if transport is None or not transport.is_active():
+            raise RemoteError(f"{self.node.host}: SSH connection to {self.where} was lost")
+        try:  # a wide window keeps pipelined writes flowing (paramiko's default is 2 MiB)
+            return paramiko.SFTPClient.from_transport(transport, window_size=SFTP_WINDOW)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise RemoteError(
+                f"{self.node.host}: cannot open SFTP over SSH ({e}; does its sshd enable the sftp subsystem?)"
+            ) from None
 
     def address(self) -> str | None:
         """The address SSH reached the node at; None through a proxy (the peer is the proxy)."""
