@@ -24,30 +24,23 @@ PROMPTS = ["Hello world", "Tensor parallel layers shard"]
 _SHARED_SCOPES = {"module": 0, "package": 1}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """Under pytest-xdist (`--dist loadgroup`), keep the tests that share a module- or
     package-scoped fixture (a live job, a router kit, a built model) on one worker, so that
     fixture is built once; every other test is free to run on any worker.
 
     The group is the widest scope the test uses: the package's directory for a package-scoped
-    fixture (tests/front/ shares one job), else the module's file.
+    fixture (tests/front/ shares one job), else the module's file. It is marked as each test is
+    collected, before any `pytest_collection_modifyitems` (where xdist reads the groups) runs.
     """
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or item.get_closest_marker("xdist_group"):
-            continue
-        scopes = {
-            _SHARED_SCOPES[d.scope]
-            for defs in info.name2fixturedefs.values()
-            for d in defs[-1:]
-            if d.scope in _SHARED_SCOPES
-        }
-        if not scopes:
-            continue
-        path = item.path
-        group = str(path.parent if max(scopes) == _SHARED_SCOPES["package"] else path)
-        item.add_marker(pytest.mark.xdist_group(name=str(Path(group).relative_to(REPO))))
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None or item.get_closest_marker("xdist_group"):
+        return
+    scopes = {_SHARED_SCOPES[d.scope] for defs in info.name2fixturedefs.values() for d in defs[-1:]
+              if d.scope in _SHARED_SCOPES}  # fmt: skip
+    if scopes:
+        where = item.path.parent if max(scopes) == _SHARED_SCOPES["package"] else item.path
+        item.add_marker(pytest.mark.xdist_group(name=str(where.relative_to(REPO))))
 
 
 def job_pids(marker: str) -> list[int]:
