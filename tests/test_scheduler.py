@@ -163,7 +163,7 @@ def test_prefix_hits_skip_the_cached_blocks_and_give_the_same_tokens() -> None:
     assert first == {0: 0, 1: 12, 2: 8}  # row 2's whole prompt is cached: its last block is recomputed
     assert s.hits == 3 + 2 and s.queries == 3 + 3 + 2
     assert outs == {k: solo(*rows[k], eos=False) for k in rows}
-    assert s.stats()["prefix_cache_hits"] == 5 and s.stats()["kv_blocks_used"] == 0
+    assert s.stats()["prefix_cache_hits"] == 5 * 4 and s.stats()["kv_blocks_used"] == 0  # tokens, as vLLM counts
 
 
 @pytest.mark.parametrize("seed", range(24))

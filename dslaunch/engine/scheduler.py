@@ -162,9 +162,10 @@ class Scheduler:
             self.finish(key)
 
     def stats(self) -> dict[str, int]:
+        """The counters `stats` and `/metrics` show; the prefix cache's in tokens, as vLLM counts."""
         return {
-            "prefix_cache_queries": self.queries,
-            "prefix_cache_hits": self.hits,
+            "prefix_cache_queries": self.queries * self.size,
+            "prefix_cache_hits": self.hits * self.size,
             "kv_blocks_used": self.pool.used,
             "kv_blocks_total": self.pool.total,
             "kv_block_size": self.size,

@@ -110,10 +110,6 @@ class Front:
                 self.status_path.unlink()
 
     @property
-    def connections(self) -> int:
-        return len(self.gate)
-
-    @property
     def closing(self) -> bool:
         return self._stop is not None and self._stop.is_set()
 
@@ -186,7 +182,7 @@ class Front:
             "served": snap["served"],
             "errors": sum(snap["errors"].values()),
             "queue": snap["queue"],
-            "connections": self.connections,
+            "connections": len(self.gate),
             "p50_ms": snap["latency_ms"]["p50"],
             "p99_ms": snap["latency_ms"]["p99"],
             "tokens_per_s": snap["tokens_per_s"],

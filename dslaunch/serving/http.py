@@ -254,7 +254,7 @@ class _Http:
 
     async def _metrics(self, _path: str, _query: str, _body: bytes) -> None:
         snap = self.front.stats_doc()
-        live = {"connections": self.front.connections, "restarts": self.front.info.get("restarts", 0),
+        live = {"connections": len(self.front.gate), "restarts": self.front.info.get("restarts", 0),
                 "ready": self.front.accepting}  # fmt: skip
         engines = await self.front.engine_docs()
         text = self.front.metrics.render(snap, live, engines, self.cfg.served_model_name or "model")

@@ -77,18 +77,20 @@ def test_a_client_that_never_reads_cannot_grow_rank0_memory(job: tuple[Cli, dict
 
 def test_reading_pauses_at_the_in_flight_cap_of_a_connection(job: tuple[Cli, dict[str, Any]], port: int) -> None:
     seen: list[int] = []
-    done = threading.Event()
+    done, watching = threading.Event(), threading.Event()
 
     def watch() -> None:
         with Client("127.0.0.1", port, timeout=60) as c:
             while not done.is_set():
                 st = c.stats()
                 seen.append(st["queue"] + st["in_flight"])
-                time.sleep(0.1)
+                watching.set()
+                time.sleep(0.05)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
+        assert watching.wait(60), "the watcher could not ask for stats"  # it watches before the load starts
         with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
             asks = [{"id": i, "op": "generate", "prompt": "Hello world", "max_new_tokens": 30} for i in range(12)]
             s.sendall(b"".join(json.dumps(a).encode() + b"\n" for a in asks))
