@@ -168,6 +168,29 @@ def _submitted(slurm: SlurmSim, name: str = "default") -> list[tuple[str, str, s
     return [tuple(line.split("|")) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
 
+def _read_until(p: subprocess.Popen[str], fragment: str, timeout: float = 60) -> str:
+    """The process's stderr up to and including the first line holding `fragment`: a signal sent
+    after this reaches a process that has printed that line (not one still starting)."""
+    import threading
+
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert p.stderr is not None
+        for line in iter(p.stderr.readline, ""):
+            lines.append(line)
+            if fragment in line:
+                found.set()
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert found.wait(timeout), f"no {fragment!r} in {''.join(lines)!r}"
+    reader.join()
+    return "".join(lines)
+
+
 def _wait_for(cond: object, timeout: float = 60) -> None:
     import time
 
@@ -185,9 +208,10 @@ def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: Slur
     try:
         # Ctrl-C while pending: the submitted job is cancelled
         p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir))
-        _wait_for(lambda: _submitted(slurm))
+        seen = _read_until(p, "PENDING: PartitionDown (Ctrl-C cancels it)")
         os.kill(p.pid, signal.SIGINT)
         _out, err = p.communicate(timeout=60)
+        err = seen + err
         assert p.returncode == 130, err
         assert "PENDING: PartitionDown (Ctrl-C cancels it)" in err and "cancelled Slurm job" in err, err
         _wait_for(lambda: not _submitted(slurm))

@@ -106,16 +106,21 @@ def test_a_wrong_or_missing_key_is_401_and_an_unknown_model_404(base_url: str) -
 def test_overload_is_429_and_the_client_may_retry_it(base_url: str) -> None:
     results: list[Any] = []
     lock = threading.Lock()
+    clients = [_oai(base_url) for _ in range(16)]  # built first: building one takes longer than a row
+    go = threading.Barrier(len(clients))
 
-    def one() -> None:
+    def one(client: openai.OpenAI) -> None:
+        go.wait(60)  # all 16 at once, and none may end early: more than the queue can hold
         try:
-            r: Any = _oai(base_url).completions.create(model="tiny", prompt="Hello", max_tokens=150, temperature=0)
+            r: Any = client.completions.create(
+                model="tiny", prompt="Hello", max_tokens=300, temperature=0, extra_body={"ignore_eos": True}
+            )
         except openai.APIStatusError as e:
             r = e
         with lock:
             results.append(r)
 
-    threads = [threading.Thread(target=one) for _ in range(16)]
+    threads = [threading.Thread(target=one, args=(c,)) for c in clients]
     for t in threads:
         t.start()
     for t in threads:
