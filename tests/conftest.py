@@ -79,16 +79,18 @@ def job_dirs(work_dir: Path) -> list[str]:
     return sorted(p.name for p in work_dir.iterdir() if p.name != "models")
 
 
-def rank_hook(tmp_path: Path, when: str, do: str) -> str:
-    """An `--env` value that makes rank processes run `do` at start-up where `when` holds.
+def rank_hook(tmp_path: Path, when: str, do: str) -> list[str]:
+    """`up` arguments that make rank processes run `do` at start-up where `when` holds.
 
     It is a sitecustomize module on PYTHONPATH (imported before anything else); `os`, `sys` and
-    `time` are imported for the two expressions. Only rank processes have LOCAL_RANK set.
+    `time` are imported for the two expressions. Only rank processes have LOCAL_RANK set. An
+    interpreter runs it as it starts, so the ranks are executed (`--rank-start exec`), not forked
+    from an agent that started long before.
     """
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(f"import os, sys, time\nif {when}:\n    {do}\n")
-    return f"PYTHONPATH={site}"
+    return ["--rank-start", "exec", "--env", f"PYTHONPATH={site}"]
 
 
 class Cli:

@@ -68,7 +68,7 @@ def test_dry_run_prints_the_plan_without_touching_nodes(cli: Cli, tmp_path: Path
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "world size" in out and "4" in out
-    assert "torch.distributed.run" in out and "--node-rank 1" in out
+    assert "dslaunch.rank.torchrun" in out and "--node-rank 1" in out
     assert "file:///nfs/r/default-dryrun00-{restart}" in out
     assert "NCCL_DEBUG=INFO" in out and "LOCAL_SIZE=2" in out
     assert "gpu-b" in out

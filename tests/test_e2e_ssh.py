@@ -261,7 +261,7 @@ def test_failing_rank_makes_up_fail_and_clean_everything(sim: SimCluster, cli: C
     """A broken environment on the nodes (rank 1 cannot start): up shows why and removes all."""
     hook = rank_hook(tmp_path, "os.environ.get('LOCAL_RANK') == '1'",
                      "sys.exit('sitecustomize: rank refuses to start (simulated broken node)')")  # fmt: skip
-    res = cli.up("-H", str(sim.hostfile(slots=2)), "--max-restarts", "0", "--env", hook, "--timeout", "120")
+    res = cli.up("-H", str(sim.hostfile(slots=2)), "--max-restarts", "0", *hook, "--timeout", "120")
     assert res.returncode == 1, res.stdout
     assert "the agent stopped before the job was ready" in res.stderr
     assert "everything it started was removed from every node" in res.stderr

@@ -32,7 +32,7 @@ def test_world_and_ranks_follow_hostfile_order() -> None:
 def test_agent_command_is_torchrun_with_c10d_hosted_on_node0() -> None:
     plan = _plan()
     a0, a1 = plan.nodes[0].argv, plan.nodes[1].argv
-    assert a0[:3] == ("/opt/py", "-m", "torch.distributed.run")
+    assert a0[:3] == ("/opt/py", "-m", "dslaunch.rank.torchrun")  # torchrun's flags and agent, ranks forked
     assert a0[a0.index("--nnodes") + 1] == "2"
     assert a0[a0.index("--nproc-per-node") + 1] == "2" and a1[a1.index("--nproc-per-node") + 1] == "3"
     assert a1[a1.index("--node-rank") + 1] == "1"
@@ -43,6 +43,8 @@ def test_agent_command_is_torchrun_with_c10d_hosted_on_node0() -> None:
     assert a1[a1.index("--local-addr") + 1] == "10.0.0.2"
     assert a0[-2:] == ("-m", "dslaunch.rank.worker")
     assert a0[a0.index("--rdzv-id") + 1] == plan.job_id == "default-r1"
+    plain = _plan(rank_start="exec").nodes[0].argv
+    assert plain[:3] == ("/opt/py", "-m", "torch.distributed.run") and plain[3:] == a0[3:]
 
 
 def test_environment_per_node() -> None:

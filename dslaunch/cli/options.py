@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from dslaunch.launch.spec import BACKENDS, JobSpec
+from dslaunch.launch.spec import BACKENDS, RANK_STARTS, JobSpec
 from dslaunch.transport.launchers import LAUNCHERS
 from dslaunch.wire.initmethods import INIT_METHODS
 from dslaunch.wire.serve import DTYPES, TASKS, ServeSpec
@@ -113,6 +113,15 @@ UP_OPTIONS = [
         default=_job("restart_backoff"),
         show_default=True,
         help="Seconds before the 2nd restart, doubling for each later one (the 1st is immediate).",
+    ),
+    click.option(
+        "--rank-start",
+        type=click.Choice(RANK_STARTS),
+        default=_job("rank_start"),
+        show_default=True,
+        help="How the agent starts each rank: 'fork' from the agent, which has imported torch, transformers "
+        "and DeepSpeed once (a restart then costs a model load; on a node with a GPU it is 'exec'), or "
+        "'exec' a new interpreter per rank, as plain torchrun.",
     ),
     click.option(
         "--backend",

@@ -18,7 +18,8 @@ from dslaunch.wire.rankenv import EXPAND_ENV, LAUNCH_DIR_ENV, NodeEnv
 from dslaunch.wire.routerenv import RouterEnv
 from dslaunch.wire.serve import DEFAULT_FRONT_PORT
 
-AGENT_MODULE = "torch.distributed.run"
+AGENT_MODULE = "dslaunch.rank.torchrun"  # torchrun's agent, with ranks forked warm where no GPU is
+TORCHRUN_MODULE = "torch.distributed.run"  # --rank-start exec
 WORKER_MODULE = "dslaunch.rank.worker"
 SUPERVISOR_MODULE = "dslaunch.node.supervise"
 ROUTER_MODULE = "dslaunch.serving.router"
@@ -220,7 +221,7 @@ def agent_argv(
     """One agent's command line: torchrun for one replica's ranks on one node, c10d rendezvous on
     the replica's head node."""
     argv = [
-        spec.python, "-m", AGENT_MODULE,
+        spec.python, "-m", AGENT_MODULE if spec.rank_start == "fork" else TORCHRUN_MODULE,
         "--nnodes", str(nnodes),
         "--nproc-per-node", str(u.nprocs),
         "--node-rank", str(u.gang_node),

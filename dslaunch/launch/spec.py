@@ -18,6 +18,7 @@ from dslaunch.wire.restarts import MAX_BACKOFF_S
 from dslaunch.wire.serve import ServeSpec, positive_seconds
 
 BACKENDS = ("auto", "nccl", "gloo")
+RANK_STARTS = ("fork", "exec")
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Launch-host variables forwarded to every node: DeepSpeed's launcher forwards NCCL*, PYTHON*
 # (PYTHONPATH among them), MLFLOW*, MV2* and UCX*; the others are what torch and HF read.
@@ -41,6 +42,7 @@ class JobSpec:
     rdzv_port: int | None = None
     max_restarts: int = 3
     restart_backoff: float = 1.0
+    rank_start: str = "fork"  # RANK_STARTS: fork from a warm agent (rank/torchrun.py), or exec as torchrun
     python: str = sys.executable
     work_dir: str = "~/.dslaunch/run"
     backend: str = "auto"

@@ -66,6 +66,8 @@ _FAILED_RE = re.compile(
 )
 
 
+# the agent's own traceback starts in one of these (plain torchrun, or dslaunch's warm one)
+_AGENT_FILES = ("torch/distributed/run.py", "dslaunch/rank/torchrun.py")
 _MARKER_RE = re.compile(r"^--- rank (\d+) pid (\d+) attempt (\d+)")
 
 
@@ -108,7 +110,7 @@ def agent_failure(lines: list[str], keep: int = 12) -> list[str]:
     torchrun ends with a long traceback of its own and a summary; the cause a user needs is the
     worker output before it and the "Root Cause" block.
     """
-    end = next((i for i, ln in enumerate(lines) if "torch/distributed/run.py" in ln), len(lines))
+    end = next((i for i, ln in enumerate(lines) if any(a in ln for a in _AGENT_FILES)), len(lines))
     start = end
     while start > 0 and not lines[start - 1].startswith("Traceback"):
         start -= 1

@@ -75,6 +75,8 @@ def threads() -> int | None:
 class StopFlag:
     """Set by SIGTERM/SIGINT (sent by the agent on `down` or on a gang restart)."""
 
+    received: int | None = None  # the first signal any flag of this process took (rank.torchrun reads it)
+
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
@@ -83,6 +85,7 @@ class StopFlag:
 
     def _handler(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+        StopFlag.received = StopFlag.received or signum
         self.event.set()
 
 

@@ -20,7 +20,7 @@ def _agent_pid(run_id: str, node_rank: int) -> int:
     out = subprocess.run(["ps", "axeww", "-o", "pid=,args="], capture_output=True, text=True).stdout
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
-        is_agent = "-m torch.distributed.run" in args and not args.startswith("/bin/sh")
+        is_agent = "-m dslaunch.rank.torchrun" in args and not args.startswith("/bin/sh")
         words = set(args.split())
         ours = {f"DSLAUNCH_JOB_ID=default-{run_id}", f"DSLAUNCH_NODE_RANK={node_rank}"} <= words
         if is_agent and ours:

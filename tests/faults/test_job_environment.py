@@ -7,6 +7,7 @@ process. Checked with the token from DSLAUNCH_TOKEN and with a generated one (`-
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ def job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     args: list[str] = []
     if request.param == "DSLAUNCH_TOKEN":
         env["DSLAUNCH_TOKEN"] = secrets.token_urlsafe(32)
+        args = ["--rank-start", "exec"]  # ranks as plain torchrun starts them: interpreters of their own
     else:
-        args = ["--bind", "0.0.0.0"]
+        args = ["--bind", "0.0.0.0"]  # ranks forked from the agent
     for cli, rec in local_job(tmp_path_factory, *args, env=env):
         yield {"cli": cli, "rec": rec, "env_token": env.get("DSLAUNCH_TOKEN")}
 
@@ -47,3 +49,24 @@ def test_no_job_process_has_the_token_in_its_environment(job: dict[str, Any]) ->
     # and the front does require that token: query reads it from the record
     res = cli("query", "--health")
     assert res.returncode == 0 and '"ok": true' in res.stdout, res.stdout + res.stderr
+
+
+def test_ranks_are_forked_from_the_agent_or_executed_as_torchrun_does(job: dict[str, Any]) -> None:
+    """`--rank-start fork` (the default where no GPU is): each rank is a child of the agent that
+    never executed anything, yet `ps` shows it as the worker; `exec`: torchrun's own interpreter."""
+    st = job["cli"]("status", "--json")
+    assert st.returncode == 0, st.stderr
+    forked = job["env_token"] is None
+    for rank in json.loads(st.stdout)["ranks"]:
+        pid = rank["pid"]
+        agent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        agent_args = Path(f"/proc/{agent}/cmdline").read_bytes().split(b"\0")
+        shown = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()  # as `ps` shows it
+        assert shown[1:] == [b"-u", b"-m", b"dslaunch.rank.worker"], shown
+        module = b"dslaunch.rank.torchrun" if forked else b"torch.distributed.run"
+        assert agent_args[1:3] == [b"-m", module], agent_args
+        # torchrun hands an executed rank RANK, LOCAL_RANK, ... in the environment it executes
+        # with; a forked rank's initial environment is its agent's, and they are set after the fork
+        initial = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert any(v.startswith(b"LOCAL_RANK=") for v in initial) is not forked
+        assert (initial == Path(f"/proc/{agent}/environ").read_bytes().split(b"\0")) is forked

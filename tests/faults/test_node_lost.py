@@ -28,7 +28,7 @@ def test_a_node_lost_during_up_is_named_and_nothing_is_left(sim: SimCluster, cli
     hook = rank_hook(tmp_path, "'LOCAL_RANK' in os.environ and os.environ.get('DSLAUNCH_NODE_RANK') == '1'",
                      "time.sleep(300)")  # fmt: skip
     proc = cli.popen("up", "--work-dir", str(cli.work_dir), "-H", str(sim.hostfile(slots=1)),
-                     "--env", hook, "--timeout", "200")  # fmt: skip
+                     *hook, "--timeout", "200")  # fmt: skip
     everywhere = f"DSLAUNCH_NODE_DIR={cli.work_dir}"
     try:
         deadline = time.monotonic() + 60

@@ -52,7 +52,7 @@ def test_killed_rank_restarts_the_gang_and_rank0_stays_on_node0(
 def test_ctrl_c_during_up_removes_everything(sim: SimCluster, cli: Cli, tmp_path) -> None:
     # ranks that never get ready: node1's worker sleeps before starting, so up is still waiting
     hook = rank_hook(tmp_path, "'LOCAL_RANK' in os.environ", "time.sleep(120)")
-    proc = cli.popen("up", "--work-dir", str(cli.work_dir), "-H", str(sim.hostfile(slots=1)), "--env", hook)
+    proc = cli.popen("up", "--work-dir", str(cli.work_dir), "-H", str(sim.hostfile(slots=1)), *hook)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}")) < 4:

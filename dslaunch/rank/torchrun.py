@@ -1,0 +1,100 @@
+"""torchrun whose ranks start warm: `python -m dslaunch.rank.torchrun <torchrun flags> -m MODULE`.
+
+The same flags, parser, rendezvous and elastic agent as `python -m torch.distributed.run`; the
+one difference is how a rank starts. torchrun executes a new interpreter per rank and attempt,
+which imports torch, transformers and DeepSpeed again: most of a rank's start-up, and all of it
+again on every restart of the gang. Here the agent imports them once, and each rank is forked
+from it (torch elastic's `fork` start method), so a restart costs a fork and a model load.
+
+Only where no accelerator is present: CUDA (and ROCm) cannot be used in a process forked after
+the parent initialised it, and importing DeepSpeed probes the accelerator. On a node with one,
+this is plain torchrun: each rank its own interpreter, as before.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import sys
+
+# what a rank imports before it can load a model: paid once per agent instead of once per attempt
+WARM_IMPORTS = (
+    "torch",
+    "torch.distributed",
+    "transformers",
+    "transformers.modeling_utils",
+    "transformers.generation.utils",
+    "deepspeed",
+    "dslaunch.rank.worker",
+    "dslaunch.rank.session",
+    "dslaunch.engine.loader",
+)
+# the agent's own handlers (torch elastic raises on these) must not run in a rank
+_RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def has_accelerator() -> bool:
+    """A GPU device node on this machine (NVIDIA or AMD): then ranks must not be forked."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
+
+
+def rank_main(module: str) -> None:
+    """A forked rank: the agent's signal handlers off, then the worker's entry point. Returns on
+    success (torch elastic reads a return value); a failure exits with the worker's code."""
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    sys.argv = [f"-m {module}"]
+    # `ps` shows the rank as torchrun would have started it. Within the agent's own (longer)
+    # argv only: the environment block must stay as it was, job markers and all (`down` finds
+    # a job's processes by them)
+    os.environ["SPT_NOENV"] = "1"
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(f"{sys.executable} -u -m {module}")
+    except ImportError:
+        pass
+    sys.stdout.reconfigure(line_buffering=True)  # as `python -u` for an executed rank
+    sys.stderr.reconfigure(line_buffering=True)
+    from dslaunch.rank.process import StopFlag
+    from dslaunch.rank.worker import main
+
+    code = main()
+    if code:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if StopFlag.received is not None:
+        # stopped by the agent (down, a gang restart): it is closing its workers, not waiting
+        # for return values; end now instead of in torch elastic's wait for the other ranks
+        os._exit(0)
+    # the replica ends (every rank failed the same way): torch elastic collects each rank's
+    # return value, and a signal while it waits for the others ends this rank at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed import run
+
+    args = run.parse_args(argv if argv is not None else sys.argv[1:])
+    if has_accelerator() or not args.module or args.training_script != "dslaunch.rank.worker":
+        run.run(args)  # plain torchrun
+        return
+    import importlib
+
+    for name in WARM_IMPORTS:
+        importlib.import_module(name)
+    from torch.distributed.launcher.api import elastic_launch
+
+    args.start_method = "fork"
+    if args.master_port is None:  # as torchrun does (used by the static rendezvous only)
+        args.master_port = 29500
+    config, _cmd, _cmd_args = run.config_from_args(args)
+    elastic_launch(config=config, entrypoint=rank_main)(args.training_script)
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(main)()
