@@ -106,7 +106,8 @@ class Kit:
                              stderr=subprocess.STDOUT, env=env)  # fmt: skip
         self.procs[r] = p
         if key is None or key == self.key:
-            self.wait_state(r, "ready", attempt)
+            # a new interpreter importing torch and transformers: minutes on a small machine under load
+            self.wait_state(r, "ready", attempt, within=300)
         return p
 
     def kill_replica(self, r: int) -> None:
