@@ -21,13 +21,12 @@ from dslaunch.wire.serve import ServeSpec
 
 
 def process_group() -> Any:
-    """A gloo group of one (this process), formed once per test session."""
+    """A gloo group of one (this process), formed once per test session, on an in-process store: no
+    port to pick, so nothing else on a busy machine can take it between the pick and the bind."""
     import torch.distributed as dist
 
-    from tests.simnodes import free_port
-
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     return dist.group.WORLD
 
 

@@ -13,12 +13,15 @@ from pathlib import Path
 from dslaunch.node import agent, procs
 from tests.conftest import job_pids
 
-# A child that records its pid and start count, then crashes on its first run only.
+# A child that records its pid, then its start count (each file whole: the test reads them as they
+# change), then crashes on its first run only.
 CHILD = """
 import os, sys, time, pathlib
 d = pathlib.Path(sys.argv[1]); runs = d / "runs"
 n = int(runs.read_text()) + 1 if runs.exists() else 1
-runs.write_text(str(n)); (d / "child.pid").write_text(str(os.getpid()))
+def put(name, text):
+    (d / f"{name}.tmp").write_text(text); os.replace(d / f"{name}.tmp", d / name)
+put("child.pid", str(os.getpid())); put("runs", str(n))
 if n == 1:
     os._exit(7)
 time.sleep(600)
