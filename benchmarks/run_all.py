@@ -16,6 +16,7 @@ BENCHMARKS = [
     "router.py",
     "replicas.py",
     "paged.py",
+    "rankstart.py",
     "plots.py",
 ]
 
