@@ -88,8 +88,11 @@ class Kit:
     def router_log(self) -> str:
         return (self.router_dir.root / "router.log").read_text(errors="replace")
 
-    def start_replica(self, r: int, key: str | None = None, delay: float = 0.0) -> subprocess.Popen[bytes]:
-        """Replica `r`'s leader (attempt counted up on every start); returns once it has linked."""
+    def start_replica(
+        self, r: int, key: str | None = None, delay: float = 0.0, wait: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Replica `r`'s leader (attempt counted up on every start); returns once it has linked
+        (`wait`; else at once, and `wait_state(r, "ready", ...)` waits)."""
         self.attempts[r] = attempt = self.attempts.get(r, -1) + 1
         nd = NodeDir.at(node_dir_path(str(self.work), self.job, r))
         nd.root.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,7 @@ class Kit:
         p = subprocess.Popen([sys.executable, "-m", "tests.routerkit"], cwd=ROOT, stdout=log,
                              stderr=subprocess.STDOUT, env=env)  # fmt: skip
         self.procs[r] = p
-        if key is None or key == self.key:
+        if wait and (key is None or key == self.key):
             # a new interpreter importing torch and transformers: minutes on a small machine under load
             self.wait_state(r, "ready", attempt, within=300)
         return p

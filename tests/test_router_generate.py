@@ -19,6 +19,9 @@ from dslaunch.wire.serve import ServeSpec
 from tests.inproc import reference
 from tests.routerkit import Kit
 
+# the module's job (a router and two replicas) is set up within its first test's time
+pytestmark = pytest.mark.timeout(600)
+
 PROMPTS = ["Hello world", "The quick brown fox", "One command", "Tensor parallel layers"]
 STEP_S = 0.03  # per decode step: a long stream is still running when its replica is killed
 LONG = 100
@@ -31,8 +34,10 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kit]:
     k = Kit(work, ServeSpec(max_batch_size=4, batch_wait_ms=0, max_new_tokens=200, served_model_name="tiny"))
     try:
         k.start_router()
-        k.start_replica(0, delay=STEP_S)
-        k.start_replica(1, delay=STEP_S)
+        for r in range(2):  # both start together: each is minutes of imports on a loaded small machine
+            k.start_replica(r, delay=STEP_S, wait=False)
+        for r in range(2):
+            k.wait_state(r, "ready", 0, within=400)
         yield k
     finally:
         k.close()
