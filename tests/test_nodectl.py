@@ -75,11 +75,19 @@ def test_start_detaches_and_stop_removes_every_marked_process(started, tmp_path:
 
 def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
     jid = f"stubborn-{time.monotonic_ns()}"
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-    args = _args(jid, tmp_path / "n", [sys.executable, "-c", code])
+    ready = tmp_path / "ignoring"
+    code = (
+        "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        "pathlib.Path(sys.argv[1]).touch(); time.sleep(600)"
+    )
+    args = _args(jid, tmp_path / "n", [sys.executable, "-c", code, str(ready)])
     assert "pid" in agent.op_start(args)
     try:
-        _wait_count(jid, 2)
+        # stop only once the process ignores SIGTERM: a loaded machine can take seconds to get there
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the stubborn process never started"
         res = agent.op_stop({**args, "grace": 1, "keep_logs": True})
         assert res["survivors"] == [] and res["killed"] >= 1
         assert (tmp_path / "n" / "agent.log").exists(), "--keep-logs keeps the logs"

@@ -62,6 +62,7 @@ def _our_steps(slurm: SlurmSim, job: str) -> list[str]:
     return [s for s in slurm.steps(job) if " dslaunch-" in s]
 
 
+@pytest.mark.timeout(600)  # up, a gang restart, a rolling restart and down: minutes on a loaded 2-core machine
 def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, tmp_path: Path) -> None:
     cli = _cli(tmp_path, alloc.env)
     try:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +31,20 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[st
 
 @pytest.fixture(scope="package")
 def port(job: tuple[Cli, dict[str, Any]]) -> int:
-    return int(job[1]["front"]["port"])
+    """The front's port, once its OpenAI routes have the tokenizer: the router loads it on first
+    use and answers `unavailable` meanwhile, which on a loaded 2-core machine can outlast a test."""
+    port = int(job[1]["front"]["port"])
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"authorization": f"Bearer {TOKEN}"})
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                if json.loads(r.read())["data"]:
+                    return port
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="package")
