@@ -97,6 +97,52 @@ def test_seeded_sampling_is_the_same_alone_and_among_chunked_rows(small: Served)
         assert small.events(j)[-1][0] == "done"
 
 
+def _prompt_reference(model: Path, prompt: str, k: int) -> tuple[list[int], list[float], list[list[int]]]:
+    """The plain model's log-likelihood of each prompt token given the ones before it (raw logits),
+    and the best k ids at each position."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model)(prompt)["input_ids"]
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(model)(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    chosen = lp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+    return ids, chosen, torch.topk(lp, k, dim=-1).indices.tolist()
+
+
+def test_prompts_are_scored_across_chunks_and_prefix_hits_as_the_plain_model_scores_them(
+    small: Served, ref: Any, tiny: Path
+) -> None:
+    long = SYSTEM + "Score me, token by token."
+    small.ask(_gen(long, 4))  # its blocks are in the prefix cache now: a scored row must not take them
+    hits = small.stats.snapshot(0, 0)["prefix_cache_hits"]
+    jobs = [small.submit(_gen(long, 0, prompt_logprobs=2)), small.submit(_gen(long, 6, prompt_logprobs=0)),
+            small.submit(_gen(SYSTEM + "Busy?", 30)), small.submit(_gen("Hello", 0, prompt_logprobs=3))]  # fmt: skip
+    ends = [small.events(j)[-1] for j in jobs]
+    assert [e[0] for e in ends] == ["done"] * 4, ends
+    scored, both, busy, short = [e[1][0] for e in ends]
+    ids, want, top = _prompt_reference(tiny, long, 2)
+    for res, k in ((scored, 2), (both, 0)):
+        doc = res["prompt_logprobs"]
+        assert doc["token_ids"] == ids and len(doc["tokens"]) == len(ids) and doc["text"]
+        assert doc["token_logprobs"][0] is None and doc["top_logprobs"][0] is None
+        assert doc["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+        assert [[a["id"] for a in alts] for alts in doc["top_logprobs"][1:]] == [t[:k] for t in top]
+    assert scored["tokens"] == 0 and scored["text"] == "" and scored["finish_reason"] == "length"
+    assert both["text"] == ref(long, 6) and both["tokens"] == 6, "scoring the prompt changes no token"
+    assert busy["text"] == ref(SYSTEM + "Busy?", 30) and "prompt_logprobs" not in busy
+    s_ids, s_want, _ = _prompt_reference(tiny, "Hello", 3)
+    assert short["prompt_logprobs"]["token_logprobs"][0] is None
+    assert short["prompt_logprobs"]["token_logprobs"][1:] == pytest.approx(s_want, abs=1e-4)
+    assert short["prompt_logprobs"]["token_ids"] == s_ids
+    assert small.stats.snapshot(0, 0)["kv_blocks_used"] == 0
+    assert small.stats.snapshot(0, 0)["prefix_cache_hits"] >= hits
+    with pytest.raises(Exception, match="'max_new_tokens' is 0"):
+        small.ask(_gen("Hello", 0))  # generating nothing is for scoring a prompt only
+    assert small.alive
+
+
 def build_falcon(out: Path) -> Path:
     from transformers import FalconConfig, FalconForCausalLM
 

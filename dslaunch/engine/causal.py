@@ -98,6 +98,9 @@ class CausalLMEngine(Pretrained):
         outside = [t for t, _ in req.params.logit_bias if t >= self.vocab]
         if outside:
             raise ProtocolError(BAD_REQUEST, f"'logit_bias' names token {outside[0]}, outside the model's vocabulary")
+        if req.params.prompt_logprobs is not None and self.kv_path != "paged":
+            raise ProtocolError(BAD_REQUEST, "'prompt_logprobs' (scoring the prompt, OpenAI's 'echo' with "
+                                "'logprobs') needs the paged KV cache; this model runs on the padded one")  # fmt: skip
         if self.kv_path == "paged":
             need = max(self.cost(len(row), req.params) for row in ids)
             if len(ids) > self.max_batch_size or -(-need // BLOCK_SIZE) > self.blocks:

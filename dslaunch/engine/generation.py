@@ -15,7 +15,7 @@ from typing import Any
 
 from dslaunch.engine.base import RowSink
 from dslaunch.engine.decode import TextStream
-from dslaunch.engine.logprobs import token_logprobs
+from dslaunch.engine.logprobs import prompt_logprobs, token_logprobs
 from dslaunch.engine.penalties import Penalties
 from dslaunch.engine.penalties import apply as apply_penalties
 from dslaunch.engine.sampling import RowSampling, choose
@@ -49,6 +49,9 @@ class Row:
     prompt: list[int] | None = field(default=None, repr=False)  # kept for a repetition penalty
     top: int | None = None  # logprobs asked: alternatives per token
     logprobs: list[Any] = field(default_factory=list, repr=False)  # per counted token: (id, logprob, top)
+    prompt_top: int | None = None  # prompt logprobs asked: alternatives per prompt token
+    prompt_lps: list[Any] = field(default_factory=list, repr=False)  # for prompt tokens 1 ...: (logprob, top)
+    score_only: bool = False  # max_new_tokens 0: the row ends once its prompt is scored
 
     @property
     def cost(self) -> int:
@@ -75,10 +78,12 @@ class Generation:
         now = time.monotonic()
         arrived = getattr(sink, "arrived", None) or now
         penalty = Penalties.of(params)
-        prompt = list(ids) if penalty is not None and penalty.repetition != 1.0 else None
+        scored = params.prompt_logprobs is not None
+        prompt = list(ids) if scored or (penalty is not None and penalty.repetition != 1.0) else None
         text = TextStream(self.decode, params.stop)
         return Row(sink, len(ids), budget, sampling, text, arrived=arrived, joined=now, penalty=penalty,
-                   ignore_eos=params.ignore_eos, prompt=prompt, top=params.logprobs)  # fmt: skip
+                   ignore_eos=params.ignore_eos, prompt=prompt, top=params.logprobs,
+                   prompt_top=params.prompt_logprobs, score_only=params.max_new_tokens == 0)  # fmt: skip
 
     def remaining(self) -> list[int]:
         """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
@@ -135,6 +140,24 @@ class Generation:
             return {}
         return dict(zip(at, got, strict=True))
 
+    def score_prompt(self, row: Row, first: int, logits: Any) -> None:
+        """Logits rows for positions `first ...` of `row`: each scores the prompt token after it.
+        Positions already scored (a preempted row computes its prompt again) are skipped."""
+        prompt = row.prompt or []
+        at = len(row.prompt_lps)  # the next position to score: it predicts prompt[at + 1]
+        skip, end = at - first, min(first + len(logits), len(prompt) - 1)
+        if end <= at or row.reason is not None:
+            return
+        if skip < 0:  # never expected: a scored row takes no cached prefix, and chunks come in order
+            self.end(row, "error", (INTERNAL, f"scoring this prompt skipped positions {at} to {first - 1}"))
+            return
+        try:
+            got = prompt_logprobs(logits[skip : end - first], prompt[at + 1 : end + 1], int(row.prompt_top or 0))
+        except Exception as e:  # never expected: this row fails, the others go on
+            self.end(row, "error", (INTERNAL, f"scoring this prompt failed: {type(e).__name__}: {e}"[:500]))
+            return
+        row.prompt_lps += got
+
     def _timed(self, rows: list[Row]) -> tuple[list[float], list[float], int]:
         """This step's first-token times (since arrival), gaps since the last token, and the prompt
         tokens of the rows getting their first token: what the observer counts."""
@@ -188,6 +211,8 @@ class Generation:
                           "finish_reason": reason}  # fmt: skip
                 if row.top is not None:
                     result["logprobs"] = self._logprob_doc(row)
+                if row.prompt_top is not None:
+                    result["prompt_logprobs"] = self._prompt_doc(row)
                 row.sink.done(result)
                 return
             except Exception as e:
@@ -204,6 +229,20 @@ class Generation:
             "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [[{"id": i, "token": self.decode([i]), "logprob": v} for i, v in top]
                              for _, _, top in entries],
+        }  # fmt: skip
+
+    def _prompt_doc(self, row: Row) -> dict[str, Any]:
+        """The NDJSON shape of a scored prompt: its text, and per token its text, id, logprob (the
+        first token has none) and alternatives (the first has none)."""
+        ids = row.prompt or []
+        scored = [(None, None), *row.prompt_lps]
+        return {
+            "text": self.decode(ids),
+            "tokens": [self.decode([t]) for t in ids],
+            "token_ids": ids,
+            "token_logprobs": [lp for lp, _ in scored],
+            "top_logprobs": [None if top is None else [{"id": i, "token": self.decode([i]), "logprob": v}
+                                                       for i, v in top] for _, top in scored],
         }  # fmt: skip
 
     def cancelled(self) -> None:

@@ -3,6 +3,9 @@
 Computed from the very logits the sampler chose from (after penalties and logit bias), divided by
 the row's temperature as OpenAI and vLLM document it (a greedy row: by 1), in one pass over the
 rows that asked, with one transfer to the host.
+
+A prompt's own tokens are scored from the raw logits (no temperature, no penalty): the model's
+log-likelihood of each token given the ones before it, what evaluation harnesses sum.
 """
 
 from __future__ import annotations
@@ -26,3 +29,16 @@ def token_logprobs(logits: Any, at: list[int], tokens: list[int], temps: list[fl
     else:
         top_v = top_i = [[] for _ in at]
     return [(c, list(zip(top_i[j][: ks[j]], top_v[j][: ks[j]], strict=True))) for j, c in enumerate(chosen.tolist())]
+
+
+def prompt_logprobs(logits: Any, targets: list[int], k: int) -> list[Any]:
+    """Per logits row i (the position before `targets[i]`): (the target's logprob, [(id, logprob)
+    of the best k])."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(targets, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    if not k:
+        return [(c, []) for c in chosen]
+    vals, ids = torch.topk(lp, k, dim=-1)
+    return [(c, list(zip(i, v, strict=True))) for c, i, v in zip(chosen, ids.tolist(), vals.tolist(), strict=True)]

@@ -27,7 +27,7 @@ class PackedBatch:
     def add(self, ids: list[int], params: GenParams, sink: RowSink) -> Row:
         row = self.gen.row(ids, params, sink)
         key = next(self._keys)
-        self.sched.add(key, ids, row.budget)
+        self.sched.add(key, ids, row.budget, every=row.prompt_top is not None)
         self.rows[key] = row
         self.gen.rows.append(row)
         return row
@@ -36,10 +36,20 @@ class PackedBatch:
         return self.sched.schedule()
 
     def after(self, plan: Plan, logits: Any) -> int:
-        """The plan's forward ran: its logits are the sampled chunks' rows, in order. Returns the
-        number of tokens generated."""
+        """The plan's forward ran: its logits are the kept ones (`PagedKV.step`). Prompts being
+        scored take theirs, the sampled rows choose their next token. Returns the number of tokens
+        generated."""
         self.sched.commit(plan)
-        keys = [c.key for c in plan.chunks if c.sample]
+        if any(c.every for c in plan.chunks):
+            logits = self._score(plan, logits)
+        sampled = [c.key for c in plan.chunks if c.sample]
+        keep = [i for i, k in enumerate(sampled) if not self.rows[k].score_only]
+        for k in sampled:
+            if self.rows[k].score_only:
+                self.gen.end(self.rows[k], "length")  # its prompt is scored; nothing to generate
+        if len(keep) < len(sampled):
+            logits = logits[keep]
+        keys = [sampled[i] for i in keep]
         made = self.gen.choose_next([self.rows[k] for k in keys], logits) if keys else 0
         for k in keys:
             row = self.rows[k]
@@ -47,6 +57,18 @@ class PackedBatch:
                 self.sched.append(k, row.next_token)
         self.retire()
         return made
+
+    def _score(self, plan: Plan, logits: Any) -> Any:
+        """Give each scored chunk its rows of `logits`; return the sampled chunks' rows."""
+        sampled, at = [], 0
+        for c in plan.chunks:
+            n = len(c.tokens) if c.every else int(c.sample)
+            if c.every:
+                self.gen.score_prompt(self.rows[c.key], c.start, logits[at : at + n])
+            if c.sample:
+                sampled.append(at + n - 1)
+            at += n
+        return logits[sampled]
 
     def retire(self) -> None:
         """Rows that finished or went away leave: their blocks go back to the pool."""

@@ -19,7 +19,7 @@ left-padded cache (`engine/kvbatch.py`); `supports_paged` decides from the model
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 ATTENTION = "dslaunch_paged"
@@ -32,26 +32,34 @@ class StepLayout:
     """One packed step as flat integer lists (what crosses between ranks), rank-independent.
 
     Row r computes `lens[r]` tokens, at positions `starts[r] ...`, over the blocks `tables[r]`;
-    `sample[r]` says whether its last token's logits are wanted."""
+    `sample[r]` says whether its last token's logits are wanted, `every[r]` (empty: none) whether
+    the logits of all its tokens are (a prompt being scored). Every rank keeps the same logits:
+    a tensor-parallel LM head gathers them across ranks."""
 
     tokens: list[int]
     starts: list[int]
     lens: list[int]
     tables: list[list[int]]
     sample: list[bool]
+    every: list[bool] = field(default_factory=list)
+
+    def keeps_all(self, r: int) -> bool:
+        return bool(self.every) and self.every[r]
 
     def flat(self) -> list[int]:
-        """The layout as one flat list of integers: per row (start, tokens, sample, blocks), then
-        every row's block table, then every row's tokens (what followers receive)."""
-        head = [v for r in range(len(self.lens)) for v in
-                (self.starts[r], self.lens[r], int(self.sample[r]), len(self.tables[r]))]  # fmt: skip
+        """The layout as one flat list of integers: per row (start, tokens, what to keep, blocks),
+        then every row's block table, then every row's tokens (what followers receive). What to
+        keep is 1 for the last token's logits, plus 2 for all of them."""
+        keep = [int(self.sample[r]) + 2 * self.keeps_all(r) for r in range(len(self.lens))]
+        head = [v for r in range(len(self.lens)) for v in (self.starts[r], self.lens[r], keep[r], len(self.tables[r]))]
         return head + [b for t in self.tables for b in t] + self.tokens
 
     @classmethod
     def of_flat(cls, flat: list[int], rows: int, blocks: int, size: int) -> StepLayout:
         """Decode `flat`, refusing anything this rank cannot apply (the ranks are out of step)."""
         head, at = flat[: 4 * rows], 4 * rows
-        starts, lens, sample, tables = head[0::4], head[1::4], [bool(v) for v in head[2::4]], []
+        starts, lens, tables = head[0::4], head[1::4], []
+        sample, every = [bool(v & 1) for v in head[2::4]], [bool(v & 2) for v in head[2::4]]
         for start, n, k in zip(starts, lens, head[3::4], strict=True):
             table = flat[at : at + k]
             at += k
@@ -61,13 +69,14 @@ class StepLayout:
         tokens = flat[at:]
         if len(tokens) != sum(lens) or len(head) != 4 * rows:
             raise RuntimeError("a paged step of the wrong length: the ranks are out of step")
-        return cls(tokens, starts, lens, tables, sample)
+        return cls(tokens, starts, lens, tables, sample, every if any(every) else [])
 
     @classmethod
     def of_plan(cls, chunks: list[Any]) -> StepLayout:
         """The layout of a scheduler's chunks (`engine/scheduler.Chunk`)."""
+        every = [c.every for c in chunks]
         return cls([t for c in chunks for t in c.tokens], [c.start for c in chunks], [len(c.tokens) for c in chunks],
-                   [c.table for c in chunks], [c.sample for c in chunks])  # fmt: skip
+                   [c.table for c in chunks], [c.sample for c in chunks], every if any(every) else [])  # fmt: skip
 
 
 class _Step:
@@ -85,7 +94,9 @@ class _Step:
             ctx = [table[p // size] * size + p % size for p in range(start + n)]
             positions += range(start, start + n)
             slots += ctx[start:]
-            if layout.sample[r]:
+            if layout.keeps_all(r):
+                keep += range(offset, offset + n)
+            elif layout.sample[r]:
                 keep.append(offset + n - 1)
             if n == 1:
                 self.decode.append(offset)
@@ -127,7 +138,8 @@ class PagedKV:
         return self.keys[layer], self.values[layer]
 
     def step(self, layout: StepLayout) -> Any:
-        """One forward pass; the logits of the rows that sample, `[rows sampling, vocab]`."""
+        """One forward pass; the logits kept, `[kept, vocab]`: per row in order, all of its tokens'
+        when it keeps all, else its last token's when it samples (`PackedBatch.after` splits them)."""
         import torch
 
         step = _Step(layout, self.size, self.device)

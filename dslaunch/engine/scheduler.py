@@ -5,7 +5,8 @@ the other ranks as data (`Plan`), so they never need a scheduler of their own.
 
 The interface, in the order the loop calls it each step:
 
-- `add(key, prompt, budget)`: a row waits to join (`fits` says beforehand whether it ever can);
+- `add(key, prompt, budget, every)`: a row waits to join (`fits` says beforehand whether it ever
+  can); `every` asks for its prompt's logits at every position, so it takes no cached prefix;
 - `schedule() -> Plan`: this step's chunks, one per scheduled row, within the token budget;
 - `commit(plan)`: the forward ran: the chunks' tokens are in the cache;
 - `append(key, token)` for each row that goes on with a new token, `finish(key)` for each row
@@ -42,6 +43,7 @@ class Seq:
     computed: int = 0  # tokens whose K/V are in the row's blocks
     blocks: list[int] = field(default_factory=list)
     published: int = 0  # leading blocks already in the prefix cache (or taken from it)
+    every: bool = False  # its prompt's logits are wanted at every position (prompt logprobs)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Chunk:
     tokens: list[int]
     table: list[int]
     sample: bool  # the chunk ends at the row's last token: its logits choose the next one
+    every: bool = False  # the logits of every position are wanted (prompt logprobs), not just the last
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class Scheduler:
         """Whether a row could ever run: alone, it holds prompt + budget tokens at most."""
         return -(-(prompt_len + budget) // self.size) <= self.pool.total
 
-    def add(self, key: int, prompt: list[int], budget: int) -> None:
+    def add(self, key: int, prompt: list[int], budget: int, every: bool = False) -> None:
         if key in self.seqs:
             raise ValueError(f"row {key} is already scheduled")
         if not prompt or not self.fits(len(prompt), budget):
@@ -96,7 +99,7 @@ class Scheduler:
             for i in range(len(prompt) // self.size):
                 h = chain(h, prompt[i * self.size : (i + 1) * self.size])
                 hashes.append(h)
-        seq = Seq(key, list(prompt), len(prompt), budget, hashes)
+        seq = Seq(key, list(prompt), len(prompt), budget, hashes, every=every)
         self.seqs[key] = seq
         self.waiting.append(seq)
 
@@ -186,7 +189,8 @@ class Scheduler:
     def _chunk(self, seq: Seq, n: int) -> Chunk:
         start = seq.computed
         end = start + n
-        return Chunk(seq.key, start, seq.tokens[start:end], list(seq.blocks), end == len(seq.tokens))
+        every = seq.every and start < seq.prompt_len - 1  # some of its logits score prompt tokens
+        return Chunk(seq.key, start, seq.tokens[start:end], list(seq.blocks), end == len(seq.tokens), every)
 
     def _preempt(self, seq: Seq) -> None:
         self.running.remove(seq)
@@ -197,7 +201,8 @@ class Scheduler:
 
     def _join(self, seq: Seq, left: int) -> bool:
         """Take the cached prefix and the first chunk's blocks, or nothing and return False."""
-        usable = min(len(seq.hashes), (len(seq.tokens) - 1) // self.size)
+        # a row scoring its prompt computes all of it (it still publishes its blocks for others)
+        usable = 0 if seq.every else min(len(seq.hashes), (len(seq.tokens) - 1) // self.size)
         hit = self.pool.lookup(seq.hashes[:usable]) if usable else []
         seq.blocks, seq.computed, seq.published = hit, len(hit) * self.size, len(hit)
         n = min(len(seq.tokens) - seq.computed, left)

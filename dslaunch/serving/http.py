@@ -334,6 +334,9 @@ class _Http:
             await self._send(h11.Response(status_code=200, headers=sse, reason=b"OK"))
             if shaper.chat:
                 await self._event(shaper.chunk(0, None, role=True))
+            if ask.echo:  # text prompts only (openai_api._echo): each prompt first, as its choice's start
+                for i, prompt in enumerate(ask.req.inputs):
+                    await self._event(shaper.chunk(i, prompt))
             event = first
             try:
                 while True:

@@ -14,9 +14,17 @@ def completion(doc: dict[str, Any] | None) -> dict[str, Any] | None:
     for text in doc["tokens"]:
         offsets.append(at)
         at += len(text)
-    tops = [{alt["token"]: alt["logprob"] for alt in top} for top in doc["top_logprobs"]]
+    tops = [None if top is None else {alt["token"]: alt["logprob"] for alt in top} for top in doc["top_logprobs"]]
     return {"tokens": doc["tokens"], "token_logprobs": doc["token_logprobs"], "top_logprobs": tops,
             "text_offset": offsets}  # fmt: skip
+
+
+def joined(prompt: dict[str, Any], completion: dict[str, Any] | None) -> dict[str, Any]:
+    """An echoed prompt's scores, then the completion's: one list of tokens, as OpenAI's legacy
+    completions give them (the first prompt token has no logprob and no alternatives)."""
+    parts = [prompt, completion or {}]
+    keys = ("tokens", "token_logprobs", "top_logprobs")
+    return {key: [v for part in parts for v in part.get(key, [])] for key in keys}
 
 
 def chat(doc: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -1,6 +1,6 @@
 """The OpenAI API's shapes: its request bodies turned into dslaunch requests, and results back.
 
-Fields dslaunch cannot honour (`echo`, tools, `n` or logprobs on a stream) get a 400 naming the field,
+Fields dslaunch cannot honour (tools, `n` or logprobs on a stream) get a 400 naming the field,
 never a silent ignore. Validation of what remains is the NDJSON protocol's own, so both paths
 accept exactly the same values.
 """
@@ -41,12 +41,11 @@ FIELDS = {
     },
 }
 # a value that does nothing is accepted; anything else is refused by name
-_NO_OP = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "tools": (None, []),
+_NO_OP = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
           "functions": (None, []), "function_call": (None, "none"), "tool_choice": (None, "none"),
           "parallel_tool_calls": (None, False, True)}  # fmt: skip
 _WHY = {
     "best_of": "one choice per prompt",
-    "echo": "no prompt echo",
     "suffix": "no insertion",
 }
 _RENAME = {"'max_new_tokens'": "'max_tokens'", "'prompt'": "'prompt' (or 'messages')"}
@@ -63,6 +62,7 @@ class Ask:
     include_usage: bool = False
     messages: list[dict[str, Any]] | None = None  # chat: rendered with the template before queueing
     n: int = 1  # samples per prompt
+    echo: bool = False  # completions: each choice's text (and logprobs) starts with its prompt
 
     def samples(self) -> list[Request]:
         """One request per sample: sample j has seed + j (its own seed stream) when seeded."""
@@ -185,6 +185,7 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
         if stream:
             raise _bad("'logprobs' on a stream is not supported: ask without 'stream'", "logprobs")
         obj["logprobs"] = top
+    echo = _echo(body, obj, top, stream)
     messages = None
     if kind == "chat":
         messages = _messages(body.get("messages"))
@@ -206,7 +207,25 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
         raise _bad(f"'n' must be an integer, and n x prompts at most {limits.max_prompts} (--max-batch-size)", "n")
     if n > 1 and stream:
         raise _bad("'n' above 1 on a stream is not supported: ask without 'stream'", "n")
-    return Ask(kind, req, model, include, messages, n)
+    return Ask(kind, req, model, include, messages, n, echo)
+
+
+def _echo(body: dict[str, Any], obj: dict[str, Any], top: int | None, stream: bool) -> bool:
+    """`echo`: the prompt comes back before the completion. Its logprobs (log-likelihood scoring)
+    and the text of token-id prompts come from the engine scoring the prompt (`prompt_logprobs`);
+    `max_tokens: 0` then only scores it."""
+    echo = body.get("echo")
+    if echo is None or echo is False:
+        return False
+    if not isinstance(echo, bool):
+        raise _bad("'echo' must be true or false", "echo")
+    prompt = body.get("prompt")
+    texts = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
+    if stream and not texts:
+        raise _bad("'echo' on a stream needs text prompts (token ids are echoed without 'stream')", "echo")
+    if top is not None or not texts or obj.get("max_new_tokens") == 0:
+        obj["prompt_logprobs"] = top or 0
+    return True
 
 
 def _logprobs(body: dict[str, Any], kind: str) -> int | None:
@@ -316,6 +335,13 @@ class Shaper:
                 msg = {"role": "assistant", "content": r["text"]}
                 lp = logprob_shapes.chat(r.get("logprobs"))
                 choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish})
+            elif self.ask.echo:
+                prompt = self.ask.req.inputs[i // self.ask.n]
+                scored = r.get("prompt_logprobs") or {}
+                text = (prompt if isinstance(prompt, str) else scored.get("text", "")) + r["text"]
+                asked = self.ask.req.params.logprobs is not None
+                lp = logprob_shapes.completion(logprob_shapes.joined(scored, r.get("logprobs"))) if asked else None
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
             else:
                 lp = logprob_shapes.completion(r.get("logprobs"))
                 choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": finish})

@@ -39,7 +39,7 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 PENALTY_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
                   "ignore_eos")  # fmt: skip
 # beside the penalties, forwarded by the router when set
-EXTRA_FIELDS = (*PENALTY_FIELDS, "logprobs")
+EXTRA_FIELDS = (*PENALTY_FIELDS, "logprobs", "prompt_logprobs")
 MAX_ID_CHARS = 256
 
 
@@ -83,6 +83,9 @@ class GenParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # the chosen token's log probability and this many alternatives
+    # each prompt token's log probability (the first has none) and this many alternatives: what
+    # log-likelihood scoring needs (OpenAI's `echo` with `logprobs`); with it, max_new_tokens may be 0
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -272,7 +275,9 @@ def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
     seed = obj.get("seed")
     if seed is not None:
         seed = _int(obj, "seed", 0, 2**63 - 1)
-    max_new = _int(obj, "max_new_tokens", 1, limits.max_new_tokens, limits.default_max_new_tokens)
+    prompt_lps = None if obj.get("prompt_logprobs") is None else _int(obj, "prompt_logprobs", 0, MAX_LOGPROBS)
+    least = 0 if prompt_lps is not None else 1  # scoring a prompt may generate nothing
+    max_new = _int(obj, "max_new_tokens", least, limits.max_new_tokens, limits.default_max_new_tokens)
     return GenParams(
         max_new_tokens=max_new,
         temperature=_number(obj, "temperature", 0.0, 100.0, default=0.0),
@@ -287,6 +292,7 @@ def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
         min_tokens=_int(obj, "min_tokens", 0, max_new, 0),
         ignore_eos=_bool(obj, "ignore_eos"),
         logprobs=None if obj.get("logprobs") is None else _int(obj, "logprobs", 0, MAX_LOGPROBS),
+        prompt_logprobs=prompt_lps,
     )
 
 

@@ -70,7 +70,7 @@ def test_chat_uses_the_template_streamed_and_not(base_url: str, port: int) -> No
     ("call", "param"),
     [
         (lambda c: c.completions.create(model="tiny", prompt="Hi", best_of=2), "best_of"),
-        (lambda c: c.completions.create(model="tiny", prompt="Hi", echo=True), "echo"),
+        (lambda c: c.completions.create(model="tiny", prompt="Hi", suffix="!"), "suffix"),
         (
             lambda c: c.chat.completions.create(
                 model="tiny",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dslaunch.engine import tinymodel
 from tests.conftest import Cli
 from tests.front.conftest import TOKEN
 
@@ -32,6 +34,48 @@ def _post(base_url: str, path: str, body: Any) -> tuple[int, Any]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def _prompt_scores(model: Path, ids: list[int]) -> list[float]:
+    """The plain model's log-likelihood of each token after the first (raw logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(model)(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
+
+def test_echo_scores_the_prompt_as_the_plain_model_does(base_url: str, tmp_path: Path) -> None:
+    """What log-likelihood scoring (lm-eval's local-completions) sends: token ids, `echo`,
+    `logprobs`, and 0 or 1 new tokens; the prompt's logprobs equal the plain model's."""
+    c = _oai(base_url)
+    model = tinymodel.build(tmp_path / tinymodel.NAME)  # the job's built-in model, built the same way
+    prompt = "The quick brown fox jumps over"
+    _, tok = _post(base_url, "/tokenize", {"prompt": prompt})
+    ids = tok["tokens"]
+    want = _prompt_scores(model, ids)
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    ch = r.choices[0]
+    assert ch.text == prompt and ch.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 0)
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(lp.text_offset) == len(ids) and lp.text_offset[0] == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert [len(alts) for alts in lp.top_logprobs[1:]] == [2] * (len(ids) - 1)
+    assert lp.text_offset == sorted(lp.text_offset)
+    plain = c.completions.create(model="tiny", prompt=ids, max_tokens=3, logprobs=1, temperature=0)
+    both = c.completions.create(model="tiny", prompt=ids, max_tokens=3, logprobs=1, echo=True, temperature=0)
+    text = both.choices[0].text
+    assert text.endswith(plain.choices[0].text) and prompt in text, text
+    scores = both.choices[0].logprobs.token_logprobs
+    assert len(scores) == len(ids) + 3 and scores[0] is None
+    assert scores[1:] == pytest.approx(want + plain.choices[0].logprobs.token_logprobs, abs=1e-4)
+    streamed = c.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, stream=True, temperature=0)
+    alone = c.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == prompt + alone
 
 
 def test_tokenize_detokenize_and_token_id_prompts(base_url: str) -> None:
@@ -180,7 +224,9 @@ def test_n_samples_have_their_own_seed_streams_and_usage(base_url: str, port: in
             {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
             "top_logprobs",
         ),
-        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo"),
+        ("/v1/completions", {"prompt": [5, 6], "echo": True, "stream": True}, "echo"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
         ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
         ("/v1/completions", {"prompt": "x", "n": 5, "stream": True}, "n"),
         ("/v1/completions", {"prompt": ["x", "y"], "n": 3}, "n"),  # 6 rows: over --max-batch-size 4
