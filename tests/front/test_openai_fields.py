@@ -258,6 +258,7 @@ VALUES: dict[str, list[Any]] = {
     "top_k": [0, 5, -1, None],
     "logprobs": [0, 2, 20, 21, -1, True, False, None],
     "n": [1, 2, 0, 5, "2", None],
+    "echo": [True, False, "yes", 1, None],
 }
 
 
