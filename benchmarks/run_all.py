@@ -16,6 +16,8 @@ BENCHMARKS = [
     "router.py",
     "replicas.py",
     "paged.py",
+    "logprobs.py",
+    "grammar.py",
     "rankstart.py",
     "plots.py",
 ]

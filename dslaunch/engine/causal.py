@@ -11,6 +11,7 @@ from typing import Any
 
 from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, broadcast, shard
 from dslaunch.engine.generation import Generation, row_budget
+from dslaunch.engine.grammar import Grammars
 from dslaunch.engine.kvbatch import KVBatch, cache_keyword
 from dslaunch.engine.packed import PackedBatch
 from dslaunch.engine.paged import BLOCK_SIZE, PagedKV, StepLayout, supports_paged, use_paged
@@ -49,6 +50,7 @@ class CausalLMEngine(Pretrained):
         self.pad_id = int(self.tok.pad_token_id or 0)
         # the front's own tokenizer (rank 0 only: the other ranks never tokenize a prompt)
         self.prompts = PromptTokenizer(path, self.max_positions) if ctx.lead else None
+        self.grammars = Grammars(self.tok, self.vocab) if ctx.lead else None  # response_format, compiled once
         # decoding runs twice per row per step: call a fast tokenizer's backend directly when the
         # wrapper would only add its overhead (no clean-up of tokenization spaces)
         backend = getattr(self.tok, "backend_tokenizer", None)
@@ -95,6 +97,8 @@ class CausalLMEngine(Pretrained):
             if max(row) >= self.vocab or min(row) < 0:
                 raise ProtocolError(BAD_REQUEST, f"prompt {i} has a token outside the model's vocabulary")
             ids.append(row)
+        if req.params.response_format is not None and self.grammars is not None:
+            self.grammars.compile(req.params.response_format)  # a schema it refuses is a 400, here
         outside = [t for t, _ in req.params.logit_bias if t >= self.vocab]
         if outside:
             raise ProtocolError(BAD_REQUEST, f"'logit_bias' names token {outside[0]}, outside the model's vocabulary")
@@ -140,7 +144,9 @@ class CausalLMEngine(Pretrained):
 
     def generation(self) -> Generation:
         """Rank 0's rows of a running batch, decoding with the engine's own tokenizer."""
-        return Generation(self._decode, self.eos, self.max_positions)
+        gen = Generation(self._decode, self.eos, self.max_positions)
+        gen.grammars = self.grammars
+        return gen
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend_decode is not None:

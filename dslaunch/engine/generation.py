@@ -15,6 +15,7 @@ from typing import Any
 
 from dslaunch.engine.base import RowSink
 from dslaunch.engine.decode import TextStream
+from dslaunch.engine.grammar import mask as grammar_mask
 from dslaunch.engine.logprobs import prompt_logprobs, token_logprobs
 from dslaunch.engine.penalties import Penalties
 from dslaunch.engine.penalties import apply as apply_penalties
@@ -52,6 +53,7 @@ class Row:
     prompt_top: int | None = None  # prompt logprobs asked: alternatives per prompt token
     prompt_lps: list[Any] = field(default_factory=list, repr=False)  # for prompt tokens 1 ...: (logprob, top)
     score_only: bool = False  # max_new_tokens 0: the row ends once its prompt is scored
+    matcher: Any = field(default=None, repr=False)  # structured output: the row's grammar state
 
     @property
     def cost(self) -> int:
@@ -70,6 +72,7 @@ class Generation:
         self.joining: list[Row] = []  # rows in the step under way, not in `rows` until it is done
         # told each step's first tokens and gaps, and each row's end (serving.reqtimes.RequestTimes)
         self.observer: Any = None
+        self.grammars: Any = None  # engine.grammar.Grammars: response_format (rank 0's tokenizer)
 
     def row(self, ids: list[int], params: GenParams, sink: RowSink) -> Row:
         """A new row for `ids`; its seed is drawn here when the request gave none."""
@@ -81,9 +84,13 @@ class Generation:
         scored = params.prompt_logprobs is not None
         prompt = list(ids) if scored or (penalty is not None and penalty.repetition != 1.0) else None
         text = TextStream(self.decode, params.stop)
+        matcher = None
+        if params.response_format is not None and self.grammars is not None:
+            matcher = self.grammars.matcher(params.response_format)  # compiled at the check: cached
         return Row(sink, len(ids), budget, sampling, text, arrived=arrived, joined=now, penalty=penalty,
                    ignore_eos=params.ignore_eos, prompt=prompt, top=params.logprobs,
-                   prompt_top=params.prompt_logprobs, score_only=params.max_new_tokens == 0)  # fmt: skip
+                   prompt_top=params.prompt_logprobs, score_only=params.max_new_tokens == 0,
+                   matcher=matcher)  # fmt: skip
 
     def remaining(self) -> list[int]:
         """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
@@ -113,6 +120,7 @@ class Generation:
         finish the rows that are done. Returns the number of tokens generated."""
         try:
             logits = apply_penalties(logits, rows, self.eos)
+            logits = grammar_mask(logits, [r.matcher for r in rows])  # last: nothing re-allows a token
             tokens = choose(logits, [r.sampling for r in rows], [r.count for r in rows])
         except Exception:  # never expected: sampling is built not to raise; greedy keeps the loop going
             tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
@@ -176,6 +184,9 @@ class Generation:
 
     def _push(self, row: Row, token: int, logprob: Any = None) -> int:
         row.next_token = token
+        if row.matcher is not None and not row.matcher.accept_token(token):
+            self.end(row, "error", (INTERNAL, "the structured output's grammar refused the token chosen"))
+            return 0
         if token in self.eos and not row.ignore_eos:
             self.end(row, "eos")
             return 0
@@ -187,7 +198,7 @@ class Generation:
         text = row.text.push(token)
         if text:
             row.sink.chunk(text)
-        if row.text.stopped:
+        if row.text.stopped or (row.matcher is not None and row.matcher.is_terminated()):
             self.end(row, "stop")
         elif row.count >= row.budget:
             self.end(row, "length")

@@ -150,6 +150,8 @@ class _Http:
         self.front.metrics.request("http", self.route, code)
         if code not in ("not_found", "method_not_allowed", "model_not_found", "request_timeout"):
             self.front.stats.failed(code)
+        # `overloaded` never ran the work, wherever it was refused (here or at a replica's queue)
+        ran = ran and code != P.OVERLOADED
         headers = [("x-should-retry", "false")] if ran or status in (500, 504) else []
         if status == 503:
             headers.append(("retry-after", str(RETRY_AFTER_S)))
@@ -190,7 +192,7 @@ class _Http:
             await _ROUTES[route](self, path, query, body)
         except ProtocolError as e:
             status = STATUS.get(e.code, 400 if not e.ran else 500)
-            await self._error(status, e.code, e.message, getattr(e, "param", None), e.ran)
+            await self._error(status, e.code, e.message, getattr(e, "param", None) or O.param_of(e.message), e.ran)
         except (_Closed, ConnectionError, OSError, asyncio.CancelledError):
             raise
         except Exception:

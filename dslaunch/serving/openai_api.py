@@ -26,7 +26,7 @@ FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 _PASSED = ("top_p", "top_k", "seed", "stop", *P.PENALTY_FIELDS)
 _COMMON = {"model", "max_tokens", "temperature", "stream", "stream_options", "n", "logprobs", "user", *_PASSED}
 FIELDS = {
-    "completions": _COMMON | {"prompt", "echo", "best_of", "suffix"},
+    "completions": _COMMON | {"prompt", "echo", "best_of", "suffix", "response_format"},
     "chat": _COMMON
     | {
         "messages",
@@ -164,9 +164,6 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
         if key in body and body[key] not in allowed:
             why = _WHY.get(key, "no tool or function calling")
             raise _bad(f"{key!r} is not supported ({why}): leave it out", key)
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise _bad("'response_format' other than text is not supported", "response_format")
     _check_model(body, model)
     stream = body.get("stream") or False
     opts = body.get("stream_options")
@@ -177,7 +174,7 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
     if max_tokens is not None:
         obj["max_new_tokens"] = max_tokens
     obj["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]  # OpenAI's default
-    for key in _PASSED:
+    for key in (*_PASSED, "response_format"):
         if body.get(key) is not None:
             obj[key] = body[key]
     top = _logprobs(body, kind)
@@ -246,6 +243,14 @@ def _logprobs(body: dict[str, Any], kind: str) -> int | None:
     if top and not on:
         raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return (top or 0) if on else None
+
+
+def param_of(message: str) -> str | None:
+    """The request field an error message names first (`'field' ...`), in the OpenAI name: for
+    errors from the engine's check, which come as a code and a message only."""
+    m = re.match(r"'(\w+)'", message)
+    name = _PARAM.get(m.group(1), m.group(1)) if m else None
+    return name if name in FIELDS["completions"] | FIELDS["chat"] else None
 
 
 def _check_model(body: dict[str, Any], model: str) -> None:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from dslaunch.wire import genfields
 from dslaunch.wire.lines import LineReader as LineReader  # part of the wire format, for its users
 from dslaunch.wire.serve import ServeSpec
 
@@ -34,12 +35,11 @@ ERROR_CODES = (BAD_REQUEST, TOO_LARGE, OVERLOADED, UNAVAILABLE, TIMEOUT, UNAUTHO
 WORK_OPS = ("generate", "embed", "infer")
 OPS = (*WORK_OPS, "health", "stats", "auth")
 MAX_STOP = 16
-MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
 PENALTY_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
                   "ignore_eos")  # fmt: skip
 # beside the penalties, forwarded by the router when set
-EXTRA_FIELDS = (*PENALTY_FIELDS, "logprobs", "prompt_logprobs")
+EXTRA_FIELDS = (*PENALTY_FIELDS, "logprobs", "prompt_logprobs", "response_format")
 MAX_ID_CHARS = 256
 
 
@@ -86,6 +86,9 @@ class GenParams:
     # each prompt token's log probability (the first has none) and this many alternatives: what
     # log-likelihood scoring needs (OpenAI's `echo` with `logprobs`); with it, max_new_tokens may be 0
     prompt_logprobs: int | None = None
+    # structured output: OpenAI's response_format (json_object or json_schema) as canonical JSON,
+    # None for plain text (engine.grammar compiles it on rank 0)
+    response_format: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -288,28 +291,13 @@ def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
         presence_penalty=_number(obj, "presence_penalty", -2.0, 2.0),
         frequency_penalty=_number(obj, "frequency_penalty", -2.0, 2.0),
         repetition_penalty=_number(obj, "repetition_penalty", 0.0, 10.0, default=1.0, lo_open=True),
-        logit_bias=_logit_bias(obj.get("logit_bias")),
+        logit_bias=_structured(genfields.logit_bias, obj.get("logit_bias")),
         min_tokens=_int(obj, "min_tokens", 0, max_new, 0),
         ignore_eos=_bool(obj, "ignore_eos"),
         logprobs=None if obj.get("logprobs") is None else _int(obj, "logprobs", 0, MAX_LOGPROBS),
         prompt_logprobs=prompt_lps,
+        response_format=_structured(genfields.response_format, obj.get("response_format")),
     )
-
-
-def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
-    """OpenAI's map of token id (a string of digits) to a bias from -100 to 100."""
-    if value is None:
-        return ()
-    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
-        raise ProtocolError(BAD_REQUEST, f"'logit_bias' must map token ids to numbers (at most {MAX_LOGIT_BIAS})")
-    out = []
-    for key, bias in value.items():
-        if not isinstance(key, str) or not key.isascii() or not key.isdigit() or len(key) > 10:
-            raise ProtocolError(BAD_REQUEST, f"'logit_bias' key {key!r} is not a token id")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-            raise ProtocolError(BAD_REQUEST, f"'logit_bias' for token {key} must be a number from -100 to 100")
-        out.append((int(key), float(bias)))
-    return tuple(sorted(out))
 
 
 def _int(obj: dict[str, Any], key: str, lo: int, hi: int, default: int = 0) -> int:
@@ -340,6 +328,21 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
 _PLAIN = GenParams()
 
 
+def _structured(parse: Any, value: Any) -> Any:
+    """A field with a structure of its own (`wire/genfields.py`), its ValueError a bad request."""
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise ProtocolError(BAD_REQUEST, str(e)) from None
+
+
+def _wire(key: str, value: Any) -> Any:
+    """A GenParams field as its NDJSON value again."""
+    if key == "logit_bias":
+        return {str(t): b for t, b in value}
+    return json.loads(value) if key == "response_format" else value
+
+
 def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
     """A parsed request as a line again (the router forwarding it to a replica under its own id).
 
@@ -357,7 +360,7 @@ def request_line(req: Request, rid: Any, timeout: float | None = None) -> bytes:
             obj["seed"] = p.seed
         for key in EXTRA_FIELDS:
             if getattr(p, key) != getattr(_PLAIN, key):
-                obj[key] = dict((str(t), b) for t, b in p.logit_bias) if key == "logit_bias" else getattr(p, key)
+                obj[key] = _wire(key, getattr(p, key))
     elif req.op in ("embed", "infer"):
         obj["input"] = list(req.inputs)
     elif req.op == "health":

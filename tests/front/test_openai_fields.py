@@ -9,9 +9,10 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import openai
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -76,6 +77,36 @@ def test_echo_scores_the_prompt_as_the_plain_model_does(base_url: str, tmp_path:
     streamed = c.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, stream=True, temperature=0)
     alone = c.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0).choices[0].text
     assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == prompt + alone
+
+
+class Pick(pydantic.BaseModel):
+    colour: Literal["red", "green", "blue"]
+    ok: bool
+    count: int = pydantic.Field(ge=0, le=9)
+
+
+def test_structured_output_through_the_client_parses_into_the_pydantic_model(base_url: str) -> None:
+    pytest.importorskip("xgrammar")
+    c = _oai(base_url)
+    messages = [{"role": "user", "content": "Pick a colour"}]
+    for extra in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        r = c.beta.chat.completions.parse(model="tiny", messages=messages, response_format=Pick, max_tokens=80, **extra)
+        assert isinstance(r.choices[0].message.parsed, Pick), r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+    schema = {"type": "array", "items": {"type": "boolean"}, "minItems": 2, "maxItems": 2}
+    fmt = {"type": "json_schema", "json_schema": {"name": "pair", "schema": schema}}
+    done = c.completions.create(model="tiny", prompt="Two booleans:", max_tokens=40, temperature=0,
+                                extra_body={"response_format": fmt})  # fmt: skip
+    pair = json.loads(done.choices[0].text)
+    assert len(pair) == 2 and all(isinstance(b, bool) for b in pair)
+    chat = {"model": "tiny", "messages": messages, "max_tokens": 80, "temperature": 0, "response_format": fmt}
+    stream = c.chat.completions.create(**chat, stream=True)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert json.loads(streamed) == json.loads(c.chat.completions.create(**chat).choices[0].message.content)
+    bad = {"name": "bad", "schema": {"type": "integer", "minimum": 3, "maximum": 1}}
+    body = {"messages": messages, "response_format": {"type": "json_schema", "json_schema": bad}}
+    status, answer = _post(base_url, "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["param"] == "response_format", answer
 
 
 def test_tokenize_detokenize_and_token_id_prompts(base_url: str) -> None:
@@ -212,7 +243,7 @@ def test_n_samples_have_their_own_seed_streams_and_usage(base_url: str, port: in
         ("/tokenize", {"prompt": "x", "model": "other"}, "model"),
         ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
-        ("/v1/completions", {"prompt": "x", "logit_bias": {"100000000": 1}}, None),  # the engine's vocabulary
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"100000000": 1}}, "logit_bias"),  # the engine's vocabulary
         ("/v1/completions", {"prompt": "x", "repetition_penalty": -1}, "repetition_penalty"),
         ("/v1/completions", {"prompt": "x", "min_tokens": 99, "max_tokens": 3}, "min_tokens"),
         ("/v1/completions", {"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
@@ -259,6 +290,16 @@ VALUES: dict[str, list[Any]] = {
     "logprobs": [0, 2, 20, 21, -1, True, False, None],
     "n": [1, 2, 0, 5, "2", None],
     "echo": [True, False, "yes", 1, None],
+    "response_format": [
+        {"type": "json_object"},
+        {"type": "text"},
+        {"type": "yaml"},
+        "json",
+        [],
+        None,
+        {"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}},
+        {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(("}}},
+    ],
 }
 
 
