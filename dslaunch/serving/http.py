@@ -307,7 +307,8 @@ class _Http:
         if ask.messages is not None:
             if self.front.text is None:
                 raise ProtocolError(P.BAD_REQUEST, "this model has no tokenizer, so no chat template")
-            ask.req.inputs = [await asyncio.to_thread(self.front.text.chat, ask.messages)]
+            tools = ask.tools.tools if ask.tools else None
+            ask.req.inputs = [await asyncio.to_thread(self.front.text.chat, ask.messages, tools)]
         shaper = O.Shaper(ask)
         if not ask.req.stream:
             results = await self._samples(ask)
@@ -343,7 +344,8 @@ class _Http:
             try:
                 while True:
                     if event[0] == "chunk":
-                        await self._event(shaper.chunk(event[1], event[2]))
+                        for body in shaper.stream(event[1], event[2]):
+                            await self._event(body)
                     else:
                         self.front.metrics.prompt_tokens += sum(int(r.get("prompt_tokens", 0)) for r in event[1])
                         for chunk in shaper.finals(event[1]):

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from dslaunch.serving import logprob_shapes
+from dslaunch.serving import logprob_shapes, tools_api
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
@@ -41,12 +41,13 @@ FIELDS = {
     },
 }
 # a value that does nothing is accepted; anything else is refused by name
-_NO_OP = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
-          "functions": (None, []), "function_call": (None, "none"), "tool_choice": (None, "none"),
+_NO_OP = {"best_of": (None, 1), "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
           "parallel_tool_calls": (None, False, True)}  # fmt: skip
 _WHY = {
     "best_of": "one choice per prompt",
     "suffix": "no insertion",
+    "functions": "the legacy form: send 'tools'",
+    "function_call": "the legacy form: send 'tool_choice'",
 }
 _RENAME = {"'max_new_tokens'": "'max_tokens'", "'prompt'": "'prompt' (or 'messages')"}
 _PARAM = {"max_new_tokens": "max_tokens"}  # the NDJSON field a message names -> the OpenAI one
@@ -63,6 +64,7 @@ class Ask:
     messages: list[dict[str, Any]] | None = None  # chat: rendered with the template before queueing
     n: int = 1  # samples per prompt
     echo: bool = False  # completions: each choice's text (and logprobs) starts with its prompt
+    tools: tools_api.ToolPlan | None = None  # chat: the tools offered, and how a call is chosen
 
     def samples(self) -> list[Request]:
         """One request per sample: sample j has seed + j (its own seed stream) when seeded."""
@@ -109,12 +111,14 @@ class TextTools:
             if isinstance(text, str) and len(text) > self.max_bytes // 4 and len(text.encode()) > self.max_bytes:
                 raise ProtocolError(P.BAD_REQUEST, f"prompt {i} is far longer than this model's context")
 
-    def chat(self, messages: list[dict[str, Any]]) -> str:
+    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if not getattr(self.tok, "chat_template", None):
             raise ProtocolError(P.BAD_REQUEST, "this model has no chat template: use /v1/completions")
         try:
             with self.lock:
-                return str(self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+                return str(
+                    self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+                )
         except Exception as e:  # jinja raises for conversations a template refuses
             raise ProtocolError(P.BAD_REQUEST, f"the chat template refused these messages: {e}"[:500]) from None
 
@@ -162,7 +166,7 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
             raise _bad(f"unsupported field {key!r}", key)
     for key, allowed in _NO_OP.items():
         if key in body and body[key] not in allowed:
-            why = _WHY.get(key, "no tool or function calling")
+            why = _WHY.get(key, "not honoured")
             raise _bad(f"{key!r} is not supported ({why}): leave it out", key)
     _check_model(body, model)
     stream = body.get("stream") or False
@@ -183,10 +187,16 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
             raise _bad("'logprobs' on a stream is not supported: ask without 'stream'", "logprobs")
         obj["logprobs"] = top
     echo = _echo(body, obj, top, stream)
-    messages = None
+    messages, tools = None, None
     if kind == "chat":
-        messages = _messages(body.get("messages"))
+        messages = tools_api.messages(body.get("messages"))
         obj["prompt"] = "(chat)"  # replaced by the rendered template
+        tools = tools_api.plan(body)
+        forced = tools.forced_format() if tools else None
+        if forced and body.get("response_format") not in (None, {"type": "text"}):
+            raise _bad("'response_format' and a forced 'tool_choice' cannot both shape the answer", "tool_choice")
+        if forced:
+            obj["response_format"] = forced
     else:
         obj["prompt"] = body.get("prompt")  # text, token ids, or a list of either
     try:
@@ -204,7 +214,7 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
         raise _bad(f"'n' must be an integer, and n x prompts at most {limits.max_prompts} (--max-batch-size)", "n")
     if n > 1 and stream:
         raise _bad("'n' above 1 on a stream is not supported: ask without 'stream'", "n")
-    return Ask(kind, req, model, include, messages, n, echo)
+    return Ask(kind, req, model, include, messages, n, echo, tools)
 
 
 def _echo(body: dict[str, Any], obj: dict[str, Any], top: int | None, stream: bool) -> bool:
@@ -261,28 +271,6 @@ def _check_model(body: dict[str, Any], model: str) -> None:
         raise e
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise _bad("'messages' must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _bad(f"'messages' item {i} needs a 'role'", "messages")
-        if set(m) - {"role", "content", "name"}:
-            extra = sorted(set(m) - {"role", "content", "name"})[0]
-            raise _bad(f"'messages' item {i}: {extra!r} is not supported (no tool calls)", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):  # fmt: skip
-                raise _bad(f"'messages' item {i}: only text content parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise _bad(f"'messages' item {i} needs text 'content'", "messages")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
 def embedding(body: Any, model: str, limits: P.Limits) -> tuple[Request, bool]:
     """Validate a /v1/embeddings body: the request, and whether to answer in base64."""
     if not isinstance(body, dict):
@@ -322,6 +310,8 @@ class Shaper:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + ask.req.id
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
+        self.held: dict[int, str] = {}  # streamed text held back while it may be a tool call
+        self.content: set[int] = set()  # choices whose streamed text is content, not a call
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.ask.model}
@@ -336,7 +326,11 @@ class Shaper:
         choices = []
         for i, r in enumerate(results):
             finish = FINISH.get(r.get("finish_reason", ""), "stop")
-            if self.chat:
+            calls = self.ask.tools.calls(r["text"]) if self.ask.tools else None
+            if calls:
+                msg: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
+                choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": "tool_calls"})
+            elif self.chat:
                 msg = {"role": "assistant", "content": r["text"]}
                 lp = logprob_shapes.chat(r.get("logprobs"))
                 choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish})
@@ -366,9 +360,34 @@ class Shaper:
             body["usage"] = None
         return body
 
+    def stream(self, index: int, text: str) -> list[dict[str, Any]]:
+        """The chunks to send for streamed text: none while it may still become a tool call."""
+        if self.ask.tools is None or index in self.content:
+            return [self.chunk(index, text)]
+        held = self.held.pop(index, "") + text
+        if self.ask.tools.may_be_call(held):
+            self.held[index] = held
+            return []
+        self.content.add(index)
+        return [self.chunk(index, held)]
+
+    def _held_out(self, index: int, finish: str) -> tuple[list[dict[str, Any]], str]:
+        """What was held back, at the end: its tool calls as one delta, or its text."""
+        held = self.held.pop(index, None)
+        calls = self.ask.tools.calls(held) if held is not None and self.ask.tools else None
+        if not calls:
+            return ([self.chunk(index, held)] if held else []), finish
+        delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+        body = {**self._head("chat.completion.chunk"),
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}  # fmt: skip
+        return [body], "tool_calls"
+
     def finals(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The closing chunks: one per choice with its finish reason, then usage when asked for."""
-        out = [self.chunk(i, None, FINISH.get(r.get("finish_reason", ""), "stop")) for i, r in enumerate(results)]
+        out = []
+        for i, r in enumerate(results):
+            chunks, finish = self._held_out(i, FINISH.get(r.get("finish_reason", ""), "stop"))
+            out += [*chunks, self.chunk(i, None, finish)]
         if self.ask.include_usage:
             obj = "chat.completion.chunk" if self.chat else "text_completion"
             out.append({**self._head(obj), "choices": [], "usage": self.usage(results)})

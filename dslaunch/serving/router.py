@@ -142,8 +142,8 @@ class Loading:
             raise ProtocolError(P.UNAVAILABLE, "the router is still loading the model's tokenizer; retry")
         return self.tools
 
-    def chat(self, messages: Any) -> str:
-        return str(self._tools().chat(messages))
+    def chat(self, messages: Any, tools: Any = None) -> str:
+        return str(self._tools().chat(messages, tools))
 
     def count(self, texts: list[str]) -> int:
         return int(self._tools().count(texts))

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dslaunch.serving.openai_api import TextTools, _bad, _check_model, _messages
+from dslaunch.serving.openai_api import TextTools, _bad, _check_model
+from dslaunch.serving.tools_api import messages as _messages
 
 _TOKENIZE = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
 MAX_TOKENS = 1 << 20  # ids in one /detokenize

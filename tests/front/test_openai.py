@@ -75,9 +75,9 @@ def test_chat_uses_the_template_streamed_and_not(base_url: str, port: int) -> No
             lambda c: c.chat.completions.create(
                 model="tiny",
                 messages=[{"role": "user", "content": "Hi"}],
-                tools=[{"type": "function", "function": {"name": "f"}}],
+                functions=[{"name": "f"}],
             ),
-            "tools",
+            "functions",
         ),
         (lambda c: c.completions.create(model="tiny", prompt="Hi", max_tokens=0), "max_tokens"),
         (lambda c: c.embeddings.create(model="tiny", input="Hi"), None),  # a generate job

@@ -109,6 +109,63 @@ def test_structured_output_through_the_client_parses_into_the_pydantic_model(bas
     assert status == 400 and answer["error"]["param"] == "response_format", answer
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The forecast",
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["city", "days"],
+            "properties": {
+                "city": {"enum": ["Paris", "Rome"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}}}  # fmt: skip
+
+
+def test_tools_named_required_streamed_and_in_the_history_through_the_client(base_url: str) -> None:
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    c = _oai(base_url)
+    ask = [{"role": "user", "content": "Weather in Rome?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER, CLOCK], tool_choice=named,
+                                  max_tokens=80, temperature=0)  # fmt: skip
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    (call,) = r.choices[0].message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    req = c.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER, CLOCK], tool_choice="required",
+                                    max_tokens=120, temperature=1.0, seed=5, parallel_tool_calls=False)  # fmt: skip
+    assert req.choices[0].finish_reason == "tool_calls"
+    assert len(req.choices[0].message.tool_calls) == 1, "parallel_tool_calls false: one call"
+    assert req.choices[0].message.tool_calls[0].function.name in {"get_weather", "now"}
+    chunks = list(c.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER, CLOCK], tool_choice=named,
+                                            max_tokens=80, temperature=0, stream=True))  # fmt: skip
+    deltas = [d for ch in chunks if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
+        (0, "get_weather", call.function.arguments)], "the same call, streamed as one delta"  # fmt: skip
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    # auto: the random model writes text, which is content; the template rendered the tools
+    auto = c.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], max_tokens=8, temperature=0)
+    plain = c.chat.completions.create(model="tiny", messages=ask, max_tokens=8, temperature=0)
+    assert auto.choices[0].finish_reason in ("stop", "length") and auto.choices[0].message.content is not None
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens, "the chat template rendered the tools"
+    history = [*ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]  # fmt: skip
+    after = c.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=8, temperature=0)
+    assert after.usage.prompt_tokens > auto.usage.prompt_tokens and after.choices[0].message.content is not None
+    status, answer = _post(base_url, "/v1/chat/completions", {"messages": ask, "tools": [WEATHER],
+                           "tool_choice": {"type": "function", "function": {"name": "other"}}})  # fmt: skip
+    assert status == 400 and answer["error"]["param"] == "tool_choice", answer
+
+
 def test_tokenize_detokenize_and_token_id_prompts(base_url: str) -> None:
     c = _oai(base_url)
     status, tok = _post(base_url, "/tokenize", {"model": "tiny", "prompt": "Hello world"})
