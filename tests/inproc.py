@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +145,16 @@ def reference(model: Path) -> Any:
         return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return generate
+
+
+def serve_tiny(tmp_path_factory: Any, **spec: Any) -> Iterator[Served]:
+    """The built-in tiny model served in this process for a module's tests (a fixture's body),
+    closed after them."""
+    from dslaunch.engine import tinymodel
+
+    model = tinymodel.build(tmp_path_factory.mktemp("models") / tinymodel.NAME)
+    served = Served(model, tmp_path_factory.mktemp("work"), **spec)
+    try:
+        yield served
+    finally:
+        served.close()

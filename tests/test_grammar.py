@@ -13,9 +13,8 @@ from typing import Any
 
 import pytest
 
-from dslaunch.engine import tinymodel
 from dslaunch.wire.protocol import ProtocolError
-from tests.inproc import Served, reference
+from tests.inproc import Served, reference, serve_tiny
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
@@ -37,24 +36,15 @@ CORPUS: list[dict[str, Any]] = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tinymodel.build(tmp_path_factory.mktemp("models") / tinymodel.NAME)
-
-
-@pytest.fixture(scope="module")
-def served(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    s = Served(tiny, tmp_path_factory.mktemp("work"), max_batch_size=8, max_new_tokens=200, batch_wait_ms=200.0)
-    try:
-        yield s
-    finally:
-        s.close()
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from serve_tiny(tmp_path_factory, max_batch_size=8, max_new_tokens=200, batch_wait_ms=200.0)
 
 
 def _schema(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
-def test_every_answer_parses_and_validates_against_its_schema(served: Served, tiny: Path) -> None:
+def test_every_answer_parses_and_validates_against_its_schema(served: Served) -> None:
     asks = [{"response_format": _schema(s)} for s in CORPUS]
     asks += [{"response_format": _schema(s), "temperature": 1.0, "seed": 7 + i} for i, s in enumerate(CORPUS)]
     asks += [{}]  # a row without a grammar in the same batch
@@ -74,7 +64,7 @@ def test_every_answer_parses_and_validates_against_its_schema(served: Served, ti
         assert res["finish_reason"] in ("stop", "eos"), res
         jsonschema.validate(json.loads(res["text"]), CORPUS[i % len(CORPUS)])
     plain = results[len(asks) - 1]["text"]
-    assert plain == reference(tiny)("Answer in JSON:", 120), "a grammar on other rows changes nothing here"
+    assert plain == reference(Path(served.spec.model))("Answer in JSON:", 120), "a grammar elsewhere changes nothing"
     with pytest.raises(ValueError):
         json.loads(plain)  # the model alone does not write JSON: the grammar did
     assert served.alive
