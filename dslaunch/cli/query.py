@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -30,6 +31,8 @@ from dslaunch.launch import store as state
 @click.option("--logit-bias", multiple=True, metavar="TOKEN=BIAS", help="Add BIAS (-100 to 100) to token id TOKEN.")
 @click.option("--min-tokens", type=int, default=None, help="Generate at least this many tokens before an end.")
 @click.option("--ignore-eos", is_flag=True, default=None, help="Go on past end-of-sequence tokens.")
+@click.option("--logprobs", type=int, default=None, help="Each token's log probability, and this many alternatives.")
+@click.option("--schema", default=None, metavar="JSON|@FILE", help="Answer in JSON valid against this JSON schema.")
 @click.option("--stream", "-s", is_flag=True, help="Print text as it is generated.")
 @click.option("--embed", is_flag=True, help="Embed the texts instead (jobs started with --task embed).")
 @click.option("--infer", "infer_json", default=None, metavar="JSON", help="Send this input to a --handler job.")
@@ -54,6 +57,8 @@ def query(prompts: tuple[str, ...], name: str, max_new_tokens: int | None, tempe
       dslaunch query "The quick brown fox"
       dslaunch query -k 64 --stream "Once upon a time"
       dslaunch query "a" "b" --json                   # two prompts in one request
+      dslaunch query --schema '{"type": "object", "properties": {"ok": {"type": "boolean"}}}' "Well?"
+      dslaunch query --logprobs 3 --json "Hello"
       dslaunch query --embed "first text" "second text"
       dslaunch query --health --deep
     """
@@ -120,8 +125,14 @@ def _ask(c: Any, texts: list[str], params: dict[str, Any], stream: bool, embed: 
 
 
 def _penalties(given: dict[str, Any]) -> dict[str, Any]:
-    """The penalty options as request fields; --logit-bias TOKEN=BIAS pairs as a map."""
-    out = {k: v for k, v in given.items() if v is not None and k != "logit_bias"}
+    """The penalty options as request fields; --logit-bias TOKEN=BIAS pairs as a map, --schema as
+    a response_format."""
+    out = {k: v for k, v in given.items() if v is not None and k not in ("logit_bias", "schema")}
+    if given.get("schema") is not None:
+        out["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "query", "schema": _schema(given["schema"])},
+        }
     bias: dict[str, float] = {}
     for pair in given.get("logit_bias") or ():
         token, sep, value = pair.partition("=")
@@ -134,3 +145,21 @@ def _penalties(given: dict[str, Any]) -> dict[str, Any]:
     if bias:
         out["logit_bias"] = bias
     return out
+
+
+def _schema(value: str) -> dict[str, Any]:
+    """--schema: a JSON schema object, given inline or as @FILE."""
+    where = "--schema"
+    if value.startswith("@"):
+        where = f"--schema {value}"
+        try:
+            value = Path(value[1:]).read_text()
+        except OSError as e:
+            raise UserError(f"{where}: {e.strerror}") from None
+    try:
+        schema = json.loads(value)
+    except ValueError as e:
+        raise UserError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"{where}: a JSON schema is an object")
+    return schema

@@ -41,7 +41,7 @@ class Grammars:
         return xgrammar
 
     def compile(self, spec: str) -> Any:
-        """A `response_format` (canonical JSON, `wire.protocol`) compiled, or ProtocolError naming
+        """A `response_format` (its JSON, `wire/genfields.py`) compiled, or ProtocolError naming
         the field with the grammar library's message."""
         with self._lock:
             if spec in self._cache:

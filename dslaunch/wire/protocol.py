@@ -86,7 +86,7 @@ class GenParams:
     # each prompt token's log probability (the first has none) and this many alternatives: what
     # log-likelihood scoring needs (OpenAI's `echo` with `logprobs`); with it, max_new_tokens may be 0
     prompt_logprobs: int | None = None
-    # structured output: OpenAI's response_format (json_object or json_schema) as canonical JSON,
+    # structured output: OpenAI's response_format (json_object or json_schema) as compact JSON,
     # None for plain text (engine.grammar compiles it on rank 0)
     response_format: str | None = None
 

@@ -166,6 +166,21 @@ def test_tools_named_required_streamed_and_in_the_history_through_the_client(bas
     assert status == 400 and answer["error"]["param"] == "tool_choice", answer
 
 
+def test_query_asks_for_a_schema_and_logprobs_and_names_a_bad_one(job: tuple[Cli, dict[str, Any]]) -> None:
+    pytest.importorskip("xgrammar")
+    cli = job[0]
+    schema = '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}'
+    out = cli("query", "--schema", schema, "-k", "40", "Well?")
+    assert out.returncode == 0 and isinstance(json.loads(out.stdout)["ok"], bool), out.stdout + out.stderr
+    lp = cli("query", "--logprobs", "2", "--json", "-k", "3", "Hello")
+    doc = json.loads(lp.stdout)["logprobs"]
+    assert len(doc["token_logprobs"]) == 3 and all(len(alts) == 2 for alts in doc["top_logprobs"])
+    for args, words in ((["--schema", '{"type": "objec"}'], "schema refused"), (["--schema", "[1"], "not valid JSON"),
+                        (["--schema", "@/nonexistent"], "No such file")):  # fmt: skip
+        bad = cli("query", *args, "x")
+        assert bad.returncode == 1 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def test_tokenize_detokenize_and_token_id_prompts(base_url: str) -> None:
     c = _oai(base_url)
     status, tok = _post(base_url, "/tokenize", {"model": "tiny", "prompt": "Hello world"})
