@@ -52,7 +52,8 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
 CHAT_TEMPLATE = (
     "{% if tools %}tools: {{ tools | tojson }}\n{% endif %}"
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}\n"
+    # the newline as an expression: transformers renders with trim_blocks, which eats one after a tag
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )

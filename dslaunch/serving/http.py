@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 
 from dslaunch.serving import openai_api as O
+from dslaunch.serving import samples
 from dslaunch.serving.batcher import Pending
 from dslaunch.serving.metrics import CONTENT_TYPE
 from dslaunch.wire import protocol as P
@@ -311,35 +312,24 @@ class _Http:
             ask.req.inputs = [await asyncio.to_thread(self.front.text.chat, ask.messages, tools)]
         shaper = O.Shaper(ask)
         if not ask.req.stream:
-            results = await self._samples(ask)
+            results = await samples.gather(ask, lambda r: self._collect(r, lambda x: x))
             self.front.metrics.prompt_tokens += shaper.usage(results)["prompt_tokens"]
             await self._json(200, shaper.result(results))
             self.front.metrics.request("http", self.route, "ok")
             return
         await self._stream(ask, shaper)
 
-    async def _samples(self, ask: O.Ask) -> list[Any]:
-        """The results of every sample (`n`), run side by side; one failing ends the others."""
-        if ask.n == 1:
-            return list(await self._collect(ask.req, lambda r: r))
-        tasks = [asyncio.ensure_future(self._collect(r, lambda r: r)) for r in ask.samples()]
-        try:
-            return ask.interleave(list(await asyncio.gather(*tasks)))
-        finally:
-            for t in tasks:
-                t.cancel()
-
     async def _stream(self, ask: O.Ask, shaper: O.Shaper) -> None:
         """SSE: a refusal before the first event is a plain error status; later ones an error event."""
-        async with contextlib.aclosing(self.front.run(ask.req, self.jobs)) as events:
+        async with contextlib.aclosing(samples.merged(ask, lambda r: self.front.run(r, self.jobs))) as events:
             first = await events.__anext__()
             sse = [("content-type", "text/event-stream"), ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
             await self._send(h11.Response(status_code=200, headers=sse, reason=b"OK"))
             if shaper.chat:
                 await self._event(shaper.chunk(0, None, role=True))
-            if ask.echo:  # text prompts only (openai_api._echo): each prompt first, as its choice's start
-                for i, prompt in enumerate(ask.req.inputs):
-                    await self._event(shaper.chunk(i, prompt))
+            if ask.echo:  # text prompts only (openai_api._echo): each prompt first, as its choices' start
+                for i in range(len(ask.req.inputs) * ask.n):
+                    await self._event(shaper.chunk(i, ask.req.inputs[i // ask.n]))
             event = first
             try:
                 while True:
@@ -347,7 +337,7 @@ class _Http:
                         for body in shaper.stream(event[1], event[2]):
                             await self._event(body)
                     else:
-                        self.front.metrics.prompt_tokens += sum(int(r.get("prompt_tokens", 0)) for r in event[1])
+                        self.front.metrics.prompt_tokens += shaper.usage(event[1])["prompt_tokens"]
                         for chunk in shaper.finals(event[1]):
                             await self._event(chunk)
                         break

@@ -1,6 +1,6 @@
 """The OpenAI API's shapes: its request bodies turned into dslaunch requests, and results back.
 
-Fields dslaunch cannot honour (tools, `n` or logprobs on a stream) get a 400 naming the field,
+Fields dslaunch cannot honour (`suffix`, `best_of`, the legacy `functions`) get a 400 naming the field,
 never a silent ignore. Validation of what remains is the NDJSON protocol's own, so both paths
 accept exactly the same values.
 """
@@ -183,8 +183,6 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
             obj[key] = body[key]
     top = _logprobs(body, kind)
     if top is not None:
-        if stream:
-            raise _bad("'logprobs' on a stream is not supported: ask without 'stream'", "logprobs")
         obj["logprobs"] = top
     echo = _echo(body, obj, top, stream)
     messages, tools = None, None
@@ -212,8 +210,6 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
     prompts = 1 if messages is not None else len(req.inputs)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n * prompts <= limits.max_prompts:
         raise _bad(f"'n' must be an integer, and n x prompts at most {limits.max_prompts} (--max-batch-size)", "n")
-    if n > 1 and stream:
-        raise _bad("'n' above 1 on a stream is not supported: ask without 'stream'", "n")
     return Ask(kind, req, model, include, messages, n, echo, tools)
 
 
@@ -383,11 +379,16 @@ class Shaper:
         return [body], "tool_calls"
 
     def finals(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The closing chunks: one per choice with its finish reason, then usage when asked for."""
+        """The closing chunks: one per choice with its finish reason (and, when asked, the logprobs
+        of all its tokens: they come with the answer), then usage when asked for."""
         out = []
         for i, r in enumerate(results):
             chunks, finish = self._held_out(i, FINISH.get(r.get("finish_reason", ""), "stop"))
-            out += [*chunks, self.chunk(i, None, finish)]
+            end = self.chunk(i, None, finish)
+            if r.get("logprobs") is not None:
+                shape = logprob_shapes.chat if self.chat else logprob_shapes.completion
+                end["choices"][0]["logprobs"] = shape(r["logprobs"])
+            out += [*chunks, end]
         if self.ask.include_usage:
             obj = "chat.completion.chunk" if self.chat else "text_completion"
             out.append({**self._head(obj), "choices": [], "usage": self.usage(results)})

@@ -302,6 +302,30 @@ def test_n_samples_have_their_own_seed_streams_and_usage(base_url: str, port: in
     assert len(chat.choices) == 2 and chat.usage.prompt_tokens < chat.usage.total_tokens
 
 
+def test_n_and_logprobs_on_streams_are_the_answers_without_stream(base_url: str) -> None:
+    c = _oai(base_url)
+    ask = {"model": "tiny", "prompt": ["Hello", "The quick"], "max_tokens": 6, "temperature": 1.0, "seed": 9, "n": 2,
+           "logprobs": 2}  # fmt: skip
+    whole = c.completions.create(**ask)
+    chunks = list(c.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    texts, lps, finish = {}, {}, {}
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.logprobs is not None:
+                lps[choice.index] = choice.logprobs.token_logprobs
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert [texts[i] for i in range(4)] == [ch.text for ch in whole.choices], "choice i * n + j: prompt i, sample j"
+    assert [lps[i] for i in range(4)] == [ch.logprobs.token_logprobs for ch in whole.choices]
+    assert sorted(finish) == [0, 1, 2, 3] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens, "each prompt counted once"
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                     temperature=0, logprobs=True, top_logprobs=1, stream=True, n=2)  # fmt: skip
+    tokens = [t.token for ch in chat if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert len(tokens) == 8, "each of the two choices' four tokens, with its closing chunk"
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
@@ -320,7 +344,6 @@ def test_n_samples_have_their_own_seed_streams_and_usage(base_url: str, port: in
         ("/v1/completions", {"prompt": "x", "min_tokens": 99, "max_tokens": 3}, "min_tokens"),
         ("/v1/completions", {"prompt": "x", "ignore_eos": "no"}, "ignore_eos"),
         ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 2, "stream": True}, "logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         (
             "/v1/chat/completions",
