@@ -385,6 +385,17 @@ VALUES: dict[str, list[Any]] = {
     "logprobs": [0, 2, 20, 21, -1, True, False, None],
     "n": [1, 2, 0, 5, "2", None],
     "echo": [True, False, "yes", 1, None],
+    "tools": [[WEATHER], [CLOCK, WEATHER], "f", [{"type": "function"}], [{"type": "function", "function": {}}], None],
+    "tool_choice": [
+        "auto",
+        "none",
+        "required",
+        {"type": "function", "function": {"name": "now"}},
+        {"type": "function", "function": {"name": "x"}},
+        5,
+        None,
+    ],
+    "parallel_tool_calls": [True, False, "no", None],
     "response_format": [
         {"type": "json_object"},
         {"type": "text"},
@@ -400,8 +411,10 @@ VALUES: dict[str, list[Any]] = {
 
 @st.composite
 def bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
-    path = draw(st.sampled_from(["/v1/completions", "/tokenize", "/detokenize"]))
-    body: dict[str, Any] = {"model": "tiny", "max_tokens": 3} if path == "/v1/completions" else {}
+    path = draw(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]))
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 3} if path.startswith("/v1/") else {}
+    if path == "/v1/chat/completions":
+        body["messages"] = [{"role": "user", "content": "Hi"}]
     for key in draw(st.lists(st.sampled_from(sorted(VALUES)), max_size=4, unique=True)):
         value = draw(st.sampled_from(VALUES[key]))
         if value is None:
@@ -411,11 +424,11 @@ def bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     return path, body
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=bodies())
 def test_no_field_value_breaks_the_job(base_url: str, case: tuple[str, dict[str, Any]]) -> None:
     path, body = case
-    if path == "/v1/completions" and body.get("stream") is True:
+    if path.startswith("/v1/") and body.get("stream") is True:
         body.pop("stream")  # the SSE answer is covered above; here every answer is one JSON body
         body.pop("stream_options", None)
     status, answer = _post(base_url, path, body)
