@@ -317,7 +317,8 @@ def test_n_and_logprobs_on_streams_are_the_answers_without_stream(base_url: str)
             if choice.finish_reason:
                 finish[choice.index] = choice.finish_reason
     assert [texts[i] for i in range(4)] == [ch.text for ch in whole.choices], "choice i * n + j: prompt i, sample j"
-    assert [lps[i] for i in range(4)] == [ch.logprobs.token_logprobs for ch in whole.choices]
+    for i, ch in enumerate(whole.choices):  # the same tokens; other rows beside them move the last float bits
+        assert lps[i] == pytest.approx(ch.logprobs.token_logprobs, abs=1e-4)
     assert sorted(finish) == [0, 1, 2, 3] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens, "each prompt counted once"
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
@@ -424,7 +425,7 @@ def bodies(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     return path, body
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=bodies())
 def test_no_field_value_breaks_the_job(base_url: str, case: tuple[str, dict[str, Any]]) -> None:
     path, body = case
