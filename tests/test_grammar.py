@@ -78,6 +78,19 @@ def test_json_object_starts_an_object_and_parses_when_it_ends(served: Served) ->
         assert isinstance(json.loads(res["text"]), dict)
 
 
+def test_logprobs_under_a_grammar_are_finite_and_min_tokens_is_refused(served: Served) -> None:
+    res = served.ask({"id": 1, "op": "generate", "prompt": "{", "max_new_tokens": 20, "logprobs": 5,
+                      "response_format": _schema(CORPUS[0])})[0]  # fmt: skip
+    alts = [a["logprob"] for top in res["logprobs"]["top_logprobs"] for a in top]
+    assert all(-9999.0 <= v <= 0 for v in alts + res["logprobs"]["token_logprobs"]), "forbidden tokens are -9999"
+    assert json.dumps(res, allow_nan=False)  # no -Infinity for a JSON reader to choke on
+    with pytest.raises(ProtocolError, match="'min_tokens' cannot go with a 'response_format'"):
+        served.ask(
+            {"id": 2, "op": "generate", "prompt": "x", "min_tokens": 5, "response_format": {"type": "json_object"}}
+        )
+    assert served.alive
+
+
 @pytest.mark.parametrize(
     ("fmt", "words"),
     [

@@ -50,6 +50,33 @@ def test_forced_choices_are_schemas_whose_answers_parse_as_calls() -> None:
     assert [c["function"]["name"] for c in required.calls(json.dumps(both))] == ["get_weather", "now"]
 
 
+def test_arguments_are_an_object_however_the_model_wrote_them() -> None:
+    plan = tools_api.plan({"tools": [WEATHER]})
+    as_text = plan.calls('{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}')
+    assert json.loads(as_text[0]["function"]["arguments"]) == {"city": "Rome"}, "a JSON string, not encoded twice"
+    llama = plan.calls('{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    assert json.loads(llama[0]["function"]["arguments"]) == {"city": "Paris"}, "Llama 3 writes 'parameters'"
+    assert plan.calls('{"name": "get_weather", "arguments": [1]}') is None
+    assert plan.calls('{"name": "get_weather", "arguments": "not json"}') is None
+
+
+def test_a_forced_call_keeps_the_references_of_its_parameters() -> None:
+    """Parameters as pydantic writes a nested model: `$defs` and `$ref`, which must still resolve
+    once the call wraps them."""
+    params = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+              "$defs": {"Place": {"type": "object", "properties": {"city": {"enum": ["Paris"]}},
+                                  "required": ["city"]}}}  # fmt: skip
+    tool = {"type": "function", "function": {"name": "go", "parameters": params}}
+    for choice in ("required", {"type": "function", "function": {"name": "go"}}):
+        plan = tools_api.plan({"tools": [CLOCK, tool], "tool_choice": choice})
+        schema = plan.forced_format()["json_schema"]["schema"]
+        call = {"name": "go", "arguments": {"where": {"city": "Paris"}}}
+        jsonschema.validate([call] if choice == "required" else call, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            bad = {"name": "go", "arguments": {"where": {"city": "Rome"}}}
+            jsonschema.validate([bad] if choice == "required" else bad, schema)
+
+
 def test_a_stream_holds_back_only_what_may_still_be_a_call() -> None:
     plan = tools_api.plan({"tools": [CLOCK]})
     assert all(plan.may_be_call(t) for t in ("", " ", "{", ' {"na', "<tool", "<tool_call>{", "["))
@@ -66,6 +93,8 @@ def test_a_stream_holds_back_only_what_may_still_be_a_call() -> None:
         ({"tools": [CLOCK], "tool_choice": "sometimes"}, "tool_choice"),
         ({"tools": [CLOCK], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [CLOCK], "tool_choice": {"type": "function", "function": "now"}}, "tool_choice"),
+        ({"tools": [CLOCK], "tool_choice": {"type": "function", "function": None}}, "tool_choice"),
     ],
 )
 def test_bad_tools_are_refused_naming_the_field(body: dict[str, Any], param: str) -> None:

@@ -50,7 +50,7 @@ class CausalLMEngine(Pretrained):
         self.pad_id = int(self.tok.pad_token_id or 0)
         # the front's own tokenizer (rank 0 only: the other ranks never tokenize a prompt)
         self.prompts = PromptTokenizer(path, self.max_positions) if ctx.lead else None
-        self.grammars = Grammars(self.tok, self.vocab) if ctx.lead else None  # response_format, compiled once
+        self.grammars = Grammars(self.tok, self.vocab, self.eos) if ctx.lead else None  # response_format, compiled once
         # decoding runs twice per row per step: call a fast tokenizer's backend directly when the
         # wrapper would only add its overhead (no clean-up of tokenization spaces)
         backend = getattr(self.tok, "backend_tokenizer", None)

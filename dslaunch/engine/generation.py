@@ -20,7 +20,7 @@ from dslaunch.engine.logprobs import prompt_logprobs, token_logprobs
 from dslaunch.engine.penalties import Penalties
 from dslaunch.engine.penalties import apply as apply_penalties
 from dslaunch.engine.sampling import RowSampling, choose
-from dslaunch.wire.protocol import INTERNAL, GenParams
+from dslaunch.wire.protocol import INTERNAL, GenParams, ProtocolError
 
 
 def row_budget(prompt_tokens: int, params: GenParams, max_positions: int) -> int:
@@ -84,13 +84,19 @@ class Generation:
         scored = params.prompt_logprobs is not None
         prompt = list(ids) if scored or (penalty is not None and penalty.repetition != 1.0) else None
         text = TextStream(self.decode, params.stop)
-        matcher = None
+        matcher, failed = None, None
         if params.response_format is not None and self.grammars is not None:
-            matcher = self.grammars.matcher(params.response_format)  # compiled at the check: cached
-        return Row(sink, len(ids), budget, sampling, text, arrived=arrived, joined=now, penalty=penalty,
+            try:
+                matcher = self.grammars.matcher(params.response_format)  # compiled at the check: cached
+            except Exception as e:  # this row fails, never the loop
+                failed = e.message if isinstance(e, ProtocolError) else f"{type(e).__name__}: {e}"
+        row = Row(sink, len(ids), budget, sampling, text, arrived=arrived, joined=now, penalty=penalty,
                    ignore_eos=params.ignore_eos, prompt=prompt, top=params.logprobs,
                    prompt_top=params.prompt_logprobs, score_only=params.max_new_tokens == 0,
                    matcher=matcher)  # fmt: skip
+        if failed is not None:
+            self.end(row, "error", (INTERNAL, f"the structured output's grammar failed: {failed}"[:500]))
+        return row
 
     def remaining(self) -> list[int]:
         """How many more tokens each running row may generate (it may end sooner: eos, stop)."""
@@ -120,7 +126,7 @@ class Generation:
         finish the rows that are done. Returns the number of tokens generated."""
         try:
             logits = apply_penalties(logits, rows, self.eos)
-            logits = grammar_mask(logits, [r.matcher for r in rows])  # last: nothing re-allows a token
+            logits = self._masked(logits, rows)
             tokens = choose(logits, [r.sampling for r in rows], [r.count for r in rows])
         except Exception:  # never expected: sampling is built not to raise; greedy keeps the loop going
             tokens = [int(t) for t in logits.argmax(dim=-1).tolist()]
@@ -147,6 +153,19 @@ class Generation:
         except Exception:  # never expected; the text goes on without them
             return {}
         return dict(zip(at, got, strict=True))
+
+    def _masked(self, logits: Any, rows: list[Row]) -> Any:
+        """The structured-output rows' grammar masks, applied last (nothing re-allows a token). A
+        mask that fails ends its batch's grammar rows, not the others."""
+        try:
+            return grammar_mask(logits, [None if r.ended else r.matcher for r in rows])
+        except Exception as e:  # never expected
+            for r in rows:
+                if r.matcher is not None:
+                    self.end(
+                        r, "error", (INTERNAL, f"the structured output's mask failed: {type(e).__name__}: {e}"[:500])
+                    )
+            return logits
 
     def score_prompt(self, row: Row, first: int, logits: Any) -> None:
         """Logits rows for positions `first ...` of `row`: each scores the prompt token after it.
@@ -183,6 +202,8 @@ class Generation:
         return firsts, gaps, prompt
 
     def _push(self, row: Row, token: int, logprob: Any = None) -> int:
+        if row.ended:  # answered already (an error, a cancel): it only leaves the batch
+            return 0
         row.next_token = token
         if row.matcher is not None and not row.matcher.accept_token(token):
             self.end(row, "error", (INTERNAL, "the structured output's grammar refused the token chosen"))

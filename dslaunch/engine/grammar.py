@@ -6,8 +6,10 @@ xgrammar, not llguidance or outlines-core: on the built-in model's tokenizer it 
 (`benchmarks/grammar.py`), and it reads a transformers tokenizer as it is. Only rank 0 masks: the
 other ranks never see logits, only the tokens it chose.
 
-JSON is compact (no free whitespace between tokens), so a model that likes spaces cannot spin in
-the gaps of an object forever; a row whose grammar is complete ends with `stop`.
+JSON has fixed separators (`", "` and `": "`, no other whitespace between tokens), so a model
+that likes spaces cannot spin in the gaps of an object forever; a row whose grammar is complete
+ends with `stop`. Schemas are strict (xgrammar's strict mode): an object takes no property its
+schema does not declare, whatever the request's `strict` says.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ CACHE = 64  # compiled grammars kept, by response_format
 class Grammars:
     """The tokenizer's grammar compiler and a small cache of compiled response formats."""
 
-    def __init__(self, tok: Any, vocab_size: int) -> None:
-        self.tok, self.vocab_size = tok, vocab_size
+    def __init__(self, tok: Any, vocab_size: int, eos: set[int] | None = None) -> None:
+        self.tok, self.vocab_size, self.eos = tok, vocab_size, sorted(eos or ())
         self._compiler: Any = None
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -36,13 +38,16 @@ class Grammars:
         import xgrammar
 
         if self._compiler is None:
-            info = xgrammar.TokenizerInfo.from_huggingface(self.tok, vocab_size=self.vocab_size)
+            # the engine's end-of-sequence tokens (generation_config's), not only the tokenizer's
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tok, vocab_size=self.vocab_size,
+                                                           stop_token_ids=self.eos or None)  # fmt: skip
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         return xgrammar
 
     def compile(self, spec: str) -> Any:
         """A `response_format` (its JSON, `wire/genfields.py`) compiled, or ProtocolError naming
-        the field with the grammar library's message."""
+        the field with the grammar library's message. The engine's check compiles it off the loop
+        thread; the loop then finds it here (the lock guards the cache only, never a compile)."""
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
@@ -51,18 +56,19 @@ class Grammars:
                 self._xgr()
             except ImportError:
                 raise ProtocolError(BAD_REQUEST, "'response_format' needs xgrammar on the job's nodes") from None
-            fmt = json.loads(spec)
-            try:
-                # json_object is any JSON object (xgrammar's built-in JSON grammar is any value)
-                schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else {"type": "object"}
-                compiled = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-            except Exception as e:  # the library's own words (less its log prefix): what it refused
-                why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()
-                raise ProtocolError(BAD_REQUEST, f"'response_format' schema refused: {why}"[:500]) from None
+        fmt = json.loads(spec)
+        try:
+            # json_object is any JSON object (xgrammar's built-in JSON grammar is any value)
+            schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else {"type": "object"}
+            compiled = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        except Exception as e:  # the library's own words (less its log prefix): what it refused
+            why = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e)).strip()
+            raise ProtocolError(BAD_REQUEST, f"'response_format' schema refused: {why}"[:500]) from None
+        with self._lock:
             self._cache[spec] = compiled
             if len(self._cache) > CACHE:
                 self._cache.popitem(last=False)
-            return compiled
+        return compiled
 
     def matcher(self, spec: str) -> Any:
         return self._xgr().GrammarMatcher(self.compile(spec))

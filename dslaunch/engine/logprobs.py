@@ -1,8 +1,8 @@
 """Log probabilities of the chosen tokens and their best alternatives (rank 0 only).
 
-Computed from the very logits the sampler chose from (after penalties and logit bias), divided by
-the row's temperature as OpenAI and vLLM document it (a greedy row: by 1), in one pass over the
-rows that asked, with one transfer to the host.
+Computed from the very logits the sampler chose from (after penalties, logit bias and a
+structured output's grammar mask), divided by the row's temperature as OpenAI and vLLM document
+it (a greedy row: by 1), in one pass over the rows that asked, with one transfer to the host.
 
 A prompt's own tokens are scored from the raw logits (no temperature, no penalty): the model's
 log-likelihood of each token given the ones before it, what evaluation harnesses sum.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+FLOOR = -9999.0  # the least logprob reported
+
 
 def token_logprobs(logits: Any, at: list[int], tokens: list[int], temps: list[float], ks: list[int]) -> list[Any]:
     """Per row `at[j]`: (the chosen token's logprob, [(id, logprob) of the best ks[j]])."""
@@ -20,7 +22,8 @@ def token_logprobs(logits: Any, at: list[int], tokens: list[int], temps: list[fl
     dev = logits.device
     sel = torch.tensor(at, dtype=torch.long, device=dev)
     t = torch.tensor([x if x > 0 else 1.0 for x in temps], dtype=torch.float32, device=dev).unsqueeze(1)
-    lp = torch.log_softmax(logits.index_select(0, sel).float() / t, dim=-1)
+    # a token the grammar forbids is -inf: clamped as vLLM does, since JSON has no -Infinity
+    lp = torch.log_softmax(logits.index_select(0, sel).float() / t, dim=-1).clamp(min=FLOOR)
     chosen = lp.gather(1, torch.tensor([tokens[i] for i in at], device=dev).unsqueeze(1)).squeeze(1)
     k = max(ks)
     if k:

@@ -325,8 +325,9 @@ class _Http:
             first = await events.__anext__()
             sse = [("content-type", "text/event-stream"), ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
             await self._send(h11.Response(status_code=200, headers=sse, reason=b"OK"))
-            if shaper.chat:
-                await self._event(shaper.chunk(0, None, role=True))
+            if shaper.chat:  # every choice's role first, in order: the client's stream helper keys on it
+                for i in range(ask.n):
+                    await self._event(shaper.chunk(i, None, role=True))
             if ask.echo:  # text prompts only (openai_api._echo): each prompt first, as its choices' start
                 for i in range(len(ask.req.inputs) * ask.n):
                     await self._event(shaper.chunk(i, ask.req.inputs[i // ask.n]))

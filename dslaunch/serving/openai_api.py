@@ -224,8 +224,8 @@ def _echo(body: dict[str, Any], obj: dict[str, Any], top: int | None, stream: bo
         raise _bad("'echo' must be true or false", "echo")
     prompt = body.get("prompt")
     texts = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
-    if stream and not texts:
-        raise _bad("'echo' on a stream needs text prompts (token ids are echoed without 'stream')", "echo")
+    if stream and (not texts or top is not None):
+        raise _bad("'echo' on a stream takes text prompts and no 'logprobs' (ask without 'stream')", "echo")
     if top is not None or not texts or obj.get("max_new_tokens") == 0:
         obj["prompt_logprobs"] = top or 0
     return True

@@ -47,21 +47,25 @@ class ToolPlan:
 
     def forced_format(self) -> dict[str, Any] | None:
         """The response_format that forces a call (`required`, `named`), or None."""
+        defs: dict[str, Any] = {}
 
-        def call(tool: dict[str, Any]) -> dict[str, Any]:
+        def call(i: int, tool: dict[str, Any]) -> dict[str, Any]:
             fn = tool["function"]
-            params = fn.get("parameters") or {"type": "object", "properties": {}}
+            params = _hoisted(fn.get("parameters") or {"type": "object", "properties": {}}, f"t{i}_", defs)
             return {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
                     "properties": {"name": {"enum": [fn["name"]]}, "arguments": params}}  # fmt: skip
 
         if self.choice == "named":
-            schema = call(next(t for t in self.tools if t["function"]["name"] == self.name))
+            schema = call(0, next(t for t in self.tools if t["function"]["name"] == self.name))
         elif self.choice == "required":
-            schema = {"type": "array", "minItems": 1, "items": {"anyOf": [call(t) for t in self.tools]}}
+            anyof = [call(i, t) for i, t in enumerate(self.tools)]
+            schema = {"type": "array", "minItems": 1, "items": {"anyOf": anyof}}
             if not self.parallel:
                 schema["maxItems"] = 1
         else:
             return None
+        if defs:
+            schema["$defs"] = defs
         return {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": schema}}
 
     def calls(self, text: str) -> list[dict[str, Any]] | None:
@@ -77,15 +81,48 @@ class ToolPlan:
         items = found if isinstance(found, list) else [found]
         if not items or not all(isinstance(c, dict) and c.get("name") in self.names for c in items):
             return None
-        items = items if self.parallel else items[:1]
+        args = [_arguments(c) for c in items]
+        if any(a is None for a in args):
+            return None
+        pairs = list(zip(items, args, strict=True))[: None if self.parallel else 1]
         return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                 "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments") or {})}}
-                for c in items]  # fmt: skip
+                 "function": {"name": c["name"], "arguments": json.dumps(a)}} for c, a in pairs]  # fmt: skip
 
     def may_be_call(self, text: str) -> bool:
         """Whether streamed text so far could still become a call (so is held back, not sent)."""
         head = text.lstrip()
         return self.choice != "none" and (head[:1] in ("", "{", "[") or head.startswith(OPEN) or OPEN.startswith(head))
+
+
+def _arguments(call: dict[str, Any]) -> dict[str, Any] | None:
+    """A call's arguments as an object: `arguments` (or Llama 3's `parameters`), an object or a
+    JSON string of one; None when they are something else (then the text is content)."""
+    args = call.get("arguments", call.get("parameters", {}))
+    if isinstance(args, str):
+        args = _json(args)
+    return args if isinstance(args, dict) else None
+
+
+def _hoisted(params: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters schema with its `$defs` (or `definitions`) moved into `defs` under
+    `prefix`, and its references rewritten: nested under the call's `arguments`, `#/$defs/...`
+    would no longer resolve."""
+    params = dict(params)
+    mine = {}
+    for key in ("$defs", "definitions"):
+        for name, schema in (params.pop(key, None) or {}).items():
+            mine[prefix + name] = schema
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")):
+                node = {**node, "$ref": "#/$defs/" + prefix + ref.split("/", 2)[2]}
+            return {k: fix(v) for k, v in node.items()}
+        return [fix(v) for v in node] if isinstance(node, list) else node
+
+    defs.update({name: fix(schema) for name, schema in mine.items()})
+    return fix(params)
 
 
 def _json(text: str) -> Any:
@@ -117,7 +154,8 @@ def plan(body: dict[str, Any]) -> ToolPlan | None:
     if choice in (None, "auto", "none", "required"):
         out.choice = choice or "auto"
         return out
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or name not in out.names:
         raise _bad("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
                    "{'name': ...}} naming one of 'tools'", "tool_choice")  # fmt: skip

@@ -1,6 +1,6 @@
 """The generate fields with a structure of their own, as the NDJSON protocol checks them:
 `logit_bias`, and OpenAI's `response_format`, checked for shape only (the schema is the grammar
-library's to judge, on rank 0: `engine/grammar.py`) and kept as compact JSON, the schema's key
+library's to judge, on rank 0: `engine/grammar.py`) and kept as JSON text, the schema's key
 order kept (it is the order of the answer's keys), so that equal formats share one compiled
 grammar. Errors are ValueErrors naming the field."""
 
@@ -33,7 +33,7 @@ def logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
 
 def response_format(value: Any) -> str | None:
     """Text (None), `{"type": "json_object"}`, or `{"type": "json_schema", "json_schema":
-    {"name", "schema", "strict", "description"}}` as compact JSON; ValueError naming the field."""
+    {"name", "schema", "strict", "description"}}` as JSON text; ValueError naming the field."""
     if value is None or value == {"type": "text"}:
         return None
     kind = value.get("type") if isinstance(value, dict) else None

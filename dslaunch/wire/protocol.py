@@ -86,7 +86,7 @@ class GenParams:
     # each prompt token's log probability (the first has none) and this many alternatives: what
     # log-likelihood scoring needs (OpenAI's `echo` with `logprobs`); with it, max_new_tokens may be 0
     prompt_logprobs: int | None = None
-    # structured output: OpenAI's response_format (json_object or json_schema) as compact JSON,
+    # structured output: OpenAI's response_format (json_object or json_schema) as JSON text,
     # None for plain text (engine.grammar compiles it on rank 0)
     response_format: str | None = None
 
@@ -281,6 +281,9 @@ def _gen_params(obj: dict[str, Any], limits: Limits) -> GenParams:
     prompt_lps = None if obj.get("prompt_logprobs") is None else _int(obj, "prompt_logprobs", 0, MAX_LOGPROBS)
     least = 0 if prompt_lps is not None else 1  # scoring a prompt may generate nothing
     max_new = _int(obj, "max_new_tokens", least, limits.max_new_tokens, limits.default_max_new_tokens)
+    if obj.get("min_tokens") and obj.get("response_format") not in (None, {"type": "text"}):
+        raise ProtocolError(BAD_REQUEST, "'min_tokens' cannot go with a 'response_format' (or a forced "
+                            "'tool_choice'): the grammar decides where the answer ends")  # fmt: skip
     return GenParams(
         max_new_tokens=max_new,
         temperature=_number(obj, "temperature", 0.0, 100.0, default=0.0),

@@ -323,8 +323,11 @@ def test_n_and_logprobs_on_streams_are_the_answers_without_stream(base_url: str)
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens, "each prompt counted once"
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                      temperature=0, logprobs=True, top_logprobs=1, stream=True, n=2)  # fmt: skip
+    chat = list(chat)
     tokens = [t.token for ch in chat if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
     assert len(tokens) == 8, "each of the two choices' four tokens, with its closing chunk"
+    roles = [ch.choices[0].index for ch in chat if ch.choices and ch.choices[0].delta.role]
+    assert roles == [0, 1], "every choice's role first, in order"
 
 
 @pytest.mark.parametrize(
@@ -353,6 +356,16 @@ def test_n_and_logprobs_on_streams_are_the_answers_without_stream(base_url: str)
         ),
         ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo"),
         ("/v1/completions", {"prompt": [5, 6], "echo": True, "stream": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "echo"),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "min_tokens": 2,
+                "response_format": {"type": "json_object"},
+            },
+            "min_tokens",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
         ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
         ("/v1/completions", {"prompt": "x", "n": 5, "stream": True}, "n"),
