@@ -7,13 +7,10 @@ from typing import Any
 
 from dslaunch.errors import UserError
 from dslaunch.launch.preflight import Progress, quiet
+from dslaunch.launch.watch import NodeWatch
 from dslaunch.transport.nodes import Cluster
 from dslaunch.wire.records import JobRecord
 from dslaunch.wire.states import GROUP_FORMED, LinkState, NodeStage, RankStage, ranks_ready
-
-# Each poll runs nodectl on every agent and the router (a Python start-up each): often enough to
-# show progress, rarely enough not to take the CPU the starting ranks need.
-POLL_S = 0.5
 
 
 class LaunchFailed(UserError):
@@ -62,36 +59,42 @@ def entry_summary(rec: JobRecord, i: int, st: dict[str, Any]) -> tuple[NodeStage
 
 
 def wait_ready(rec: JobRecord, cluster: Cluster, timeout: float, progress: Progress = quiet) -> None:
-    """Poll every node until all ranks are ready; a failed agent or the deadline ends the wait."""
+    """Watch every node until all ranks are ready; a failed agent, a lost node or the deadline
+    ends the wait."""
     deadline = time.monotonic() + timeout
     args = lambda i, _c: {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i}  # noqa: E731
-    while True:
-        results = cluster.call_all("status", args)
-        stages: list[NodeStage] = []
-        for i, r in enumerate(results):
-            if not r.ok:
-                progress(i, NodeStage.FAILED, str(r.error))
-                raise LaunchFailed(f"lost contact while starting: {r.error}")
-            stage, detail = entry_summary(rec, i, r.value or {})
-            progress(i, stage, detail)
-            stages.append(stage)
-        if NodeStage.FAILED in stages:
-            i = stages.index(NodeStage.FAILED)
-            details = failure_details(rec, cluster)
-            # the first rank's error names the cause (e.g. a model family DeepSpeed cannot shard)
-            cause = next((": " + d.split(": ", 1)[1] for d in details if " rank " in d and ": " in d), "")
-            what = "the router" if rec.nodes[i].kind == "router" else "the agent"
-            raise LaunchFailed(f"{rec.nodes[i].host}: {what} stopped before the job was ready{cause}", details)
-        ready_ranks = sum(rec.nodes[i].nprocs for i, s in enumerate(stages) if s == NodeStage.READY)
-        if all(s == NodeStage.READY for s in stages):
-            return
-        if time.monotonic() > deadline:
-            raise LaunchFailed(
-                f"not every rank was ready within {timeout:g}s (--timeout): {ready_ranks}/{rec.world_size} ready"
-                + ("" if ready_ranks < rec.world_size else "; the router never saw every replica"),
-                failure_details(rec, cluster),
-            )
-        time.sleep(POLL_S)
+    with NodeWatch(cluster, args, max_s=timeout + 60) as watch:
+        while True:
+            watch.wait(timeout=1.0)
+            stages: list[NodeStage] = []
+            for i, (st, err) in enumerate(zip(watch.latest, watch.errors, strict=True)):
+                if err is not None:
+                    progress(i, NodeStage.FAILED, err)
+                    raise LaunchFailed(f"lost contact while starting: {err}")
+                if st is None:  # no answer yet from this node
+                    stages.append(NodeStage.STARTED)
+                    continue
+                stage, detail = entry_summary(rec, i, st)
+                progress(i, stage, detail)
+                stages.append(stage)
+            if NodeStage.FAILED in stages:
+                watch.close()
+                i = stages.index(NodeStage.FAILED)
+                details = failure_details(rec, cluster)
+                # the first rank's error names the cause (e.g. a model family DeepSpeed cannot shard)
+                cause = next((": " + d.split(": ", 1)[1] for d in details if " rank " in d and ": " in d), "")
+                what = "the router" if rec.nodes[i].kind == "router" else "the agent"
+                raise LaunchFailed(f"{rec.nodes[i].host}: {what} stopped before the job was ready{cause}", details)
+            if all(s == NodeStage.READY for s in stages):
+                return
+            if time.monotonic() > deadline:
+                watch.close()
+                ready_ranks = sum(rec.nodes[i].nprocs for i, s in enumerate(stages) if s == NodeStage.READY)
+                raise LaunchFailed(
+                    f"not every rank was ready within {timeout:g}s (--timeout): {ready_ranks}/{rec.world_size} ready"
+                    + ("" if ready_ranks < rec.world_size else "; the router never saw every replica"),
+                    failure_details(rec, cluster),
+                )
 
 
 def failure_details(rec: JobRecord, cluster: Cluster, lines: int = 12) -> list[str]:

@@ -17,7 +17,7 @@ from dslaunch.node.logs import follow, op_logs
 from dslaunch.node.modelfiles import op_model_commit, op_model_hashes, op_model_prepare
 from dslaunch.node.probe import op_address, op_probe, op_rdzv_read, op_rdzv_write, op_remove
 from dslaunch.node.relay import op_model_send, receive
-from dslaunch.node.report import op_status
+from dslaunch.node.report import op_status, watch
 
 OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "probe": op_probe,
@@ -40,6 +40,7 @@ OPS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 STREAMS: dict[str, Callable[[dict[str, Any]], Iterator[str]]] = {
     "follow": follow,
     "model-receive": receive,
+    "watch": watch,
 }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,32 @@ def op_status(args: dict[str, Any]) -> dict[str, Any]:
     if failed:
         out["agent_log"] = agent_failure(agent_log[-400:], keep=tail_n)
         out["rank_logs"] = {str(r["rank"]): tail(nd.rank_log(r["rank"]), tail_n) for r in ranks}
+    return out
+
+
+def watch(args: dict[str, Any]) -> Iterator[str]:
+    """`status` as it changes: a line when the answer changes, and one every `heartbeat` seconds
+    otherwise, so the launch host can tell a quiet node from a lost one. A closed connection ends
+    it at its next line (the write fails); `max_s` bounds it in any case."""
+    every = float(args.get("every", 0.25))
+    beat = float(args.get("heartbeat", 1.0))
+    end = time.monotonic() + float(args.get("max_s", 3600))
+    last, sent = "", 0.0
+    while time.monotonic() < end:
+        st = op_status(args)
+        key = json.dumps(_stable(st), sort_keys=True)
+        now = time.monotonic()
+        if key != last or now - sent >= beat:
+            yield json.dumps(st)
+            last, sent = key, now
+        time.sleep(every)
+
+
+def _stable(st: dict[str, Any]) -> dict[str, Any]:
+    """The answer without what changes on every read (memory, the front file's age)."""
+    out = {**st, "ranks": [{k: v for k, v in r.items() if k != "rss_mb"} for r in st.get("ranks", [])]}
+    if "front" in st:
+        out["front"] = {k: v for k, v in st["front"].items() if k not in ("age_s", "time")}
     return out
 
 
