@@ -9,6 +9,12 @@
 It reconnects when the connection drops and retries `unavailable` answers (a job that is
 starting, restarting after a lost rank, or stopping) for up to `retry_for` seconds, with a
 growing pause. A request whose answer had started (a stream) or timed out is never resent.
+
+Given the job's other routers (`also`), a request that got no answer is retried on the next
+router under the same rules (at once; the pause comes once every router was tried), and the
+client stays with the router that answered:
+
+    with Client("10.0.0.1", 7070, also=[("10.0.0.2", 7071)]) as c: ...
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from dslaunch.wire.protocol import UNAVAILABLE, encode, proof
@@ -60,17 +66,32 @@ class Client:
         connect: Callable[[], Conn] | None = None,
         cleanup: Callable[[], None] | None = None,
         nonce: str | None = None,
+        also: Sequence[tuple[str, int]] = (),
+        targets: Sequence[tuple[str, Callable[[], Conn]]] | None = None,
     ) -> None:
-        self.address = f"{host}:{port}"
+        """`also`: the job's other routers (host, port), tried in turn; `targets`: every router as
+        (label, connect), instead of host/port/connect/also (`for_job` tunnels to each)."""
+        dial = lambda h, p: lambda: socket.create_connection((h, p), timeout=min(timeout, 10.0))  # noqa: E731
+        self._targets = list(targets or [(f"{host}:{port}", connect or dial(host, port)),
+                                         *((f"{h}:{p}", dial(h, p)) for h, p in also)])  # fmt: skip
+        self._at = 0
         self.token = token
         self.nonce = nonce  # the job's: each new connection checks the front knows it before the token goes
         self.timeout = timeout
         self.retry_for = retry_for
-        self._connect = connect or (lambda: socket.create_connection((host, port), timeout=min(timeout, 10.0)))
         self._cleanup = cleanup  # e.g. closing the SSH connection a tunnel runs over
         self._conn: Conn | None = None
         self._buf = b""
         self._ids = itertools.count(1)
+
+    @property
+    def address(self) -> str:
+        """The router this client talks to now."""
+        return self._targets[self._at][0]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [label for label, _ in self._targets]
 
     def __enter__(self) -> Client:
         return self
@@ -121,9 +142,11 @@ class Client:
 
     # -- plumbing ------------------------------------------------------------------------------
     def _events(self, op: str, fields: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Every answer line for one request; retried from the start only if nothing came yet."""
+        """Every answer line for one request; retried from the start only if nothing came yet, on the
+        next router when there are several (the pause once every router was tried)."""
         pause = 0.2
         give_up = time.monotonic() + self.retry_for
+        tries = 0
         while True:
             rid = next(self._ids)
             msg = {"id": rid, "op": op, **fields}
@@ -151,12 +174,17 @@ class Client:
                 self.close()
                 if started or time.monotonic() + pause > give_up:
                     raise ConnectionError(f"front {self.address}: {e}") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            tries += 1
+            if len(self._targets) > 1:  # no answer: the next router (this one may be gone)
+                self.close()
+                self._at = (self._at + 1) % len(self._targets)
+            if tries % len(self._targets) == 0:
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     def _send(self, data: bytes) -> None:
         if self._conn is None:
-            self._conn = self._connect()
+            self._conn = self._targets[self._at][1]()
             self._conn.settimeout(self.timeout)
             if self.nonce:
                 self._verify()
@@ -193,13 +221,19 @@ class Client:
             self._buf += data
 
 
-def for_job(rec: Any, timeout: float = 300.0, token: str | None = None) -> Client:
-    """A client for a recorded job's front, through an SSH tunnel when it listens on a remote loopback."""
+def for_job(rec: Any, timeout: float = 300.0, token: str | None = None, router: int | None = None) -> Client:
+    """A client for a recorded job's routers (each through an SSH tunnel when it listens on a remote
+    loopback), failing over from one to the next; `router`: that one alone."""
     front = _front(rec)
-    label, connect, cleanup = connector(rec)
-    host, _, port = label.rpartition(":")
-    return Client(host, int(port), token or front.token, timeout, connect=connect, cleanup=cleanup,
-                  nonce=front.nonce)  # fmt: skip
+    links = [connector(rec, k) for k in _router_choice(rec, router)]
+    closers = [c for _label, _connect, c in links if c is not None]
+
+    def cleanup() -> None:
+        for close in closers:
+            close()
+
+    return Client(token=token or front.token, timeout=timeout, cleanup=cleanup, nonce=front.nonce,
+                  targets=[(label, connect) for label, connect, _c in links])  # fmt: skip
 
 
 def _front(rec: Any) -> Any:
@@ -211,49 +245,110 @@ def _front(rec: Any) -> Any:
     return front
 
 
-def connector(rec: Any) -> tuple[str, Callable[[], Conn], Callable[[], None] | None]:
-    """Where a job's front is ("host:port", for messages), how to open a connection, and what closes
-    the SSH connection a tunnel runs over (None when it is reached directly)."""
-    from dslaunch.transport.base import ConnectOptions
-    from dslaunch.transport.launchers import get_launcher
+def _router_choice(rec: Any, router: int | None) -> list[int]:
+    from dslaunch.errors import UserError
 
+    count = len(_front(rec).router_ports)
+    if router is None:
+        return list(range(count))
+    if not 0 <= router < count:
+        raise UserError(f"--router {router}: job {rec.name!r} has routers 0..{count - 1}")
+    return [router]
+
+
+def connector(rec: Any, k: int = 0) -> tuple[str, Callable[[], Conn], Callable[[], None] | None]:
+    """Where router K of a job is ("host:port", for messages), how to open a connection, and what
+    closes the SSH connection a tunnel runs over (None when it is reached directly). The SSH
+    connection opens on first use, so a router whose node is gone costs nothing until tried."""
     front = _front(rec)
-    port, bind = int(front.port), front.bind
-    node0 = rec.nodes[0].node()
-    if front.loopback and not node0.is_local:
+    routers = [n for n in rec.nodes if getattr(n, "kind", "agent") == "router"] or rec.nodes[:1]
+    entry = routers[k]
+    port, bind = int(front.router_ports[k]), front.bind
+    node = entry.node()
+    if front.loopback and not node.is_local:
+        from dslaunch.transport.base import ConnectOptions
+        from dslaunch.transport.launchers import get_launcher
+
         launcher = get_launcher(getattr(rec, "launcher", "ssh"), getattr(rec, "launcher_meta", None))
         opts = ConnectOptions(rec.connect_timeout, rec.command_timeout, rec.accept_new_host_keys)
-        transport = launcher.connect(node0, opts)  # SSH, or an srun step on a Slurm node
-        tunnel: Any = getattr(transport, "tunnel", None)
-        return f"{node0.host} → {bind}:{port}", lambda: tunnel(bind, port), transport.close
+        import threading
+
+        opened: list[Any] = []
+        lock = threading.Lock()  # `tunnel` serves each local connection from a thread of its own
+
+        def tunnel() -> Conn:
+            from dslaunch.errors import DslaunchError
+
+            transport = None
+            try:
+                with lock:
+                    if not opened:
+                        opened.append(launcher.connect(node, opts))  # SSH, or an srun step on a Slurm node
+                    transport = opened[0]
+                return transport.tunnel(bind, port)  # type: ignore[no-any-return]
+            except Exception as e:
+                with lock:
+                    if transport is not None and transport in opened:  # broken: the next try opens a new one
+                        opened.remove(transport)
+                        transport.close()
+                if isinstance(e, DslaunchError):  # the node does not answer: a connection error, so the
+                    raise ConnectionError(str(e)) from None  # client tries the next router
+                raise
+
+        def close() -> None:
+            with lock:
+                while opened:
+                    opened.pop().close()
+
+        return f"{node.host} → {bind}:{port}", tunnel, close
     host = bind
     if front.loopback:
         host = "127.0.0.1" if bind == "localhost" else bind
     elif bind in ("0.0.0.0", "::"):
-        host = rec.nodes[0].address or node0.host
+        host = entry.address or node.host
     return f"{host}:{port}", lambda: socket.create_connection((host, port), timeout=10.0), None
 
 
-def forward(rec: Any, local_port: int, ready: Callable[[int], None] | None = None) -> None:
-    """Forward 127.0.0.1:local_port to the job's front until interrupted (`dslaunch tunnel`).
+def forward(rec: Any, local_port: int, ready: Callable[[int], None] | None = None, router: int | None = None) -> None:
+    """Forward 127.0.0.1:local_port to the job's routers until interrupted (`dslaunch tunnel`).
 
-    Each local connection gets its own connection to the front (an SSH channel when tunnelled),
-    so HTTP clients such as curl or the openai package reach a node-0 loopback front.
+    Each local connection gets its own connection to a router (an SSH channel when tunnelled), so
+    HTTP clients such as curl or the openai package reach a loopback front on a node. A router
+    that cannot be reached is skipped for the next (failover), the last that answered tried first.
     """
     import threading
 
-    _label, connect, cleanup = connector(rec)
+    links = [connector(rec, k) for k in _router_choice(rec, router)]
     server = socket.create_server(("127.0.0.1", local_port))
     if ready is not None:
         ready(server.getsockname()[1])
+    order = list(range(len(links)))
+    lock = threading.Lock()
+
+    def connect() -> Conn:
+        with lock:
+            tried = list(order)
+        last: BaseException | None = None
+        for k in tried:
+            try:
+                conn = links[k][1]()
+            except Exception as e:
+                last = e
+                continue
+            with lock:
+                order.sort(key=lambda i: i != k)  # the one that answered goes first
+            return conn
+        raise ConnectionError(f"no router answered: {last}")
+
     try:
         while True:
             local, _ = server.accept()
             threading.Thread(target=_splice, args=(local, connect), daemon=True).start()
     finally:
         server.close()
-        if cleanup is not None:
-            cleanup()
+        for _label, _connect, close in links:
+            if close is not None:
+                close()
 
 
 def _splice(local: socket.socket, connect: Callable[[], Conn]) -> None:

@@ -101,7 +101,7 @@ class Kit:
                        world_size=1, local_world_size=1, nnodes=1, init_method="tcp", init_url="",
                        backend="gloo", master_addr="127.0.0.1", master_port=free_port(), serve=self.serve,
                        unit=r, replica=r, replicas=self.replicas,
-                       router=f"127.0.0.1:{self.link_port}")  # fmt: skip
+                       routers=(f"127.0.0.1:{self.link_port}",))  # fmt: skip
         env = {**os.environ, **node.to_env(), DELAY_ENV: str(delay), "ROUTERKIT_ATTEMPT": str(attempt)}
         env.pop("DSLAUNCH_AUTO_THREADS", None)
         log = open(nd.root / "replica.log", "ab")  # noqa: SIM115

@@ -34,6 +34,7 @@ def test_help_has_examples(cli: Cli) -> None:
         ("a slots=2\n", ["--init-method", "file"], "--init-method file needs --rdzv-dir"),
         ("a slots=2\n", ["--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
         ("a slots=2\n", ["--name", "no/slash"], "--name 'no/slash'"),
+        ("a slots=2\nb slots=2\n", ["--routers", "3"], "--routers 3: the job has 2 node(s)"),
     ],
 )
 def test_user_errors_are_one_line(cli: Cli, tmp_path: Path, hostfile: str, args: list[str], fragment: str) -> None:
@@ -72,6 +73,8 @@ def test_dry_run_prints_the_plan_without_touching_nodes(cli: Cli, tmp_path: Path
     assert "file:///nfs/r/default-dryrun00-{restart}" in out
     assert "NCCL_DEBUG=INFO" in out and "LOCAL_SIZE=2" in out
     assert "gpu-b" in out
+    # two nodes: a router on each, the second on gpu-b with the next public port
+    assert "router 0 on gpu-a: public front port 7070" in out and "router 1 on gpu-b: public front port 7071" in out
     assert not (Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").exists()
 
 

@@ -1,12 +1,15 @@
-"""Replicas behind one router, on simulated SSH nodes: 2 nodes x 2 slots with `--tp 2`.
+"""Replicas behind two routers, on simulated SSH nodes: 2 nodes x 2 slots with `--tp 2` (two
+nodes: a router on each by default, router 0 on node 0 and its standby on node 1).
 
 One job for the module (each `up` costs tens of seconds on 2 cores); the tests run in order and
-each leaves the job serving: answers, spread, a rank killed under load, a rolling restart, the
-router killed, and finally `down`.
+each leaves the job serving: answers, spread over replicas and routers, a rank killed under load,
+a rolling restart, a router killed, a client failing over, then node 0 lost under load (the job
+serves on through router 1), and finally `down`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,7 +24,7 @@ import pytest
 from dslaunch.client import Client, FrontError
 from dslaunch.engine.tinymodel import NAME
 from tests.conftest import PROMPTS, Cli, job_pids, plain_generate, ssh_job, status_json, wait_status
-from tests.simnodes import SimCluster
+from tests.simnodes import SimCluster, free_port
 
 pytestmark = pytest.mark.ssh
 
@@ -42,17 +45,21 @@ def want(job: tuple[SimCluster, Cli, dict[str, Any]]) -> dict[str, str]:
     return dict(zip(prompts, plain_generate(cli.work_dir / "models" / NAME, prompts, K), strict=True))
 
 
-def _port(rec: dict[str, Any]) -> int:
-    return int(rec["front"]["port"])
+def _port(rec: dict[str, Any], router: int = 0) -> int:
+    return int(rec["front"]["ports"][router])
 
 
 class Load:
-    """Closed-loop clients that do not retry: every failure is recorded, none is hidden."""
+    """Closed-loop clients that do not retry: every failure is recorded, none is hidden.
 
-    def __init__(self, port: int, want: dict[str, str], clients: int = 4) -> None:
-        self.port, self.want = port, want
+    `failover`: clients that know both routers (odd ones start on router 1) and retry as the
+    client does by default, so a lost router's requests go to the other."""
+
+    def __init__(self, port: int, want: dict[str, str], clients: int = 4, failover: int | None = None) -> None:
+        self.port, self.want, self.failover = port, want, failover
         self.stop = threading.Event()
         self.ok = 0
+        self.done: list[float] = []  # when each answer came (monotonic)
         self.failures: list[str] = []
         self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(clients)]
 
@@ -69,7 +76,9 @@ class Load:
     def _run(self, n: int) -> None:
         prompts = list(self.want)
         i = 0
-        with Client("127.0.0.1", self.port, retry_for=0, timeout=120) as c:
+        ports = [self.port] if self.failover is None else [self.port, self.failover][:: -1 if n % 2 else 1]
+        also = [("127.0.0.1", p) for p in ports[1:]]
+        with Client("127.0.0.1", ports[0], retry_for=0 if self.failover is None else 60, timeout=120, also=also) as c:
             while not self.stop.is_set():
                 p = prompts[(n + i) % len(prompts)]
                 i += 1
@@ -81,6 +90,7 @@ class Load:
                 if text != self.want[p]:
                     self.failures.append(f"wrong text for {p!r}: {text!r}")
                 self.ok += 1
+                self.done.append(time.monotonic())
 
 
 def _replicas(cli: Cli) -> list[dict[str, Any]]:
@@ -105,6 +115,40 @@ def test_two_replicas_answer_like_the_plain_model_and_share_the_load(job, want) 
     with Client("127.0.0.1", _port(rec), retry_for=0) as c:
         h = c.health()
     assert h["world_size"] == 4 and len(h["replicas"]) == 2
+
+
+def test_two_routers_serve_every_replica_and_status_lists_both(job, want) -> None:
+    _sim, cli, rec = job
+    routers = [n for n in rec["nodes"] if n["kind"] == "router"]
+    assert [(n["host"], n["node_dir"].rsplit("/", 1)[1]) for n in routers] == [
+        ("node0", "router"),
+        ("node1", "router1"),
+    ]
+    with Load(_port(rec), want, clients=4, failover=_port(rec, 1)) as load:  # two clients start on each router
+        time.sleep(5)
+    assert not load.failures and load.ok > 0
+    st = wait_status(cli, lambda s: all(all(r["served_by"]) for r in s["replicas"]), 15)
+    assert [r["links"] for r in st["replicas"]] == [["ready", "ready"]] * 2
+    assert all(all(r["served_by"]) for r in st["replicas"]), f"each replica took work from both routers: {st}"
+    assert [(r["router"], r["host"], r["address"], r["state"]) for r in st["routers"]] == [
+        (0, "node0", f"127.0.0.1:{_port(rec)}", "ready"), (1, "node1", f"127.0.0.1:{_port(rec, 1)}", "ready"),
+    ]  # fmt: skip
+    text = cli("status").stdout
+    assert "routers (each serves every replica)" in text and f"127.0.0.1:{_port(rec, 1)}" in text, text
+    q = cli("query", PROMPTS[0], "-k", str(K), "--router", "1", "--json")
+    assert q.returncode == 0 and json.loads(q.stdout)["text"] == want[PROMPTS[0]], q.stderr
+
+
+def test_the_python_client_fails_over_from_a_router_that_does_not_answer(job, want) -> None:
+    _sim, _cli, rec = job
+    dead = free_port()  # nothing listens there: a router that is gone
+    with Client("127.0.0.1", dead, retry_for=30, timeout=60, also=[("127.0.0.1", _port(rec, 1))]) as c:
+        assert c.generate(PROMPTS[0], max_new_tokens=K)["text"] == want[PROMPTS[0]]
+        assert c.address == f"127.0.0.1:{_port(rec, 1)}", "it stays with the router that answered"
+        events = list(c.stream(PROMPTS[1], max_new_tokens=K))
+    assert "".join(e.get("chunk", "") for e in events) == want[PROMPTS[1]]
+    with pytest.raises(ConnectionError), Client("127.0.0.1", dead, retry_for=0) as c:
+        c.generate(PROMPTS[0], max_new_tokens=K)  # without retries, no failover either
 
 
 def test_a_rank_killed_under_load_restarts_only_its_replica_and_no_request_fails(job, want) -> None:
@@ -136,7 +180,11 @@ def test_a_rolling_restart_under_load_fails_no_request(job, want) -> None:
 
 def test_the_router_killed_comes_back_on_its_port_and_the_job_goes_on(job, want) -> None:
     _sim, cli, rec = job
-    child = [p for p in job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}") if _is_router(p)]
+    child = [
+        p
+        for p in job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}")
+        if _is_router(p) and _environ(p).get("DSLAUNCH_NODE_DIR", "").endswith("/router")
+    ]  # not router1's
     assert len(child) == 1, "one router process, under its supervisor"
     caught: list[BaseException] = []
 
@@ -168,13 +216,61 @@ def test_the_router_killed_comes_back_on_its_port_and_the_job_goes_on(job, want)
     assert st["front"]["address"] == f"127.0.0.1:{_port(rec)}"
     assert [r["restarts"] for r in st["replicas"]] == [0, 0], "ranks are untouched by a router crash"
     log = cli("logs", "--router")
-    assert log.returncode == 0 and "killed by signal 9" in log.stdout and "replica 1 linked" in log.stdout, log.stdout
+    assert log.returncode == 0 and "router 0: " in log.stdout and "router 1: " in log.stdout, log.stdout
+    assert "killed by signal 9" in log.stdout and "replica 1 linked" in log.stdout, log.stdout
 
 
-def test_down_leaves_nothing_on_any_node(job) -> None:
-    _sim, cli, rec = job
+def test_losing_node_0_under_load_fails_no_request_and_the_job_serves_on_through_router_1(job, want) -> None:
+    """Every process of node 0 (router 0, its supervisor, replica 0's agent and ranks) SIGKILLed and
+    its sshd stopped, under retrying clients that know both routers: none fails (README, Replicas)."""
+    sim, cli, rec = job
+    node0 = sim.nodes[0]
+    with Load(_port(rec), want, clients=4, failover=_port(rec, 1)) as load:
+        time.sleep(3)
+        doomed = _pids_of_node(rec["job_id"], node0.addr)
+        assert len(doomed) >= 5, f"router, supervisor, agent and ranks on node 0: {doomed}"
+        for p in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        sim.cut_node(node0)
+        cut = time.monotonic()
+        while time.monotonic() < cut + 60 and sum(t > cut + 2 for t in load.done) < 12:
+            time.sleep(0.5)
+    assert not load.failures, load.failures[:3]
+    after = sum(t > cut for t in load.done)
+    assert after >= 12, f"the job serves on through router 1: {after} answers after the cut"
+    st = status_json(cli)
+    assert st["state"] == "degraded" and "node0" in st["reason"] and "router 0" in st["reason"], st["reason"]
+    assert [r["state"] for r in st["routers"]] == ["unreachable", "ready"]
+    q = cli("query", PROMPTS[0], "-k", str(K), "--json")  # router 0's tunnel fails: router 1 answers
+    assert q.returncode == 0 and json.loads(q.stdout)["text"] == want[PROMPTS[0]], q.stderr
+
+
+def test_down_cleans_the_nodes_that_answer_and_names_the_lost_one(job) -> None:
+    sim, cli, rec = job
+    down = cli("down", "--grace", "3")
+    assert down.returncode != 0 and "node0" in down.stdout + down.stderr, down.stdout + down.stderr
+    assert _pids_of_node(rec["job_id"], sim.nodes[1].addr) == [], "node 1 is clean"
+    sim.start_node(sim.nodes[0])  # the node answers again: a second `down` ends the job
     assert cli("down").returncode == 0
     assert job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}") == []
+
+
+def _pids_of_node(job_id: str, addr: str) -> list[int]:
+    """The job's processes that simulated node `addr` started (their SSH_CONNECTION names it)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        env = _environ(int(entry.name))
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        conn = env.get("SSH_CONNECTION", "").split()
+        if env.get("DSLAUNCH_JOB_ID") == job_id and len(conn) == 4 and conn[2] == addr and ") Z" not in stat:
+            out.append(int(entry.name))
+    return out
 
 
 def _is_router(pid: int) -> bool:
@@ -184,3 +280,11 @@ def _is_router(pid: int) -> bool:
     except OSError:
         return False
     return b"dslaunch.serving.router" in argv and b"dslaunch.node.supervise" not in argv
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_text(errors="replace")
+    except OSError:
+        return {}
+    return dict(kv.partition("=")[::2] for kv in raw.split("\0"))

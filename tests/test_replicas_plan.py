@@ -41,7 +41,7 @@ def test_two_nodes_of_two_slots_with_tp2_is_one_replica_per_node() -> None:
         env = NodeEnv.from_env(np_.env)
         assert (env.world_size, env.rank_offset, env.replica, env.replicas) == (2, 0, rp.replica, 2)
         assert env.master_addr == rp.master_addr and env.master_port == rp.master_port
-        assert env.router == "10.0.0.1:29999" and env.marker == str(np_.unit)
+        assert env.routers == ("10.0.0.1:29999", "10.0.0.2:30000") and env.marker == str(np_.unit)
     assert plan.replicas[1].master_addr == "10.0.0.2" and plan.replicas[1].init_url == "tcp://10.0.0.2:29510"
     assert [(r.rank, r.replica) for r in plan.ranks] == [(0, 0), (1, 0), (2, 1), (3, 1)]
 
@@ -119,3 +119,42 @@ def test_placement_covers_every_rank_once_in_hostfile_order(slots: list[int], da
         # a replica stays on one node whenever it fits in that node's remaining slots
         if tp <= min(slots) and all(s % tp == 0 for s in slots):
             assert len(r.units) == 1
+
+
+@pytest.mark.parametrize(("nodes", "routers", "want"), [(1, None, 1), (2, None, 2), (3, None, 2), (2, 1, 1), (3, 3, 3)])
+def test_routers_default_to_two_with_two_nodes_and_run_one_per_node(nodes: int, routers: int | None,
+                                                                    want: int) -> None:  # fmt: skip
+    hosts = [Node(f"h{i}", 2, line=i + 1) for i in range(nodes)]
+    spec = JobSpec(nodes=hosts, tp=2, routers=routers)
+    assert spec.router_count == want
+    addrs = [f"10.0.0.{i + 1}" for i in range(nodes)]
+    ports = [(7070 + k, 29990 + k) for k in range(want)]
+    plan = make_plan(spec, "r1", addrs[0], 29500, 29400, "gloo", addrs, 7070, None, 29990, ports)
+    assert [(rp.index, rp.node, rp.host, rp.front_port) for rp in plan.routers] == [
+        (k, k, f"h{k}", 7070 + k) for k in range(want)
+    ]
+    # each router is a unit after the agents, with a directory and a link address of its own
+    assert [rp.unit for rp in plan.routers] == [len(plan.nodes) + k for k in range(want)]
+    assert len({rp.node_dir for rp in plan.routers}) == want and plan.routers[0].node_dir.endswith("/router")
+    for k, rp in enumerate(plan.routers):
+        renv = RouterEnv.from_env(rp.env)
+        assert (renv.link_bind, renv.link_port, renv.serve.port, renv.unit) == (addrs[k], 29990 + k, 7070 + k, rp.unit)
+    # every replica leader dials every router
+    for np_ in plan.nodes:
+        assert NodeEnv.from_env(np_.env).routers == tuple(f"{addrs[k]}:{29990 + k}" for k in range(want))
+
+
+@pytest.mark.parametrize(("routers", "why"), [(0, "must be at least 1"), (3, "the job has 2 node(s)")])
+def test_routers_beyond_the_nodes_is_one_clear_error(routers: int, why: str) -> None:
+    with pytest.raises(UserError, match=f"--routers {routers}") as e:
+        JobSpec(nodes=TWO_BY_TWO, routers=routers)
+    assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_each_router_node_is_asked_for_its_own_public_and_link_ports() -> None:
+    """Router K's public port is --port + K (or scanned from 7070 + K in steps of the router count),
+    so routers of simulated nodes sharing one machine never collide."""
+    from dslaunch.node.probe import _front_port
+
+    got = _front_port("127.0.0.1", None, set(), first=7071, step=2)
+    assert got["front_port"] % 2 == 1 and got["front_port"] >= 7071

@@ -38,12 +38,14 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
        work_dir: str, no_launch_dir: bool, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
        parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None, tp: int | None,
-       launcher: str, partition: str | None, time_limit: str | None, account: str | None, sync_model: bool,
+       routers: int | None, launcher: str, partition: str | None, time_limit: str | None, account: str | None,
+       sync_model: bool,
        **serve_opts: Any) -> None:  # fmt: skip
     """Start a job on every node of the hostfile, load the model on every rank and serve it.
 
-    The job's router on node 0 answers on one socket front (newline-delimited JSON and the
-    OpenAI-compatible HTTP API) and spreads requests over the replicas (--tp ranks each).
+    The job's routers (node 0, and a standby on node 1 when there are two nodes) each answer on one
+    socket front (newline-delimited JSON and the OpenAI-compatible HTTP API) and spread requests
+    over the replicas (--tp ranks each).
     """
     model_check = not serve_opts.pop("skip_model_check")
     serve = ServeSpec(**serve_opts, token=_read_token(token_file))
@@ -73,7 +75,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         launch_dir=None if no_launch_dir else os.getcwd(), model_check=model_check,
         ready_timeout=timeout, connect_timeout=connect_timeout, command_timeout=command_timeout,
         pg_timeout=pg_timeout, accept_new_host_keys=accept_new_host_keys, parallelism=parallelism,
-        keep_logs=keep_logs, serve=serve, tp=tp, launcher=launcher, launcher_meta=submitted,
+        keep_logs=keep_logs, serve=serve, tp=tp, routers=routers, launcher=launcher, launcher_meta=submitted,
     )  # fmt: skip
     for line in notes:
         err_console.print(f"note: {line}", markup=False)
@@ -92,8 +94,10 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     units = [u for r in spec.replicas for u in r.units]
     tag = (lambda u: f" (replica {u.replica})") if len(spec.replicas) > 1 else (lambda u: "")
     view = render.UpView(
-        console, [nodes[u.node].host + tag(u) for u in units] + [f"{nodes[0].host} (router)"],
-        [u.nprocs for u in units] + [0],
+        console,
+        [nodes[u.node].host + tag(u) for u in units]
+        + [f"{nodes[k].host} (router{f' {k}' if spec.router_count > 1 else ''})" for k in range(spec.router_count)],
+        [u.nprocs for u in units] + [0] * spec.router_count,
     )  # fmt: skip
     try:
         with view:
@@ -250,25 +254,29 @@ def logs(name: str, ranks: tuple[int, ...], lines: int, follow: bool, router: bo
 @click.option(
     "--local-port", type=int, default=8000, show_default=True, help="Port on 127.0.0.1 to listen on (0: any)."
 )
-def tunnel(name: str, local_port: int) -> None:
-    """Keep a local port forwarded to the job's front (over SSH when it listens on node 0's loopback).
+@click.option("--router", type=int, default=None, help="Forward to this router only (0, 1, ...). Default: fail over.")
+def tunnel(name: str, local_port: int, router: int | None) -> None:
+    """Keep a local port forwarded to the job's routers (over SSH when they listen on a node's
+    loopback); each new connection goes to the first router that answers.
 
     \b
     Examples:
       dslaunch tunnel --local-port 8000 &
       OPENAI_BASE_URL=http://127.0.0.1:8000/v1 python my_openai_script.py
+      dslaunch tunnel --router 1 --local-port 8001 &      # the standby router alone
     """
     from dslaunch import client as front_client
 
     rec = state.require(name)
+    which = "front" if router is None else f"router {router}"
 
     def ready(port: int) -> None:
-        console.print(f"forwarding 127.0.0.1:{port} to job {name!r}'s front; OPENAI_BASE_URL=http://127.0.0.1:{port}/v1"
-                      " (Ctrl-C to stop)")  # fmt: skip
+        console.print(f"forwarding 127.0.0.1:{port} to job {name!r}'s {which}; "
+                      f"OPENAI_BASE_URL=http://127.0.0.1:{port}/v1 (Ctrl-C to stop)")  # fmt: skip
         sys.stdout.flush()
 
     try:
-        front_client.forward(rec, local_port, ready)
+        front_client.forward(rec, local_port, ready, router)
     except OSError as e:
         raise UserError(f"--local-port {local_port}: {e.strerror or e}") from None
     except KeyboardInterrupt:

@@ -101,6 +101,13 @@ UP_OPTIONS = [
         "each restarting on its own. Default: every rank in one replica.",
     ),
     click.option(
+        "--routers",
+        type=int,
+        default=None,
+        help="Routers (public fronts), on nodes 0, 1, ...; each serves every replica, and clients fail over "
+        "between them. Default: 2 when the job has two nodes or more, else 1.",
+    ),
+    click.option(
         "--max-restarts",
         type=int,
         default=_job("max_restarts"),

@@ -40,17 +40,19 @@ from dslaunch.launch import store as state
 @click.option("--deep", is_flag=True, help="With --health: a one-token forward on every rank.")
 @click.option("--stats", "want_stats", is_flag=True, help="Requests served, queue, batch sizes, latency.")
 @click.option("--json", "as_json", is_flag=True, help="Print the front's answer as JSON.")
+@click.option("--router", type=int, default=None, help="Ask this router only (0, 1, ...). Default: fail over.")
 @click.option(
     "--timeout", type=float, default=QUERY_TIMEOUT_DEFAULT, show_default=True, help="Seconds to wait for the answer."
 )
 def query(prompts: tuple[str, ...], name: str, max_new_tokens: int | None, temperature: float | None,
           top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...], stream: bool,
           embed: bool, infer_json: str | None, health: bool, deep: bool, want_stats: bool, as_json: bool,
-          timeout: float, **penalties: Any) -> None:  # fmt: skip
+          router: int | None, timeout: float, **penalties: Any) -> None:  # fmt: skip
     """Send prompts (or texts, or a health check) to the job's front and print the answer.
 
-    The front is found from the job record; when it listens on node 0's loopback and node 0 is
-    remote, the request goes through an SSH tunnel. A PROMPT of '-' reads standard input.
+    The routers are found from the job record (a request that got no answer goes to the next
+    router); when one listens on a remote node's loopback, the request goes through an SSH
+    tunnel. A PROMPT of '-' reads standard input.
 
     \b
     Examples:
@@ -74,7 +76,7 @@ def query(prompts: tuple[str, ...], name: str, max_new_tokens: int | None, tempe
     if asks != 1:
         raise UserError("give prompts (or --embed texts), --infer JSON, --health or --stats: exactly one of them")
     rec = state.require(name)
-    with front_client.for_job(rec, timeout=timeout) as c:
+    with front_client.for_job(rec, timeout=timeout, router=router) as c:
         try:
             answer = _ask(c, texts, params, stream, embed, infer_json, health, deep, want_stats, as_json)
         except front_client.FrontError as e:

@@ -21,7 +21,7 @@ from dslaunch.launch.lifecycle import DownReport
 from dslaunch.launch.plan import LaunchPlan
 from dslaunch.launch.status import JobStatus
 from dslaunch.wire.records import JobRecord
-from dslaunch.wire.states import JobState, NodeStage, RankStage, ReplicaState
+from dslaunch.wire.states import JobState, NodeStage, RankStage, ReplicaState, RouterState
 
 # Every state dslaunch reports has a style here (a test checks that none is missing).
 STAGE_STYLE: dict[str, str] = {
@@ -118,11 +118,12 @@ def plan_view(plan: LaunchPlan, facts_note: str = "", launcher: list[tuple[str, 
             Text(f"{rp.master_addr}:{rp.rdzv_port}"), Text(rp.init_url),
         )  # fmt: skip
     parts: list[Any] = [head, nodes, ranks, reps]
-    if plan.router is not None:
+    for rp in plan.routers:
+        label = f"router {rp.index} " if len(plan.routers) > 1 else "router "
         parts.append(Text.assemble(
-            ("router ", "bold"),
-            Text(f"on {plan.nodes[0].host}: public front port {plan.front_port}, replica link "
-                 f"{plan.router.link_addr}:{plan.router.link_port}; {shlex.join(plan.router.argv)}"),
+            (label, "bold"),
+            Text(f"on {rp.host}: public front port {rp.front_port}, replica link "
+                 f"{rp.link_addr}:{rp.link_port}, {rp.node_dir}; {shlex.join(rp.argv)}"),
         ))  # fmt: skip
     return Group(*parts)
 
@@ -171,21 +172,46 @@ def http_base(address: str) -> str:
     return f"http://{host}:{port}/v1"
 
 
+def router_urls(rec: JobRecord) -> list[tuple[str, str, bool]]:
+    """Per router: (its host, its public address, whether it listens on a remote machine's loopback)."""
+    front = rec.front
+    if front is None:
+        return []
+    routers = rec.routers or rec.nodes[:1]
+    out = []
+    for n, port in zip(routers, front.router_ports, strict=False):
+        remote = front.loopback and n.host not in ("localhost", "127.0.0.1")
+        host = (n.address or n.host) if front.bind in ("0.0.0.0", "::") else front.bind
+        out.append((n.host, f"{host}:{port}", remote))
+    return out
+
+
 def http_hint(rec: JobRecord) -> str:
-    """OPENAI_BASE_URL and a curl line to paste; tunnelled when the front is on a remote loopback."""
+    """An OPENAI_BASE_URL per router and a curl line to paste; tunnelled when a router is on a
+    remote loopback (`dslaunch tunnel` fails over between routers by itself)."""
     front = rec.front
     if front is None or front.task != "generate":
         return ""
     n = "" if rec.name == "default" else f" --name {rec.name}"
-    remote = front.loopback and rec.nodes and rec.nodes[0].host not in ("localhost", "127.0.0.1")
-    base = "http://127.0.0.1:8000/v1" if remote else http_base(front.address)
+    routers = router_urls(rec)
+    many = len(routers) > 1
+    lines: list[str] = []
+    bases: list[str] = []
+    for k, (host, address, remote) in enumerate(routers):
+        if remote:
+            lines.append(f"dslaunch tunnel{n}{f' --router {k}' if many else ''} --local-port {8000 + k} &   "
+                         f"# {host}'s loopback, forwarded over SSH")  # fmt: skip
+            bases.append(f"http://127.0.0.1:{8000 + k}/v1")
+        else:
+            bases.append(http_base(address))
+    key = "  OPENAI_API_KEY=$DSLAUNCH_TOKEN" if front.token else ""
+    for k, base in enumerate(bases):
+        lines.append(f"export OPENAI_BASE_URL={base}{key}" + (f"   # router {k} on {routers[k][0]}" if many else ""))
     auth = ' -H "Authorization: Bearer $DSLAUNCH_TOKEN"' if front.token else ""
-    lines = [f"dslaunch tunnel{n} --local-port 8000 &   # node 0's loopback, forwarded over SSH"] if remote else []
-    lines += [
-        f"export OPENAI_BASE_URL={base}" + ("  OPENAI_API_KEY=$DSLAUNCH_TOKEN" if auth else ""),
-        f"curl {base}/completions{auth} -H 'Content-Type: application/json' "
-        """-d '{"prompt": "Hello", "max_tokens": 16}'""",
-    ]
+    lines.append(f"curl {bases[0]}/completions{auth} -H 'Content-Type: application/json' "
+                 """-d '{"prompt": "Hello", "max_tokens": 16}'""")  # fmt: skip
+    if many:
+        lines.append("(either router serves every replica; a client may use both: see README 'Routers')")
     return "\n".join(lines) + "\n"
 
 
@@ -196,7 +222,8 @@ def _machines(rec: JobRecord) -> int:
 def up_summary(rec: JobRecord, seconds: float) -> Text:
     front = rec.front
     n = "" if rec.name == "default" else f" --name {rec.name}"
-    where = f"front {front.address} ({front.task}, {front.model})\n" + http_hint(rec) if front else ""
+    fronts = ", ".join(a for _h, a, _r in router_urls(rec))
+    where = f"front {fronts} ({front.task}, {front.model})\n" + http_hint(rec) if front else ""
     return Text.assemble(
         ("ready", "bold green"),
         f": job {rec.name!r} — {rec.world_size} ranks on {_machines(rec)} node(s)"
@@ -228,7 +255,11 @@ def status_view(st: JobStatus) -> Group:
     for col in ("#", "host", "runs", "reachable", "agent", "pid", "processes", "note"):
         nodes.add_column(col, overflow="fold")
     for n in st.nodes:
-        runs = "router" if n.kind == "router" else f"replica {n.replica}"
+        runs = (
+            (f"router {n.router}" if len(st.routers) > 1 else "router")
+            if n.kind == "router"
+            else f"replica {n.replica}"
+        )
         agent = (
             Text("alive", "green") if n.agent_alive
             else Text("unreachable" if not n.reachable else
@@ -254,6 +285,8 @@ def status_view(st: JobStatus) -> Group:
         parts.append(failure_line(st.last_failure))
     if st.front:
         parts.append(front_line(st.front))
+    if len(st.routers) > 1:
+        parts.append(routers_table(st))
     for n in st.nodes:
         if n.log_tail:
             parts.append(_t(f"last lines of the agent log on {n.host}:", style="bold"))
@@ -272,6 +305,22 @@ def replicas_table(st: JobStatus) -> Table:
         t.add_row(
             str(r.replica), span, _t(", ".join(r.hosts)), Text(r.state, style), str(r.restarts), r.linked or "-",
             str(r.in_flight), str(r.served), _t(r.reason),
+        )  # fmt: skip
+    return t
+
+
+def routers_table(st: JobStatus) -> Table:
+    """Every router: its node, public address and state; clients fail over between them."""
+    t = Table(title="routers (each serves every replica)", title_justify="left")
+    for col in ("router", "host", "address", "state", "served", "errors", "queue"):
+        t.add_column(col, overflow="fold")
+    for r in st.routers:
+        style = (
+            "green" if r["state"] == RouterState.READY else "red" if r["state"] != RouterState.STARTING else "yellow"
+        )
+        t.add_row(
+            str(r["router"]), _t(r["host"]), _t(r["address"]), Text(str(r["state"]), style),
+            *(str(r.get(k, "-") if r.get(k) is not None else "-") for k in ("served", "errors", "queue")),
         )  # fmt: skip
     return t
 

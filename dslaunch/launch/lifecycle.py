@@ -59,6 +59,7 @@ def up(
             plan = make_plan(
                 spec, uuid.uuid4().hex[:8], facts.master_addr, facts.master_port, facts.rdzv_port,
                 facts.backend, facts.addresses, facts.front_port, facts.gang_ports, facts.link_port,
+                facts.router_ports,
             )  # fmt: skip
             rec = new_record(spec, plan, facts, launcher.meta)
             store.save(rec)
@@ -75,12 +76,14 @@ def up(
 
 
 def per_node(spec: JobSpec, progress: Progress) -> Progress:
-    """Pre-flight reports per machine; `up` shows one row per agent (and the router, on node 0)."""
+    """Pre-flight reports per machine; `up` shows one row per agent and one per router (router K on node K)."""
     rows: dict[int, list[int]] = {}
     for rep in spec.replicas:
         for u in rep.units:
             rows.setdefault(u.node, []).append(u.unit)
-    rows[0].append(sum(len(r.units) for r in spec.replicas))
+    agents = sum(len(r.units) for r in spec.replicas)
+    for k in range(spec.router_count):
+        rows.setdefault(k, []).append(agents + k)
 
     def report(i: int, stage: NodeStage, detail: str) -> None:
         for row in rows.get(i, []):
@@ -143,21 +146,22 @@ def dry_plan(spec: JobSpec) -> tuple[LaunchPlan, str]:
 
 
 def _start(plan: LaunchPlan, cluster: Cluster, rec: JobRecord, progress: Progress) -> None:
-    """Start the router, then one detached agent per unit; secrets travel on stdin."""
+    """Start the routers, then one detached agent per unit; secrets travel on stdin."""
     front = rec.front
     token, nonce, key = (front.token, front.nonce, front.link_key) if front else (None, None, None)
-    router_index = len(plan.nodes)
+    first = len(plan.nodes)
 
     def start(c: NodeClient) -> dict[str, Any]:
         i = cluster.clients.index(c)
-        if i == router_index:
-            return start_router(plan, c, token, nonce, key, cluster.launcher)
+        if i >= first:
+            return start_router(plan, i - first, c, token, nonce, key, cluster.launcher)
         return start_unit(plan, plan.nodes[i], c, key, cluster.launcher)
 
-    if plan.router is not None:  # first: its link listens before any replica leader dials
-        _report_started(rec, [router_index], cluster.map(start, [cluster.clients[router_index]]), progress)
-    rest = cluster.map(start, cluster.clients[:router_index])
-    _report_started(rec, list(range(router_index)), rest, progress)
+    if plan.routers:  # first: their links listen before any replica leader dials
+        routers = list(range(first, first + len(plan.routers)))
+        _report_started(rec, routers, cluster.map(start, [cluster.clients[i] for i in routers]), progress)
+    rest = cluster.map(start, cluster.clients[:first])
+    _report_started(rec, list(range(first)), rest, progress)
 
 
 def _report_started(rec: JobRecord, indices: list[int], results: HostResults[Any], progress: Progress) -> None:
@@ -173,7 +177,7 @@ def _report_started(rec: JobRecord, indices: list[int], results: HostResults[Any
             details += [f"  {ln}" for ln in r.error.details.get("log", []) or []]  # type: ignore[union-attr]
     store.save(rec)
     if details:
-        what = "the router" if indices == [len(rec.agents)] else "the agent on every node"
+        what = "the router" if all(rec.nodes[i].kind == "router" for i in indices) else "the agent on every node"
         raise LaunchFailed(f"could not start {what}: {details[0]}", details)
 
 
@@ -193,15 +197,15 @@ def start_unit(plan: LaunchPlan, np: NodePlan, c: NodeClient, key: str | None, l
 
 
 def start_router(
-    plan: LaunchPlan, c: NodeClient, token: str | None, nonce: str | None, key: str | None, launcher: Launcher
-) -> Any:
-    """The router under its supervisor, on node 0; the public token and the link key on stdin."""
-    assert plan.router is not None
-    rp = plan.router
-    files = {k: v for k, v in (("front.token", token), ("front.nonce", nonce), ("replica.secret", key)) if v}
+    plan: LaunchPlan, k: int, c: NodeClient, token: str | None, nonce: str | None, key: str | None,
+    launcher: Launcher,
+) -> Any:  # fmt: skip
+    """Router K under its supervisor, on node K; the public token and the link key on stdin."""
+    rp = plan.routers[k]
+    files = {n: v for n, v in (("front.token", token), ("front.nonce", nonce), ("replica.secret", key)) if v}
     return launcher.start(
         c,
-        {"job_id": plan.job_id, "node_rank": len(plan.nodes), "node_dir": rp.node_dir, "argv": list(rp.argv),
+        {"job_id": plan.job_id, "node_rank": rp.unit, "node_dir": rp.node_dir, "argv": list(rp.argv),
          "env": rp.env, "files": files, "free_ports": {"router link port": rp.link_port}},
     )  # fmt: skip
 

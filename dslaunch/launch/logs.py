@@ -54,13 +54,24 @@ def read_logs(rec: JobRecord, ranks: list[int] | None, lines: int) -> tuple[dict
 
 
 def router_log(rec: JobRecord, lines: int) -> list[str]:
-    """The last lines the router (and its supervisor) wrote: links, replicas up and down, refusals."""
-    i = next((i for i, n in enumerate(rec.nodes) if n.kind == "router"), None)
-    if i is None:
+    """The last lines each router (and its supervisor) wrote: links, replicas up and down, refusals.
+    With several routers each line says which (`router K:`); a router whose node does not answer
+    gets one line saying so."""
+    routers = [i for i, n in enumerate(rec.nodes) if n.kind == "router"]
+    if not routers:
         return []
     with cluster_for(rec) as cluster:
-        out = cluster.clients[i].call("logs", {"node_dir": rec.nodes[i].node_dir, "agent": True, "lines": lines})
-    return list(out.get("agent", []))
+        args = {i: {"node_dir": rec.nodes[i].node_dir, "agent": True, "lines": lines} for i in routers}
+        results = cluster.map(lambda c: c.call("logs", args[cluster.clients.index(c)]),
+                              [cluster.clients[i] for i in routers])  # fmt: skip
+    out: list[str] = []
+    for k, r in enumerate(results):
+        tag = f"router {k}: " if len(routers) > 1 else ""
+        if not r.ok:
+            out.append(f"{tag}{r.error}")
+            continue
+        out += [tag + line for line in (r.value or {}).get("agent", [])]
+    return out
 
 
 def follow_logs(rec: JobRecord, ranks: list[int] | None) -> Iterator[tuple[int, str]]:

@@ -68,13 +68,19 @@ class ReplicaPlan:
 
 @dataclass(frozen=True)
 class RouterPlan:
-    """The router: the job's public front, its own supervised process on node 0."""
+    """One router: a public front of the job, its own supervised process on node `node` (router K
+    on node K); every replica leader dials every router's link."""
 
     node_dir: str
     argv: tuple[str, ...]
     env: dict[str, str]
     link_addr: str
     link_port: int
+    index: int = 0
+    node: int = 0
+    host: str = ""
+    front_port: int = DEFAULT_FRONT_PORT
+    unit: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,13 @@ class LaunchPlan:
     ranks: tuple[RankPlan, ...]
     tp: int = 0
     replicas: tuple[ReplicaPlan, ...] = ()
-    router: RouterPlan | None = None
+    routers: tuple[RouterPlan, ...] = ()
     launcher: str = "ssh"
+
+    @property
+    def router(self) -> RouterPlan | None:
+        """The first router (on node 0)."""
+        return self.routers[0] if self.routers else None
 
 
 def job_id(name: str, run_id: str) -> str:
@@ -126,11 +137,13 @@ def make_plan(
     front_port: int | None = None,
     gang_ports: list[tuple[int, int]] | None = None,
     link_port: int | None = None,
+    router_ports: list[tuple[int, int]] | None = None,
 ) -> LaunchPlan:
     """Build the plan. `local_addrs[i]` is how the other nodes reach node i (torchrun --local-addr).
 
     `master_port`/`rdzv_port` are replica 0's; `gang_ports[r]` (master, rendezvous) the others',
-    on each replica's head node (without them, as in a dry run: the next ports up).
+    on each replica's head node; `router_ports[k]` (public, link) router K's, on node K (without
+    them, as in a dry run: the next ports up).
     """
     jid = job_id(spec.name, run_id)
     serve = replace(spec.serve, port=front_port or spec.serve.port or DEFAULT_FRONT_PORT)
@@ -139,26 +152,32 @@ def make_plan(
     ports = gang_ports or [(master_port + r, rdzv_port + r) for r in range(n_rep)]
     ports[0] = (master_port, rdzv_port)
     addr_of = lambda i: local_addrs[i] if local_addrs is not None else (master_addr if i == 0 else spec.nodes[i].host)  # noqa: E731
-    link = link_port or rdzv_port + n_rep
-    router_addr = f"{_bracket(master_addr)}:{link}"
+    first_front = serve.port or DEFAULT_FRONT_PORT
+    first_link = link_port or rdzv_port + n_rep
+    rports = router_ports or [(first_front + k, first_link + k) for k in range(spec.router_count)]
+    router_addrs = tuple(f"{_bracket(addr_of(k))}:{rports[k][1]}" for k in range(spec.router_count))
     replicas = tuple(_replica_plan(spec, jid, rep, addr_of(rep.head), *ports[rep.replica], n_rep) for rep in layout)
     node_plans: list[NodePlan] = []
     ranks: list[RankPlan] = []
     for rep, rp in zip(layout, replicas, strict=True):
         for u in rep.units:
-            node_plans.append(_unit_plan(spec, jid, u, rp, backend, serve, n_rep, router_addr,
+            node_plans.append(_unit_plan(spec, jid, u, rp, backend, serve, n_rep, router_addrs,
                                          None if local_addrs is None else local_addrs[u.node]))  # fmt: skip
             for lr, slot in enumerate(u.slot_ids):
                 device = f"cuda:{slot}" if backend == "nccl" else "cpu"
                 ranks.append(RankPlan(u.rank_offset + lr, u.node, lr, spec.nodes[u.node].host, device, u.replica))
     node_plans.sort(key=lambda n: n.unit)
     ranks.sort(key=lambda r: r.rank)
-    router = router_plan(spec, jid, serve, n_rep, master_addr, link, unit=len(node_plans))
+    routers = tuple(
+        router_plan(spec, jid, replace(serve, port=rports[k][0]), n_rep, addr_of(k), rports[k][1],
+                    unit=len(node_plans) + k, index=k)
+        for k in range(spec.router_count)
+    )  # fmt: skip
     return LaunchPlan(
         job_id=jid, name=spec.name, run_id=run_id, world_size=spec.world_size, init_method=spec.init_method,
         init_url=replicas[0].init_url, backend=backend, master_addr=master_addr, master_port=master_port,
-        rdzv_port=rdzv_port, front_port=serve.port or DEFAULT_FRONT_PORT, nodes=tuple(node_plans),
-        ranks=tuple(ranks), tp=spec.tp_size, replicas=replicas, router=router, launcher=spec.launcher,
+        rdzv_port=rdzv_port, front_port=rports[0][0], nodes=tuple(node_plans),
+        ranks=tuple(ranks), tp=spec.tp_size, replicas=replicas, routers=routers, launcher=spec.launcher,
     )  # fmt: skip
 
 
@@ -171,8 +190,8 @@ def _replica_plan(
 
 
 def _unit_plan(
-    spec: JobSpec, jid: str, u: Unit, rp: ReplicaPlan, backend: str, serve: Any, n_rep: int, router: str,
-    local_addr: str | None,
+    spec: JobSpec, jid: str, u: Unit, rp: ReplicaPlan, backend: str, serve: Any, n_rep: int,
+    routers: tuple[str, ...], local_addr: str | None,
 ) -> NodePlan:  # fmt: skip
     node = spec.nodes[u.node]
     ndir = node_dir_path(spec.work_dir, jid, u.unit)
@@ -185,7 +204,7 @@ def _unit_plan(
         master_port=rp.master_port, pg_timeout=spec.pg_timeout, restart_backoff=spec.restart_backoff,
         # torchrun would pin every rank to one thread; nodectl divides the cores instead
         auto_threads="OMP_NUM_THREADS" not in spec.env, serve=serve,
-        unit=u.unit, replica=u.replica, replicas=n_rep, router=router,
+        unit=u.unit, replica=u.replica, replicas=n_rep, routers=routers,
     )  # fmt: skip
     env = {**spec.env, **node_env.to_env()}
     if backend == "nccl":
@@ -200,10 +219,11 @@ def _unit_plan(
 
 
 def router_plan(
-    spec: JobSpec, jid: str, serve: Any, n_rep: int, link_addr: str, link_port: int, unit: int
+    spec: JobSpec, jid: str, serve: Any, n_rep: int, link_addr: str, link_port: int, unit: int, index: int = 0
 ) -> RouterPlan:
-    """The router under its supervisor (which restarts it on the same address if it crashes)."""
-    ndir = router_dir_path(spec.work_dir, jid)
+    """Router `index` under its supervisor (which restarts it on the same address if it crashes),
+    on node `index`: routers run on different nodes, so a lost node leaves the others serving."""
+    ndir = router_dir_path(spec.work_dir, jid, index)
     renv = RouterEnv(
         job_id=jid, name=spec.name, node_dir=ndir, replicas=n_rep, tp=spec.tp_size, link_bind=link_addr,
         link_port=link_port, serve=serve, unit=unit,
@@ -212,7 +232,8 @@ def router_plan(
     env = {**spec.env, **renv.to_env()}
     if spec.launch_dir:
         env[LAUNCH_DIR_ENV] = spec.launch_dir
-    return RouterPlan(ndir, argv, env, link_addr, link_port)
+    return RouterPlan(ndir, argv, env, link_addr, link_port, index, index, spec.nodes[index].host,
+                      serve.port or DEFAULT_FRONT_PORT, unit)  # fmt: skip
 
 
 def agent_argv(

@@ -21,6 +21,7 @@ from dslaunch.launch.replicas import heads_per_node
 from dslaunch.launch.spec import JobSpec
 from dslaunch.transport.base import ConnectOptions
 from dslaunch.transport.nodes import Cluster, NodeClient
+from dslaunch.wire.serve import DEFAULT_FRONT_PORT
 from dslaunch.wire.states import NodeStage
 
 # on_progress(node_index, stage, detail): shown live by the CLI while `up` runs.
@@ -47,7 +48,8 @@ class Facts:
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     gang_ports: list[tuple[int, int]] | None = None  # per replica: (master, rendezvous) on its head node
-    link_port: int | None = None  # the router's link port on node 0
+    link_port: int | None = None  # the first router's link port on node 0
+    router_ports: list[tuple[int, int]] | None = None  # per router (public, link), router K on node K
 
 
 def connect_options(spec: JobSpec) -> ConnectOptions:
@@ -75,7 +77,7 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
     results.raise_failures("pre-flight")
     probes = [r.value or {} for r in results]
     backend = choose_backend(spec.backend, [p.get("gpus", 0) for p in probes], [n.nprocs for n in nodes])
-    problems = _node_problems(spec, probes) + _backend_problems(spec, probes, backend) + _head_problems(spec, probes[0])
+    problems = _node_problems(spec, probes) + _backend_problems(spec, probes, backend) + _head_problems(spec, probes)
     if want is not None:
         model = spec.serve.model or ""
         lines = [mismatch_line(n.host, model, want, p["model_files"]) for n, p in zip(nodes, probes, strict=True)
@@ -91,7 +93,8 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
         raise UserError("pre-flight failed:\n  " + "\n  ".join(problems))
     spec.method.preflight(spec.rdzv_dir, cluster)
     gang_ports = assign_ports(spec, [p.get("ports") or [] for p in probes])
-    link_port = int(probes[0]["link_port"])
+    router_ports = [(int(p["front_port"]), int(p["link_port"])) for p in probes[: spec.router_count]]
+    link_port = router_ports[0][1]
     master_port, rdzv_port = gang_ports[0]
     addresses = node_addresses(spec, cluster, [p["address"] for p in probes])
     master_addr = addresses[0]
@@ -105,7 +108,7 @@ def preflight(spec: JobSpec, cluster: Cluster, progress: Progress = quiet) -> Fa
     notes = _launch_dir_note(spec, probes)
     return Facts(
         master_addr, master_port, rdzv_port, backend, addresses, probes[0].get("front_port"), tuple(slow), notes,
-        gang_ports, link_port,
+        gang_ports, link_port, router_ports,
     )  # fmt: skip
 
 
@@ -183,14 +186,18 @@ def _probe(spec: JobSpec, cluster: Cluster, c: NodeClient, local: dict[str, Any]
         c.transport.run(["true"], timeout=spec.connect_timeout + spec.command_timeout)
         shell_s = time.monotonic() - t0
     args: dict[str, Any] = {"work_dir": spec.work_dir}
-    want = port_requests(spec)[cluster.clients.index(c)]
+    index = cluster.clients.index(c)
+    want = port_requests(spec)[index]
     if want:
         args["ports"] = want
-    if c is cluster.clients[0]:
-        args["front"] = {"bind": spec.serve.bind, "port": spec.serve.port}
+    if index < spec.router_count:  # router K runs here: its public port (--port + K) and its link port
+        n = spec.router_count
+        args["ports"] = want
+        args["front"] = {"bind": spec.serve.bind, "port": None if spec.serve.port is None else spec.serve.port + index,
+                         "first": DEFAULT_FRONT_PORT + index, "step": n}  # fmt: skip
         args["link"] = True  # the router's link port, which replica leaders dial
-        if spec.serve.model and not spec.serve.handler and spec.model_check:
-            args["model_config"] = spec.serve.model
+    if index == 0 and spec.serve.model and not spec.serve.handler and spec.model_check:
+        args["model_config"] = spec.serve.model
     if spec.serve.model and spec.serve.model.startswith(("/", "~", ".")):
         args["model_dir"] = spec.serve.model
     if spec.launch_dir:
@@ -251,13 +258,14 @@ def _backend_problems(spec: JobSpec, probes: list[dict[str, Any]], backend: str)
     return problems
 
 
-def _head_problems(spec: JobSpec, head: dict[str, Any]) -> list[str]:
-    """Node 0's ports: the front's, and any the user fixed that are already taken."""
-    host = spec.nodes[0].host
+def _head_problems(spec: JobSpec, probes: list[dict[str, Any]]) -> list[str]:
+    """The routers' public ports, and node 0's ports that the user fixed and are already taken."""
+    host, head = spec.nodes[0].host, probes[0]
     problems: list[str] = []
-    if head.get("front_error"):
-        flag = "--port" if spec.serve.port else "--bind"
-        problems.append(f"{host}: the front {head['front_error']} ({flag})")
+    for k, (n, p) in enumerate(zip(spec.nodes[: spec.router_count], probes, strict=False)):
+        if p.get("front_error"):
+            flag = ("--port" + (f" (+{k} for router {k})" if k else "")) if spec.serve.port else "--bind"
+            problems.append(f"{n.host}: the front {p['front_error']} ({flag})")
     busy = head.get("busy_ports", [])
     for flag, port in (("--master-port", spec.master_port), ("--rdzv-port", spec.rdzv_port)):
         if port is not None and port in busy:

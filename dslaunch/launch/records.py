@@ -58,15 +58,13 @@ def new_record(spec: JobSpec, plan: LaunchPlan, facts: Facts, launcher_meta: dic
 
 
 def router_entries(spec: JobSpec, plan: LaunchPlan, facts: Facts) -> list[NodeRecord]:
-    """The router, recorded like an agent (no ranks) so that status, logs and down find it."""
-    if plan.router is None:
-        return []
-    head = spec.nodes[0]
+    """The routers, each recorded like an agent (no ranks) so that status, logs and down find it."""
     return [
         NodeRecord(
-            node_rank=len(plan.nodes), host=head.host, target=head.target, nprocs=0, rank_offset=plan.world_size,
-            node_dir=plan.router.node_dir, address=facts.addresses[0], kind="router",
+            node_rank=rp.unit, host=spec.nodes[rp.node].host, target=spec.nodes[rp.node].target, nprocs=0,
+            rank_offset=plan.world_size, node_dir=rp.node_dir, address=facts.addresses[rp.node], kind="router",
         )
+        for rp in plan.routers
     ]  # fmt: skip
 
 
@@ -84,6 +82,7 @@ def front_record(spec: JobSpec, plan: LaunchPlan) -> FrontRecord:
         token=token,
         nonce=secrets.token_urlsafe(24),
         link_key=secrets.token_urlsafe(32),
+        ports=[rp.front_port for rp in plan.routers],
     )
 
 

@@ -82,14 +82,14 @@ def restart_one(
         stages = [node_summary(rec.nodes[i].nprocs, r.value or {})[0] for i, r in zip(units, sts, strict=True)]
         if NodeStage.FAILED in stages:
             raise LaunchFailed(f"replica {replica} failed while restarting", failure_details(rec, cluster))
-        linked = (_linked(rec, cluster, replica) or {}).get("state") in LINKED
+        linked = _all_in(_linked(rec, cluster, replica), LINKED)
         return all(s == NodeStage.READY for s in stages) and linked
 
     _wait(ready, ready_timeout, f"replica {replica} was not ready again within {ready_timeout:g}s (--timeout)")
     if rec.replicas > 1:
         _drain(rec, cluster, [])  # and wait until the router has read it: the next drain must not overlap
-        _wait(lambda: (_linked(rec, cluster, replica) or {}).get("state") == LinkState.READY, 30,
-              f"the router did not take replica {replica} back within 30s")  # fmt: skip
+        _wait(lambda: _all_in(_linked(rec, cluster, replica), (LinkState.READY,)), 30,
+              f"the routers did not take replica {replica} back within 30s")  # fmt: skip
     say(f"replica {replica}: serving again")
 
 
@@ -100,27 +100,42 @@ def _restart_unit(cluster: Cluster, c: NodeClient, args: dict[str, Any]) -> dict
     return {**cluster.launcher.start(c, again), **out} if again else out
 
 
-def _drained(seen: dict[str, Any] | None) -> bool:
-    """The router has read the drain (so nothing new goes there) and the replica has nothing left."""
-    return seen is not None and seen.get("state") in DRAINED and not seen.get("in_flight")
+def _drained(seen: list[dict[str, Any] | None]) -> bool:
+    """Every router has read the drain (so nothing new goes there) and the replica has nothing left."""
+    return bool(seen) and all(v is not None and v.get("state") in DRAINED and not v.get("in_flight") for v in seen)
 
 
-def _router_index(rec: JobRecord) -> int:
-    return next(i for i, n in enumerate(rec.nodes) if n.kind == "router")
+def _all_in(seen: list[dict[str, Any] | None], states: Any) -> bool:
+    return bool(seen) and all(v is not None and v.get("state") in states for v in seen)
+
+
+def _routers(rec: JobRecord) -> list[int]:
+    return [i for i, n in enumerate(rec.nodes) if n.kind == "router"]
 
 
 def _drain(rec: JobRecord, cluster: Cluster, replicas: list[int]) -> None:
-    i = _router_index(rec)
-    cluster.clients[i].call("drain", {"node_dir": rec.nodes[i].node_dir, "replicas": replicas})
+    """Every router's drain file; a router on a node that does not answer is left out (a lost node)."""
+    routers = _routers(rec)
+    args = {i: {"node_dir": rec.nodes[i].node_dir, "replicas": replicas} for i in routers}
+    clients = [cluster.clients[i] for i in routers]
+    results = cluster.map(lambda c: c.call("drain", args[cluster.clients.index(c)]), clients)
+    if not any(r.ok for r in results):
+        results.raise_failures("drain")
 
 
-def _linked(rec: JobRecord, cluster: Cluster, replica: int) -> dict[str, Any] | None:
-    """The router's view of one replica, from its status file (rewritten every second)."""
-    i = _router_index(rec)
-    st = cluster.clients[i].call("status", {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i})
-    front = st.get("front") or {}
-    fresh = front.get("alive") and float(front.get("age_s", 1e9)) < 5
-    return next((x for x in front.get("replicas", []) if x.get("id") == replica), None) if fresh else None
+def _linked(rec: JobRecord, cluster: Cluster, replica: int) -> list[dict[str, Any] | None]:
+    """Each answering router's view of one replica, from its status file (rewritten every second);
+    None for a router whose file is stale. Routers on nodes that do not answer are left out."""
+    routers = _routers(rec)
+
+    def view(c: NodeClient) -> dict[str, Any] | None:
+        i = cluster.clients.index(c)
+        st = c.call("status", {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i})
+        front = st.get("front") or {}
+        fresh = front.get("alive") and float(front.get("age_s", 1e9)) < 5
+        return next((x for x in front.get("replicas", []) if x.get("id") == replica), None) if fresh else None
+
+    return [r.value for r in cluster.map(view, [cluster.clients[i] for i in routers]) if r.ok]
 
 
 def _wait(done: Callable[[], bool], timeout: float, why: str) -> None:

@@ -63,6 +63,7 @@ class JobSpec:
     launch_dir: str | None = None
     model_check: bool = True  # refuse families AutoTP cannot shard, from config.json (launch/families)
     tp: int | None = None  # ranks per replica (tensor-parallel degree); None: every rank, one replica
+    routers: int | None = None  # routers, one per node from node 0; None: 2 with two nodes or more, else 1
     launcher: str = "ssh"  # how the agents reach the nodes (transport/launchers: local, ssh, slurm, ...)
     launcher_meta: dict[str, str] = field(default_factory=dict)  # what the launcher records (a Slurm job id)
 
@@ -96,6 +97,7 @@ class JobSpec:
         if not self.nodes:
             raise UserError("no nodes to run on")
         self._check_tp()
+        self._check_routers()
         if self.serve.shm_allreduce and any(len(r.units) > 1 for r in self.replicas):
             raise UserError("--shm-allreduce needs every replica's ranks on one node (it is shared memory)")
         if self.launch_dir is not None and not self.launch_dir.startswith("/"):
@@ -114,6 +116,22 @@ class JobSpec:
                 f"--tp {self.tp}: the job has {world} rank(s), which {self.tp} does not divide into replicas; "
                 f"choose one of {choices}"
             )
+
+    def _check_routers(self) -> None:
+        if self.routers is None:
+            return
+        if self.routers < 1:
+            raise UserError(f"--routers {self.routers}: must be at least 1")
+        if self.routers > len(self.nodes):
+            raise UserError(
+                f"--routers {self.routers}: the job has {len(self.nodes)} node(s), and each router runs on a "
+                f"node of its own; choose 1 to {len(self.nodes)}"
+            )
+
+    @property
+    def router_count(self) -> int:
+        """The routers: --routers, else two when the job has two nodes or more (a standby), else one."""
+        return self.routers if self.routers is not None else min(2, len(self.nodes))
 
     @property
     def method(self) -> InitMethod:

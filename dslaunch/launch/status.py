@@ -9,7 +9,7 @@ from typing import Any
 from dslaunch.launch.records import cluster_for
 from dslaunch.transport.nodes import Cluster
 from dslaunch.wire.records import JobRecord
-from dslaunch.wire.states import JobState, RankStage, ReplicaState, ranks_ready
+from dslaunch.wire.states import JobState, RankStage, ReplicaState, RouterState, ranks_ready
 
 
 @dataclass
@@ -26,6 +26,12 @@ class NodeStatus:
     failures: list[dict[str, Any]] = field(default_factory=list)
     kind: str = "agent"  # agent | router
     replica: int | None = None
+    router: int | None = None  # router K (kind router)
+
+    @property
+    def what(self) -> str:
+        return f"router {self.router}" if self.router is not None else f"replica {self.replica}" if (
+            self.replica is not None) else ""  # fmt: skip
 
 
 @dataclass
@@ -54,7 +60,9 @@ class ReplicaStatus:
     hosts: list[str]
     state: ReplicaState  # judged from its ranks
     restarts: int = 0
-    linked: str | None = None  # the router's view (a LinkState value), None when it has none
+    linked: str | None = None  # the first serving router's view (a LinkState value), None when none has one
+    links: list[str | None] = field(default_factory=list)  # every router's view, router K at K
+    served_by: list[int] = field(default_factory=list)  # what each router had it serve
     in_flight: int = 0
     served: int = 0
     errors: int = 0
@@ -79,6 +87,7 @@ class JobStatus:
     tp: int = 0
     replicas: list[ReplicaStatus] = field(default_factory=list)
     launcher: list[tuple[str, str]] = field(default_factory=list)  # which launcher, and its own ids
+    routers: list[dict[str, Any]] = field(default_factory=list)  # each: router, host, address, state, ...
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +112,11 @@ def _rank_from(rec: JobRecord, node_rank: int, raw: dict[str, Any] | None, rank:
 
 def classify(nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[JobState, str]:
     """The job's state and a one-line reason, from what every node reported (see JobState)."""
-    unreachable = list(dict.fromkeys(n.host for n in nodes if not n.reachable))
+    gone: dict[str, list[str]] = {}
+    for n in nodes:
+        if not n.reachable:
+            gone.setdefault(n.host, []).extend([n.what] if n.what else [])
+    unreachable = [h + (f" ({', '.join(w)})" if w else "") for h, w in gone.items()]
     dead = [n for n in nodes if n.reachable and not n.agent_alive]
     # the router alone does not keep a job alive: what serves is the agents' ranks
     alive = [n for n in nodes if n.reachable and n.agent_alive and n.kind == "agent"]
@@ -121,7 +134,7 @@ def classify(nodes: list[NodeStatus], ranks: list[RankStatus]) -> tuple[JobState
     if dead:
         agents = list(dict.fromkeys(n.host for n in dead_agents))
         parts = [f"agent not running on {', '.join(agents)}"] if agents else []
-        parts += [f"router not running on {n.host}" for n in dead if n.kind == "router"]
+        parts += [f"{n.what or 'router'} not running on {n.host}" for n in dead if n.kind == "router"]
         return JobState.DEGRADED, "; ".join(parts)
     # each replica is its own gang: "ready" (every rank alive, ready, same attempt) holds per replica
     by_replica: dict[int, list[RankStatus]] = {}
@@ -154,6 +167,8 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
     results = cluster.call_all("status", args)
     nodes: list[NodeStatus] = []
     ranks: list[RankStatus] = []
+    fronts: list[dict[str, Any] | None] = []  # each router's status file, router K at K
+    router_of = {i: k for k, i in enumerate(j for j, x in enumerate(rec.nodes) if x.kind == "router")}
     front_raw: dict[str, Any] | None = None
     for i, r in enumerate(results):
         n = rec.nodes[i]
@@ -161,7 +176,9 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
         mine = range(n.rank_offset, n.rank_offset + n.nprocs)
         if not r.ok:
             nodes.append(NodeStatus(i, n.host, reachable=False, agent_pid=n.agent_pid, error=str(r.error),
-                                    kind=n.kind, replica=replica))  # fmt: skip
+                                    kind=n.kind, replica=replica, router=router_of.get(i)))  # fmt: skip
+            if n.kind == "router":
+                fronts.append(None)
             ranks += [_rank_from(rec, i, None, k) for k in mine]
             continue
         st = r.value or {}
@@ -171,29 +188,74 @@ def gather(rec: JobRecord, cluster: Cluster, tail: int = 8) -> JobStatus:
             agent_pid=agent.get("pid") or n.agent_pid if st.get("present") else None,
             agent_alive=bool(agent.get("alive")), exit_code=agent.get("exit_code"),
             procs=int(st.get("procs", 0)), failures=list(st.get("failures", [])), kind=n.kind, replica=replica,
+            router=router_of.get(i),
         )  # fmt: skip
         if not ns.agent_alive and st.get("agent_log"):
             ns.log_tail = st["agent_log"]
             ns.error = next((ln for ln in reversed(ns.log_tail) if "Error" in ln), None)
         nodes.append(ns)
-        if n.kind == "router" or (front_raw is None and i == 0 and rec.router is None):
+        if n.kind == "router":
+            fronts.append(st.get("front"))
+        elif front_raw is None and i == 0 and rec.router is None:  # a record from before the router
             front_raw = st.get("front")
         # rank files carry the rank inside the replica
         by_rank = {int(x["rank"]) + n.rank_offset - n.gang_offset: x for x in st.get("ranks", [])}
         ranks += [_rank_from(rec, i, by_rank.get(k), k) for k in mine]
+    if fronts:  # the front shown is the first router that serves (router 0 while its node is up)
+        front_raw = next((f for f in fronts if _fresh(f) and f.get("ready")), None) or next(
+            (f for f in fronts if f), None)  # fmt: skip
     state_, reason = classify(nodes, ranks)
+    routers = router_rows(rec, nodes, fronts)
+    if state_ is JobState.READY and any(x["state"] != RouterState.READY for x in routers):
+        down = [f"router {x['router']} on {x['host']} {x['state']}" for x in routers if x["state"] != RouterState.READY]
+        serving = sum(x["state"] == RouterState.READY for x in routers)
+        if serving:
+            state_, reason = JobState.DEGRADED, f"{'; '.join(down)}; {serving}/{len(routers)} routers serve"
     return JobStatus(
         name=rec.name, state=state_, world_size=rec.world_size, init_method=rec.init_method,
         backend=rec.backend, run_id=rec.run_id, master=f"{rec.master_addr}:{rec.master_port}",
         created=rec.created, nodes=nodes, ranks=ranks, reason=reason,
         front=front_status(rec, front_raw), last_failure=last_failure(rec, nodes), tp=rec.tp or rec.world_size,
-        replicas=replica_status(rec, ranks, (front_raw or {}).get("replicas") or []),
+        replicas=replica_status(rec, ranks, [(f or {}).get("replicas") or [] if _fresh(f) else [] for f in fronts]
+                                or [(front_raw or {}).get("replicas") or []]),
+        routers=routers,
     )  # fmt: skip
 
 
-def replica_status(rec: JobRecord, ranks: list[RankStatus], linked: list[dict[str, Any]]) -> list[ReplicaStatus]:
-    """Each replica from its ranks (ready, starting, restarting) and from the router's view of it."""
-    seen = {int(x.get("id", x.get("replica", -1))): x for x in linked if isinstance(x, dict)}
+def _fresh(raw: dict[str, Any] | None) -> bool:
+    """A status file its writer still rewrites (once a second)."""
+    return bool(raw and raw.get("alive") and float(raw.get("age_s", 1e9)) < 10)
+
+
+def router_rows(rec: JobRecord, nodes: list[NodeStatus], fronts: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Every router: where it is, its public address, its state (RouterState) and its counts."""
+    out: list[dict[str, Any]] = []
+    ports = rec.front.router_ports if rec.front else []
+    for n, raw in zip([n for n in nodes if n.kind == "router"], fronts, strict=False):
+        k = n.router or 0
+        entry = rec.nodes[n.node_rank]
+        bind = rec.front.bind if rec.front else "?"
+        host = (entry.address or entry.host) if bind in ("0.0.0.0", "::") else bind
+        address = f"{host}:{ports[k]}" if k < len(ports) else "?"
+        if not n.reachable:
+            state = RouterState.UNREACHABLE
+        elif not n.agent_alive:
+            state = RouterState.DOWN
+        else:
+            state = RouterState.READY if _fresh(raw) and (raw or {}).get("ready") else RouterState.STARTING
+        row: dict[str, Any] = {"router": k, "host": n.host, "address": address, "state": state}
+        if raw and _fresh(raw):
+            row.update({key: raw.get(key) for key in ("served", "errors", "queue", "p50_ms", "p99_ms")})
+        out.append(row)
+    return out
+
+
+def replica_status(
+    rec: JobRecord, ranks: list[RankStatus], linked: list[list[dict[str, Any]]]
+) -> list[ReplicaStatus]:  # fmt: skip
+    """Each replica from its ranks (ready, starting, restarting) and from every router's view of it
+    (`linked[K]`: router K's rows; the counts are summed over the routers)."""
+    views = [{int(x.get("id", x.get("replica", -1))): x for x in rows if isinstance(x, dict)} for rows in linked]
     out: list[ReplicaStatus] = []
     for k in range(max(rec.replicas, 1)):
         mine = [r for r in ranks if r.replica == k]
@@ -207,10 +269,13 @@ def replica_status(rec: JobRecord, ranks: list[RankStatus], linked: list[dict[st
         else:
             up = sum(r.stage == RankStage.READY and r.alive for r in mine)
             state, reason = ReplicaState.STARTING, f"{up}/{len(mine)} ready"
-        link = seen.get(k, {})
+        mine_views = [v.get(k) for v in views]
+        first = next((v for v in mine_views if v), {})
+        count = lambda key, vs=mine_views: sum(int((v or {}).get(key, 0) or 0) for v in vs)  # noqa: E731
         out.append(ReplicaStatus(
-            k, [r.rank for r in mine], hosts, state, restarts, link.get("state"), int(link.get("in_flight", 0) or 0),
-            int(link.get("served", 0) or 0), int(link.get("errors", 0) or 0), reason,
+            k, [r.rank for r in mine], hosts, state, restarts, first.get("state"),
+            [(v or {}).get("state") for v in mine_views], [int((v or {}).get("served", 0) or 0) for v in mine_views],
+            count("in_flight"), count("served"), count("errors"), reason,
         ))  # fmt: skip
     return out
 
@@ -257,10 +322,9 @@ def front_status(rec: JobRecord, raw: dict[str, Any] | None) -> dict[str, Any]:
         "auth": bool(recorded.token),
     }
     if raw:
-        fresh = raw.get("alive") and float(raw.get("age_s", 1e9)) < 10
         keys = ("address", "served", "errors", "queue", "p50_ms", "p99_ms", "tokens_per_s")
         out.update({k: raw.get(k) for k in keys})
-        out["ready"] = bool(raw.get("ready") and fresh)
+        out["ready"] = bool(raw.get("ready") and _fresh(raw))
     return out
 
 

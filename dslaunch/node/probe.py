@@ -33,14 +33,18 @@ def port_free(port: int) -> bool:
     return True
 
 
-def _front_port(bind: str, port: int | None, avoid: set[int], scan: int = 100) -> dict[str, Any]:
-    """`front_port`: the one asked for, or the first free from the default up; else `front_error`.
+def _front_port(
+    bind: str, port: int | None, avoid: set[int], scan: int = 100, first: int = 7070, step: int = 1
+) -> dict[str, Any]:
+    """`front_port`: the one asked for, or the first free of first, first + step, ...; else
+    `front_error`. Router K of N scans 7070 + K in steps of N, so routers sharing a machine never
+    pick the same port.
 
     A fact for pre-flight to judge along with the others, not a failure of the probe itself.
     """
     fixed = port is not None
-    first = port if port is not None else 7070
-    for p in range(first, first + (1 if fixed else scan)):
+    first = port if port is not None else first
+    for p in range(first, first + (1 if fixed else scan * step), step):
         if p in avoid or p > 65535:
             continue
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
@@ -53,7 +57,7 @@ def _front_port(bind: str, port: int | None, avoid: set[int], scan: int = 100) -
                     return {"front_error": f"cannot listen on {bind}:{p}: {e.strerror}"}
                 continue
         return {"front_port": p}
-    return {"front_error": f"no free port on {bind} from {first} to {first + scan - 1}"}
+    return {"front_error": f"no free port on {bind} from {first} to {first + (scan - 1) * step}"}
 
 
 def _stable_port(avoid: set[int]) -> int:
@@ -106,7 +110,8 @@ def _dist_version(name: str) -> str | None:
 
 
 def op_probe(args: dict[str, Any]) -> dict[str, Any]:
-    """Versions, GPUs, cores, and (on node 0) free ports for the rendezvous and the process group."""
+    """Versions, GPUs, cores, and free ports: for the rendezvous and the process group (a replica's
+    head node), and for a router's public front and link (a router's node)."""
     import dslaunch
 
     out: dict[str, Any] = {
@@ -133,7 +138,8 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
             taken.add(out["link_port"])
         front = args.get("front")
         if front is not None:
-            out.update(_front_port(front["bind"], front.get("port"), taken))
+            out.update(_front_port(front["bind"], front.get("port"), taken, first=int(front.get("first", 7070)),
+                                   step=max(1, int(front.get("step", 1)))))  # fmt: skip
     launch_dir = args.get("launch_dir")
     out["launch_dir_exists"] = bool(launch_dir and os.path.isdir(launch_dir))
     model = args.get("model_dir")

@@ -212,8 +212,8 @@ def hung(s: Session, limit: float) -> None:
 def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: GroupConfig, nd: NodeDir) -> Any:
     """Rank 0's front, configured from the job's ServeSpec; the token comes from its 0600 file.
 
-    With a router (`node.router`), the front listens on no port: it dials the router's link and
-    serves the router alone, proving the replica key from its 0600 file."""
+    With routers (`node.routers`), the front listens on no port: it dials every router's link and
+    serves each of them, proving the replica key from its 0600 file."""
     from dslaunch.serving.batcher import Batcher
     from dslaunch.serving.config import FrontConfig
     from dslaunch.serving.front import Front
@@ -228,7 +228,7 @@ def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: Gr
     info = {"world_size": cfg.world_size, "ranks": ranks, "restarts": cfg.restart, "model": engine.name,
             "task": engine.task, "kv_cache": getattr(engine, "kv_path", None)}  # fmt: skip
     dial = None
-    if node.router:  # a replica of several: dial the job's router instead of listening publicly
+    if node.routers:  # behind the job's routers: dial each of them instead of listening publicly
         from dslaunch.serving.link import Dialer
 
         key = secret(nd.replica_secret)
@@ -237,7 +237,7 @@ def start_front(node: NodeEnv, engine: Any, ranks: list[dict[str, Any]], cfg: Gr
         hello = {"replica": node.replica, "attempt": cfg.restart, "ranks": cfg.world_size, "model": str(engine.name),
                  "task": engine.task, "max_batch_size": node.serve.max_batch_size,
                  "kv_cache": getattr(engine, "kv_path", None)}  # fmt: skip
-        dial = Dialer(node.router, key, hello)
+        dial = Dialer(list(node.routers), key, hello)
     front = Front(fcfg, info, engine.check, batcher, stats, nd.front_status, TextTools.of(engine), dial=dial)
     front.start()
     return front

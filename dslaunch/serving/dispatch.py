@@ -6,6 +6,8 @@ multiplexed on it under the router's own ids and forwarded with `protocol.reques
 
 - Balancing: least outstanding rows among the ready replicas that are not draining, each capped
   at CAP_BATCHES x its max batch size, so that work waits here, where it can still go anywhere.
+  A replica's rows from the job's other routers count too: every answer on its link says how
+  many rows it has from all routers (`load`), and the share that is not ours is added.
   With no replica ready, requests wait (bounded by their own time-out), they do not fail.
 - No request lost to a replica failure: when a link drops (or its leader answers `unavailable`:
   it is stopping), what it had goes back to the head of the queue. A stream that already sent
@@ -213,6 +215,8 @@ class Dispatcher:
             if not asked.done():
                 asked.set_result(answer)
             return
+        if "load" in answer:  # the rows it has from every router (the job's other routers' share)
+            link.replica.note_load(answer["load"])
         job = link.flights.get(answer.get("id"))  # type: ignore[arg-type]
         if job is None:
             return  # a ping's answer, or a request already given up on
@@ -298,11 +302,13 @@ class Dispatcher:
                 self.queue.popleft()
                 continue
             rows = job.pending.rows
+            # the load counts the other routers' rows on a replica too (its own report); with none of
+            # ours on it, one may go regardless: its answers bring fresh reports, nobody starves
             ready = [r for r in self.replicas.values() if r.state == READY and r.link is not None
-                     and (r.outstanding + rows <= r.cap or r.outstanding == 0)]  # fmt: skip
+                     and (r.load + rows <= r.cap or r.outstanding == 0)]  # fmt: skip
             if not ready:
                 return
-            rep = min(ready, key=lambda r: (r.outstanding, r.last_sent))
+            rep = min(ready, key=lambda r: (r.load, r.last_sent))
             self.queue.popleft()
             self._send(rep, job)
 

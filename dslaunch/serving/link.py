@@ -179,25 +179,39 @@ class PeerLog:
 
 
 class Dialer:
-    """The replica leader's side of the link: a Front in this mode serves the router, not a port."""
+    """The replica leader's side of the links: a Front in this mode serves the routers, not a port.
 
-    def __init__(self, router: str, key: str, hello: dict[str, Any]) -> None:
-        host, _, port = router.rpartition(":")
-        self.host, self.port = host.strip("[]"), int(port)
+    One dial loop per router (the job's routers, a standby among them), each redialling on its own;
+    every link serves with the same Front, and every answer tells that router the rows this leader
+    has from all of them (`load`), so that routers sharing a replica do not overload it."""
+
+    def __init__(self, routers: list[str] | str, key: str, hello: dict[str, Any]) -> None:
+        self.routers = [routers] if isinstance(routers, str) else list(routers)
         self.key = key
         self.hello = hello
-        self.address = f"router {router}"
-        self.linked = False  # while a link is up
-        self._said = ""
+        self.address = ("router " if len(self.routers) == 1 else "routers ") + ", ".join(self.routers)
+        self.up: set[str] = set()  # the routers a link is up to
+        self.links: set[Any] = set()  # their NDJSON connections (serving.ndjson.Conn)
+        self._said: dict[str, str] = {}
 
-    def _say(self, what: str) -> None:
-        """One rank-log line per change, not one per dial."""
-        if what != self._said:
-            self._said = what
+    @property
+    def linked(self) -> bool:
+        return bool(self.up)
+
+    def _say(self, router: str, what: str) -> None:
+        """One rank-log line per change and router, not one per dial."""
+        if what != self._said.get(router):
+            self._said[router] = what
             print(what, flush=True)
 
     async def run(self, front: Front) -> None:
+        """Every router's dial loop, until cancelled."""
+        await asyncio.gather(*(self._run(front, r) for r in self.routers))
+
+    async def _run(self, front: Front, router: str) -> None:
         """Dial, handshake, serve; on any loss redial with a short back-off until cancelled."""
+        host, _, port_s = router.rpartition(":")
+        host, port = host.strip("[]"), int(port_s)
         pause = REDIAL_S[0]
         # `closing` as well as cancellation: asyncio.wait_for may swallow a cancel (Python < 3.12)
         while not front.closing:
@@ -206,17 +220,17 @@ class Dialer:
                 continue
             writer = None
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), HANDSHAKE_S)
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), HANDSHAKE_S)
                 await asyncio.wait_for(offer(reader, writer, self.key, self.hello), HANDSHAKE_S)
-                self._say(f"linked to the {self.address}")
+                self._say(router, f"linked to the router {router}")
                 pause = REDIAL_S[0]
-                self.linked = True
-                await serve_ndjson(front, reader, writer, b"", link=True)
-                self._say(f"lost the link to the {self.address}; redialling")
+                self.up.add(router)
+                await serve_ndjson(front, reader, writer, b"", link=True, links=self.links)
+                self._say(router, f"lost the link to the router {router}; redialling")
             except (OSError, asyncio.TimeoutError, LinkRefused, ValueError) as e:
-                self._say(f"cannot link to the {self.address}: {type(e).__name__}: {e}"[:300])
+                self._say(router, f"cannot link to the router {router}: {type(e).__name__}: {e}"[:300])
             finally:
-                self.linked = False
+                self.up.discard(router)
                 if writer is not None:
                     writer.close()
             deadline = time.monotonic() + pause

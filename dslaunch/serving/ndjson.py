@@ -30,13 +30,21 @@ LINK_SLACK = 4096
 class Conn:
     """One client connection: its writer (sends are serialised and timed), auth state and open jobs."""
 
-    def __init__(self, writer: asyncio.StreamWriter, authed: bool, write_timeout: float) -> None:
+    def __init__(
+        self, writer: asyncio.StreamWriter, authed: bool, write_timeout: float, peers: set[Conn] | None = None
+    ) -> None:  # fmt: skip
         self.writer = writer
         self.authed = authed
         self.write_timeout = write_timeout
         self.lock = asyncio.Lock()
         self.jobs: set[Pending] = set()
         self.closing = False
+        # a replica leader's links, this one among them: every answer on a link carries `load`, the
+        # rows the leader has from all its routers, so that each router counts the others' share
+        self.peers = peers
+
+    def load(self) -> int:
+        return sum(j.rows for c in self.peers or () for j in c.jobs)
 
     async def send(self, obj: dict[str, Any]) -> None:
         """Write one answer; a client that does not read it within --write-timeout is cut off."""
@@ -46,7 +54,7 @@ class Conn:
             transport = self.writer.transport
             if transport.is_closing():
                 raise ConnectionError("the connection is closing")
-            self.writer.write(P.encode(obj))
+            self.writer.write(P.encode(obj if self.peers is None else {**obj, "load": self.load()}))
             if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
                 return  # below the high-water mark: drain() would return at once
             try:
@@ -58,16 +66,20 @@ class Conn:
 
 
 async def serve_ndjson(
-    front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, link: bool = False
-) -> int:
+    front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, link: bool = False,
+    links: set[Conn] | None = None,
+) -> int:  # fmt: skip
     """Serve one NDJSON connection whose first bytes were already read; returns the bytes read.
 
-    `link`: the router's connection to this replica leader, authenticated by its handshake. The
+    `link`: a router's connection to this replica leader, authenticated by its handshake. The
     router bounds its own work per replica, and pings it, so the link has no in-flight cap of its
-    own and is closed only when nothing (not even a ping) came for LINK_IDLE_S.
+    own and is closed only when nothing (not even a ping) came for LINK_IDLE_S. `links`: the
+    leader's links to all its routers (this one joins it while it lasts), for the load it reports.
     """
     cfg = front.cfg
-    conn = Conn(writer, authed=link or cfg.token is None, write_timeout=cfg.write_timeout)
+    conn = Conn(writer, authed=link or cfg.token is None, write_timeout=cfg.write_timeout, peers=links)
+    if links is not None:
+        links.add(conn)
     max_inflight = LINK_INFLIGHT if link else cfg.max_inflight
     # a forwarded line spells out every default: a little longer than the client's own
     lines = P.LineReader(cfg.limits.max_request_bytes + (LINK_SLACK if link else 0))
@@ -118,6 +130,8 @@ async def serve_ndjson(
     except (ConnectionError, OSError):
         pass
     finally:
+        if links is not None:
+            links.discard(conn)
         for job in conn.jobs:
             job.cancelled = True  # the client is gone: stop generating for it
         for task in tasks:

@@ -17,6 +17,7 @@ from dslaunch.wire.protocol import Request
 from dslaunch.wire.states import LINK_MOVES, LinkState
 
 CONNECTING, READY, DRAINING, DOWN = LinkState.CONNECTING, LinkState.READY, LinkState.DRAINING, LinkState.DOWN
+LOAD_FRESH_S = 12.0  # a replica's load report counts this long (pinged every 5 s: two pings' worth)
 
 
 @dataclass
@@ -59,11 +60,28 @@ class Replica:
     draining: bool = False
     last_sent: float = 0.0
     link: Link | None = None
+    others: int = 0  # rows the replica last said it has from the job's other routers
+    heard_load: float = 0.0  # when (monotonic)
 
     def row(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "attempt": self.attempt, "ranks": self.ranks,
-                "in_flight": self.outstanding, "served": self.served, "errors": self.errors,
-                "since": round(self.since, 3)}  # fmt: skip
+                "in_flight": self.outstanding, "others": self.others_now(), "served": self.served,
+                "errors": self.errors, "since": round(self.since, 3)}  # fmt: skip
+
+    def note_load(self, load: Any) -> None:
+        """The replica's own count of its rows, over the links of every router: ours are the ones we
+        sent and it has not answered (the answer carrying the count among them)."""
+        if isinstance(load, int) and not isinstance(load, bool) and load >= 0:
+            self.others, self.heard_load = max(0, load - self.outstanding), time.monotonic()
+
+    def others_now(self) -> int:
+        """The others' share, while the report is fresh (pings bring one every few seconds)."""
+        return self.others if time.monotonic() - self.heard_load < LOAD_FRESH_S else 0
+
+    @property
+    def load(self) -> int:
+        """What balancing counts: our rows on it and the other routers'."""
+        return self.outstanding + self.others_now()
 
     def set(self, state: LinkState) -> None:
         """Move to `state` (staying is no move); a move LINK_MOVES does not allow is a bug here."""

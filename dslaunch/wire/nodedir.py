@@ -8,7 +8,8 @@
     elastic/                           torchrun's own log directory
     front.json front.token             rank 0's front: its live status, and its token (0600)
     replica.secret                     a replica leader's key for the router link (0600)
-<work dir>/<job id>/router/            the router (the job's public front), same layout:
+<work dir>/<job id>/router/            the first router (the job's public front; router<K>/ on node K
+                                       for router K), same layout:
     agent.pid agent.exit agent.log     its supervisor, started like an agent
     front.json front.token front.nonce its live status (replicas included) and the public token
     replica.secret drain               the link key; replicas to drain (JSON list, `restart`)
@@ -30,9 +31,9 @@ def node_dir_path(work_dir: str, job_id: str, node_rank: int) -> str:
     return f"{work_dir.rstrip('/')}/{job_id}/node{node_rank}"
 
 
-def router_dir_path(work_dir: str, job_id: str) -> str:
-    """Where node 0 keeps the job's router (unexpanded)."""
-    return f"{work_dir.rstrip('/')}/{job_id}/router"
+def router_dir_path(work_dir: str, job_id: str, index: int = 0) -> str:
+    """Where a router's node keeps it (unexpanded): `router` for the first, `router<K>` for router K."""
+    return f"{work_dir.rstrip('/')}/{job_id}/router{index or ''}"
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,12 @@ class NodeEnv:
     auto_threads: bool = True  # divide the node's cores among its ranks (OMP_NUM_THREADS unset)
     serve: ServeSpec = field(default_factory=ServeSpec)
     # Replicas: node_rank, rank_offset and world_size above are the replica's own (its gang); the
-    # unit numbers the job's agents (the marker and the node directory); router is where the
-    # replica's leader dials the job's router ("host:port"), None for a front inside rank 0.
+    # unit numbers the job's agents (the marker and the node directory); routers are where the
+    # replica's leader dials each of the job's routers ("host:port"); none for a front inside rank 0.
     unit: int | None = None
     replica: int = 0
     replicas: int = 1
-    router: str | None = None
+    routers: tuple[str, ...] = ()
 
     @property
     def marker(self) -> str:
@@ -91,8 +91,8 @@ class NodeEnv:
         }
         if self.auto_threads:
             env[AUTO_THREADS_ENV] = "1"
-        if self.router:
-            env["DSLAUNCH_ROUTER"] = self.router
+        if self.routers:
+            env["DSLAUNCH_ROUTER"] = ",".join(self.routers)  # host:port, IPv6 hosts in brackets
         return env
 
     @classmethod
@@ -120,5 +120,5 @@ class NodeEnv:
             unit=int(e[NODE_ENV]) if e[NODE_ENV].isdigit() else None,
             replica=int(e.get("DSLAUNCH_REPLICA", "0")),
             replicas=int(e.get("DSLAUNCH_REPLICAS", "1")),
-            router=e.get("DSLAUNCH_ROUTER") or None,
+            routers=tuple(r for r in e.get("DSLAUNCH_ROUTER", "").split(",") if r),
         )

@@ -49,10 +49,17 @@ class FrontRecord:
     nonce: str | None = field(default=None, repr=False)
     # the key the router and the replica leaders prove to each other on their link
     link_key: str | None = field(default=None, repr=False)
+    # every router's public port, router K (on the record's K-th router entry) at ports[K]; records
+    # from before standby routers have one router, on `port`
+    ports: list[int] = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return f"{self.bind}:{self.port}"
+
+    @property
+    def router_ports(self) -> list[int]:
+        return list(self.ports) or [self.port]
 
 
 @dataclass
@@ -88,6 +95,15 @@ class JobRecord:
     @property
     def router(self) -> NodeRecord | None:
         return next((n for n in self.nodes if n.kind == "router"), None)
+
+    @property
+    def routers(self) -> list[NodeRecord]:
+        """Every router entry, router K at K (on the K-th node of the hostfile)."""
+        return [n for n in self.nodes if n.kind == "router"]
+
+    def router_index(self, k: int = 0) -> int:
+        """Router K's index in `nodes` (its marker)."""
+        return [i for i, n in enumerate(self.nodes) if n.kind == "router"][k]
 
     def replica_units(self, replica: int) -> list[NodeRecord]:
         return [n for n in self.agents if n.replica == replica]

@@ -119,6 +119,17 @@ class FrontState(_Values):
     STOPPING = "stopping"
 
 
+class RouterState(_Values):
+    """One router as `status` judges it from its node: starting ⇄ ready (its front serves, its
+    status file fresh); any → down (its supervisor is not running); any → unreachable (its node
+    does not answer). A job whose routers are not all ready is degraded while one still serves."""
+
+    STARTING = "starting"
+    READY = "ready"
+    DOWN = "down"
+    UNREACHABLE = "unreachable"
+
+
 def front_state(accepting: bool, links: Iterable[str]) -> FrontState:
     """The one rule for the router's status, from whether it accepts work and its links' states."""
     if not accepting:
