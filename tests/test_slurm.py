@@ -70,11 +70,11 @@ def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, 
         assert res.returncode == 0, res.stdout + res.stderr
         rec = json.loads((tmp_path / "home" / "jobs" / "default.json").read_text())
         assert rec["launcher"] == "slurm" and rec["launcher_meta"] == {"job": alloc.job}
-        assert [n["host"] for n in rec["nodes"]] == ["sn1", "sn2", "sn1"]  # two agents, then the router
+        assert [n["host"] for n in rec["nodes"]] == ["sn1", "sn2", "sn1", "sn2"]  # agents, then routers
         jid = rec["job_id"]
         # `up` has exited: every agent and the router run on as steps of their own
         steps = _our_steps(slurm, alloc.job)
-        assert sorted(s.split()[1] for s in steps) == [f"dslaunch-{jid}-{i}" for i in range(3)], steps
+        assert sorted(s.split()[1] for s in steps) == [f"dslaunch-{jid}-{i}" for i in range(4)], steps
         st = status_json(cli)
         assert st["state"] == "ready", st["reason"]
         labels = dict(map(tuple, st["launcher"]))

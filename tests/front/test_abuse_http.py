@@ -104,7 +104,7 @@ def test_the_client_checks_the_front_before_it_sends_the_token(job: tuple[Cli, d
     t.start()
     rec = JobRecord.from_dict(raw)
     assert rec.front is not None
-    rec.front = dataclasses.replace(rec.front, port=squat_port)
+    rec.front = dataclasses.replace(rec.front, port=squat_port, ports=[squat_port])
     try:
         with pytest.raises(FrontError) as e, for_job(dataclasses.replace(rec), timeout=10) as c:
             c.generate("Hello")
