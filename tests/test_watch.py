@@ -77,6 +77,18 @@ def test_watch_writes_changes_and_heartbeats_and_ends_with_its_reader(tmp_path: 
             proc.wait()
 
 
+def _sees_the_agent_die(watch: NodeWatch, jid: str) -> None:
+    """The watch shows the agent alive, then, once it is killed, dead; the node never errs."""
+    deadline = time.monotonic() + 30
+    while watch.latest[0] is None and time.monotonic() < deadline:
+        watch.wait(1.0)
+    assert watch.latest[0] is not None and watch.latest[0]["agent"]["alive"]
+    _kill(jid)
+    while watch.latest[0]["agent"]["alive"] and time.monotonic() < deadline:
+        watch.wait(1.0)
+    assert not watch.latest[0]["agent"]["alive"] and watch.errors == [None]
+
+
 def test_node_watch_follows_a_node_until_closed(tmp_path: Path) -> None:
     jid, args = _start_agent(tmp_path)
     try:
@@ -84,14 +96,7 @@ def test_node_watch_follows_a_node_until_closed(tmp_path: Path) -> None:
             Cluster([Node("localhost", 1)], ConnectOptions(), sys.executable) as cluster,
             NodeWatch(cluster, lambda _i, _c: args, max_s=120) as watch,
         ):
-            deadline = time.monotonic() + 30
-            while watch.latest[0] is None and time.monotonic() < deadline:
-                watch.wait(1.0)
-            assert watch.latest[0] is not None and watch.latest[0]["agent"]["alive"]
-            _kill(jid)
-            while watch.latest[0]["agent"]["alive"] and time.monotonic() < deadline:
-                watch.wait(1.0)
-            assert not watch.latest[0]["agent"]["alive"] and watch.errors == [None]
+            _sees_the_agent_die(watch, jid)
     finally:
         _kill(jid)
     deadline = time.monotonic() + 10
@@ -113,13 +118,6 @@ def test_node_watch_polls_a_node_that_cannot_watch(tmp_path: Path) -> None:
             old = cluster.clients[0]
             cluster.clients[0] = OldNodeClient(old.node, old.transport, old.python, old.timeout)
             with NodeWatch(cluster, lambda _i, _c: args, max_s=120) as watch:
-                deadline = time.monotonic() + 30
-                while watch.latest[0] is None and time.monotonic() < deadline:
-                    watch.wait(1.0)
-                assert watch.latest[0] is not None and watch.latest[0]["agent"]["alive"]
-                _kill(jid)
-                while watch.latest[0]["agent"]["alive"] and time.monotonic() < deadline:
-                    watch.wait(1.0)
-                assert not watch.latest[0]["agent"]["alive"] and watch.errors == [None]
+                _sees_the_agent_die(watch, jid)
     finally:
         _kill(jid)
