@@ -18,6 +18,7 @@ from dslaunch.errors import UserError
 from dslaunch.launch import store
 from dslaunch.launch.ready import LaunchFailed, failure_details, node_summary
 from dslaunch.launch.records import cluster_for
+from dslaunch.launch.watch import NodeWatch
 from dslaunch.transport.nodes import Cluster, NodeClient
 from dslaunch.wire.records import JobRecord
 from dslaunch.wire.states import DRAINED, LINKED, LinkState, NodeStage
@@ -63,33 +64,46 @@ def restart_one(
     rec: JobRecord, cluster: Cluster, replica: int, drain_timeout: float, ready_timeout: float,
     say: Callable[[str], None],
 ) -> None:  # fmt: skip
+    """Drain, restart and wait for one replica, watching its nodes and the routers' (one stream per
+    node, not a status call per node several times a second: on a small machine a poll takes
+    the CPU from the ranks it waits for)."""
     units = [i for i, n in enumerate(rec.nodes) if n.kind == "agent" and n.replica == replica]
-    if rec.replicas > 1:
-        say(f"replica {replica}: draining")
-        _drain(rec, cluster, [replica])
-        _wait(lambda: _drained(_linked(rec, cluster, replica)), drain_timeout,
-              f"replica {replica} still had work after {drain_timeout:g}s (--drain-timeout)")  # fmt: skip
-    say(f"replica {replica}: restarting {len(units)} agent(s)")
+    routers = _routers(rec)
     args = lambda i, _c: {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i}  # noqa: E731
-    clients = [cluster.clients[i] for i in units]
-    results = cluster.map(lambda c: _restart_unit(cluster, c, args(cluster.clients.index(c), c)), clients)
-    results.raise_failures(f"restart of replica {replica}")
-    say(f"replica {replica}: waiting for its ranks and the router")
+    with NodeWatch(cluster, args, max_s=drain_timeout + ready_timeout + 120, only=units + routers) as watch:
+        if rec.replicas > 1:
+            say(f"replica {replica}: draining")
+            _drain(rec, cluster, [replica])
+            _wait(watch, lambda: _drained(_linked(watch, routers, replica)), drain_timeout,
+                  f"replica {replica} still had work after {drain_timeout:g}s (--drain-timeout)")  # fmt: skip
+        say(f"replica {replica}: restarting {len(units)} agent(s)")
+        clients = [cluster.clients[i] for i in units]
+        results = cluster.map(lambda c: _restart_unit(cluster, c, args(cluster.clients.index(c), c)), clients)
+        results.raise_failures(f"restart of replica {replica}")
+        # a node's answer counts once it is about the new agent: lines from before the restart
+        # (the old agent ready, or none while it stopped) can still arrive after it returned
+        new_pid = {i: (r.value or {}).get("pid") for i, r in zip(units, results, strict=True)}
+        say(f"replica {replica}: waiting for its ranks and the router")
 
-    def ready() -> bool:
-        sts = cluster.map(lambda c: c.call("status", args(cluster.clients.index(c), c)), clients)
-        sts.raise_failures("status")
-        stages = [node_summary(rec.nodes[i].nprocs, r.value or {})[0] for i, r in zip(units, sts, strict=True)]
-        if NodeStage.FAILED in stages:
-            raise LaunchFailed(f"replica {replica} failed while restarting", failure_details(rec, cluster))
-        linked = _all_in(_linked(rec, cluster, replica), LINKED)
-        return all(s == NodeStage.READY for s in stages) and linked
+        def ready() -> bool:
+            stages = []
+            for i in units:
+                if watch.errors[i] is not None:
+                    raise LaunchFailed(f"lost contact with replica {replica} while restarting: {watch.errors[i]}")
+                st = watch.latest[i] or {}
+                if new_pid[i] is not None and (st.get("agent") or {}).get("pid") != new_pid[i]:
+                    return False
+                stages.append(node_summary(rec.nodes[i].nprocs, st)[0])
+            if NodeStage.FAILED in stages:
+                raise LaunchFailed(f"replica {replica} failed while restarting", failure_details(rec, cluster))
+            return all(s == NodeStage.READY for s in stages) and _all_in(_linked(watch, routers, replica), LINKED)
 
-    _wait(ready, ready_timeout, f"replica {replica} was not ready again within {ready_timeout:g}s (--timeout)")
-    if rec.replicas > 1:
-        _drain(rec, cluster, [])  # and wait until the router has read it: the next drain must not overlap
-        _wait(lambda: _all_in(_linked(rec, cluster, replica), (LinkState.READY,)), 30,
-              f"the routers did not take replica {replica} back within 30s")  # fmt: skip
+        late = f"replica {replica} was not ready again within {ready_timeout:g}s (--timeout)"
+        _wait(watch, ready, ready_timeout, late)
+        if rec.replicas > 1:
+            _drain(rec, cluster, [])  # and wait until the router has read it: the next drain must not overlap
+            _wait(watch, lambda: _all_in(_linked(watch, routers, replica), (LinkState.READY,)), 30,
+                  f"the routers did not take replica {replica} back within 30s")  # fmt: skip
     say(f"replica {replica}: serving again")
 
 
@@ -123,24 +137,23 @@ def _drain(rec: JobRecord, cluster: Cluster, replicas: list[int]) -> None:
         results.raise_failures("drain")
 
 
-def _linked(rec: JobRecord, cluster: Cluster, replica: int) -> list[dict[str, Any] | None]:
+def _linked(watch: NodeWatch, routers: list[int], replica: int) -> list[dict[str, Any] | None]:
     """Each answering router's view of one replica, from its status file (rewritten every second);
     None for a router whose file is stale. Routers on nodes that do not answer are left out."""
-    routers = _routers(rec)
-
-    def view(c: NodeClient) -> dict[str, Any] | None:
-        i = cluster.clients.index(c)
-        st = c.call("status", {"node_dir": rec.nodes[i].node_dir, "job_id": rec.job_id, "node_rank": i})
+    out: list[dict[str, Any] | None] = []
+    for i in routers:
+        st = watch.latest[i]
+        if watch.errors[i] is not None or st is None:
+            continue
         front = st.get("front") or {}
         fresh = front.get("alive") and float(front.get("age_s", 1e9)) < 5
-        return next((x for x in front.get("replicas", []) if x.get("id") == replica), None) if fresh else None
+        out.append(next((x for x in front.get("replicas", []) if x.get("id") == replica), None) if fresh else None)
+    return out
 
-    return [r.value for r in cluster.map(view, [cluster.clients[i] for i in routers]) if r.ok]
 
-
-def _wait(done: Callable[[], bool], timeout: float, why: str) -> None:
+def _wait(watch: NodeWatch, done: Callable[[], bool], timeout: float, why: str) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         if time.monotonic() > deadline:
             raise LaunchFailed(why)
-        time.sleep(0.3)
+        watch.wait(timeout=1.0)

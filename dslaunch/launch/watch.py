@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dslaunch.transport.nodes import Cluster, NodeClient
@@ -32,7 +32,9 @@ class NodeWatch:
 
     def __init__(
         self, cluster: Cluster, args_for: Callable[[int, NodeClient], dict[str, Any]], max_s: float = 3600.0,
+        only: Sequence[int] | None = None,
     ) -> None:  # fmt: skip
+        """Watch every node of the cluster, or the nodes at the indices in `only`."""
         self.cluster = cluster
         self.args_for = args_for
         self.max_s = max_s
@@ -43,7 +45,8 @@ class NodeWatch:
         self._version = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._pump, args=(i,), daemon=True) for i in range(n)]
+        self.watched = list(range(n)) if only is None else sorted(set(only))
+        self._threads = [threading.Thread(target=self._pump, args=(i,), daemon=True) for i in self.watched]
 
     def __enter__(self) -> NodeWatch:
         for t in self._threads:
@@ -116,7 +119,8 @@ class NodeWatch:
         """A node silent past STALL_S (its stream hangs: a cut network, not a closed connection)
         is asked directly; its error, or its time-out, becomes the node's error."""
         now = time.monotonic()
-        for i, c in enumerate(self.cluster.clients):
+        for i in self.watched:
+            c = self.cluster.clients[i]
             if self.errors[i] is None and now - self._seen[i] > STALL_S:
                 try:
                     self._set(i, c.call("status", self.args_for(i, c)))
