@@ -108,9 +108,16 @@ class Cli:
 
     def up(self, *args: str, timeout: float = 240, own_port: bool = True) -> subprocess.CompletedProcess[str]:
         """`up` in this runner's work dir; the front gets a port of its own (`front_port`) unless
-        the test gives one or asks for the default (own_port=False)."""
-        port = ["--port", front_port()] if own_port and "--port" not in args and "--dry-run" not in args else []
-        return self("up", "--work-dir", str(self.work_dir), *port, *args, timeout=timeout)
+        the test gives one or asks for the default (own_port=False).
+
+        One router unless the test asks for more (`--routers`): the standby router is what
+        tests/test_replicas.py and tests/test_slurm.py are about; elsewhere it would be one more
+        process per job on a 2-core machine that runs six jobs at once.
+        """
+        live = "--dry-run" not in args
+        port = ["--port", front_port()] if own_port and "--port" not in args and live else []
+        routers = ["--routers", "1"] if "--routers" not in args and live else []
+        return self("up", "--work-dir", str(self.work_dir), *port, *routers, *args, timeout=timeout)
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen(

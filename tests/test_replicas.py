@@ -1,5 +1,5 @@
 """Replicas behind two routers, on simulated SSH nodes: 2 nodes x 2 slots with `--tp 2` (two
-nodes: a router on each by default, router 0 on node 0 and its standby on node 1).
+nodes: a router on each, as by default, router 0 on node 0 and its standby on node 1).
 
 One job for the module (each `up` costs tens of seconds on 2 cores); the tests run in order and
 each leaves the job serving: answers, spread over replicas and routers, a rank killed under load,
@@ -33,7 +33,8 @@ K = 12
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimCluster, Cli, dict[str, Any]]]:
-    for sim, cli, _res in ssh_job(tmp_path_factory, "--tp", "2", "--timeout", "240", nodes=2, slots=2):
+    up = ("--tp", "2", "--routers", "2", "--timeout", "240")
+    for sim, cli, _res in ssh_job(tmp_path_factory, *up, nodes=2, slots=2):
         rec = json.loads((Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json").read_text())
         yield sim, cli, rec
 

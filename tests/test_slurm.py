@@ -66,13 +66,13 @@ def _our_steps(slurm: SlurmSim, job: str) -> list[str]:
 def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, tmp_path: Path) -> None:
     cli = _cli(tmp_path, alloc.env)
     try:
-        res = cli.up("--init-method", "tcp")
+        res = cli.up("--init-method", "tcp", "--routers", "2")
         assert res.returncode == 0, res.stdout + res.stderr
         rec = json.loads((tmp_path / "home" / "jobs" / "default.json").read_text())
         assert rec["launcher"] == "slurm" and rec["launcher_meta"] == {"job": alloc.job}
         assert [n["host"] for n in rec["nodes"]] == ["sn1", "sn2", "sn1", "sn2"]  # agents, then routers
         jid = rec["job_id"]
-        # `up` has exited: every agent and the router run on as steps of their own
+        # `up` has exited: every agent and both routers run on as steps of their own
         steps = _our_steps(slurm, alloc.job)
         assert sorted(s.split()[1] for s in steps) == [f"dslaunch-{jid}-{i}" for i in range(4)], steps
         st = status_json(cli)
@@ -91,13 +91,13 @@ def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, 
         st = wait_status(cli, lambda s: s["state"] == "ready" and all(r["restarts"] == 1 for r in s["ranks"]))
         assert [(r["rank"], r["host"], r["restarts"]) for r in st["ranks"]] == [(0, "sn1", 1), (1, "sn2", 1)]
         assert victim not in {r["pid"] for r in st["ranks"]}
-        assert len(_our_steps(slurm, alloc.job)) == 3  # the same steps: the agents never left
+        assert len(_our_steps(slurm, alloc.job)) == 4  # the same steps: the agents never left
         # a rolling restart starts each agent again as a new step of its own
         before = set(_our_steps(slurm, alloc.job))
         again = cli("restart", timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
         after = _our_steps(slurm, alloc.job)
-        assert len(after) == 3 and len(set(after) - before) == 2, (before, after)  # the router kept its step
+        assert len(after) == 4 and len(set(after) - before) == 2, (before, after)  # both routers kept their steps
         assert status_json(cli)["state"] == "ready"
         logs = cli("logs", "--lines", "200")
         assert logs.returncode == 0 and "[rank 1]" in logs.stdout, logs.stderr
