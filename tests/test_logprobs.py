@@ -81,3 +81,22 @@ def test_a_logprobs_value_out_of_range_names_the_limit(served: Served, value: An
     assert e.value.code == "bad_request" and "'logprobs'" in e.value.message
     if value == 21:
         assert "0 to 20" in e.value.message
+
+
+def test_a_stream_carries_each_tokens_logprobs_with_its_text(served: Served) -> None:
+    """Each chunk has the logprobs of the tokens its text completes; joined, they are the answer's."""
+    ask = {"id": 1, "op": "generate", "prompt": PROMPT, "max_new_tokens": 12, "logprobs": 2, "stream": True}
+    events = served.events(served.submit(ask))
+    chunks, (kind, results) = events[:-1], events[-1]
+    assert kind == "done" and chunks and all(e[0] == "chunk" for e in chunks)
+    answer = results[0]["logprobs"]
+    pieces = [e[3] for e in chunks if e[3] is not None]
+    assert len(pieces) > 1, "logprobs come with the text as it is made, not only at the end"
+    joined = {key: [v for p in pieces for v in p[key]] for key in ("token_ids", "token_logprobs", "tokens")}
+    assert joined["token_ids"] == answer["token_ids"][: len(joined["token_ids"])]
+    assert joined["token_logprobs"] == answer["token_logprobs"][: len(joined["token_ids"])]
+    assert "".join(e[2] for e in chunks) == results[0]["text"]
+    # the last chunk may be followed by tokens whose text never came out; none is missing or repeated
+    assert len(joined["token_ids"]) <= len(answer["token_ids"]) == results[0]["tokens"]
+    plain = served.events(served.submit({k: v for k, v in ask.items() if k != "logprobs"}))
+    assert all(e[3] is None for e in plain[:-1]), "no logprobs asked: chunks carry none"

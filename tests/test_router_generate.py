@@ -48,9 +48,10 @@ def ref(kit: Kit) -> Any:
     return reference(kit.work / "models" / tinymodel.NAME)
 
 
-def _stream_killing_its_replica(kit: Kit, **params: Any) -> tuple[str, Any]:
+def _stream_killing_its_replica(kit: Kit, chunk_lps: list[int] | None = None, **params: Any) -> tuple[str, Any]:
     """Stream LONG tokens; once the first chunk is here, kill the replica running it and restart
-    it afterwards. Returns the text the client got, and the final answer or the FrontError."""
+    it afterwards. Returns the text the client got, and the final answer or the FrontError;
+    `chunk_lps` gets the token ids of the logprobs the chunks carried."""
     text, end = "", None
     with kit.client() as c:
         try:
@@ -61,6 +62,8 @@ def _stream_killing_its_replica(kit: Kit, **params: Any) -> tuple[str, Any]:
                         assert len(busy) == 1, busy
                         kit.kill_replica(busy[0])
                     text += event["chunk"]
+                    if chunk_lps is not None and "logprobs" in event:
+                        chunk_lps += event["logprobs"]["token_ids"]
                 else:
                     end = event
         except FrontError as e:
@@ -90,9 +93,13 @@ def test_greedy_text_through_the_router_is_the_plain_models(kit: Kit, ref: Any) 
 
 
 def test_a_greedy_stream_survives_the_loss_of_its_replica(kit: Kit, ref: Any) -> None:
-    text, end = _stream_killing_its_replica(kit)
+    streamed: list[int] = []
+    text, end = _stream_killing_its_replica(kit, chunk_lps=streamed, logprobs=1)
     assert isinstance(end, dict) and end["done"], end
     assert text == ref("Hello world", LONG) == end["text"], "re-run elsewhere; no text sent twice"
+    answer = end["logprobs"]["token_ids"]
+    assert len(answer) == end["tokens"] and streamed == answer[: len(streamed)], "no token's logprobs sent twice"
+    assert len(streamed) >= len(answer) - 2, "the chunks carried (nearly) every token's logprobs"
 
 
 def test_a_seeded_sampled_stream_survives_and_an_unseeded_one_says_why(kit: Kit) -> None:

@@ -60,7 +60,8 @@ class Sink(Protocol):
 class RowSink(Protocol):
     """Rank 0's window onto the request behind one generated row: it may finish at any step."""
 
-    def chunk(self, text: str) -> None: ...
+    def chunk(self, text: str, logprobs: dict[str, Any] | None = None) -> None:
+        """Text the client does not have yet; with logprobs asked, those of the tokens it completes."""
 
     def cancelled(self) -> bool: ...
 

@@ -226,7 +226,7 @@ class _Collect:
     def __init__(self, results: list[Any], index: int, sink: Sink | None) -> None:
         self.results, self.index, self.sink = results, index, sink
 
-    def chunk(self, text: str) -> None:
+    def chunk(self, text: str, logprobs: dict[str, Any] | None = None) -> None:
         if self.sink is not None:
             self.sink.chunk(self.index, text)
 

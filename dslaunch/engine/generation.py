@@ -16,7 +16,7 @@ from typing import Any
 from dslaunch.engine.base import RowSink
 from dslaunch.engine.decode import TextStream
 from dslaunch.engine.grammar import mask as grammar_mask
-from dslaunch.engine.logprobs import prompt_logprobs, token_logprobs
+from dslaunch.engine.logprobs import joined_docs, prompt_logprobs, token_logprobs
 from dslaunch.engine.penalties import Penalties
 from dslaunch.engine.penalties import apply as apply_penalties
 from dslaunch.engine.sampling import RowSampling, choose
@@ -50,6 +50,8 @@ class Row:
     prompt: list[int] | None = field(default=None, repr=False)  # kept for a repetition penalty
     top: int | None = None  # logprobs asked: alternatives per token
     logprobs: list[Any] = field(default_factory=list, repr=False)  # per counted token: (id, logprob, top)
+    shaped: list[dict[str, Any]] = field(default_factory=list, repr=False)  # logprobs docs sent with chunks
+    n_shaped: int = 0  # the entries of `logprobs` in those docs
     prompt_top: int | None = None  # prompt logprobs asked: alternatives per prompt token
     prompt_lps: list[Any] = field(default_factory=list, repr=False)  # for prompt tokens 1 ...: (logprob, top)
     score_only: bool = False  # max_new_tokens 0: the row ends once its prompt is scored
@@ -218,7 +220,7 @@ class Generation:
             row.logprobs.append((token, *logprob))
         text = row.text.push(token)
         if text:
-            row.sink.chunk(text)
+            row.sink.chunk(text, self._logprob_piece(row))
         if row.text.stopped or (row.matcher is not None and row.matcher.is_terminated()):
             self.end(row, "stop")
         elif row.count >= row.budget:
@@ -238,11 +240,12 @@ class Generation:
             try:
                 rest = row.text.finish()
                 if rest:
-                    row.sink.chunk(rest)
+                    row.sink.chunk(rest, self._logprob_piece(row))
                 result = {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
                           "finish_reason": reason}  # fmt: skip
                 if row.top is not None:
-                    result["logprobs"] = self._logprob_doc(row)
+                    self._logprob_piece(row)
+                    result["logprobs"] = joined_docs(row.shaped)
                 if row.prompt_top is not None:
                     result["prompt_logprobs"] = self._prompt_doc(row)
                 row.sink.done(result)
@@ -252,9 +255,19 @@ class Generation:
         if error is not None:
             row.sink.fail(*error)
 
-    def _logprob_doc(self, row: Row) -> dict[str, Any]:
+    def _logprob_piece(self, row: Row) -> dict[str, Any] | None:
+        """The logprobs of the tokens a chunk of text completes, in the answer's shape (None: none
+        asked, or none new). A token whose text is held back (half a character, what may become
+        a stop string) comes with the next chunk; the answer joins every piece, each shaped once."""
+        if row.top is None or row.n_shaped == len(row.logprobs):
+            return None
+        doc = self._logprob_doc(row.logprobs[row.n_shaped :])
+        row.shaped.append(doc)
+        row.n_shaped = len(row.logprobs)
+        return doc
+
+    def _logprob_doc(self, entries: list[Any]) -> dict[str, Any]:
         """The NDJSON shape: each counted token's text, id and logprob, and its alternatives."""
-        entries = row.logprobs
         return {
             "tokens": [self.decode([t]) for t, _, _ in entries],
             "token_ids": [t for t, _, _ in entries],

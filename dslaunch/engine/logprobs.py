@@ -45,3 +45,16 @@ def prompt_logprobs(logits: Any, targets: list[int], k: int) -> list[Any]:
         return [(c, []) for c in chosen]
     vals, ids = torch.topk(lp, k, dim=-1)
     return [(c, list(zip(i, v, strict=True))) for c, i, v in zip(chosen, ids.tolist(), vals.tolist(), strict=True)]
+
+
+DOC_KEYS = ("tokens", "token_ids", "token_logprobs", "top_logprobs")
+
+
+def joined_docs(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pieces of a row's logprobs (as its chunks carried them) as one answer, in order."""
+    return {key: [v for doc in docs for v in doc[key]] for key in DOC_KEYS}
+
+
+def doc_tail(doc: dict[str, Any], skip: int) -> dict[str, Any]:
+    """A logprobs piece without its first `skip` tokens."""
+    return {key: doc[key][skip:] for key in DOC_KEYS}

@@ -108,7 +108,8 @@ class Pending:
     def row(self, index: int) -> RowOf:
         return RowOf(self, index)
 
-    def chunk(self, index: int, text: str) -> None:
+    def chunk(self, index: int, text: str, logprobs: dict[str, Any] | None = None) -> None:
+        """("chunk", index, text, logprobs or None) for a stream; nothing otherwise."""
         if not self.req.stream or self.answered:
             return
         with self.lock:
@@ -119,7 +120,7 @@ class Pending:
             why = f"{STREAM_CUT}: over {self.stream_bytes} bytes or {self.stream_chunks} chunks unread (not read)"
             self.fail(P.OVERLOADED, why)
             return
-        self.put(("chunk", index, text))
+        self.put(("chunk", index, text, logprobs))
 
     def _taken(self, size: int) -> None:
         with self.lock:
@@ -155,8 +156,8 @@ class RowOf:
         """When the request reached this front (monotonic): where its queue time starts."""
         return self.job.t0
 
-    def chunk(self, text: str) -> None:
-        self.job.chunk(self.index, text)
+    def chunk(self, text: str, logprobs: dict[str, Any] | None = None) -> None:
+        self.job.chunk(self.index, text, logprobs)
 
     def cancelled(self) -> bool:
         return self.job.cancelled

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dslaunch.engine.logprobs import doc_tail
 from dslaunch.serving import drainfile
 from dslaunch.serving import link as L
 from dslaunch.serving.batcher import STOPPING, Pending
@@ -222,7 +223,7 @@ class Dispatcher:
             return  # a ping's answer, or a request already given up on
         rep, req = link.replica, job.pending.req
         if answer.get("ok") and "chunk" in answer and not answer.get("done"):
-            self._chunk(job, int(answer.get("index", 0)), str(answer["chunk"]))
+            self._chunk(job, int(answer.get("index", 0)), str(answer["chunk"]), answer.get("logprobs"))
             return
         del link.flights[answer["id"]]
         rep.outstanding -= job.pending.rows
@@ -242,17 +243,26 @@ class Dispatcher:
                 job.pending.fail(code, msg)
         self._pump()
 
-    def _chunk(self, job: Job, index: int, text: str) -> None:
-        """Pass on the text the client does not have yet (a re-run repeats what it already sent)."""
+    def _chunk(self, job: Job, index: int, text: str, lps: dict[str, Any] | None) -> None:
+        """Pass on the text the client does not have yet (a re-run repeats what it already sent),
+        and the logprobs of tokens it has none for (a re-run gives the same tokens again)."""
         got = job.got.get(index, "") + text
         job.got[index] = got
         sent = job.sent.get(index, "")
         if not (got.startswith(sent) if len(got) >= len(sent) else sent.startswith(got)):
             job.pending.fail(P.UNAVAILABLE, "the stream's re-run on another replica gave different text; retry")
             return
-        if len(got) > len(sent) and job.live:
-            job.sent[index] = got
-            job.pending.chunk(index, got[len(sent) :])
+        new_lps = None
+        if isinstance(lps, dict) and isinstance(lps.get("tokens"), list):
+            before, now = job.lps_got.get(index, 0), job.lps_got.get(index, 0) + len(lps["tokens"])
+            job.lps_got[index] = now
+            have = job.lps_sent.get(index, 0)
+            if now > have:
+                new_lps = doc_tail(lps, max(0, have - before))
+                job.lps_sent[index] = now
+        if (len(got) > len(sent) or new_lps is not None) and job.live:
+            job.sent[index] = max(got, sent, key=len)
+            job.pending.chunk(index, got[len(sent) :], new_lps)
 
     # -- failures ------------------------------------------------------------------------------
     def _lost(self, link: Link, why: str) -> None:
@@ -285,7 +295,7 @@ class Dispatcher:
                 "on another replica: retry (a seed or temperature 0 makes a stream resumable)",
             )
         else:
-            job.got = {}
+            job.got, job.lps_got = {}, {}
             self.queue.appendleft(job)
 
     def _fail_queue(self) -> None:

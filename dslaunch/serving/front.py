@@ -280,7 +280,7 @@ class Front:
 
     # -- work ----------------------------------------------------------------------------------
     async def run(self, req: Request, jobs: set[Pending]) -> AsyncIterator[tuple[Any, ...]]:
-        """Queue one request and yield its events: ("chunk", index, text) ..., then ("done", results).
+        """Queue one request and yield its events: ("chunk", index, text, logprobs) ..., then ("done", results).
 
         Raises ProtocolError for a refusal; one raised after the request was queued has `ran` set
         (the work may have run: an HTTP client must not retry it by itself).

@@ -23,6 +23,7 @@ from dslaunch.serving import openai_api as O
 from dslaunch.serving import samples
 from dslaunch.serving.batcher import Pending
 from dslaunch.serving.metrics import CONTENT_TYPE
+from dslaunch.serving.openai_bodies import Shaper
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
@@ -310,7 +311,7 @@ class _Http:
                 raise ProtocolError(P.BAD_REQUEST, "this model has no tokenizer, so no chat template")
             tools = ask.tools.tools if ask.tools else None
             ask.req.inputs = [await asyncio.to_thread(self.front.text.chat, ask.messages, tools)]
-        shaper = O.Shaper(ask)
+        shaper = Shaper(ask)
         if not ask.req.stream:
             results = await samples.gather(ask, lambda r: self._collect(r, lambda x: x))
             self.front.metrics.prompt_tokens += shaper.usage(results)["prompt_tokens"]
@@ -319,7 +320,7 @@ class _Http:
             return
         await self._stream(ask, shaper)
 
-    async def _stream(self, ask: O.Ask, shaper: O.Shaper) -> None:
+    async def _stream(self, ask: O.Ask, shaper: Shaper) -> None:
         """SSE: a refusal before the first event is a plain error status; later ones an error event."""
         async with contextlib.aclosing(samples.merged(ask, lambda r: self.front.run(r, self.jobs))) as events:
             first = await events.__anext__()
@@ -330,12 +331,12 @@ class _Http:
                     await self._event(shaper.chunk(i, None, role=True))
             if ask.echo:  # text prompts only (openai_api._echo): each prompt first, as its choices' start
                 for i in range(len(ask.req.inputs) * ask.n):
-                    await self._event(shaper.chunk(i, ask.req.inputs[i // ask.n]))
+                    await self._event(shaper.echoed(i, ask.req.inputs[i // ask.n]))
             event = first
             try:
                 while True:
                     if event[0] == "chunk":
-                        for body in shaper.stream(event[1], event[2]):
+                        for body in shaper.stream(event[1], event[2], event[3] if len(event) > 3 else None):
                             await self._event(body)
                     else:
                         self.front.metrics.prompt_tokens += shaper.usage(event[1])["prompt_tokens"]

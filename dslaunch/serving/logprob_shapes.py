@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 
-def completion(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+def completion(doc: dict[str, Any] | None, start: int = 0) -> dict[str, Any] | None:
+    """`start`: the first token's `text_offset` (a stream's later chunks continue the count)."""
     if doc is None:
         return None
-    offsets, at = [], 0
+    offsets, at = [], start
     for text in doc["tokens"]:
         offsets.append(at)
         at += len(text)

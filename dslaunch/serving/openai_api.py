@@ -12,12 +12,11 @@ import dataclasses
 import re
 import struct
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from dslaunch.serving import logprob_shapes, tools_api
+from dslaunch.serving import tools_api
 from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError, Request
 
@@ -295,101 +294,3 @@ def embedding_body(vectors: list[list[float]], b64: bool, model: str, tokens: in
 def _b64(vector: list[float]) -> str:
     """float32 little-endian, as the official client decodes it (numpy.frombuffer, dtype float32)."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
-class Shaper:
-    """Result and stream-chunk bodies of one completion request, in the OpenAI shapes."""
-
-    def __init__(self, ask: Ask) -> None:
-        self.ask = ask
-        self.chat = ask.kind == "chat"
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + ask.req.id
-        self.created = int(time.time())
-        self.object = "chat.completion" if self.chat else "text_completion"
-        self.held: dict[int, str] = {}  # streamed text held back while it may be a tool call
-        self.content: set[int] = set()  # choices whose streamed text is content, not a call
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.ask.model}
-
-    def usage(self, results: list[dict[str, Any]]) -> dict[str, int]:
-        """Each prompt counted once, whatever its samples (`n`); every sample's tokens."""
-        prompt = sum(int(r.get("prompt_tokens", 0)) for r in results[:: self.ask.n])
-        done = sum(int(r.get("tokens", 0)) for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-
-    def result(self, results: list[dict[str, Any]]) -> dict[str, Any]:
-        choices = []
-        for i, r in enumerate(results):
-            finish = FINISH.get(r.get("finish_reason", ""), "stop")
-            calls = self.ask.tools.calls(r["text"]) if self.ask.tools else None
-            if calls:
-                msg: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": calls}
-                choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": "tool_calls"})
-            elif self.chat:
-                msg = {"role": "assistant", "content": r["text"]}
-                lp = logprob_shapes.chat(r.get("logprobs"))
-                choices.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish})
-            elif self.ask.echo:
-                prompt = self.ask.req.inputs[i // self.ask.n]
-                scored = r.get("prompt_logprobs") or {}
-                text = (prompt if isinstance(prompt, str) else scored.get("text", "")) + r["text"]
-                asked = self.ask.req.params.logprobs is not None
-                lp = logprob_shapes.completion(logprob_shapes.joined(scored, r.get("logprobs"))) if asked else None
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
-            else:
-                lp = logprob_shapes.completion(r.get("logprobs"))
-                choices.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": finish})
-        return {**self._head(self.object), "choices": choices, "usage": self.usage(results)}
-
-    def chunk(self, index: int, text: str | None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            body = {**self._head("chat.completion.chunk"), "choices": [choice]}
-        else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-            body = {**self._head("text_completion"), "choices": [choice]}
-        if self.ask.include_usage:
-            body["usage"] = None
-        return body
-
-    def stream(self, index: int, text: str) -> list[dict[str, Any]]:
-        """The chunks to send for streamed text: none while it may still become a tool call."""
-        if self.ask.tools is None or index in self.content:
-            return [self.chunk(index, text)]
-        held = self.held.pop(index, "") + text
-        if self.ask.tools.may_be_call(held):
-            self.held[index] = held
-            return []
-        self.content.add(index)
-        return [self.chunk(index, held)]
-
-    def _held_out(self, index: int, finish: str) -> tuple[list[dict[str, Any]], str]:
-        """What was held back, at the end: its tool calls as one delta, or its text."""
-        held = self.held.pop(index, None)
-        calls = self.ask.tools.calls(held) if held is not None and self.ask.tools else None
-        if not calls:
-            return ([self.chunk(index, held)] if held else []), finish
-        delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
-        body = {**self._head("chat.completion.chunk"),
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}  # fmt: skip
-        return [body], "tool_calls"
-
-    def finals(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The closing chunks: one per choice with its finish reason (and, when asked, the logprobs
-        of all its tokens: they come with the answer), then usage when asked for."""
-        out = []
-        for i, r in enumerate(results):
-            chunks, finish = self._held_out(i, FINISH.get(r.get("finish_reason", ""), "stop"))
-            end = self.chunk(i, None, finish)
-            if r.get("logprobs") is not None:
-                shape = logprob_shapes.chat if self.chat else logprob_shapes.completion
-                end["choices"][0]["logprobs"] = shape(r["logprobs"])
-            out += [*chunks, end]
-        if self.ask.include_usage:
-            obj = "chat.completion.chunk" if self.chat else "text_completion"
-            out.append({**self._head(obj), "choices": [], "usage": self.usage(results)})
-        return out

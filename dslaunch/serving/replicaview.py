@@ -28,6 +28,8 @@ class Job:
     deadline: float
     sent: dict[int, str] = field(default_factory=dict)  # per row: text already given to the client
     got: dict[int, str] = field(default_factory=dict)  # per row: text of the current run
+    lps_sent: dict[int, int] = field(default_factory=dict)  # per row: tokens whose logprobs the client has
+    lps_got: dict[int, int] = field(default_factory=dict)  # per row: tokens with logprobs in the current run
 
     @property
     def live(self) -> bool:

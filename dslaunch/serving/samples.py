@@ -25,7 +25,7 @@ async def gather(ask: Any, collect: Callable[[Request], Awaitable[list[Any]]]) -
 
 
 async def merged(ask: Any, run: Callable[[Request], AsyncIterator[Any]]) -> AsyncIterator[Any]:
-    """Every sample's events as one request's: ("chunk", choice, text) ..., then ("done", the
+    """Every sample's events as one request's: ("chunk", choice, text, logprobs) ..., then ("done", the
     choices' results). An error of any sample is raised here."""
     if ask.n == 1:
         async with contextlib.aclosing(run(ask.req)) as events:
@@ -50,7 +50,7 @@ async def merged(ask: Any, run: Callable[[Request], AsyncIterator[Any]]) -> Asyn
             if event[0] == "raise":
                 raise event[1]
             if event[0] == "chunk":
-                yield ("chunk", event[1] * ask.n + j, event[2])
+                yield ("chunk", event[1] * ask.n + j, *event[2:])
             else:
                 results[j] = event[1]
         yield ("done", ask.interleave([results[j] for j in range(ask.n)]))

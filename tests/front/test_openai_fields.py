@@ -308,24 +308,36 @@ def test_n_and_logprobs_on_streams_are_the_answers_without_stream(base_url: str)
            "logprobs": 2}  # fmt: skip
     whole = c.completions.create(**ask)
     chunks = list(c.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
-    texts, lps, finish = {}, {}, {}
+    texts, finish = {}, {}
+    lps: dict[int, dict[str, list[Any]]] = {i: {"tokens": [], "lps": [], "offsets": [], "tops": []} for i in range(4)}
+    with_text = dict.fromkeys(range(4), 0)  # chunks of text that carry their tokens' logprobs
     for ch in chunks:
         for choice in ch.choices:
             texts[choice.index] = texts.get(choice.index, "") + choice.text
             if choice.logprobs is not None:
-                lps[choice.index] = choice.logprobs.token_logprobs
+                got = lps[choice.index]
+                got["tokens"] += choice.logprobs.tokens
+                got["lps"] += choice.logprobs.token_logprobs
+                got["offsets"] += choice.logprobs.text_offset
+                got["tops"] += choice.logprobs.top_logprobs
+                with_text[choice.index] += bool(choice.text)
             if choice.finish_reason:
                 finish[choice.index] = choice.finish_reason
     assert [texts[i] for i in range(4)] == [ch.text for ch in whole.choices], "choice i * n + j: prompt i, sample j"
     for i, ch in enumerate(whole.choices):  # the same tokens; other rows beside them move the last float bits
-        assert lps[i] == pytest.approx(ch.logprobs.token_logprobs, abs=1e-4)
+        assert lps[i]["tokens"] == ch.logprobs.tokens and lps[i]["offsets"] == ch.logprobs.text_offset
+        assert lps[i]["lps"] == pytest.approx(ch.logprobs.token_logprobs, abs=1e-4)
+        assert [sorted(t) for t in lps[i]["tops"]] == [sorted(t) for t in ch.logprobs.top_logprobs]
+        assert with_text[i] > 1, f"choice {i}: the logprobs come with the text, token by token, not at the end"
     assert sorted(finish) == [0, 1, 2, 3] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens, "each prompt counted once"
     chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                      temperature=0, logprobs=True, top_logprobs=1, stream=True, n=2)  # fmt: skip
     chat = list(chat)
     tokens = [t.token for ch in chat if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
-    assert len(tokens) == 8, "each of the two choices' four tokens, with its closing chunk"
+    assert len(tokens) == 8, "each of the two choices' four tokens"
+    carried = [ch for ch in chat if ch.choices and ch.choices[0].delta.content and ch.choices[0].logprobs]
+    assert len(carried) >= 2, "each content chunk carries the logprobs of its tokens"
     roles = [ch.choices[0].index for ch in chat if ch.choices and ch.choices[0].delta.role]
     assert roles == [0, 1], "every choice's role first, in order"
 
