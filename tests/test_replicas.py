@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,26 @@ def test_two_replicas_answer_like_the_plain_model_and_share_the_load(job, want) 
     with Client("127.0.0.1", _port(rec), retry_for=0) as c:
         h = c.health()
     assert h["world_size"] == 4 and len(h["replicas"]) == 2
+
+
+def test_the_samples_of_one_request_stay_on_one_replica(job) -> None:
+    """`n` samples share their prompt's KV blocks only on one replica: the router keeps them
+    together (spread by load alone, four idle samples would go two and two)."""
+    _sim, _cli, rec = job
+
+    def served() -> list[int]:
+        with Client("127.0.0.1", _port(rec), retry_for=0) as c:
+            return [r["served"] for r in c.health()["replicas"]]
+
+    body = json.dumps({"prompt": "Numbers 0 1 2", "max_tokens": 4, "temperature": 1.0, "seed": 3, "n": 4}).encode()
+    for _ in range(2):
+        before = served()
+        ask = urllib.request.Request(f"http://127.0.0.1:{_port(rec)}/v1/completions", body,
+                                     {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(ask, timeout=120) as r:
+            assert len(json.loads(r.read())["choices"]) == 4
+        moved = [a - b for a, b in zip(served(), before, strict=True)]
+        assert sorted(moved) == [0, 4], moved
 
 
 def test_two_routers_serve_every_replica_and_status_lists_both(job, want) -> None:

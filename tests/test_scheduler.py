@@ -166,6 +166,22 @@ def test_prefix_hits_skip_the_cached_blocks_and_give_the_same_tokens() -> None:
     assert s.stats()["prefix_cache_hits"] == 5 * 4 and s.stats()["kv_blocks_used"] == 0  # tokens, as vLLM counts
 
 
+def test_samples_of_one_prompt_arriving_together_share_its_blocks() -> None:
+    """`n` samples: the first computes the prompt, the others wait one step and take its blocks."""
+    s = Scheduler(blocks=32, block_size=4, max_rows=4, step_tokens=64)
+    prompt = list(range(1, 11))  # 10 tokens: 2 full blocks
+    rows = {k: (list(prompt), 4) for k in range(3)} | {3: ([40, 41, 42], 2)}  # and a stranger behind them
+    outs, plans = drive(s, rows)
+    assert plans[0].joined == [0, 3], "the twins wait; the row behind them does not"
+    assert plans[1].joined == [1, 2]
+    starts = {c.key: c.start for p in plans for c in p.chunks if c.key in p.joined}
+    assert starts == {0: 0, 3: 0, 1: 8, 2: 8}, "each twin computes only what follows the shared blocks"
+    assert s.hits == 2 + 2 and outs == {k: solo(*rows[k], eos=False) for k in rows}
+    one = Scheduler(blocks=32, block_size=4, max_rows=4, step_tokens=64, prefix_caching=False)
+    _, plans = drive(one, rows)
+    assert plans[0].joined == [0, 1, 2, 3], "without the prefix cache there is nothing to wait for"
+
+
 @pytest.mark.parametrize("seed", range(24))
 def test_fuzzed_mixed_runs_leave_every_block_free_and_match_solo(seed: int) -> None:
     rng = random.Random(seed)

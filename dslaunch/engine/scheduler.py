@@ -21,6 +21,11 @@ output is unchanged). Then, unless someone was preempted, waiting rows join in o
 the budget, the row limit and the pool allow: a joiner first takes the longest cached prefix of
 its prompt's full blocks (at least one token is always computed, for the logits), then blocks
 for its first chunk, and joins only if one block per running row stays free after that.
+
+A waiting row whose next prompt block a running row is computing right now (the `n` samples of
+one prompt, or the same long system prompt arriving twice at once) waits for it instead of
+computing it too: the block is in the prefix cache one step later, and the rows behind it join
+meanwhile. The twins share that block, not merely the same numbers in two.
 """
 
 from __future__ import annotations
@@ -122,8 +127,13 @@ class Scheduler:
                 left -= n
                 i += 1
         joined: list[int] = []
+        computing = {h for seq in self.running for h in seq.hashes[seq.published :]}
+        twins: list[Seq] = []  # waiting for a block a running row computes (module docstring)
         while not preempted and self.waiting and left > 0 and len(self.running) < self.max_rows:
             seq = self.waiting[0]
+            if self._next_block(seq) in computing:
+                twins.append(self.waiting.popleft())
+                continue
             if not self._join(seq, left):
                 break
             self.waiting.popleft()
@@ -131,7 +141,9 @@ class Scheduler:
             n = min(len(seq.tokens) - seq.computed, left)
             chunks.append(self._chunk(seq, n))
             joined.append(seq.key)
+            computing.update(seq.hashes[seq.published :])
             left -= n
+        self.waiting.extendleft(reversed(twins))
         return Plan(chunks, preempted, joined)
 
     def commit(self, plan: Plan) -> None:
@@ -199,10 +211,21 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
+    def _usable(self, seq: Seq) -> int:
+        """How many of its prompt's full blocks a joining row may take from the cache."""
+        # a row scoring its prompt computes all of it (it still publishes its blocks for others)
+        return 0 if seq.every else min(len(seq.hashes), (len(seq.tokens) - 1) // self.size)
+
+    def _next_block(self, seq: Seq) -> bytes | None:
+        """The hash of the first usable prompt block not in the cache (None: none left)."""
+        for h in seq.hashes[: self._usable(seq)]:
+            if h not in self.pool.cached:
+                return h
+        return None
+
     def _join(self, seq: Seq, left: int) -> bool:
         """Take the cached prefix and the first chunk's blocks, or nothing and return False."""
-        # a row scoring its prompt computes all of it (it still publishes its blocks for others)
-        usable = 0 if seq.every else min(len(seq.hashes), (len(seq.tokens) - 1) // self.size)
+        usable = self._usable(seq)
         hit = self.pool.lookup(seq.hashes[:usable]) if usable else []
         seq.blocks, seq.computed, seq.published = hit, len(hit) * self.size, len(hit)
         n = min(len(seq.tokens) - seq.computed, left)

@@ -23,7 +23,7 @@ import errno
 import itertools
 import json
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ class Dispatcher:
         self.why = ""
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
+        self._families: OrderedDict[str, int] = OrderedDict()  # a request's samples: the replica of its first
         self._say = L.PeerLog()
         self._handshakes = L.HandshakePool()
         self.drained: frozenset[int] = frozenset()
@@ -318,7 +319,14 @@ class Dispatcher:
                      and (r.load + rows <= r.cap or r.outstanding == 0)]  # fmt: skip
             if not ready:
                 return
-            rep = min(ready, key=lambda r: (r.load, r.last_sent))
+            # the samples of one request go where the first went, if it has room: they share its prompt blocks
+            fam = job.pending.req.family
+            rep = next((r for r in ready if fam and r.id == self._families.get(fam)), None) or min(
+                ready, key=lambda r: (r.load, r.last_sent))  # fmt: skip
+            if fam:
+                self._families[fam] = rep.id
+                while len(self._families) > 4096:
+                    self._families.popitem(last=False)
             self.queue.popleft()
             self._send(rep, job)
 

@@ -70,8 +70,9 @@ class Ask:
         if self.n == 1:
             return [self.req]
         p = self.req.params
-        return [dataclasses.replace(self.req, id=f"{self.req.id}-{j}", params=dataclasses.replace(
-            p, seed=None if p.seed is None else (p.seed + j) % (1 << 63))) for j in range(self.n)]  # fmt: skip
+        seeds = [None if p.seed is None else (p.seed + j) % (1 << 63) for j in range(self.n)]
+        return [dataclasses.replace(self.req, id=f"{self.req.id}-{j}", family=str(self.req.id),
+                                    params=dataclasses.replace(p, seed=seeds[j])) for j in range(self.n)]  # fmt: skip
 
     @staticmethod
     def interleave(outs: list[list[Any]]) -> list[Any]:

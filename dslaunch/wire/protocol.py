@@ -108,6 +108,7 @@ class Request:
     token: str | None = None
     challenge: str | None = None  # health: proves the front knows this job's nonce
     ids: list[list[int]] | None = None  # prompt token ids: set on rank 0 by the engine's check, never sent
+    family: str | None = None  # the samples of one request (`n`): a router keeps them together; never sent
 
 
 _COMMON = {"id", "op", "token", "timeout"}

@@ -300,6 +300,14 @@ def test_n_samples_have_their_own_seed_streams_and_usage(base_url: str, port: in
     messages = [{"role": "user", "content": "Hello"}]
     chat = c.chat.completions.create(model="tiny", messages=messages, max_tokens=4, temperature=1.0, seed=3, n=2)
     assert len(chat.choices) == 2 and chat.usage.prompt_tokens < chat.usage.total_tokens
+    # the samples share the prompt's KV blocks: all but one take every full block from the cache
+    with Client("127.0.0.1", port, token=TOKEN, timeout=120) as nd:
+        before = nd.stats()["prefix_cache_hits"]
+        long = c.completions.create(model="tiny", prompt=" ".join(f"n{i}" for i in range(60)), max_tokens=2,
+                                    temperature=1.0, seed=5, n=3)  # fmt: skip
+        shared = nd.stats()["prefix_cache_hits"] - before
+    full = (long.usage.prompt_tokens - 1) // 16 * 16  # tokens in full blocks, less the one always computed
+    assert full >= 32 and shared == 2 * full, (shared, full)
 
 
 def test_n_and_logprobs_on_streams_are_the_answers_without_stream(base_url: str) -> None:
