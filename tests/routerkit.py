@@ -113,6 +113,19 @@ class Kit:
             self.wait_state(r, "ready", attempt, within=300)
         return p
 
+    def stopped(self, r: int, within: float = 90) -> int:
+        """Replica r's exit code once it ended by itself; one that does not end within `within`
+        seconds fails the test with every thread's stack (faulthandler, on SIGUSR1) in its log."""
+        p = self.procs.pop(r)
+        try:
+            return p.wait(within)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            p.kill()
+            p.wait(10)
+            raise AssertionError(f"replica {r} still ran {within:g}s later; its threads:\n{self.logs()}") from None
+
     def kill_replica(self, r: int) -> None:
         p = self.procs.pop(r)
         p.kill()
@@ -170,6 +183,9 @@ def _until(cond: Any, within: float, logs: Any) -> None:
 
 def _replica_main() -> None:
     """A replica leader at world size 1, serving the router through the product's own code."""
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that waits in vain asks where it is
     from dslaunch.engine.base import EngineContext
     from dslaunch.engine.loader import load_engine
     from dslaunch.rank.group import GroupConfig

@@ -294,3 +294,30 @@ class SimCluster:
         path = self.root / f"hosts-{len(nodes or self.nodes)}x{slots}"
         path.write_text("".join(f"{n.alias} slots={slots}\n" for n in nodes or self.nodes) + extra)
         return path
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    """A process's environment ({} once it is gone or not ours to read)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_text(errors="replace")
+    except OSError:
+        return {}
+    return dict(kv.partition("=")[::2] for kv in raw.split("\0"))
+
+
+def node_job_pids(job_id: str, addr: str) -> list[int]:
+    """The live processes of a job that simulated node `addr` started (their SSH_CONNECTION names
+    it), zombies left out."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        env = environ_of(int(entry.name))
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        conn = env.get("SSH_CONNECTION", "").split()
+        if env.get("DSLAUNCH_JOB_ID") == job_id and len(conn) == 4 and conn[2] == addr and ") Z" not in stat:
+            out.append(int(entry.name))
+    return out

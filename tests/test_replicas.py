@@ -25,7 +25,7 @@ import pytest
 from dslaunch.client import Client, FrontError
 from dslaunch.engine.tinymodel import NAME
 from tests.conftest import PROMPTS, Cli, job_pids, plain_generate, ssh_job, status_json, wait_status
-from tests.simnodes import SimCluster, free_port
+from tests.simnodes import SimCluster, environ_of, free_port, node_job_pids
 
 pytestmark = pytest.mark.ssh
 
@@ -205,7 +205,7 @@ def test_the_router_killed_comes_back_on_its_port_and_the_job_goes_on(job, want)
     child = [
         p
         for p in job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}")
-        if _is_router(p) and _environ(p).get("DSLAUNCH_NODE_DIR", "").endswith("/router")
+        if _is_router(p) and environ_of(p).get("DSLAUNCH_NODE_DIR", "").endswith("/router")
     ]  # not router1's
     assert len(child) == 1, "one router process, under its supervisor"
     caught: list[BaseException] = []
@@ -249,7 +249,7 @@ def test_losing_node_0_under_load_fails_no_request_and_the_job_serves_on_through
     node0 = sim.nodes[0]
     with Load(_port(rec), want, clients=4, failover=_port(rec, 1)) as load:
         time.sleep(3)
-        doomed = _pids_of_node(rec["job_id"], node0.addr)
+        doomed = node_job_pids(rec["job_id"], node0.addr)
         assert len(doomed) >= 5, f"router, supervisor, agent and ranks on node 0: {doomed}"
         for p in doomed:
             with contextlib.suppress(ProcessLookupError):
@@ -272,27 +272,10 @@ def test_down_cleans_the_nodes_that_answer_and_names_the_lost_one(job) -> None:
     sim, cli, rec = job
     down = cli("down", "--grace", "3")
     assert down.returncode != 0 and "node0" in down.stdout + down.stderr, down.stdout + down.stderr
-    assert _pids_of_node(rec["job_id"], sim.nodes[1].addr) == [], "node 1 is clean"
+    assert node_job_pids(rec["job_id"], sim.nodes[1].addr) == [], "node 1 is clean"
     sim.start_node(sim.nodes[0])  # the node answers again: a second `down` ends the job
     assert cli("down").returncode == 0
     assert job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}") == []
-
-
-def _pids_of_node(job_id: str, addr: str) -> list[int]:
-    """The job's processes that simulated node `addr` started (their SSH_CONNECTION names it)."""
-    out = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        env = _environ(int(entry.name))
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        conn = env.get("SSH_CONNECTION", "").split()
-        if env.get("DSLAUNCH_JOB_ID") == job_id and len(conn) == 4 and conn[2] == addr and ") Z" not in stat:
-            out.append(int(entry.name))
-    return out
 
 
 def _is_router(pid: int) -> bool:
@@ -302,11 +285,3 @@ def _is_router(pid: int) -> bool:
     except OSError:
         return False
     return b"dslaunch.serving.router" in argv and b"dslaunch.node.supervise" not in argv
-
-
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_text(errors="replace")
-    except OSError:
-        return {}
-    return dict(kv.partition("=")[::2] for kv in raw.split("\0"))

@@ -1,0 +1,266 @@
+"""Failure detection: for each fault, how long until the job notices, until it serves again, and
+what it cost the clients.
+
+One job on 2 simulated SSH nodes x 2 slots, `--tp 2` (a replica per node), two routers (router K
+on node K), `--hang-timeout` short. Four closed-loop greedy clients that know both routers and
+retry as the Python client does run the whole time. The faults come one after the other, each
+once the job is whole again:
+
+| fault | how |
+| --- | --- |
+| rank killed | SIGKILL of replica 1's second rank |
+| rank hung | SIGSTOP of replica 1's second rank |
+| router killed | SIGKILL of router 0 (its supervisor starts it again) |
+| link cut | `ss -K` of every leader's connection to router 0's link port |
+| node lost | every process of node 1 SIGKILLed and its sshd stopped (last: it does not come back) |
+
+A probe asks both routers for `health` every 0.1 s: *noticed* is the first probe that shows the
+fault (a replica not ready, a router not answering), *serving again* the first after it where
+both routers answer with both replicas ready. Failed requests are the clients' errors between
+the fault and 20 s after it was over (the README's failure table says which can fail).
+
+Not covered here: a partition between two nodes. The simulated nodes share this machine's
+loopback, where a connection to 127.0.0.x leaves from 127.0.0.1, so dropping one node's packets
+needs each node in a network namespace of its own.
+
+    python benchmarks/faults.py [--hang-timeout 10] [--out benchmarks/results/faults.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common import dslaunch, table, write
+
+from dslaunch.client import Client, FrontError
+from tests.simnodes import SimCluster, environ_of, node_job_pids
+
+PROMPTS = ["Hello world", "The quick brown fox", "One command", "Numbers 0 1 2"]
+AFTER_S = 20.0  # failures are counted this long after the job is whole again
+
+
+class Load:
+    """Closed-loop clients with failover over both routers; every request's time and outcome."""
+
+    def __init__(self, ports: list[int], clients: int = 4) -> None:
+        self.ports, self.clients = ports, clients
+        self.stop = threading.Event()
+        self.log: list[tuple[float, float, str | None]] = []  # start, end, error or None
+        self.pool = concurrent.futures.ThreadPoolExecutor(clients)
+
+    def __enter__(self) -> Load:
+        self.runs = [self.pool.submit(self._run, n) for n in range(self.clients)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        concurrent.futures.wait(self.runs, timeout=120)
+        self.pool.shutdown(wait=False)
+
+    def _run(self, n: int) -> None:
+        order = self.ports[n % len(self.ports) :] + self.ports[: n % len(self.ports)]
+        also = [("127.0.0.1", p) for p in order[1:]]
+        with Client("127.0.0.1", order[0], retry_for=60, timeout=120, also=also) as c:
+            i = 0
+            while not self.stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    c.generate(PROMPTS[(n + i) % len(PROMPTS)], max_new_tokens=12)
+                    err = None
+                except (FrontError, OSError) as e:
+                    err = f"{type(e).__name__}: {e}"[:200]
+                self.log.append((t0, time.monotonic(), err))
+                i += 1
+
+    def between(self, t0: float, t1: float) -> tuple[int, list[str]]:
+        """Requests that ended in [t0, t1]: how many, and the errors among them."""
+        done = [e for s, end, e in self.log if t0 <= end <= t1]
+        return len(done), [e for e in done if e]
+
+
+class Probe:
+    """Both routers' `health` every 0.1 s: (time, per router: replica states or None)."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self.seen: list[tuple[float, list[list[str] | None]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Probe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def _ask(self, port: int) -> list[str] | None:
+        try:
+            with Client("127.0.0.1", port, retry_for=0, timeout=2) as c:
+                return [r["state"] for r in c.health()["replicas"]]
+        except (FrontError, OSError):
+            return None
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            self.seen.append((time.monotonic(), [self._ask(p) for p in self.ports]))
+
+    def first(self, after: float, cond: Callable[[list[list[str] | None]], bool], within: float) -> float | None:
+        """When a probe after `after` first met `cond`, waiting up to `within` seconds for one."""
+        deadline = time.monotonic() + within
+        while True:
+            for t, views in list(self.seen):
+                if t >= after and cond(views):
+                    return t
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
+
+
+def whole(views: list[list[str] | None]) -> bool:
+    return all(v is not None and v and all(s == "ready" for s in v) for v in views)
+
+
+def replica_down(r: int) -> Callable[[list[list[str] | None]], bool]:
+    return lambda views: any(v is not None and len(v) > r and v[r] != "ready" for v in views)
+
+
+def router_down(k: int) -> Callable[[list[list[str] | None]], bool]:
+    return lambda views: views[k] is None
+
+
+def router_lost_a_replica(k: int, r: int | None = None) -> Callable[[list[list[str] | None]], bool]:
+    """Router K answers, and shows replica `r` (any replica: None) not ready."""
+
+    def cond(views: list[list[str] | None]) -> bool:
+        v = views[k]
+        return v is not None and any(s != "ready" for i, s in enumerate(v) if r is None or i == r)
+
+    return cond
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def job_procs(job_id: str) -> list[int]:
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()
+            and environ_of(int(e.name)).get("DSLAUNCH_JOB_ID") == job_id]  # fmt: skip
+
+
+def router_pid(job_id: str, addr: str) -> tuple[int, int]:
+    """The pid of the router on node `addr` (not its supervisor's), and its link port."""
+    for pid in node_job_pids(job_id, addr):
+        argv = _cmdline(pid)
+        if b"dslaunch.serving.router" in argv and b"dslaunch.node.supervise" not in argv:
+            return pid, int(environ_of(pid)["DSLAUNCH_LINK_PORT"])
+    raise RuntimeError(f"no router of job {job_id} on {addr}")
+
+
+def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> list[dict[str, Any]]:
+    home = Path(env["DSLAUNCH_HOME"])
+    up = dslaunch(env, "up", "-H", str(sim.hostfile(slots=2)), "--work-dir", str(work), "--tp", "2",
+                  "--routers", "2", "--hang-timeout", f"{hang_timeout:g}", "--timeout", "400", timeout=500)  # fmt: skip
+    if up.returncode != 0:
+        raise SystemExit(f"up failed:\n{up.stdout}\n{up.stderr}")
+    rec = json.loads((home / "jobs" / "default.json").read_text())
+    jid, ports = rec["job_id"], [int(p) for p in rec["front"]["ports"]]
+    rows: list[dict[str, Any]] = []
+    try:
+        with Load(ports) as load, Probe(ports) as probe:
+            if probe.first(0, whole, 120) is None:
+                raise SystemExit("the job never looked whole to both routers")
+            time.sleep(3)
+
+            def rank_pid(rank: int) -> int:
+                st = json.loads(dslaunch(env, "status", "--json").stdout)
+                return next(r["pid"] for r in st["ranks"] if r["rank"] == rank)
+
+            def fault(name: str, do: Callable[[], None], noticed: Callable[..., bool], back: bool = True) -> None:
+                t0 = time.monotonic()
+                do()
+                seen = probe.first(t0, noticed, 300)
+                again = probe.first(seen or t0, whole, 300) if back and seen is not None else None
+                end = (again or seen or t0) + AFTER_S
+                while time.monotonic() < end:
+                    time.sleep(0.5)
+                answered, errors = load.between(t0, end)
+                since = lambda t: None if t is None else round(t - t0, 2)  # noqa: E731
+                rows.append({"fault": name, "noticed_s": since(seen), "serving_again_s": since(again),
+                             "answered": answered, "failed": len(errors),
+                             "errors": sorted(set(errors))[:5]})  # fmt: skip
+                print(f"{name}: {rows[-1]}", flush=True)
+                time.sleep(3)
+
+            fault("rank killed (SIGKILL)", lambda: os.kill(rank_pid(3), signal.SIGKILL), replica_down(1))
+            fault("rank hung (SIGSTOP)", lambda: os.kill(rank_pid(3), signal.SIGSTOP), replica_down(1))
+            node0 = sim.nodes[0].addr
+            fault("router killed (SIGKILL)", lambda: os.kill(router_pid(jid, node0)[0], signal.SIGKILL), router_down(0))
+            cut = ["ss", "-K", "dst", node0, "dport", "=", f":{router_pid(jid, node0)[1]}"]
+            fault("link to router 0 cut (ss -K)", lambda: subprocess.run(cut, capture_output=True, check=True),
+                  router_lost_a_replica(0))  # fmt: skip
+
+            def lose_node1() -> None:
+                for pid in node_job_pids(jid, sim.nodes[1].addr):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                sim.cut_node(sim.nodes[1])
+
+            fault("node 1 lost (every process SIGKILLed, sshd stopped)", lose_node1, router_lost_a_replica(0, 1),
+                  back=False)  # fmt: skip
+    finally:
+        dslaunch(env, "down", "--grace", "3", timeout=120)
+        sim.start_node(sim.nodes[1])
+        dslaunch(env, "down", "--grace", "3", timeout=120)
+        left = job_procs(jid)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if left:
+            print(f"left over after down: {left}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hang-timeout", type=float, default=10.0, help="--hang-timeout of the job (s)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dslaunch-faults-") as tmp_s:
+        tmp = Path(tmp_s)
+        (tmp / "work").mkdir()
+        sim = SimCluster(tmp / "sim", 2).start()
+        try:
+            env = {**sim.env(), "COLUMNS": "200", "DSLAUNCH_HOME": str(tmp / "home")}
+            rows = measure(sim, env, tmp / "work", args.hang_timeout)
+        finally:
+            sim.stop()
+    keys = ("fault", "noticed_s", "serving_again_s", "answered", "failed")
+    print(
+        table(["fault", "noticed (s)", "serving again (s)", "answered", "failed"], [[r[k] for k in keys] for r in rows])
+    )
+    setup = (
+        f"2 simulated SSH nodes x 2 slots, --tp 2, --routers 2, --hang-timeout {args.hang_timeout:g}; 4 "
+        "closed-loop greedy clients (12 tokens) with failover over both routers; router health probed every 0.1 s"
+    )
+    write("faults", {"setup": setup, "faults": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
