@@ -13,10 +13,12 @@ this is plain torchrun: each rank its own interpreter, as before.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
 import sys
+from typing import Any
 
 # what a rank imports before it can load a model: paid once per agent instead of once per attempt
 WARM_IMPORTS = (
@@ -74,9 +76,51 @@ def rank_main(module: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _continue_before_close() -> None:
+    """A stopped rank (SIGSTOP; a hung job's rank that someone paused) cannot act on SIGTERM
+    until it runs again, and torch waits 30 s for it before a SIGKILL: where one rank of a gang
+    failed (the spawn context's join), and where torch elastic stops the gang (a restart, `down`).
+    Every worker still alive gets SIGCONT there, so a stopped one ends like the others, at once."""
+    import importlib
+
+    from torch.distributed.elastic.multiprocessing import api
+
+    spawn = importlib.import_module(
+        "torch.multiprocessing.spawn"
+    )  # the module (the package exports a function by that name)
+
+    def wake(pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    join = spawn.ProcessContext._join_procs_with_timeout
+
+    def _join(self: Any, timeout: float) -> None:  # after the SIGTERM to every rank still alive
+        wake([p.pid for p in self.processes if p.is_alive()])
+        join(self, timeout)
+
+    spawn.ProcessContext._join_procs_with_timeout = _join  # type: ignore[method-assign]
+
+    def pids(ctx: Any) -> list[int]:
+        if isinstance(ctx, api.MultiprocessContext):
+            return [p.pid for p in (ctx._pc.processes if ctx._pc else []) if p.is_alive()]
+        return [h.proc.pid for h in getattr(ctx, "subprocess_handlers", {}).values() if h.proc.poll() is None]
+
+    for cls in (api.MultiprocessContext, api.SubprocessContext):
+        close = cls._close
+
+        def _close(self: Any, death_sig: signal.Signals, timeout: int = 30, _close: Any = close) -> None:
+            wake(pids(self))
+            _close(self, death_sig=death_sig, timeout=timeout)
+
+        cls._close = _close  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed import run
 
+    _continue_before_close()
     args = run.parse_args(argv if argv is not None else sys.argv[1:])
     if has_accelerator() or not args.module or args.training_script != "dslaunch.rank.worker":
         run.run(args)  # plain torchrun
