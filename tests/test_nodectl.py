@@ -140,6 +140,16 @@ def test_agent_failure_summary_keeps_worker_words_and_root_cause() -> None:
     assert "ValueError: the real problem" in got
     assert "root cause: exitcode : 1 (pid: 5)" in got
     assert not any("torch/distributed/run.py" in g for g in got)
+    # the agent's own failure (no worker ran, no root cause block): its exception, one line
+    own = report.agent_failure([
+        "[2026-12-02 17:05:59,101] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.",
+        "Traceback (most recent call last):",
+        '  File "/x/dslaunch/rank/torchrun.py", line 92, in _continue_before_close',
+        "    join = spawn.ProcessContext._join_procs_with_timeout",
+        "           ^^^^^^^^^^^^^^^^^^^^",
+        "AttributeError: 'function' object has no attribute 'ProcessContext'",
+    ])  # fmt: skip
+    assert own[-1] == "agent error: AttributeError: 'function' object has no attribute 'ProcessContext'", own
 
 
 def test_start_refuses_a_port_taken_since_pre_flight(tmp_path: Path) -> None:

@@ -153,4 +153,7 @@ def agent_failure(lines: list[str], keep: int = 12) -> list[str]:
                 break
             if ln.strip().startswith(("rank", "exitcode", "host", "traceback")):
                 root.append("root cause: " + " ".join(ln.split()))
+    elif end < len(lines):  # the agent itself failed (before or between its workers): its own error
+        own = [ln for ln in lines[end:] if ln.strip() and not ln.startswith((" ", "Traceback"))]
+        root = [f"agent error: {own[-1].strip()}"] if own else []
     return worker + root
