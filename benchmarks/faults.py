@@ -35,6 +35,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -90,12 +91,15 @@ class Load:
         return len(done), [e for e in done if e]
 
 
+View = dict[str, Any] | None  # one router's answer: its replicas' states and its uptime; None: no answer
+
+
 class Probe:
-    """Both routers' `health` every 0.1 s: (time, per router: replica states or None)."""
+    """Both routers' `health` every 0.1 s: (time, per router: its View)."""
 
     def __init__(self, ports: list[int]) -> None:
         self.ports = ports
-        self.seen: list[tuple[float, list[list[str] | None]]] = []
+        self.seen: list[tuple[float, list[View]]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -107,10 +111,11 @@ class Probe:
         self.stop.set()
         self.thread.join(10)
 
-    def _ask(self, port: int) -> list[str] | None:
+    def _ask(self, port: int) -> View:
         try:
             with Client("127.0.0.1", port, retry_for=0, timeout=2) as c:
-                return [r["state"] for r in c.health()["replicas"]]
+                h = c.health()
+            return {"states": [r["state"] for r in h["replicas"]], "uptime": float(h["uptime_s"])}
         except (FrontError, OSError):
             return None
 
@@ -118,7 +123,7 @@ class Probe:
         while not self.stop.wait(0.1):
             self.seen.append((time.monotonic(), [self._ask(p) for p in self.ports]))
 
-    def first(self, after: float, cond: Callable[[list[list[str] | None]], bool], within: float) -> float | None:
+    def first(self, after: float, cond: Callable[[list[View]], bool], within: float) -> float | None:
         """When a probe after `after` first met `cond`, waiting up to `within` seconds for one."""
         deadline = time.monotonic() + within
         while True:
@@ -130,24 +135,27 @@ class Probe:
             time.sleep(0.1)
 
 
-def whole(views: list[list[str] | None]) -> bool:
-    return all(v is not None and v and all(s == "ready" for s in v) for v in views)
+def whole(views: list[View]) -> bool:
+    return all(v is not None and v["states"] and all(s == "ready" for s in v["states"]) for v in views)
 
 
-def replica_down(r: int) -> Callable[[list[list[str] | None]], bool]:
-    return lambda views: any(v is not None and len(v) > r and v[r] != "ready" for v in views)
+def replica_down(r: int) -> Callable[[list[View]], bool]:
+    """Some router shows replica r not ready."""
+    return lambda views: any(v is not None and len(v["states"]) > r and v["states"][r] != "ready" for v in views)
 
 
-def router_down(k: int) -> Callable[[list[list[str] | None]], bool]:
-    return lambda views: views[k] is None
+def router_restarted(k: int, uptime: float) -> Callable[[list[View]], bool]:
+    """Router K does not answer, or a new router process does (its supervisor holds the port, so
+    clients mostly see a short wait, not a refusal)."""
+    return lambda views: views[k] is None or views[k]["uptime"] < uptime
 
 
-def router_lost_a_replica(k: int, r: int | None = None) -> Callable[[list[list[str] | None]], bool]:
+def router_lost_a_replica(k: int, r: int | None = None) -> Callable[[list[View]], bool]:
     """Router K answers, and shows replica `r` (any replica: None) not ready."""
 
-    def cond(views: list[list[str] | None]) -> bool:
+    def cond(views: list[View]) -> bool:
         v = views[k]
-        return v is not None and any(s != "ready" for i, s in enumerate(v) if r is None or i == r)
+        return v is not None and any(s != "ready" for i, s in enumerate(v["states"]) if r is None or i == r)
 
     return cond
 
@@ -208,10 +216,15 @@ def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> l
                 print(f"{name}: {rows[-1]}", flush=True)
                 time.sleep(3)
 
-            fault("rank killed (SIGKILL)", lambda: os.kill(rank_pid(3), signal.SIGKILL), replica_down(1))
-            fault("rank hung (SIGSTOP)", lambda: os.kill(rank_pid(3), signal.SIGSTOP), replica_down(1))
+            # each target is found before its fault's clock starts (a `status` takes a second or two)
+            victim = rank_pid(3)
+            fault("rank killed (SIGKILL)", lambda: os.kill(victim, signal.SIGKILL), replica_down(1))
+            victim = rank_pid(3)
+            fault("rank hung (SIGSTOP)", lambda: os.kill(victim, signal.SIGSTOP), replica_down(1))
             node0 = sim.nodes[0].addr
-            fault("router killed (SIGKILL)", lambda: os.kill(router_pid(jid, node0)[0], signal.SIGKILL), router_down(0))
+            victim = router_pid(jid, node0)[0]
+            up_s = probe.seen[-1][1][0]["uptime"] if probe.seen[-1][1][0] else 0.0
+            fault("router killed (SIGKILL)", lambda: os.kill(victim, signal.SIGKILL), router_restarted(0, up_s))
             cut = ["ss", "-K", "dst", node0, "dport", "=", f":{router_pid(jid, node0)[1]}"]
             fault("link to router 0 cut (ss -K)", lambda: subprocess.run(cut, capture_output=True, check=True),
                   router_lost_a_replica(0))  # fmt: skip
@@ -242,6 +255,7 @@ def main() -> None:
     ap.add_argument("--hang-timeout", type=float, default=10.0, help="--hang-timeout of the job (s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `down` and the nodes' sshd still run on the way out
     with tempfile.TemporaryDirectory(prefix="dslaunch-faults-") as tmp_s:
         tmp = Path(tmp_s)
         (tmp / "work").mkdir()
