@@ -148,28 +148,21 @@ def _state_files(work_dir: Path) -> set[tuple[str, int, int]]:
 def wait_status(cli: Cli, pred: Callable[[dict[str, Any]], bool], timeout: float = 120) -> dict[str, Any]:
     """Ask `status --json` until `pred` holds (or the time-out); returns the last status.
 
-    Each `status` is a process and an SSH round to every unit (1.5 CPU-s on 2 simulated nodes),
-    costly on a small machine where the ranks being waited for need the CPU: ask again when a
-    state file of the job changed (the simulated nodes share this file system), at most every
-    ASK_EVERY_S (a restart rewrites them many times a second), or after 4 s for what leaves no
-    file (a lost node).
+    Each `status` is a process and an SSH round to every node, costly on a small machine where
+    the ranks being waited for need the CPU: ask again when a state file of the job changed (the
+    simulated nodes share this file system), or every 2 s for what leaves no file (a lost node).
     """
     deadline = time.monotonic() + timeout
     seen = _state_files(cli.work_dir)
-    asked = time.monotonic()
     st = status_json(cli)
     while not pred(st) and time.monotonic() < deadline:
-        time.sleep(max(0.0, min(asked + ASK_EVERY_S, deadline) - time.monotonic()))
-        ask_by = min(deadline, asked + 4)
+        ask_by = min(deadline, time.monotonic() + 2)
+        time.sleep(0.2)
         while (now := _state_files(cli.work_dir)) == seen and time.monotonic() < ask_by:
             time.sleep(0.1)
         seen = now
-        asked = time.monotonic()
         st = status_json(cli)
     return st
-
-
-ASK_EVERY_S = 1.5  # wait_status: the least time between two `status` calls
 
 
 def plain_generate(model_dir: Path, prompts: list[str], k: int) -> list[str]:
