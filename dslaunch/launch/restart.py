@@ -90,9 +90,9 @@ def restart_one(
             for i in units:
                 if watch.errors[i] is not None:
                     raise LaunchFailed(f"lost contact with replica {replica} while restarting: {watch.errors[i]}")
-                st = watch.latest[i] or {}
-                if new_pid[i] is not None and (st.get("agent") or {}).get("pid") != new_pid[i]:
-                    return False
+                st = watch.latest[i]
+                if st is None or (new_pid[i] is not None and (st.get("agent") or {}).get("pid") != new_pid[i]):
+                    return False  # no answer yet, or one about the old agent
                 stages.append(node_summary(rec.nodes[i].nprocs, st)[0])
             if NodeStage.FAILED in stages:
                 raise LaunchFailed(f"replica {replica} failed while restarting", failure_details(rec, cluster))
