@@ -85,9 +85,8 @@ def _continue_before_close() -> None:
 
     from torch.distributed.elastic.multiprocessing import api
 
-    spawn = importlib.import_module(
-        "torch.multiprocessing.spawn"
-    )  # the module (the package exports a function by that name)
+    # the module: `from torch.multiprocessing import spawn` is a function of that name
+    spawn = importlib.import_module("torch.multiprocessing.spawn")
 
     def wake(pids: list[int]) -> None:
         for pid in pids:

@@ -336,7 +336,7 @@ class _Http:
             try:
                 while True:
                     if event[0] == "chunk":
-                        for body in shaper.stream(event[1], event[2], event[3] if len(event) > 3 else None):
+                        for body in shaper.stream(event[1], event[2], event[3]):
                             await self._event(body)
                     else:
                         self.front.metrics.prompt_tokens += shaper.usage(event[1])["prompt_tokens"]

@@ -213,7 +213,7 @@ async def _answer(front: Front, conn: Conn, req: Request) -> None:
     async with contextlib.aclosing(front.run(req, conn.jobs)) as events:
         async for event in events:
             if event[0] == "chunk":
-                lps = {"logprobs": event[3]} if len(event) > 3 and event[3] is not None else {}
+                lps = {"logprobs": event[3]} if event[3] is not None else {}
                 await conn.send(P.ok(req.id, index=event[1], chunk=event[2], **lps))
             else:
                 await conn.send(_result(front, req, event[1]))
