@@ -52,17 +52,25 @@ def _port(rec: dict[str, Any], router: int = 0) -> int:
 
 
 class Load:
-    """Closed-loop clients that do not retry: every failure is recorded, none is hidden.
+    """Clients that do not retry: every failure is recorded, none is hidden.
+
+    Each waits `pause` between its requests: a fault test needs requests arriving all the time, not
+    a saturated job, whose every spare CPU cycle the rest of the suite (on 2 cores) then waits for.
+    `in_flight` says whether one is on the way when a test strikes (`until_in_flight`).
 
     `failover`: clients that know both routers (odd ones start on router 1) and retry as the
     client does by default, so a lost router's requests go to the other."""
 
-    def __init__(self, port: int, want: dict[str, str], clients: int = 4, failover: int | None = None) -> None:
-        self.port, self.want, self.failover = port, want, failover
+    def __init__(
+        self, port: int, want: dict[str, str], clients: int = 4, failover: int | None = None, pause: float = 0.25
+    ) -> None:
+        self.port, self.want, self.failover, self.pause = port, want, failover, pause
         self.stop = threading.Event()
         self.ok = 0
+        self.in_flight = 0
         self.done: list[float] = []  # when each answer came (monotonic)
         self.failures: list[str] = []
+        self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(clients)]
 
     def __enter__(self) -> Load:
@@ -84,15 +92,28 @@ class Load:
             while not self.stop.is_set():
                 p = prompts[(n + i) % len(prompts)]
                 i += 1
+                with self._lock:
+                    self.in_flight += 1
                 try:
                     text = c.generate(p, max_new_tokens=K)["text"]
                 except (FrontError, OSError) as e:
                     self.failures.append(f"{type(e).__name__}: {e}")
                     return
+                finally:
+                    with self._lock:
+                        self.in_flight -= 1
                 if text != self.want[p]:
                     self.failures.append(f"wrong text for {p!r}: {text!r}")
                 self.ok += 1
                 self.done.append(time.monotonic())
+                self.stop.wait(self.pause)
+
+    def until_in_flight(self, within: float = 30) -> None:
+        """Until a request is on its way (the moment to strike)."""
+        deadline = time.monotonic() + within
+        while not self.in_flight:
+            assert time.monotonic() < deadline, "no request went out"
+            time.sleep(0.005)
 
 
 def _replicas(cli: Cli) -> list[dict[str, Any]]:
@@ -179,6 +200,7 @@ def test_a_rank_killed_under_load_restarts_only_its_replica_and_no_request_fails
     victim = next(r for r in st["ranks"] if r["rank"] == 3)
     with Load(_port(rec), want, clients=4) as load:
         time.sleep(1.5)
+        load.until_in_flight()
         os.kill(victim["pid"], signal.SIGKILL)
         st = wait_status(cli, lambda s: s["state"] == "ready" and s["replicas"][1]["restarts"] == 1, 150)
         time.sleep(1)
@@ -250,6 +272,7 @@ def test_losing_node_0_under_load_fails_no_request_and_the_job_serves_on_through
     with Load(_port(rec), want, clients=4, failover=_port(rec, 1)) as load:
         time.sleep(3)
         doomed = node_job_pids(rec["job_id"], node0.addr)
+        load.until_in_flight()
         assert len(doomed) >= 5, f"router, supervisor, agent and ranks on node 0: {doomed}"
         for p in doomed:
             with contextlib.suppress(ProcessLookupError):

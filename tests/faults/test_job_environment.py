@@ -1,4 +1,5 @@
-"""The front's token never reaches the environment of a job's processes on localhost.
+"""The front's token is required off loopback and never reaches the environment of a job's
+processes on localhost, its command lines or its logs.
 
 The local transport runs nodectl as a child of the CLI, and nodectl passes its environment on to
 the agent: whatever the CLI's environment held would sit in `/proc/<pid>/environ` of every job
@@ -9,12 +10,15 @@ from __future__ import annotations
 
 import json
 import secrets
+import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dslaunch.client import Client, FrontError
 from tests.conftest import Cli, job_pids, local_job
 
 CREDENTIAL = "ghp_" + "x" * 30  # another secret of the caller's shell
@@ -49,6 +53,31 @@ def test_no_job_process_has_the_token_in_its_environment(job: dict[str, Any]) ->
     # and the front does require that token: query reads it from the record
     res = cli("query", "--health")
     assert res.returncode == 0 and '"ok": true' in res.stdout, res.stdout + res.stderr
+
+
+def test_the_token_is_required_and_never_shown(job: dict[str, Any]) -> None:
+    """Off loopback a token is required (generated when none is given): without it, or with a
+    wrong one, the front refuses; the record has it (query works) and only 0600 files hold it."""
+    cli: Cli = job["cli"]
+    rec_path = Path(cli.env["DSLAUNCH_HOME"]) / "jobs" / "default.json"
+    rec = json.loads(rec_path.read_text())
+    token, port = rec["front"]["token"], rec["front"]["port"]
+    assert token and len(token) >= 32
+    assert stat.S_IMODE(rec_path.stat().st_mode) == 0o600
+    router = next(n for n in rec["nodes"] if n["kind"] == "router")
+    for name in ("front.token", "replica.secret"):  # the public token and the router's link key
+        assert stat.S_IMODE((Path(router["node_dir"]) / name).stat().st_mode) == 0o600
+    with Client("127.0.0.1", port, retry_for=0) as c, pytest.raises(FrontError) as e:
+        c.health()
+    assert e.value.code == "unauthorized"
+    with Client("127.0.0.1", port, token="x" * 40, retry_for=0) as c, pytest.raises(FrontError):
+        c.generate("Hello")
+    ok = cli("query", "Hello", "-k", "3")
+    assert ok.returncode == 0, ok.stderr
+    ps = subprocess.run(["ps", "axww", "-o", "args="], capture_output=True, text=True).stdout
+    assert token not in ps
+    logs = cli("logs", "--lines", "500")
+    assert logs.returncode == 0 and token not in logs.stdout + logs.stderr
 
 
 def test_ranks_are_forked_from_the_agent_or_executed_as_torchrun_does(job: dict[str, Any]) -> None:
