@@ -117,6 +117,10 @@ def test_cli_entry_speaks_json(tmp_path: Path) -> None:
     )  # fmt: skip
     out = json.loads(res.stdout)
     assert out["dslaunch"] and out["cpus"] >= 1 and len(set(out["ports"])) == 2
+    # below the ephemeral range: no connect() on the node can be handed one as its source port
+    # between the probe and rank 0's bind
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(1024 <= p < low for p in out["ports"]), out["ports"]
     bad = subprocess.run([sys.executable, "-m", "dslaunch.node.ctl", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
 

@@ -61,9 +61,12 @@ def _front_port(
 
 
 def _stable_port(avoid: set[int]) -> int:
-    """A free port below the kernel's ephemeral range, for a listener that others redial.
+    """A free port below the kernel's ephemeral range, for a listener that others dial or redial:
+    the rendezvous and master ports, the router's link.
 
-    A client redialing a port in the ephemeral range while nothing listens there can be given
+    A port in the ephemeral range that is free when pre-flight looks can be any connect()'s source
+    port by the time rank 0 binds it (seconds later; minutes, when a Slurm job pends): then the
+    job fails with EADDRINUSE. And a client redialing a port in the ephemeral range while nothing listens there can be given
     that very port as its own source port and connect to itself (TCP simultaneous open on
     loopback), after which the listener cannot bind it again.
     """
@@ -130,7 +133,7 @@ def op_probe(args: dict[str, Any]) -> dict[str, Any]:
         out["busy_ports"] = [p for p in want if p is not None and not port_free(p)]
         chosen: list[int] = []
         for p in want:
-            chosen.append(p if p is not None else _free_port(taken))
+            chosen.append(p if p is not None else _stable_port(taken))
             taken.add(chosen[-1])
         out["ports"] = chosen
         if args.get("link"):
