@@ -1,6 +1,6 @@
 """Real routers and real replicas on loopback for the router tests, every process ended after.
 
-A replica here is one process at world size 1 (`python -m tests.routerkit`): a real engine (the
+A replica here is one process at world size 1 (forked by tests/forkserver.py): a real engine (the
 built-in tiny model, or the Echo handler below), rank 0's real loop, and the real front started
 by `rank.session.start_front` in dial mode, so the link and the serving code are the product's.
 The router is `python -m dslaunch.serving.router` with a RouterEnv environment.
@@ -24,6 +24,8 @@ from dslaunch.wire.nodedir import NodeDir, node_dir_path, router_dir_path
 from dslaunch.wire.rankenv import NodeEnv
 from dslaunch.wire.routerenv import RouterEnv
 from dslaunch.wire.serve import ServeSpec
+from tests import forkserver
+from tests.forkserver import Forked
 from tests.simnodes import free_port, node_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +58,7 @@ class Kit:
         self.router_dir.root.mkdir(parents=True)
         _secret(self.router_dir.replica_secret, self.key)
         self.router: subprocess.Popen[bytes] | None = None
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.procs: dict[int, Forked] = {}
         self.attempts: dict[int, int] = {}
         self.token: str | None = None  # the front's token, when a test gave the router one
 
@@ -88,9 +90,7 @@ class Kit:
     def router_log(self) -> str:
         return (self.router_dir.root / "router.log").read_text(errors="replace")
 
-    def start_replica(
-        self, r: int, key: str | None = None, delay: float = 0.0, wait: bool = True
-    ) -> subprocess.Popen[bytes]:
+    def start_replica(self, r: int, key: str | None = None, delay: float = 0.0, wait: bool = True) -> Forked:
         """Replica `r`'s leader (attempt counted up on every start); returns once it has linked
         (`wait`; else at once, and `wait_state(r, "ready", ...)` waits)."""
         self.attempts[r] = attempt = self.attempts.get(r, -1) + 1
@@ -104,9 +104,8 @@ class Kit:
                        routers=(f"127.0.0.1:{self.link_port}",))  # fmt: skip
         env = {**os.environ, **node.to_env(), DELAY_ENV: str(delay), "ROUTERKIT_ATTEMPT": str(attempt)}
         env.pop("DSLAUNCH_AUTO_THREADS", None)
-        log = open(nd.root / "replica.log", "ab")  # noqa: SIM115
-        p = subprocess.Popen([sys.executable, "-m", "tests.routerkit"], cwd=ROOT, stdout=log,
-                             stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        # forked from this worker's warm interpreter: a replica start costs a model load, not imports
+        p = forkserver.server().spawn("tests.routerkit:_replica_main", env, nd.root / "replica.log")
         self.procs[r] = p
         if wait and (key is None or key == self.key):
             # a new interpreter importing torch and transformers: minutes on a small machine under load
