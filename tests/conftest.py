@@ -197,10 +197,10 @@ def local_job(
         assert res.returncode == 0, res.stdout + res.stderr
         yield cli, json.loads((tmp / "home" / "jobs" / "default.json").read_text())
     finally:
-        _guard(cli)
+        guard(cli)
 
 
-def _guard(cli: Cli) -> None:
+def guard(cli: Cli) -> None:
     """After a test: `down` every recorded job, then kill anything still carrying the work dir."""
     home = Path(cli.env["DSLAUNCH_HOME"]) / "jobs"
     for rec in home.glob("*.json") if home.exists() else []:
@@ -254,7 +254,7 @@ def ssh_job(
             assert res.returncode == 0, res.stdout + res.stderr
             yield cluster, cli, res
         finally:
-            _guard(cli)
+            guard(cli)
 
 
 @pytest.fixture
@@ -272,4 +272,4 @@ def cli(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cli]:
     try:
         yield runner
     finally:
-        _guard(runner)
+        guard(runner)

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROMPTS, Cli, job_dirs, job_pids, plain_generate, rank_hook, ssh_job, status_json
+from tests.conftest import (
+    PROMPTS,
+    Cli,
+    guard,
+    job_dirs,
+    job_pids,
+    plain_generate,
+    rank_hook,
+    sim_nodes,
+    ssh_job,
+    status_json,
+)
 from tests.simnodes import SimCluster
 
 pytestmark = pytest.mark.ssh
@@ -103,16 +114,46 @@ def test_up_status_down_two_nodes(four: FourRanks) -> None:
     assert gone.returncode != 0 and "no job named 'default'" in gone.stderr
 
 
+@dataclass
+class Shared:
+    sim: SimCluster
+    cli: Cli
+    refused: subprocess.CompletedProcess[str]  # the first `up`, with node1's host key unknown
+
+
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimCluster, Cli]]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     """One job (two nodes, one slot each) for the tests that only look at it or put back what they
-    change; the last of them takes it down."""
-    for sim, cli, _ in ssh_job(tmp_path_factory):
-        yield sim, cli
+    change; the last of them takes it down. It is started as a first connection to a node is:
+    node1's host key unknown, `up` refused, then accepted with --accept-new-host-keys."""
+    tmp = tmp_path_factory.mktemp("shared")
+    with sim_nodes(tmp, 2) as sim:
+        known = sim.ssh_dir / "known_hosts"
+        known.write_text(known.read_text().splitlines()[0] + "\n")  # forget node1's key
+        (tmp / "work").mkdir()
+        cli = Cli(sim.env(), tmp / "work")
+        hosts = str(sim.hostfile(slots=1))
+        try:
+            refused = cli.up("-H", hosts)
+            ok = cli.up("-H", hosts, "--accept-new-host-keys")
+            assert ok.returncode == 0, ok.stdout + ok.stderr
+            yield Shared(sim, cli, refused)
+        finally:
+            guard(cli)
 
 
-def test_second_up_with_live_name_is_refused(shared: tuple[SimCluster, Cli]) -> None:
-    sim, cli = shared
+def test_unknown_host_key_refused_then_accepted(shared: Shared) -> None:
+    res = shared.refused
+    assert res.returncode == 1
+    assert "node1: host key for [127.0.0.3]" in res.stderr and "--accept-new-host-keys" in res.stderr
+    import paramiko  # the entry may be hashed (HashKnownHosts yes in /etc/ssh/ssh_config)
+
+    known = shared.sim.ssh_dir / "known_hosts"
+    assert paramiko.HostKeys(str(known)).lookup(f"[127.0.0.3]:{shared.sim.nodes[1].port}") is not None
+
+
+def test_second_up_with_live_name_is_refused(shared: Shared) -> None:
+    sim, cli = shared.sim, shared.cli
     hosts = sim.hostfile(slots=1)
     res = cli.up("-H", str(hosts))
     assert res.returncode == 1
@@ -120,11 +161,11 @@ def test_second_up_with_live_name_is_refused(shared: tuple[SimCluster, Cli]) -> 
     assert status_json(cli)["state"] == "ready", "the refused up must not disturb the running job"
 
 
-def test_logs_follow_prefixes_ranks_and_stops_cleanly_on_ctrl_c(shared: tuple[SimCluster, Cli]) -> None:
+def test_logs_follow_prefixes_ranks_and_stops_cleanly_on_ctrl_c(shared: Shared) -> None:
     import signal
     import time
 
-    sim, cli = shared
+    sim, cli = shared.sim, shared.cli
     proc = cli.popen("logs", "-f")
     seen: set[str] = set()
     try:
@@ -152,9 +193,9 @@ def test_logs_follow_prefixes_ranks_and_stops_cleanly_on_ctrl_c(shared: tuple[Si
     assert left == [], "the node-side follower ends when the client goes away"
 
 
-def test_status_reports_an_unreachable_node(shared: tuple[SimCluster, Cli]) -> None:
+def test_status_reports_an_unreachable_node(shared: Shared) -> None:
     """The last test of the shared job: the node comes back, and `down` ends the job."""
-    sim, cli = shared
+    sim, cli = shared.sim, shared.cli
     sim.stop_node(sim.nodes[1])
     try:
         st = status_json(cli)
@@ -199,21 +240,6 @@ def test_silent_node_times_out_within_connect_timeout(sim: SimCluster, cli: Cli)
     assert job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}") == []
 
 
-def test_unknown_host_key_refused_then_accepted(sim: SimCluster, cli: Cli) -> None:
-    known = sim.ssh_dir / "known_hosts"
-    lines = known.read_text().splitlines()
-    known.write_text(lines[0] + "\n")  # forget node1's key
-    hosts = str(sim.hostfile(slots=1))
-    res = cli.up("-H", hosts)
-    assert res.returncode == 1
-    assert "node1: host key for [127.0.0.3]" in res.stderr and "--accept-new-host-keys" in res.stderr
-    ok = cli.up("-H", hosts, "--accept-new-host-keys")
-    assert ok.returncode == 0, ok.stderr
-    import paramiko  # the entry may be hashed (HashKnownHosts yes in /etc/ssh/ssh_config)
-
-    assert paramiko.HostKeys(str(known)).lookup(f"[127.0.0.3]:{sim.nodes[1].port}") is not None
-
-
 def test_changed_host_key_refused_even_with_accept_new(sim: SimCluster, cli: Cli) -> None:
     other = sim.root / "otherkey"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
@@ -252,9 +278,7 @@ def test_file_method_refuses_a_directory_that_is_not_shared(sim_private, tmp_pat
         assert not list(rdzv.iterdir()), "the probe file is removed"
         assert job_pids(f"DSLAUNCH_NODE_DIR={cli.work_dir}") == [], "refused before anything starts"
     finally:
-        from tests.conftest import _guard
-
-        _guard(cli)
+        guard(cli)
 
 
 def test_failing_rank_makes_up_fail_and_clean_everything(sim: SimCluster, cli: Cli, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from dslaunch.errors import UserError
 from dslaunch.transport.slurm import slurm as run_slurm
 from dslaunch.wire.records import JobRecord, NodeRecord
 from dslaunch.wire.states import JobState
-from tests.conftest import Cli, _guard, job_pids, status_json, wait_status
+from tests.conftest import Cli, guard, job_pids, status_json, wait_status
 from tests.slurmsim import Allocation, SlurmSim, allocate, slurm_available
 
 pytestmark = pytest.mark.slurm
@@ -107,7 +107,7 @@ def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, 
         assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == []
         assert not (tmp_path / "home" / "jobs" / "default.json").exists()
     finally:
-        _guard(cli)
+        guard(cli)
 
 
 def test_slurm_errors_are_one_line_naming_the_command(slurm: SlurmSim, tmp_path: Path) -> None:
@@ -134,7 +134,7 @@ def test_slurm_errors_are_one_line_naming_the_command(slurm: SlurmSim, tmp_path:
         _one_line(cli.up(), f"squeue: Slurm job {a.job} no longer exists (the allocation ended or expired)")
     finally:
         a.release()
-        _guard(cli)
+        guard(cli)
 
 
 def test_down_after_the_allocation_ended_removes_the_record(slurm: SlurmSim, tmp_path: Path) -> None:
@@ -234,4 +234,4 @@ def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: Slur
         slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=UP")
         for job, _state, _reason in _submitted(slurm):
             slurm.run("scancel", job, check=False)
-        _guard(cli)
+        guard(cli)
