@@ -94,10 +94,12 @@ def node_port(addrs: list[str]) -> int:
 
     A node's sshd gives its port up when a test stops or cuts the node; an ephemeral port could be
     handed meanwhile to any process's `bind(0)` or `connect` on the machine (a rank's store, a
-    client), and the node (or a test's stand-in listener) could then not take it back.
+    client), and the node (or a test's stand-in listener) could then not take it back. Above that
+    range where it has room: below it is where pre-flight picks a job's rendezvous and master ports
+    (`node/probe.py:_stable_port`), which a port a test gave up for a moment must not be.
     """
     lo, hi = _ephemeral_ports()
-    ranges = [r for r in ((20000, lo), (hi + 1, 65536)) if r[1] - r[0] > 1000]
+    ranges = [r for r in ((hi + 1, 65536),) if r[1] - r[0] > 1000] or [r for r in ((20000, lo),) if r[1] - r[0] > 1000]
     rng = random.SystemRandom()
     for _ in range(200 if ranges else 0):
         port = rng.randrange(*rng.choice(ranges))
