@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -24,6 +25,7 @@ import pytest
 
 from dslaunch.client import Client, FrontError
 from dslaunch.engine.tinymodel import NAME
+from tests import chaos
 from tests.conftest import PROMPTS, Cli, job_pids, plain_generate, ssh_job, status_json, wait_status
 from tests.simnodes import SimCluster, environ_of, free_port, node_job_pids
 
@@ -209,6 +211,27 @@ def test_a_rank_killed_under_load_restarts_only_its_replica_and_no_request_fails
     reps = st["replicas"]
     assert (reps[0]["restarts"], reps[1]["restarts"]) == (0, 1), reps
     assert st["last_failure"]["rank"] == 3 and "SIGKILL" in st["last_failure"]["cause"]
+
+
+def test_a_minute_of_random_faults_loses_and_corrupts_nothing(job, want) -> None:
+    """The chaos soak (`benchmarks/chaos.py`, tests/chaos.py) for a minute, paced: a rank
+    SIGKILLed, a router SIGKILLed or a link cut every 15-25 s under greedy, seeded-stream and
+    unseeded-stream clients on both routers. (A hung rank is test_hang_and_backoff's: this job
+    keeps the default --hang-timeout.)"""
+    sim, cli, rec = job
+    monkey = chaos.Chaos(
+        sim, lambda: status_json(cli), rec, random.Random(3), ("rank killed", "router killed", "link cut")
+    )
+    assert monkey.until_whole(120) is not None
+    seeded = chaos.seeded_reference(_port(rec), list(want))
+    clients = chaos.Clients(monkey.ports, seeded, want, per_kind=1, pause=1.0)
+    report = chaos.soak(monkey, clients, 60, every=(15, 25), warmup=10)
+    chaos.judge(report, want, seeded)
+    counts = report.counts()
+    assert len(report.faults) >= 2 and all(f.whole_again_s is not None for f in report.faults), chaos.dump(report)
+    assert not report.wrong and not report.failed, chaos.dump(report)
+    assert all(counts.get(k, {}).get("answered", 0) > 10 for k in ("greedy", "seeded", "unseeded")), counts
+    assert wait_status(cli, lambda s: s["state"] == "ready", 120)["state"] == "ready"
 
 
 def test_a_rolling_restart_under_load_fails_no_request(job, want) -> None:
