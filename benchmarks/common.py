@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +129,21 @@ def closed_loop(n: int, seconds: float, one: Any) -> dict[str, float]:
     if ttft:
         out.update(ttft_p50_ms=pct(ttft, 0.5) * 1e3, ttft_p99_ms=pct(ttft, 0.99) * 1e3)
     return out
+
+
+@contextlib.contextmanager
+def sim_job_dirs(prefix: str, nodes: int = 2) -> Iterator[tuple[Any, dict[str, str], Path]]:
+    """Simulated SSH nodes in a throw-away directory, the environment a user's shell would have
+    for them (its own DSLAUNCH_HOME) and a work directory: for a benchmark that runs a job. A
+    SIGTERM still ends the job and the nodes' sshd on the way out."""
+    from tests.simnodes import SimCluster
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp_s:
+        tmp = Path(tmp_s)
+        (tmp / "work").mkdir()
+        sim = SimCluster(tmp / "sim", nodes).start()
+        try:
+            yield sim, {**sim.env(), "COLUMNS": "200", "DSLAUNCH_HOME": str(tmp / "home")}, tmp / "work"
+        finally:
+            sim.stop()

@@ -35,18 +35,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import dslaunch, table, write
+from common import dslaunch, sim_job_dirs, table, write
 
 from dslaunch.client import Client, FrontError
-from tests.simnodes import SimCluster, environ_of, node_job_pids
+from tests.chaos import job_pids, router_pid
+from tests.simnodes import node_job_pids
 
 PROMPTS = ["Hello world", "The quick brown fox", "One command", "Numbers 0 1 2"]
 AFTER_S = 20.0  # failures are counted this long after the job is whole again
@@ -160,27 +159,6 @@ def router_lost_a_replica(k: int, r: int | None = None) -> Callable[[list[View]]
     return cond
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def job_procs(job_id: str) -> list[int]:
-    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()
-            and environ_of(int(e.name)).get("DSLAUNCH_JOB_ID") == job_id]  # fmt: skip
-
-
-def router_pid(job_id: str, addr: str) -> tuple[int, int]:
-    """The pid of the router on node `addr` (not its supervisor's), and its link port."""
-    for pid in node_job_pids(job_id, addr):
-        argv = _cmdline(pid)
-        if b"dslaunch.serving.router" in argv and b"dslaunch.node.supervise" not in argv:
-            return pid, int(environ_of(pid)["DSLAUNCH_LINK_PORT"])
-    raise RuntimeError(f"no router of job {job_id} on {addr}")
-
-
 def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> list[dict[str, Any]]:
     home = Path(env["DSLAUNCH_HOME"])
     up = dslaunch(env, "up", "-H", str(sim.hostfile(slots=2)), "--work-dir", str(work), "--tp", "2",
@@ -241,7 +219,7 @@ def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> l
         dslaunch(env, "down", "--grace", "3", timeout=120)
         sim.start_node(sim.nodes[1])
         dslaunch(env, "down", "--grace", "3", timeout=120)
-        left = job_procs(jid)
+        left = job_pids(jid)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -255,16 +233,8 @@ def main() -> None:
     ap.add_argument("--hang-timeout", type=float, default=10.0, help="--hang-timeout of the job (s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `down` and the nodes' sshd still run on the way out
-    with tempfile.TemporaryDirectory(prefix="dslaunch-faults-") as tmp_s:
-        tmp = Path(tmp_s)
-        (tmp / "work").mkdir()
-        sim = SimCluster(tmp / "sim", 2).start()
-        try:
-            env = {**sim.env(), "COLUMNS": "200", "DSLAUNCH_HOME": str(tmp / "home")}
-            rows = measure(sim, env, tmp / "work", args.hang_timeout)
-        finally:
-            sim.stop()
+    with sim_job_dirs("dslaunch-faults-") as (sim, env, work):
+        rows = measure(sim, env, work, args.hang_timeout)
     keys = ("fault", "noticed_s", "serving_again_s", "answered", "failed")
     print(
         table(["fault", "noticed (s)", "serving again (s)", "answered", "failed"], [[r[k] for k in keys] for r in rows])

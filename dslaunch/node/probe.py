@@ -66,9 +66,9 @@ def _stable_port(avoid: set[int]) -> int:
 
     A port in the ephemeral range that is free when pre-flight looks can be any connect()'s source
     port by the time rank 0 binds it (seconds later; minutes, when a Slurm job pends): then the
-    job fails with EADDRINUSE. And a client redialing a port in the ephemeral range while nothing listens there can be given
-    that very port as its own source port and connect to itself (TCP simultaneous open on
-    loopback), after which the listener cannot bind it again.
+    job fails with EADDRINUSE. And a client redialing a port in the ephemeral range while nothing
+    listens there can be given that very port as its own source port and connect to itself (TCP
+    simultaneous open on loopback), after which the listener cannot bind it again.
     """
     import random
 
