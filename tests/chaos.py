@@ -161,11 +161,15 @@ def judge(report: Report, greedy_ref: dict[str, str], seeded_ref: dict[str, str]
 
 
 class Chaos:
-    """Faults on a live job (2 nodes, 2 replicas of `--tp 2`, a router per node)."""
+    """Faults on a live job (2 nodes, 2 replicas of `--tp 2`, a router per node): each drawn from
+    `kinds`, or, with `in_order`, `kinds` one after the other; a rank fault strikes one of the
+    ranks `ranks` keeps (all by default)."""
 
     def __init__(self, sim: SimCluster, status: Callable[[], dict[str, Any]], rec: dict[str, Any],
-                 rng: random.Random, kinds: tuple[str, ...] = FAULTS) -> None:  # fmt: skip
+                 rng: random.Random, kinds: tuple[str, ...] = FAULTS, in_order: bool = False,
+                 ranks: Callable[[dict[str, Any]], bool] = lambda r: True) -> None:  # fmt: skip
         self.sim, self.status, self.rec, self.rng, self.kinds = sim, status, rec, rng, kinds
+        self.in_order, self.ranks, self.struck = in_order, ranks, 0
         self.ports = [int(p) for p in rec["front"]["ports"]]
 
     def whole(self) -> bool:
@@ -194,10 +198,10 @@ class Chaos:
             time.sleep(0.2)
 
     def strike(self) -> Fault:
-        name = self.rng.choice(self.kinds)
+        name = self.kinds[self.struck % len(self.kinds)] if self.in_order else self.rng.choice(self.kinds)
+        self.struck += 1
         if name in ("rank killed", "rank hung"):
-            ranks = self.status()["ranks"]
-            rank = self.rng.choice(ranks)
+            rank = self.rng.choice([r for r in self.status()["ranks"] if self.ranks(r)])
             target, pid = f"rank {rank['rank']} on {rank['host']}", int(rank["pid"])
             do = lambda: os.kill(pid, signal.SIGKILL if name == "rank killed" else signal.SIGSTOP)  # noqa: E731
         else:
@@ -258,15 +262,24 @@ def growth(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]]
     return out
 
 
-def soak(chaos: Chaos, clients: Clients, duration: float, every: tuple[float, float], warmup: float) -> Report:
+def soak(
+    chaos: Chaos, clients: Clients, duration: float, every: tuple[float, float], warmup: float, min_faults: int = 0
+) -> Report:
     """Run the clients for `duration` seconds with a fault every `every` seconds (uniform), each
-    once the job is whole again; RSS is compared between `warmup` seconds in and the end."""
+    once the job is whole again; RSS is compared between `warmup` seconds in and the end. It goes
+    on past `duration` (up to 4 times it) until `min_faults` have struck: on a slow machine the
+    job takes longer to be whole again, and a short soak would otherwise see fewer faults."""
     report = Report()
     t0 = time.monotonic()
     mem0: dict[int, tuple[str, int]] | None = None
+
+    def going() -> bool:
+        now = time.monotonic() - t0
+        return now < duration or (len(report.faults) < min_faults and now < 4 * duration)
+
     with clients:
         next_at = t0 + chaos.rng.uniform(*every)
-        while time.monotonic() < t0 + duration:
+        while going():
             if mem0 is None and time.monotonic() > t0 + warmup:
                 mem0 = job_rss(chaos.rec["job_id"])
             if time.monotonic() >= next_at and chaos.whole():
