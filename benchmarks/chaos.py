@@ -37,7 +37,7 @@ from common import dslaunch, sim_job_dirs, table, write
 
 from dslaunch.engine.tinymodel import NAME
 from tests import chaos
-from tests.conftest import plain_generate
+from tests.conftest import job_pids, plain_generate
 from tests.simnodes import SimCluster
 
 
@@ -53,7 +53,7 @@ def run(sim: SimCluster, env: dict[str, str], work: Path, minutes: float, seed: 
         seeded = chaos.seeded_reference(int(rec["front"]["ports"][0]), chaos.PROMPTS)
         status = lambda: json.loads(dslaunch(env, "status", "--json").stdout)  # noqa: E731
         monkey = chaos.Chaos(sim, status, rec, random.Random(seed))
-        clients = chaos.Clients(monkey.ports, seeded, greedy, per_kind=2)
+        clients = chaos.Clients(monkey.ports, chaos.PROMPTS, per_kind=2)
         report = chaos.soak(monkey, clients, minutes * 60, every=(20, 40), warmup=60)
         chaos.judge(report, greedy, seeded)
         st = status()
@@ -61,7 +61,7 @@ def run(sim: SimCluster, env: dict[str, str], work: Path, minutes: float, seed: 
                     "router_kills": sum(f.name == "router killed" for f in report.faults)}  # fmt: skip
     finally:
         down = dslaunch(env, "down", "--grace", "3", timeout=180)
-        left = chaos.job_pids(rec["job_id"])
+        left = job_pids(f"DSLAUNCH_JOB_ID={rec['job_id']}")
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -44,7 +44,8 @@ from typing import Any
 from common import dslaunch, sim_job_dirs, table, write
 
 from dslaunch.client import Client, FrontError
-from tests.chaos import job_pids, router_pid
+from tests.chaos import router_pid
+from tests.conftest import job_pids
 from tests.simnodes import node_job_pids
 
 PROMPTS = ["Hello world", "The quick brown fox", "One command", "Numbers 0 1 2"]
@@ -219,7 +220,7 @@ def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> l
         dslaunch(env, "down", "--grace", "3", timeout=120)
         sim.start_node(sim.nodes[1])
         dslaunch(env, "down", "--grace", "3", timeout=120)
-        left = job_pids(jid)
+        left = job_pids(f"DSLAUNCH_JOB_ID={jid}")
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -29,9 +29,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from dslaunch.client import Client, FrontError
+from tests.conftest import job_pids
 from tests.simnodes import SimCluster, environ_of, node_job_pids
 
 PROMPTS = ["Hello world", "The quick brown fox", "One command", "Numbers 0 1 2"]
@@ -76,19 +77,14 @@ class Report:
         return out
 
 
-class Clients:
-    """`per_kind` clients of each kind; `pause` seconds between one client's requests."""
+class ClientThreads:
+    """Client threads that run from `with` until its end: set `threads`; each watches `stop`."""
 
-    def __init__(self, ports: list[int], seeded_ref: dict[str, str], greedy_ref: dict[str, str], per_kind: int = 2,
-                 pause: float = 0.0) -> None:  # fmt: skip
-        self.ports, self.seeded_ref, self.greedy_ref, self.pause = ports, seeded_ref, greedy_ref, pause
-        self.prompts = list(greedy_ref)
-        self.stop = threading.Event()
-        self.outcomes: list[Outcome] = []
-        kinds = [k for k in ("greedy", "seeded", "unseeded") for _ in range(per_kind)]
-        self.threads = [threading.Thread(target=self._run, args=(n, k), daemon=True) for n, k in enumerate(kinds)]
+    stop: threading.Event
+    threads: list[threading.Thread]
+    join_s = 180.0
 
-    def __enter__(self) -> Clients:
+    def __enter__(self) -> Self:
         for t in self.threads:
             t.start()
         return self
@@ -96,7 +92,18 @@ class Clients:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         for t in self.threads:
-            t.join(180)
+            t.join(self.join_s)
+
+
+class Clients(ClientThreads):
+    """`per_kind` clients of each kind; `pause` seconds between one client's requests."""
+
+    def __init__(self, ports: list[int], prompts: list[str], per_kind: int = 2, pause: float = 0.0) -> None:
+        self.ports, self.prompts, self.pause = ports, prompts, pause
+        self.stop = threading.Event()
+        self.outcomes: list[Outcome] = []
+        kinds = [k for k in ("greedy", "seeded", "unseeded") for _ in range(per_kind)]
+        self.threads = [threading.Thread(target=self._run, args=(n, k), daemon=True) for n, k in enumerate(kinds)]
 
     def _run(self, n: int, kind: str) -> None:
         order = self.ports[n % len(self.ports) :] + self.ports[: n % len(self.ports)]
@@ -126,7 +133,7 @@ def _one(c: Client, kind: str, prompt: str) -> Outcome:
             o.chunks = "".join(chunks)
     except FrontError as e:
         o.error, o.code = f"FrontError: {e}", e.code
-    except (OSError, ConnectionError) as e:
+    except OSError as e:  # ConnectionError, TimeoutError
         o.error = f"{type(e).__name__}: {e}"
     o.end = time.monotonic()
     return o
@@ -230,16 +237,10 @@ def router_pid(job_id: str, addr: str) -> tuple[int, int]:
     raise RuntimeError(f"no router of job {job_id} on {addr}")
 
 
-def job_pids(job_id: str) -> list[int]:
-    """Every process of the job on this machine (all the simulated nodes)."""
-    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()
-            and environ_of(int(e.name)).get("DSLAUNCH_JOB_ID") == job_id]  # fmt: skip
-
-
 def job_rss(job_id: str) -> dict[int, tuple[str, int]]:
     """Each router's, agent's and rank's resident memory (bytes), by pid."""
     out: dict[int, tuple[str, int]] = {}
-    for pid in job_pids(job_id):
+    for pid in job_pids(f"DSLAUNCH_JOB_ID={job_id}"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes()
             role = ("router" if b"dslaunch.serving.router" in argv and b"supervise" not in argv

@@ -53,7 +53,7 @@ def _port(rec: dict[str, Any], router: int = 0) -> int:
     return int(rec["front"]["ports"][router])
 
 
-class Load:
+class Load(chaos.ClientThreads):
     """Clients that do not retry: every failure is recorded, none is hidden.
 
     Each waits `pause` between its requests: a fault test needs requests arriving all the time, not
@@ -74,16 +74,7 @@ class Load:
         self.failures: list[str] = []
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(clients)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
+        self.join_s = 120.0
 
     def _run(self, n: int) -> None:
         prompts = list(self.want)
@@ -226,7 +217,7 @@ def test_a_minute_of_random_faults_loses_and_corrupts_nothing(job, want) -> None
                          ranks=lambda r: r["rank"] >= 2)  # fmt: skip
     assert monkey.until_whole(120) is not None
     seeded = chaos.seeded_reference(_port(rec), list(want))
-    clients = chaos.Clients(monkey.ports, seeded, want, per_kind=1, pause=1.0)
+    clients = chaos.Clients(monkey.ports, list(want), per_kind=1, pause=1.0)
     report = chaos.soak(monkey, clients, 60, every=(15, 25), warmup=10, min_faults=len(kinds))
     chaos.judge(report, want, seeded)
     counts = report.counts()
