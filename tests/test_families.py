@@ -141,6 +141,8 @@ def test_greedy_tokens_match_plain_transformers_at_tp2(job: tuple[Cli, Path]) ->
         assert json.loads(res.stdout)["text"] == want, prompt
     st = json.loads(cli("status", "--json").stdout)
     assert st["world_size"] == 2 and all(r["restarts"] == 0 for r in st["ranks"])
+    logs = cli("logs", "--lines", "400").stdout
+    assert logs.count("loaded this rank's shard only") == 2, logs[-3000:]  # and said so, on both ranks
 
 
 def test_refused_families_fail_in_preflight_in_seconds(cli: Cli, tmp_path: Path) -> None:

@@ -212,6 +212,9 @@ SERVE_OPTIONS = [
     click.option("--dtype", type=click.Choice(DTYPES), default=_serve("dtype"), show_default=True,
                  help="auto: fp32 on CPU, the model's own half precision on GPU."),
     click.option("--kernel-inject", is_flag=True, help="DeepSpeed's fused GPU kernels instead of AutoTP."),
+    click.option("--whole-checkpoint", is_flag=True,
+                 help="Every rank reads the whole checkpoint (from_pretrained), instead of only the slices of "
+                      "the safetensors files its shard holds."),
     click.option("--skip-model-check", is_flag=True,
                  help="Start even where pre-flight knows DeepSpeed's AutoTP shards this model family wrongly "
                       "(a newer DeepSpeed may not); every rank still runs one forward before ready."),

@@ -34,6 +34,8 @@ class EngineContext:
     # Call between the steps of long work (a handler's loop): the hang watchdog (--hang-timeout)
     # restarts a job whose ranks stop making progress.
     beat: Callable[[], None] = field(default=lambda: None, repr=False)
+    # Called while the weights load, with (bytes read, bytes this rank reads): `up` and `status` show it
+    load_progress: Callable[[int, int], None] | None = field(default=None, repr=False)
 
     @property
     def lead(self) -> bool:
@@ -117,6 +119,24 @@ def shard(model: Any, ctx: EngineContext, dtype: Any, opts: ServeSpec) -> Any:
     module = engine.module
     module.eval()
     return module
+
+
+def load_model(auto_cls: Any, path: str, config: Any, ctx: EngineContext, dtype: Any, opts: ServeSpec) -> Any:
+    """The sharded module: each rank reads only its shard's slices where it can (`shardload`),
+    else the whole checkpoint through `from_pretrained` and AutoTP as before, saying why."""
+    from dslaunch.engine.shardload import NotShardable, load_sharded
+
+    why = "--kernel-inject shards on its own" if opts.kernel_inject else None
+    why = "--whole-checkpoint" if opts.whole_checkpoint else why
+    if ctx.world_size > 1 and why is None:
+        try:
+            return load_sharded(auto_cls, path, config, dtype, lambda m: shard(m, ctx, dtype, opts), ctx.rank,
+                                ctx.load_progress)  # fmt: skip
+        except NotShardable as e:
+            why = str(e)
+    if why:
+        print(f"loading the whole checkpoint on every rank: {why}", flush=True)
+    return shard(auto_cls.from_pretrained(path, dtype=dtype), ctx, dtype, opts)
 
 
 def broadcast(t: Any, ctx: EngineContext) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, broadcast, shard
+from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, broadcast, load_model
 from dslaunch.engine.generation import Generation, row_budget
 from dslaunch.engine.grammar import Grammars
 from dslaunch.engine.kvbatch import KVBatch, cache_keyword
@@ -34,10 +34,9 @@ class CausalLMEngine(Pretrained):
         config = self.config
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        self.model = shard(model, ctx, self.dtype, opts)
+        self.model = load_model(AutoModelForCausalLM, path, config, ctx, self.dtype, opts)
         self.cache_kw = cache_keyword(self.model)
-        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tok.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}

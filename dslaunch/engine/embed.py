@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, shard
+from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, load_model
 from dslaunch.wire.protocol import Request
 from dslaunch.wire.serve import ServeSpec
 
@@ -21,7 +21,7 @@ class EmbedEngine(Pretrained):
         super().__init__(path, ctx, opts)
         config = self.config
         self.max_len = min(int(getattr(config, "max_position_embeddings", 512) or 512), 512)
-        self.model = shard(AutoModel.from_pretrained(path, dtype=self.dtype), ctx, self.dtype, opts)
+        self.model = load_model(AutoModel, path, self.config, ctx, self.dtype, opts)
 
     def check(self, req: Request) -> None:
         return None  # long texts are truncated to the model's length, as sentence-transformers does

@@ -40,6 +40,7 @@ class ServeSpec:
     task: str = "generate"
     dtype: str = "auto"
     kernel_inject: bool = False
+    whole_checkpoint: bool = False  # every rank reads every weight (from_pretrained), not its shard's slices
     handler: str | None = None
     shm_allreduce: bool = False
     bind: str = "127.0.0.1"

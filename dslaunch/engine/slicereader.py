@@ -1,0 +1,137 @@
+"""Boxes of tensors read from a safetensors file with `pread`, into memory the rank owns.
+
+safetensors' own reader maps the file: every page a slice touches is then resident in the rank
+(its RSS counts the mapped checkpoint), and a slice across the columns of a row-major matrix
+touches every page of it. Here the header is parsed (8 bytes of length, a JSON table of dtype,
+shape and byte range per tensor) and each box is read as its contiguous runs: one run for a
+block of rows, one per row for a block of columns, with runs closer than `GAP` bytes merged into
+one read, since the pages between them would be read anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+GAP = 4 << 10  # runs closer than a page are read as one (the page between them comes in anyway)
+CHUNK = 64 << 20  # the most one read asks for
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
+
+
+class SliceReader:
+    """One safetensors file, open for reading boxes of its tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        header = json.loads(os.pread(self.fd, n, 8))
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.tensors: dict[str, dict[str, Any]] = header
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key]["shape"])
+
+    def itemsize(self, key: str) -> int:
+        return self.torch_dtype(key).itemsize
+
+    def torch_dtype(self, key: str) -> Any:
+        import torch
+
+        name = DTYPES.get(self.tensors[key]["dtype"])
+        if name is None:
+            raise ValueError(f"{key}: safetensors dtype {self.tensors[key]['dtype']} is not read here")
+        return getattr(torch, name)
+
+    def read(self, key: str, box: tuple[slice, ...] | None = None) -> Any:
+        """The tensor `key`, or its box (one slice per dimension, steps of 1), as a new tensor."""
+        import torch
+
+        shape, dtype = self.shape(key), self.torch_dtype(key)
+        box = box or tuple(slice(0, n) for n in shape)
+        out_shape = tuple(s.stop - s.start for s in box)
+        item = dtype.itemsize
+        out = bytearray(_numel(out_shape) * item)
+        view = memoryview(out)
+        start = self.base + self.tensors[key]["data_offsets"][0]
+        at = 0
+        for first, length, parts in _merged(runs(shape, box, item), GAP):
+            if parts is None:  # one run: straight into place
+                self._pread_into(view[at : at + length], start + first)
+                at += length
+                continue
+            span = bytearray(parts[-1][0] + parts[-1][1] - first)
+            self._pread_into(memoryview(span), start + first)
+            for offset, n in parts:
+                view[at : at + n] = span[offset - first : offset - first + n]
+                at += n
+        if not out:
+            return torch.empty(out_shape, dtype=dtype)
+        return torch.frombuffer(out, dtype=dtype).reshape(out_shape)
+
+    def _pread_into(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done : done + CHUNK]], offset + done)
+            if n <= 0:
+                raise OSError(f"safetensors file ends early, at byte {offset + done}")
+            done += n
+        self.bytes_read += len(buf)
+
+
+def runs(shape: tuple[int, ...], box: tuple[slice, ...], item: int) -> list[tuple[int, int]]:
+    """(byte offset, byte length) of each contiguous run of the box in the row-major tensor."""
+    strides = [_numel(shape[d + 1 :]) * item for d in range(len(shape))]
+    k = len(shape)  # the dims from k on are whole in the box, so they are contiguous
+    while k > 0 and box[k - 1].start == 0 and box[k - 1].stop == shape[k - 1]:
+        k -= 1
+    if k == 0:
+        return [(0, _numel(shape) * item)] if shape else [(0, item)]
+    length = (box[k - 1].stop - box[k - 1].start) * strides[k - 1]
+    out: list[tuple[int, int]] = []
+
+    def walk(d: int, offset: int) -> None:
+        if d == k - 1:
+            out.append((offset + box[d].start * strides[d], length))
+            return
+        for i in range(box[d].start, box[d].stop):
+            walk(d + 1, offset + i * strides[d])
+
+    walk(0, 0)
+    return out
+
+
+def _merged(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int, list[tuple[int, int]] | None]]:
+    """Runs closer than `gap` as one read: (first byte, length, the runs inside or None for one)."""
+    out: list[tuple[int, int, list[tuple[int, int]] | None]] = []
+    group: list[tuple[int, int]] = []
+    for run in spans:
+        if group and run[0] - (group[-1][0] + group[-1][1]) >= gap:
+            out.append(_group(group))
+            group = []
+        group.append(run)
+    if group:
+        out.append(_group(group))
+    return out
+
+
+def _group(group: list[tuple[int, int]]) -> tuple[int, int, list[tuple[int, int]] | None]:
+    first = group[0][0]
+    if len(group) == 1:
+        return first, group[0][1], None
+    return first, group[-1][0] + group[-1][1] - first, group
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
