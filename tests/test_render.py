@@ -30,3 +30,18 @@ def test_every_state_dslaunch_reports_has_a_style() -> None:
     assert {s.value for s in (*RankStage, *NodeStage)} <= set(render.STAGE_STYLE)
     assert {s.value for s in JobState} == set(render.STATE_STYLE)
     assert not set(render.STAGE_STYLE) - {s.value for s in (*RankStage, *NodeStage)}, "a style for no stage"
+
+
+def test_a_loading_rank_shows_how_far_its_shard_has_come() -> None:
+    load = {"read": 3 * 10**9, "total": 12 * 10**9, "rate": 250 * 10**6}
+    st = JobStatus(
+        name="j", state="starting", world_size=2, init_method="tcp", backend="nccl", run_id="r",
+        master="10.0.0.1:1", created=0.0, reason="loading",
+        nodes=[NodeStatus(0, "node0", True)],
+        ranks=[RankStatus(0, "node0", 0, 0, stage="loading", alive=True, load=load),
+               RankStatus(1, "node0", 0, 1, stage="rendezvous", alive=True)],
+    )  # fmt: skip
+    console = Console(width=400, record=True)
+    console.print(render.status_view(st))
+    assert "loading 25% of 12.0 GB, 250.0 MB/s" in console.export_text()
+    assert st.to_json()["ranks"][0]["load"] == load, "--json carries it too"

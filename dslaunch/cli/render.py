@@ -19,6 +19,7 @@ from rich.text import Text
 
 from dslaunch.launch.lifecycle import DownReport
 from dslaunch.launch.plan import LaunchPlan
+from dslaunch.launch.ready import load_text
 from dslaunch.launch.status import JobStatus
 from dslaunch.wire.records import JobRecord
 from dslaunch.wire.states import JobState, NodeStage, RankStage, ReplicaState, RouterState
@@ -277,7 +278,8 @@ def status_view(st: JobStatus) -> Group:
         if r.gpu_mem_mb is not None:
             mem += f" / gpu {r.gpu_mem_mb:.0f} MiB"
         ranks.add_row(
-            str(r.rank), _t(r.host), str(r.local_rank), str(r.pid or "-"), _stage(r.stage),
+            str(r.rank), _t(r.host), str(r.local_rank), str(r.pid or "-"),
+            _stage(r.stage) + (f" {load_text([r.load])}" if r.load else ""),
             str(r.restarts), _t(r.device or "-"), mem, _t(r.error or ""),  # not markup: '[/path]' is common
         )  # fmt: skip
     parts: list[Any] = [head, nodes, ranks, replicas_table(st)]

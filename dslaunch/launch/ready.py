@@ -21,6 +21,22 @@ class LaunchFailed(UserError):
         self.details = details or []
 
 
+def load_text(loads: list[dict[str, Any]]) -> str:
+    """Ranks' loading progress as one phrase: "37% of 1.2 GB, 310 MB/s" (the rate summed)."""
+    read, total = sum(x.get("read", 0) for x in loads), sum(x.get("total", 0) for x in loads)
+    rate = sum(x.get("rate", 0) for x in loads)
+    pct = int(100 * read // total) if total else 0
+    return f"{pct}% of {_size(total)}, {_size(rate)}/s"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def node_summary(want: int, st: dict[str, Any]) -> tuple[NodeStage, str]:
     """(stage, detail) of one node of `want` ranks, from its nodectl status answer."""
     agent = st.get("agent", {})
@@ -35,7 +51,9 @@ def node_summary(want: int, st: dict[str, Any]) -> tuple[NodeStage, str]:
     if ranks_ready(((bool(r.get("alive")), r.get("stage", ""), r.get("restarts", 0)) for r in ranks), want):
         return NodeStage.READY, f"{want}/{want} ranks{note}"
     if any(r.get("stage") in GROUP_FORMED for r in alive):
-        return NodeStage.RENDEZVOUS, f"{len(ready)}/{want} ranks ready{note}"
+        loads = [r["load"] for r in alive if r.get("stage") == RankStage.LOADING and r.get("load")]
+        loading = f", loading {load_text(loads)}" if loads else ""
+        return NodeStage.RENDEZVOUS, f"{len(ready)}/{want} ranks ready{loading}{note}"
     return NodeStage.STARTED, f"{len(alive)}/{want} ranks up{note}"
 
 

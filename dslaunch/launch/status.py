@@ -49,6 +49,7 @@ class RankStatus:
     gpu_mem_mb: float | None = None
     error: str | None = None
     replica: int = 0
+    load: dict[str, int] | None = None  # while loading: {"read", "total", "rate"}, bytes and bytes/s
 
 
 @dataclass
@@ -107,6 +108,7 @@ def _rank_from(rec: JobRecord, node_rank: int, raw: dict[str, Any] | None, rank:
     rs.rss_mb = raw.get("rss_mb")
     rs.gpu_mem_mb = raw.get("gpu_mem_mb")
     rs.error = raw.get("error")
+    rs.load = raw.get("load") if rs.stage == RankStage.LOADING else None
     return rs
 
 

@@ -33,6 +33,18 @@ class RankStatus:
         write_json_atomic(self.path, self.data)
 
 
+class LoadMeter:
+    """The weights' loading progress in the status file: `{"read", "total", "rate"}` in bytes and
+    bytes per second since loading began, so `up` and `status` show minutes of loading as they pass."""
+
+    def __init__(self, status: RankStatus) -> None:
+        self.status, self.t0 = status, time.monotonic()
+
+    def __call__(self, read: int, total: int) -> None:
+        rate = read / max(time.monotonic() - self.t0, 1e-3)
+        self.status.update(load={"read": int(read), "total": int(total), "rate": round(rate)})
+
+
 LOG_ROTATE_BYTES = 64 << 20
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dslaunch.rank.group import GroupConfig, leave_group
-from dslaunch.rank.process import RankStatus, StopFlag, memory
+from dslaunch.rank.process import LoadMeter, RankStatus, StopFlag, memory
 from dslaunch.wire.nodedir import NodeDir
 from dslaunch.wire.rankenv import NodeEnv
 from dslaunch.wire.restarts import HUNG_EXIT, PEER_LOSS_WAIT_S, hang_limit
@@ -76,7 +76,7 @@ def startup(cfg: GroupConfig, node: NodeEnv, nd: NodeDir, status: RankStatus, st
     ctx = EngineContext(
         rank=cfg.rank, world_size=cfg.world_size, local_rank=cfg.local_rank, device=cfg.device,
         multi_node=node.nnodes > 1, work_dir=nd.work_dir, group=_default_group(), options=serve,
-        beat=progress.beat,
+        beat=progress.beat, load_progress=LoadMeter(status),
     )  # fmt: skip
     channel = Channel(cfg.rank, cfg.world_size, cfg.timeout_s, progress)
     t0 = time.monotonic()
