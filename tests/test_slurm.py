@@ -216,11 +216,26 @@ def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: Slur
         assert p.returncode == 130, err
         assert "PENDING: PartitionDown (Ctrl-C cancels it)" in err and "cancelled Slurm job" in err, err
         _wait_for(lambda: not _submitted(slurm))
+        # `down` while it pends cancels it, and the waiting `up` ends, saying so
+        p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir))
+        seen = _read_until(p, "PENDING: PartitionDown")
+        down = cli("down")
+        assert down.returncode == 0 and "cancelled Slurm job" in down.stdout, down.stdout + down.stderr
+        _out, err = p.communicate(timeout=60)
+        assert p.returncode == 1 and "ended before it ran" in err, seen + err
+        assert _submitted(slurm) == [] and cli("status").returncode == 1, "nothing left to show"
         # pending, then running once the partition is up again, then ready; down cancels it
         p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir),
                       "--time", "30")  # fmt: skip
         _wait_for(lambda: [s[1:] for s in _submitted(slurm)] == [("PENDING", "PartitionDown")])
         job = _submitted(slurm)[0][0]
+        st = cli("status")  # before any record exists: what Slurm says, and who waits
+        assert st.returncode == 0 and f"submitted, Slurm job {job} PENDING: PartitionDown" in st.stdout, st.stdout
+        held = status_json(cli)
+        assert (held["state"], held["slurm_job"], held["up_alive"]) == ("submitted", job, True), held
+        again = cli("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir))
+        assert again.returncode == 1 and f"already waiting for Slurm job {job}" in again.stderr, again.stderr
+        assert len(_submitted(slurm)) == 1, "the second up submitted nothing"
         slurm.run("scontrol", "update", f"PartitionName={slurm.partition}", "State=UP")
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, out + err

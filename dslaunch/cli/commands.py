@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -54,7 +55,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
         launcher, alloc = "slurm", dict(os.environ)
         if not alloc.get("SLURM_JOB_ID") and not dry_run:  # a login node: submit the allocation first
             try:
-                alloc = slurmsubmit.submit_and_wait(name, num_nodes, num_gpus, partition, time_limit, account, _say)
+                alloc = slurmsubmit.allocate(name, num_nodes, num_gpus, partition, time_limit, account, _say)
             except KeyboardInterrupt:
                 sys.exit(130)  # the job was cancelled, and said so
             submitted, num_nodes = {"job": alloc["SLURM_JOB_ID"], "submitted": "1"}, None
@@ -107,8 +108,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
             )  # fmt: skip
     except BaseException as e:
         if submitted:  # the job 'up' submitted goes with everything else it started
-            slurmsubmit.cancel(submitted["job"])
-            err_console.print(f"cancelled Slurm job {submitted['job']}", markup=False)
+            slurmsubmit.abandon(name, submitted["job"], _say)
         if isinstance(e, launch.LaunchFailed):
             for line in e.details:
                 err_console.print(render.plain(line), markup=False, style="dim")
@@ -116,6 +116,8 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
             err_console.print("interrupted: everything 'up' had started was removed from every node")
             sys.exit(130)
         raise
+    if submitted:
+        slurmsubmit.settled(name)
     console.print(render.up_summary(rec, time.monotonic() - t0))
 
 
@@ -137,10 +139,12 @@ def status(name: str, as_json: bool, watch: bool, interval: float) -> None:
       dslaunch status --name big --json
       dslaunch status --watch
     """
+    held = slurmsubmit.pending(name) if state.load(name) is None else None
+    if held:  # no record yet: Slurm has not run what 'up' submitted
+        click.echo(json.dumps(held, indent=1) if as_json else render.pending_text(held))
+        return
     rec = state.require(name)
     if as_json:
-        import json
-
         click.echo(json.dumps(jobstatus.status(rec).to_json(), indent=1))
         return
     if not watch:
@@ -172,7 +176,12 @@ def down(name: str, grace: float) -> None:
     """
     rep = launch.down(name, grace)
     if rep is None:
-        console.print(f"no job named {name!r}: nothing to stop")
+        held = slurmsubmit.cancel_pending(name)
+        if held:
+            console.print(f"cancelled Slurm job {held['slurm_job']} ({held['slurm_state']}), which 'up' had "
+                          f"submitted for job {name!r}", markup=False)  # fmt: skip
+        else:
+            console.print(f"no job named {name!r}: nothing to stop")
         return
     if not rep.clean:
         err_console.print(render.down_text(rep))

@@ -49,6 +49,7 @@ STATE_STYLE: dict[str, str] = {
     JobState.FAILED: "bold red",
     JobState.GONE: "bold magenta",
     JobState.STOPPING: "bold magenta",
+    JobState.SUBMITTED: "bold yellow",
 }
 RANK_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan", "bright_magenta")
 
@@ -242,6 +243,14 @@ def up_summary(rec: JobRecord, seconds: float) -> Text:
 def _age(created: float) -> str:
     s = max(0, int(time.time() - created))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def pending_text(p: dict[str, Any]) -> str:
+    """A job whose Slurm allocation has not started: what Slurm says, and who waits for it."""
+    why = f": {p['reason']}" if p.get("reason") else ""
+    who = (f"'up' (pid {p['up_pid']}) is waiting for it; Ctrl-C there or 'dslaunch down' cancels it"
+           if p.get("up_alive") else "the 'up' that submitted it is gone; 'dslaunch down' cancels it")  # fmt: skip
+    return f"job {p['name']}: submitted, Slurm job {p['slurm_job']} {p['slurm_state']}{why}; {who}"
 
 
 def status_view(st: JobStatus) -> Group:

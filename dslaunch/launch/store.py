@@ -18,6 +18,7 @@ import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from dslaunch.errors import UserError
 from dslaunch.wire.records import JobRecord
@@ -62,11 +63,15 @@ def record_path(name: str) -> Path:
 
 
 def save(rec: JobRecord) -> None:
-    path = record_path(rec.name)
+    _write_private(record_path(rec.name), json.dumps(rec.to_dict(), indent=1))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Temp file (0600) + fsync + rename: a reader sees the old content or the new, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(rec.to_dict(), f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -101,6 +106,32 @@ def require(name: str) -> JobRecord:
         hint = f" (jobs here: {', '.join(names)})" if names else " (no jobs here; start one with dslaunch up)"
         raise UserError(f"no job named {name!r} in {jobs_dir()}{hint}")
     return rec
+
+
+def pending_path(name: str) -> Path:
+    """`<name>.pending`: written by an `up` that waits for Slurm to run the job it submitted,
+    before any record exists, so `status` and `down` can find the job meanwhile."""
+    return jobs_dir() / f"{check_name(name)}.pending"
+
+
+def save_pending(name: str, data: dict[str, Any]) -> None:
+    _write_private(pending_path(name), json.dumps(data))
+
+
+def load_pending(name: str) -> dict[str, Any] | None:
+    try:
+        fd = os.open(pending_path(name), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            st = os.fstat(f.fileno())
+            data = json.loads(f.read()) if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def remove_pending(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        pending_path(name).unlink()
 
 
 def remove(name: str) -> None:

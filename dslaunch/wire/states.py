@@ -71,6 +71,7 @@ class JobState(_Values):
     FAILED = "failed"
     GONE = "gone"
     STOPPING = "stopping"
+    SUBMITTED = "submitted"  # no record yet: Slurm has not run the job `up` submitted (status says why)
 
 
 class ReplicaState(_Values):
