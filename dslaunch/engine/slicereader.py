@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ class SliceReader:
         self.base = 8 + n
         self.tensors: dict[str, dict[str, Any]] = header
         self.bytes_read = 0
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         os.close(self.fd)
@@ -62,20 +65,30 @@ class SliceReader:
         out = bytearray(_numel(out_shape) * item)
         view = memoryview(out)
         start = self.base + self.tensors[key]["data_offsets"][0]
-        at = 0
+        reads, at = [], 0
         for first, length, parts in _merged(runs(shape, box, item), GAP):
-            if parts is None:  # one run: straight into place
-                self._pread_into(view[at : at + length], start + first)
-                at += length
-                continue
-            span = bytearray(parts[-1][0] + parts[-1][1] - first)
-            self._pread_into(memoryview(span), start + first)
-            for offset, n in parts:
-                view[at : at + n] = span[offset - first : offset - first + n]
-                at += n
+            reads.append((start + first, length, at, parts))
+            at += length if parts is None else sum(n for _, n in parts)
+        if len(reads) > 8:  # one per row: small reads, slow one at a time from a cold disk; queue them deep
+            list(_pool().map(lambda r: self._one(view, *r), reads))
+        else:
+            for r in reads:
+                self._one(view, *r)
         if not out:
             return torch.empty(out_shape, dtype=dtype)
         return torch.frombuffer(out, dtype=dtype).reshape(out_shape)
+
+    def _one(self, view: memoryview, offset: int, length: int, at: int, parts: list[tuple[int, int]] | None) -> None:
+        """One read: straight into place, or a span whose runs are copied out of it."""
+        if parts is None:
+            self._pread_into(view[at : at + length], offset)
+            return
+        span = bytearray(length)
+        self._pread_into(memoryview(span), offset)
+        first = parts[0][0]
+        for run_at, n in parts:
+            view[at : at + n] = span[run_at - first : run_at - first + n]
+            at += n
 
     def _pread_into(self, buf: memoryview, offset: int) -> None:
         done = 0
@@ -84,7 +97,28 @@ class SliceReader:
             if n <= 0:
                 raise OSError(f"safetensors file ends early, at byte {offset + done}")
             done += n
-        self.bytes_read += len(buf)
+        with self._lock:
+            self.bytes_read += len(buf)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads for many small reads at once (measured from a cold page cache, a quarter of each
+    row-parallel matrix of a 2.6 GB Llama: 6.4 s one read at a time, 0.83 s 16 at a time)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(16, thread_name_prefix="slicereader")
+    return _POOL
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)  # a forked rank's pool threads are not there
 
 
 def runs(shape: tuple[int, ...], box: tuple[slice, ...], item: int) -> list[tuple[int, int]]:
