@@ -166,13 +166,10 @@ class Plan:
                 if file not in handles:
                     handles[file] = SliceReader(file)
                 flat = p.data.view(-1)
+                reader = handles[file]
                 for piece in pieces:
-                    block = _read(handles[file], key, piece)
-                    done += _numel(piece.shape) * block.element_size()
-                    block = block.to(p.dtype)
-                    if getattr(piece, "scale", 1.0) != 1.0:
-                        block = block * piece.scale
-                    piece.dest_view(flat).copy_(block)
+                    done += _numel(piece.shape) * reader.itemsize(key)
+                    _fill(reader, key, piece, piece.dest_view(flat))
                 if progress and time.monotonic() - last > 0.5:
                     progress(done, self.total)
                     last = time.monotonic()
@@ -212,13 +209,19 @@ def box(piece: Any, full: tuple[int, ...]) -> tuple[slice, ...] | None:
     return tuple(slices)
 
 
-def _read(reader: SliceReader, key: str, piece: Any) -> Any:
-    if isinstance(piece, _WholePiece):
-        return reader.read(key)
-    where = box(piece, reader.shape(key))
-    if where is not None:
-        return reader.read(key, where)
-    return piece.source_view(reader.read(key).reshape(-1)).clone()
+def _fill(reader: SliceReader, key: str, piece: Any, dest: Any) -> None:
+    """One piece into its place in the shard: read straight into it when it is a box, in the
+    checkpoint's dtype, of contiguous CPU memory; else read, convert, scale and copy."""
+    full = reader.shape(key)
+    where = tuple(slice(0, n) for n in full) if isinstance(piece, _WholePiece) else box(piece, full)
+    scale = getattr(piece, "scale", 1.0)
+    same = dest.dtype == reader.torch_dtype(key) and scale == 1.0
+    if where is not None and same and dest.is_contiguous() and dest.device.type == "cpu":
+        reader.read_into(key, where, dest)
+        return
+    block = reader.read(key, where) if where is not None else piece.source_view(reader.read(key).reshape(-1))
+    block = block.to(dest.dtype)
+    dest.copy_(block * scale if scale != 1.0 else block)
 
 
 def _numel(shape: Any) -> int:
