@@ -55,6 +55,7 @@ class Row:
     prompt_top: int | None = None  # prompt logprobs asked: alternatives per prompt token
     prompt_lps: list[Any] = field(default_factory=list, repr=False)  # for prompt tokens 1 ...: (logprob, top)
     score_only: bool = False  # max_new_tokens 0: the row ends once its prompt is scored
+    prompt_sent: bool = False  # a stream's first chunk carried the scored prompt (logprobs["prompt"])
     matcher: Any = field(default=None, repr=False)  # structured output: the row's grammar state
 
     @property
@@ -220,7 +221,7 @@ class Generation:
             row.logprobs.append((token, *logprob))
         text = row.text.push(token)
         if text:
-            row.sink.chunk(text, self._logprob_piece(row))
+            row.sink.chunk(text, self._with_prompt(row, self._logprob_piece(row)))
         if row.text.stopped or (row.matcher is not None and row.matcher.is_terminated()):
             self.end(row, "stop")
         elif row.count >= row.budget:
@@ -240,7 +241,7 @@ class Generation:
             try:
                 rest = row.text.finish()
                 if rest:
-                    row.sink.chunk(rest, self._logprob_piece(row))
+                    row.sink.chunk(rest, self._with_prompt(row, self._logprob_piece(row)))
                 result = {"text": row.text.text, "tokens": row.count, "prompt_tokens": row.prompt_tokens,
                           "finish_reason": reason}  # fmt: skip
                 if row.top is not None:
@@ -254,6 +255,14 @@ class Generation:
                 error = (INTERNAL, f"finishing this prompt failed: {type(e).__name__}: {e}"[:500])
         if error is not None:
             row.sink.fail(*error)
+
+    def _with_prompt(self, row: Row, piece: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The first chunk of a row whose prompt was scored carries the prompt's scores too
+        (`prompt`): an echoing stream sends them before the completion's first text."""
+        if row.prompt_top is None or row.prompt_sent:
+            return piece
+        row.prompt_sent = True
+        return {**(piece or {}), "prompt": self._prompt_doc(row)}
 
     def _logprob_piece(self, row: Row) -> dict[str, Any] | None:
         """The logprobs of the tokens a chunk of text completes, in the answer's shape (None: none

@@ -253,7 +253,7 @@ class Dispatcher:
         if not (got.startswith(sent) if len(got) >= len(sent) else sent.startswith(got)):
             job.pending.fail(P.UNAVAILABLE, "the stream's re-run on another replica gave different text; retry")
             return
-        new_lps = None
+        new_lps: dict[str, Any] | None = None
         if isinstance(lps, dict) and isinstance(lps.get("tokens"), list):
             before, now = job.lps_got.get(index, 0), job.lps_got.get(index, 0) + len(lps["tokens"])
             job.lps_got[index] = now
@@ -261,6 +261,9 @@ class Dispatcher:
             if now > have:
                 new_lps = doc_tail(lps, max(0, have - before))
                 job.lps_sent[index] = now
+        if isinstance(lps, dict) and "prompt" in lps and index not in job.prompt_sent:  # the scored prompt, once
+            job.prompt_sent.add(index)
+            new_lps = {**(new_lps or {}), "prompt": lps["prompt"]}
         if (len(got) > len(sent) or new_lps is not None) and job.live:
             job.sent[index] = max(got, sent, key=len)
             job.pending.chunk(index, got[len(sent) :], new_lps)

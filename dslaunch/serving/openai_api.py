@@ -184,7 +184,7 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
     top = _logprobs(body, kind)
     if top is not None:
         obj["logprobs"] = top
-    echo = _echo(body, obj, top, stream)
+    echo = _echo(body, obj, top)
     messages, tools = None, None
     if kind == "chat":
         messages = tools_api.messages(body.get("messages"))
@@ -213,10 +213,10 @@ def completion(body: Any, kind: str, model: str, limits: P.Limits) -> Ask:
     return Ask(kind, req, model, include, messages, n, echo, tools)
 
 
-def _echo(body: dict[str, Any], obj: dict[str, Any], top: int | None, stream: bool) -> bool:
+def _echo(body: dict[str, Any], obj: dict[str, Any], top: int | None) -> bool:
     """`echo`: the prompt comes back before the completion. Its logprobs (log-likelihood scoring)
-    and the text of token-id prompts come from the engine scoring the prompt (`prompt_logprobs`);
-    `max_tokens: 0` then only scores it."""
+    and the text of token-id prompts come from the engine scoring the prompt (`prompt_logprobs`;
+    on a stream, with each choice's first chunk); `max_tokens: 0` then only scores it."""
     echo = body.get("echo")
     if echo is None or echo is False:
         return False
@@ -224,8 +224,6 @@ def _echo(body: dict[str, Any], obj: dict[str, Any], top: int | None, stream: bo
         raise _bad("'echo' must be true or false", "echo")
     prompt = body.get("prompt")
     texts = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))
-    if stream and (not texts or top is not None):
-        raise _bad("'echo' on a stream takes text prompts and no 'logprobs' (ask without 'stream')", "echo")
     if top is not None or not texts or obj.get("max_new_tokens") == 0:
         obj["prompt_logprobs"] = top or 0
     return True

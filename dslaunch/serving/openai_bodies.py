@@ -80,10 +80,17 @@ class Shaper:
             body["usage"] = None
         return body
 
-    def echoed(self, index: int, prompt: str) -> dict[str, Any]:
-        """An echoed prompt's chunk: the completion's text offsets start after it."""
-        self.lps_chars[index] = len(prompt)
-        return self.chunk(index, prompt)
+    def echoed(self, index: int, prompt: Any, scored: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An echoed prompt's chunk: its text (a token-id prompt's, as scored), with its logprobs
+        when asked; the completion's text offsets start after it, as in the whole answer."""
+        text = prompt if isinstance(prompt, str) else (scored or {}).get("text", "")
+        body = self.chunk(index, text)
+        if scored is not None and self.ask.req.params.logprobs is not None:
+            body["choices"][0]["logprobs"] = logprob_shapes.completion(scored)
+            self.lps_chars[index] = sum(len(t) for t in scored["tokens"])
+        else:
+            self.lps_chars[index] = len(text)
+        return body
 
     def _shaped(self, index: int, doc: dict[str, Any]) -> dict[str, Any] | None:
         """A piece of a choice's logprobs in the OpenAI shape, counted as sent."""

@@ -30,6 +30,7 @@ class Job:
     got: dict[int, str] = field(default_factory=dict)  # per row: text of the current run
     lps_sent: dict[int, int] = field(default_factory=dict)  # per row: tokens whose logprobs the client has
     lps_got: dict[int, int] = field(default_factory=dict)  # per row: tokens with logprobs in the current run
+    prompt_sent: set[int] = field(default_factory=set)  # rows whose scored prompt the client has
 
     @property
     def live(self) -> bool:
