@@ -28,7 +28,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dslaunch.engine.logprobs import doc_tail
 from dslaunch.serving import drainfile
 from dslaunch.serving import link as L
 from dslaunch.serving.batcher import STOPPING, Pending
@@ -253,17 +252,7 @@ class Dispatcher:
         if not (got.startswith(sent) if len(got) >= len(sent) else sent.startswith(got)):
             job.pending.fail(P.UNAVAILABLE, "the stream's re-run on another replica gave different text; retry")
             return
-        new_lps: dict[str, Any] | None = None
-        if isinstance(lps, dict) and isinstance(lps.get("tokens"), list):
-            before, now = job.lps_got.get(index, 0), job.lps_got.get(index, 0) + len(lps["tokens"])
-            job.lps_got[index] = now
-            have = job.lps_sent.get(index, 0)
-            if now > have:
-                new_lps = doc_tail(lps, max(0, have - before))
-                job.lps_sent[index] = now
-        if isinstance(lps, dict) and "prompt" in lps and index not in job.prompt_sent:  # the scored prompt, once
-            job.prompt_sent.add(index)
-            new_lps = {**(new_lps or {}), "prompt": lps["prompt"]}
+        new_lps = job.new_logprobs(index, lps)
         if (len(got) > len(sent) or new_lps is not None) and job.live:
             job.sent[index] = max(got, sent, key=len)
             job.pending.chunk(index, got[len(sent) :], new_lps)

@@ -329,32 +329,17 @@ class _Http:
             if shaper.chat:  # every choice's role first, in order: the client's stream helper keys on it
                 for i in range(ask.n):
                     await self._event(shaper.chunk(i, None, role=True))
-            # echo: each prompt first, as its choices' start; once scored (its logprobs, or the text
-            # of token ids), before that choice's first text, or before the end if none came
-            echoing = set(range(len(ask.req.inputs) * ask.n)) if ask.echo else set()
-            if ask.req.params.prompt_logprobs is None:
-                for i in sorted(echoing):
-                    await self._event(shaper.echoed(i, ask.req.inputs[i // ask.n]))
-                echoing.clear()
+            for body in shaper.echo_first():
+                await self._event(body)
             event = first
             try:
                 while True:
                     if event[0] == "chunk":
-                        i, lps = event[1], event[3]
-                        scored = lps.get("prompt") if lps else None
-                        if scored is not None:
-                            lps = {k: v for k, v in lps.items() if k != "prompt"} or None
-                        if i in echoing:
-                            echoing.discard(i)
-                            await self._event(shaper.echoed(i, ask.req.inputs[i // ask.n], scored))
-                        for body in shaper.stream(i, event[2], lps):
+                        for body in shaper.streamed(event[1], event[2], event[3]):
                             await self._event(body)
                     else:
-                        for i in sorted(echoing):
-                            scored = event[1][i].get("prompt_logprobs")
-                            await self._event(shaper.echoed(i, ask.req.inputs[i // ask.n], scored))
                         self.front.metrics.prompt_tokens += shaper.usage(event[1])["prompt_tokens"]
-                        for chunk in shaper.finals(event[1]):
+                        for chunk in shaper.closing(event[1]):
                             await self._event(chunk)
                         break
                     event = await events.__anext__()

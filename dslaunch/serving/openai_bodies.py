@@ -28,6 +28,7 @@ class Shaper:
         self.content: set[int] = set()  # choices whose streamed text is content, not a call
         self.lps_sent: dict[int, int] = {}  # per choice: tokens whose logprobs a chunk carried
         self.lps_chars: dict[int, int] = {}  # per choice: text_offset of its next token
+        self.echoing: set[int] = set()  # choices whose echoed prompt waits for the engine's scores
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.ask.model}
@@ -79,6 +80,33 @@ class Shaper:
         if self.ask.include_usage:
             body["usage"] = None
         return body
+
+    def echo_first(self) -> list[dict[str, Any]]:
+        """A stream's echoed prompts that go first: all of them, unless the engine scores them
+        (logprobs, or the text of token ids): then each waits for its choice's first chunk."""
+        self.echoing = set(range(len(self.ask.req.inputs) * self.ask.n)) if self.ask.echo else set()
+        if self.ask.req.params.prompt_logprobs is not None:
+            return []
+        out = [self.echoed(i, self.ask.req.inputs[i // self.ask.n]) for i in sorted(self.echoing)]
+        self.echoing.clear()
+        return out
+
+    def streamed(self, index: int, text: str, lps: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """A chunk event's bodies: its choice's echo first when it waited for the prompt's scores
+        (the chunk's logprobs carry them, as `prompt`), then the text."""
+        scored = lps.get("prompt") if lps else None
+        if scored is not None:
+            lps = {k: v for k, v in lps.items() if k != "prompt"} or None  # type: ignore[union-attr]
+        out = [self.echoed(index, self.ask.req.inputs[index // self.ask.n], scored)] if index in self.echoing else []
+        self.echoing.discard(index)
+        return out + self.stream(index, text, lps)
+
+    def closing(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The echoes still waiting (no text came: `max_tokens: 0`), then the closing chunks."""
+        out = [self.echoed(i, self.ask.req.inputs[i // self.ask.n], results[i].get("prompt_logprobs"))
+               for i in sorted(self.echoing)]  # fmt: skip
+        self.echoing.clear()
+        return out + self.finals(results)
 
     def echoed(self, index: int, prompt: Any, scored: dict[str, Any] | None = None) -> dict[str, Any]:
         """An echoed prompt's chunk: its text (a token-id prompt's, as scored), with its logprobs

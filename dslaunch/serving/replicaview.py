@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dslaunch.engine.logprobs import doc_tail
 from dslaunch.serving.batcher import Pending
 from dslaunch.wire.protocol import Request
 from dslaunch.wire.states import LINK_MOVES, LinkState
@@ -35,6 +36,22 @@ class Job:
     @property
     def live(self) -> bool:
         return not (self.pending.cancelled or self.pending.answered)
+
+    def new_logprobs(self, index: int, lps: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Of a chunk's logprobs, what the client has not had: the tokens past those it has (a
+        re-run gives the same tokens again), and the scored prompt once."""
+        new: dict[str, Any] | None = None
+        if isinstance(lps, dict) and isinstance(lps.get("tokens"), list):
+            before = self.lps_got.get(index, 0)
+            now = self.lps_got[index] = before + len(lps["tokens"])
+            have = self.lps_sent.get(index, 0)
+            if now > have:
+                new = doc_tail(lps, max(0, have - before))
+                self.lps_sent[index] = now
+        if isinstance(lps, dict) and "prompt" in lps and index not in self.prompt_sent:
+            self.prompt_sent.add(index)
+            new = {**(new or {}), "prompt": lps["prompt"]}
+        return new
 
 
 class Link:
