@@ -4,7 +4,8 @@ Inside a real `salloc` (its own environment: SLURM_JOB_ID, SLURM_JOB_NODELIST, .
 Slurm launcher by itself, every agent and the router are steps of their own that outlive `up`,
 `status` names the Slurm job and its steps, `query` reaches the router through an `srun` hop, and
 a killed rank restarts its gang inside the steps, `restart` starts each agent as a new step, and
-`down` leaves no process and no step. The errors Slurm gives are one line naming the command.
+`down` leaves no process and no step; the `file` and `env` init methods (with two replicas) in a
+test of their own. The errors Slurm gives are one line naming the command.
 """
 
 from __future__ import annotations
@@ -106,6 +107,33 @@ def test_up_status_query_down_inside_salloc(slurm: SlurmSim, alloc: Allocation, 
         assert _our_steps(slurm, alloc.job) == []
         assert job_pids(f"DSLAUNCH_JOB_ID={jid}") == []
         assert not (tmp_path / "home" / "jobs" / "default.json").exists()
+    finally:
+        guard(cli)
+
+
+@pytest.mark.parametrize(("method", "tp"), [("file", None), ("env", 1)])
+def test_the_other_init_methods_and_replicas_inside_salloc(
+    slurm: SlurmSim, alloc: Allocation, tmp_path: Path, method: str, tp: int | None
+) -> None:
+    """`file` (a rendezvous directory both nodes see) and `env` (with two one-rank replicas, each
+    its own steps): up, status, query and down, with no process and no step left."""
+    cli = _cli(tmp_path, alloc.env)
+    extra = ["--rdzv-dir", str(tmp_path / "rdzv")] if method == "file" else []
+    (tmp_path / "rdzv").mkdir()
+    try:
+        res = cli.up("--init-method", method, *extra, *(["--tp", str(tp)] if tp else []))
+        assert res.returncode == 0, res.stdout + res.stderr
+        st = status_json(cli)
+        assert st["state"] == "ready" and st["init_method"] == method, st["reason"]
+        assert len(st["replicas"]) == (2 if tp else 1), st["replicas"]
+        assert dict(map(tuple, st["launcher"]))["launcher"] == "slurm"
+        for prompt in ("Hello world", "The quick brown fox"):  # with two replicas, both get one
+            q = cli("query", prompt, "-k", "4", "--json")
+            assert q.returncode == 0 and json.loads(q.stdout)["text"], q.stderr
+        jid = json.loads((tmp_path / "home" / "jobs" / "default.json").read_text())["job_id"]
+        down = cli("down")
+        assert down.returncode == 0 and "verified: none left" in down.stdout, down.stdout + down.stderr
+        assert _our_steps(slurm, alloc.job) == [] and job_pids(f"DSLAUNCH_JOB_ID={jid}") == []
     finally:
         guard(cli)
 
