@@ -2,8 +2,8 @@
 
 For each model directory, this rank loads its shard both ways (shard-only, and today's
 `from_pretrained` + AutoTP) in a real gloo group of WORLD processes, and writes to OUT/RANK.json
-what it found: whether shard-only loading took the model, and every parameter or buffer that
-differs (name, shape or dtype, or any element).
+what it found: every parameter or buffer that differs (name, shape or dtype, or any element), the
+progress it reported, and how far the sharded forward is from the plain model's.
 """
 
 from __future__ import annotations
@@ -51,8 +51,15 @@ def check(model: str, rank: int, world: int) -> dict[str, Any]:
     whole = shard(auto.from_pretrained(model, dtype=torch.float32), ctx, torch.float32, opts)
     shard_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in sharded.parameters()}.values())
     eos = [getattr(getattr(m, "generation_config", None), "eos_token_id", None) for m in (sharded, whole)]
+    # the sharded forward against the plain model's, on every rank: AutoTP splits this family rightly
+    ids = torch.tensor([[5, 17, 42, 99, 7, 63, 21, 8]])
+    with torch.no_grad():
+        got = sharded(input_ids=ids)
+        want = auto.from_pretrained(model, dtype=torch.float32).eval()(input_ids=ids)
+    key = "logits" if hasattr(want, "logits") else "last_hidden_state"
+    gap = float((got[key] - want[key]).abs().max())
     return {"differ": compare(sharded, whole), "progress": seen[-1] if seen else None, "shard_bytes": shard_bytes,
-            "eos": eos[0], "want_eos": eos[1]}  # fmt: skip
+            "eos": eos[0], "want_eos": eos[1], "forward_gap": gap}  # fmt: skip
 
 
 def main() -> None:

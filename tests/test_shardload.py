@@ -1,7 +1,8 @@
 """Shard-only loading (`engine/shardload.py`) against today's loading (`from_pretrained` + AutoTP):
 bit-exact parameters and buffers, in this process and on both ranks of a real 2-process gloo group,
 for every family the suite serves at TP=2 (grouped-query attention, tied embeddings, a fused
-query_key_value, attention biases, a BERT encoder); and what makes it step aside."""
+query_key_value, attention biases, a BERT encoder), whose TP=2 forward is also the plain model's;
+and what makes it step aside."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ def test_both_ranks_load_exactly_todays_parameters_from_their_slices(models: dic
             done, total = got["progress"]
             assert done == total == got["shard_bytes"], (kind, rank, got["progress"])
             assert got["eos"] == got["want_eos"], kind
+            assert got["forward_gap"] < 1e-4, (kind, rank, got["forward_gap"])  # TP=2 computes the plain model
     whole = {kind: sum(f.stat().st_size for f in path.glob("*.safetensors")) for kind, path in models.items()}
     for kind, path in models.items():  # each rank read about half: the sharded matrices, plus what both hold
         read = [json.loads((tmp_path / f"{r}.json").read_text())[str(path)]["shard_bytes"] for r in range(2)]

@@ -87,7 +87,7 @@ def test_node_summary_as_up_shows_it() -> None:
     loading = [{**_rank("loading"), "load": {"read": 600 * 10**6, "total": 2 * 10**9, "rate": 150 * 10**6}},
                {**_rank("loading"), "load": {"read": 1.4e9, "total": 2e9, "rate": 350 * 10**6}}]  # fmt: skip
     got = node_summary(2, {"agent": alive, "ranks": loading})
-    assert got == (NodeStage.RENDEZVOUS, "0/2 ranks ready, loading 50% of 4.0 GB, 500.0 MB/s"), got
+    assert got == (NodeStage.RENDEZVOUS, "0/2 ranks ready, loading 50% of 4.0 GB (by rank: 30% 70%), 500.0 MB/s"), got
 
 
 def test_replicas_are_judged_each_as_its_own_gang_and_the_router_alone_keeps_nothing_alive() -> None:

@@ -22,11 +22,14 @@ class LaunchFailed(UserError):
 
 
 def load_text(loads: list[dict[str, Any]]) -> str:
-    """Ranks' loading progress as one phrase: "37% of 1.2 GB, 310 MB/s" (the rate summed)."""
+    """Ranks' loading progress as one phrase: "37% of 2.4 GB (by rank: 40% 35%), 310 MB/s" (the
+    rate summed over the ranks)."""
     read, total = sum(x.get("read", 0) for x in loads), sum(x.get("total", 0) for x in loads)
     rate = sum(x.get("rate", 0) for x in loads)
     pct = int(100 * read // total) if total else 0
-    return f"{pct}% of {_size(total)}, {_size(rate)}/s"
+    each = [f"{int(100 * x.get('read', 0) // x['total'])}%" for x in loads if x.get("total")]
+    ranks = f" (by rank: {' '.join(each)})" if len(each) > 1 else ""
+    return f"{pct}% of {_size(total)}{ranks}, {_size(rate)}/s"
 
 
 def _size(n: float) -> str:
