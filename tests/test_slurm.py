@@ -229,6 +229,7 @@ def _wait_for(cond: object, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.timeout(600)  # three ups that pend, each ended in its own way: minutes on a loaded machine
 def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: SlurmSim, tmp_path: Path) -> None:
     """No allocation: `up` submits one, says why it pends (the partition is held down), runs
     once Slurm runs it, and `down` cancels it; Ctrl-C while it pends cancels it too."""
@@ -239,7 +240,7 @@ def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: Slur
         p = cli.popen("up", "--launcher", "slurm", "--num-nodes", "1", "--work-dir", str(cli.work_dir))
         seen = _read_until(p, "PENDING: PartitionDown (Ctrl-C cancels it)")
         os.kill(p.pid, signal.SIGINT)
-        _out, err = p.communicate(timeout=60)
+        _out, err = p.communicate(timeout=180)  # scancel, then squeue until it is gone: slow when CPU-starved
         err = seen + err
         assert p.returncode == 130, err
         assert "PENDING: PartitionDown (Ctrl-C cancels it)" in err and "cancelled Slurm job" in err, err
@@ -249,7 +250,7 @@ def test_from_a_login_node_up_submits_shows_pending_and_down_cancels(slurm: Slur
         seen = _read_until(p, "PENDING: PartitionDown")
         down = cli("down")
         assert down.returncode == 0 and "cancelled Slurm job" in down.stdout, down.stdout + down.stderr
-        _out, err = p.communicate(timeout=60)
+        _out, err = p.communicate(timeout=180)
         assert p.returncode == 1 and "ended before it ran" in err, seen + err
         assert _submitted(slurm) == [] and cli("status").returncode == 1, "nothing left to show"
         # pending, then running once the partition is up again, then ready; down cancels it
