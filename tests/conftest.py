@@ -24,6 +24,14 @@ PROMPTS = ["Hello world", "Tensor parallel layers shard"]
 _SHARED_SCOPES = {"module": 0, "package": 1}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C must reach the CLIs the tests start: a suite started in the background of a shell
+    without job control inherits SIGINT ignored, and every child would ignore it too (an ignored
+    signal stays ignored across exec; a handled one is reset to the default)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Under pytest-xdist (`--dist loadgroup`), keep the tests that share a module- or
     package-scoped fixture (a live job, a router kit, a built model) on one worker, so that
