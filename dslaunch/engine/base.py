@@ -134,7 +134,7 @@ def load_model(auto_cls: Any, path: str, config: Any, ctx: EngineContext, dtype:
                                 ctx.load_progress)  # fmt: skip
         except NotShardable as e:
             why = str(e)
-    if why:
+    if why and ctx.world_size > 1:
         print(f"loading the whole checkpoint on every rank: {why}", flush=True)
     return shard(auto_cls.from_pretrained(path, dtype=dtype), ctx, dtype, opts)
 
