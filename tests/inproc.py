@@ -46,6 +46,29 @@ def save_random(make: Callable[[], Any], tok: Any, out: Path) -> Path:
     return out
 
 
+def build_family(kind: str, out: Path) -> Path:
+    """A 2-layer, 64-wide model of one family with random weights and dslaunch's tiny tokenizer."""
+    import transformers as tf
+
+    from dslaunch.engine.tinymodel import build_tokenizer
+
+    tok = build_tokenizer()
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    base = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 256, **ids}  # fmt: skip
+    cfg = {
+        "llama-gqa": lambda: tf.LlamaConfig(**base, num_key_value_heads=2, tie_word_embeddings=False),
+        "llama-tied": lambda: tf.LlamaConfig(**base, tie_word_embeddings=True),
+        "qwen2": lambda: tf.Qwen2Config(**base, num_key_value_heads=2),  # q/k/v biases
+        "gpt-neox": lambda: tf.GPTNeoXConfig(**base, tie_word_embeddings=False),  # fused query_key_value
+        "phi3": lambda: tf.Phi3Config(**base, num_key_value_heads=2),  # fused qkv_proj, gate_up_proj
+        "gpt2": lambda: tf.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, **ids),
+        "bert": lambda: tf.BertConfig(**base),
+    }[kind]()
+    auto = tf.AutoModel if kind == "bert" else tf.AutoModelForCausalLM
+    return save_random(lambda: auto.from_config(cfg), tok, out)
+
+
 def build_gpt2(out: Path, positions: int = 64) -> Path:
     """A tiny GPT-2 (absolute positions, a short position table) with the tiny model's tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -20,29 +20,9 @@ import pytest
 
 from dslaunch.launch.families import AUTOTP_BROKEN, AUTOTP_REFUSED, autotp_key, family_problem
 from tests.conftest import Cli, job_pids, local_job
-from tests.inproc import save_random
+from tests.inproc import build_family as build
 
 PROMPTS = ["Hello world", "The quick brown fox", "Numbers 0 1 2"]
-
-
-def build(kind: str, out: Path) -> Path:
-    """A 2-layer, 64-wide model of one family with random weights and dslaunch's tiny tokenizer."""
-    from transformers import AutoModel, AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Phi3Config
-
-    from dslaunch.engine.tinymodel import build_tokenizer
-
-    tok = build_tokenizer()
-    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    base = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 256, **ids}  # fmt: skip
-    cfg = {
-        "llama-gqa": lambda: LlamaConfig(**base, num_key_value_heads=2, tie_word_embeddings=False),
-        "gpt-neox": lambda: GPTNeoXConfig(**base, tie_word_embeddings=False),  # fused query_key_value
-        "phi3": lambda: Phi3Config(**base, num_key_value_heads=2),  # fused qkv_proj, gate_up_proj
-        "gpt2": lambda: GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, **ids),
-    }[kind]()
-    auto = AutoModelForCausalLM if kind != "bert" else AutoModel
-    return save_random(lambda: auto.from_config(cfg), tok, out)
 
 
 # -- pre-flight's rules, against DeepSpeed's and transformers' own tables --------------------------

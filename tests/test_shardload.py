@@ -15,30 +15,9 @@ from pathlib import Path
 import pytest
 
 from dslaunch.engine.shardload import NotShardable, box, weight_files
-from tests.inproc import save_random
+from tests.inproc import build_family as build
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build(kind: str, out: Path) -> Path:
-    """A 2-layer, 64-wide model of one family with random weights and dslaunch's tiny tokenizer."""
-    from transformers import AutoModel, AutoModelForCausalLM, BertConfig, GPTNeoXConfig, LlamaConfig, Qwen2Config
-
-    from dslaunch.engine.tinymodel import build_tokenizer
-
-    tok = build_tokenizer()
-    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    base = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 256, **ids}  # fmt: skip
-    cfg = {
-        "llama-gqa": lambda: LlamaConfig(**base, num_key_value_heads=2, tie_word_embeddings=False),
-        "llama-tied": lambda: LlamaConfig(**base, tie_word_embeddings=True),
-        "qwen2": lambda: Qwen2Config(**base, num_key_value_heads=2),  # q/k/v biases
-        "gpt-neox": lambda: GPTNeoXConfig(**base, tie_word_embeddings=False),  # fused query_key_value
-        "bert": lambda: BertConfig(**base),
-    }[kind]()
-    auto = AutoModel if kind == "bert" else AutoModelForCausalLM
-    return save_random(lambda: auto.from_config(cfg), tok, out)
 
 
 FAMILIES = ["llama-gqa", "llama-tied", "qwen2", "gpt-neox", "bert"]
