@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,21 +109,10 @@ class Plan:
     """What this rank reads: for each parameter of the sharded model, its checkpoint name and the
     pieces of it (a box of the full tensor -> where it goes in the shard)."""
 
-    def __init__(self, module: Any, names: dict[str, list[str]], keys: dict[str, str], files: dict[str, Path],
-                 rank: int) -> None:  # fmt: skip
-        self.module, self.files, self.rank = module, files, rank
-        self.bytes_read = 0  # from the files, gaps between merged runs included
+    def __init__(self, module: Any, names: dict[str, list[str]], keys: dict[str, str],
+                 readers: dict[str, SliceReader], rank: int) -> None:  # fmt: skip
+        self.module, self.readers, self.rank = module, readers, rank
         self.entries: list[tuple[str, str, Any, list[Any]]] = []  # (param name, key, param, pieces)
-        shapes: dict[str, tuple[int, ...]] = {}
-        item: dict[str, int] = {}  # the checkpoint's bytes per element, for progress in bytes read
-        for file in sorted(set(files.values())):
-            reader = SliceReader(file)
-            reader.close()
-            for key in reader.tensors:
-                try:
-                    shapes[key], item[key] = reader.shape(key), reader.itemsize(key)
-                except ValueError as e:
-                    raise NotShardable(str(e)) from None
         for mod in module.modules():  # the layouts, on the parameters as they are now: DeepSpeed marks them
             mark = getattr(mod, "_mark_uc_metadata", None)  # when a layer is built, and a later step may
             if callable(mark):  # replace a parameter object (a dtype move) and drop the mark
@@ -135,8 +125,14 @@ class Plan:
             key = next((keys[n] for n in names.get(name, [name]) if n in keys), None)
             if key is None:
                 raise NotShardable(f"the checkpoint holds no tensor for {name}")
-            self.entries.append((name, key, p, self._pieces(name, p, shapes[key])))
-        self.total = sum(sum(_numel(x.shape) for x in pieces) * item[key] for _, key, _, pieces in self.entries)
+            try:
+                readers[key].itemsize(key)
+            except ValueError as e:  # a dtype read here does not know
+                raise NotShardable(str(e)) from None
+            self.entries.append((name, key, p, self._pieces(name, p, readers[key].shape(key))))
+        # in the checkpoint's bytes, as progress counts them
+        self.total = sum(sum(math.prod(x.shape) for x in pieces) * readers[key].itemsize(key)
+                         for _, key, _, pieces in self.entries)  # fmt: skip
 
     def _pieces(self, name: str, p: Any, full: tuple[int, ...]) -> list[Any]:
         meta = getattr(p, META_ATTR, None)
@@ -158,24 +154,16 @@ class Plan:
         """Read every piece into its place in the parameter DeepSpeed allocated for this shard."""
         import torch
 
-        handles: dict[Path, SliceReader] = {}
         done, last = 0, 0.0
         with torch.no_grad():
             for _name, key, p, pieces in self.entries:
-                file = self.files[key]
-                if file not in handles:
-                    handles[file] = SliceReader(file)
-                flat = p.data.view(-1)
-                reader = handles[file]
+                flat, reader = p.data.view(-1), self.readers[key]
                 for piece in pieces:
-                    done += _numel(piece.shape) * reader.itemsize(key)
+                    done += math.prod(piece.shape) * reader.itemsize(key)
                     _fill(reader, key, piece, piece.dest_view(flat))
                 if progress and time.monotonic() - last > 0.5:
                     progress(done, self.total)
                     last = time.monotonic()
-        for reader in handles.values():
-            reader.close()
-            self.bytes_read += reader.bytes_read
         if progress:
             progress(done, self.total)
 
@@ -195,7 +183,7 @@ class _WholePiece:
 def box(piece: Any, full: tuple[int, ...]) -> tuple[slice, ...] | None:
     """The piece as a box of the full tensor (one slice per dimension), or None when its strides
     are not the full tensor's own (then only reading the tensor whole can serve it)."""
-    strides = [_numel(full[d + 1 :]) for d in range(len(full))]
+    strides = [math.prod(full[d + 1 :]) for d in range(len(full))]
     if len(piece.shape) != len(full) or any(
         n > 1 and s != want for n, s, want in zip(piece.shape, piece.source_strides, strides, strict=True)
     ):
@@ -222,13 +210,6 @@ def _fill(reader: SliceReader, key: str, piece: Any, dest: Any) -> None:
     block = reader.read(key, where) if where is not None else piece.source_view(reader.read(key).reshape(-1))
     block = block.to(dest.dtype)
     dest.copy_(block * scale if scale != 1.0 else block)
-
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def checkpoint_keys(model: Any, files: dict[str, Path]) -> dict[str, str]:
@@ -262,16 +243,21 @@ def load_sharded(auto_cls: Any, path: str, config: Any, dtype: Any, shard: Calla
     names, keys = aliases(model), checkpoint_keys(model, files)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     module = shard(model)  # AutoTP on meta decides every split; DeepSpeed then allocates each shard empty
-    plan = Plan(module, names, keys, files, _tp_rank(module, rank))
-    restore_buffers(module, buffers, keys, files)
-    plan.fill(progress)
-    size = sum(f.stat().st_size for f in set(files.values()))
-    print(f"loaded this rank's shard only, from {path}: {plan.bytes_read} of the checkpoint's {size} bytes read",
-          flush=True)  # fmt: skip
+    opened = {f: SliceReader(f) for f in set(files.values())}  # each file's header read once
+    try:
+        readers = {key: opened[f] for key, f in files.items()}
+        plan = Plan(module, names, keys, readers, _tp_rank(module, rank))
+        restore_buffers(module, buffers, keys, readers)
+        plan.fill(progress)
+    finally:
+        for reader in opened.values():
+            reader.close()
+    size, read = sum(f.stat().st_size for f in opened), sum(r.bytes_read for r in opened.values())
+    print(f"loaded this rank's shard only, from {path}: {read} of the checkpoint's {size} bytes read", flush=True)
     return module
 
 
-def restore_buffers(module: Any, saved: dict[str, Any], keys: dict[str, str], files: dict[str, Path]) -> None:
+def restore_buffers(module: Any, saved: dict[str, Any], keys: dict[str, str], readers: dict[str, SliceReader]) -> None:
     """Buffers as from_pretrained leaves them: the checkpoint's where it holds them, else as
     `__init__` computed them (DeepSpeed's allocation of the meta model left them uninitialised)."""
     import torch
@@ -279,11 +265,7 @@ def restore_buffers(module: Any, saved: dict[str, Any], keys: dict[str, str], fi
     with torch.no_grad():
         for name, buf in module.named_buffers():
             if name in keys:
-                reader = SliceReader(files[keys[name]])
-                try:
-                    buf.copy_(reader.read(keys[name]))
-                finally:
-                    reader.close()
+                buf.copy_(readers[keys[name]].read(keys[name]))
             elif name in saved:
                 buf.copy_(saved[name])
 

@@ -17,6 +17,7 @@ not free: four ranks doing it at once doubled their loading time.)
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -120,12 +121,12 @@ class SliceReader:
 
 def runs(shape: tuple[int, ...], box: tuple[slice, ...], item: int) -> list[tuple[int, int]]:
     """(byte offset, byte length) of each contiguous run of the box in the row-major tensor."""
-    strides = [_numel(shape[d + 1 :]) * item for d in range(len(shape))]
+    strides = [math.prod(shape[d + 1 :]) * item for d in range(len(shape))]
     k = len(shape)  # the dims from k on are whole in the box, so they are contiguous
     while k > 0 and box[k - 1].start == 0 and box[k - 1].stop == shape[k - 1]:
         k -= 1
     if k == 0:
-        return [(0, _numel(shape) * item)] if shape else [(0, item)]
+        return [(0, math.prod(shape) * item)] if shape else [(0, item)]
     length = (box[k - 1].stop - box[k - 1].start) * strides[k - 1]
     out: list[tuple[int, int]] = []
 
@@ -159,10 +160,3 @@ def _group(group: list[tuple[int, int]]) -> tuple[int, int, list[tuple[int, int]
     if len(group) == 1:
         return first, group[0][1], None
     return first, group[-1][0] + group[-1][1] - first, group
-
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
