@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.netns import NodeNetwork
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 # The login the nodes are reached as when the tests run as root. sshd takes HOME and the shell
@@ -113,15 +115,15 @@ def node_port(addrs: list[str]) -> int:
     return free_port()
 
 
-def _listening(addr: str, port: int) -> bool:
+def _listening(addr: str, port: int, pid: int | None = None) -> bool:
     """Whether a TCP socket listens on addr:port, read from /proc/net/tcp.
 
     Connecting to find out would leave sshd a connection to serve: the child it forks for it holds
     addr:port until it has given up on that client, and a test that stops the node and binds the
     port itself (a silent host) would find it taken.
     """
-    try:
-        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    try:  # a process's own view: its network namespace's sockets
+        rows = Path(f"/proc/{pid}/net/tcp" if pid else "/proc/net/tcp").read_text().splitlines()[1:]
     except OSError:
         with contextlib.suppress(OSError), socket.create_connection((addr, port), timeout=0.5):
             return True
@@ -131,10 +133,10 @@ def _listening(addr: str, port: int) -> bool:
     return any(len(f := row.split()) > 3 and f[1] == local and f[3] == "0A" for row in rows)  # 0A: LISTEN
 
 
-def _wait_listening(addr: str, port: int, timeout: float = 10.0) -> None:
+def _wait_listening(addr: str, port: int, pid: int | None = None, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _listening(addr, port):
+        if _listening(addr, port, pid):
             return
         time.sleep(0.05)
     raise RuntimeError(f"sshd on {addr}:{port} did not start")
@@ -173,24 +175,39 @@ class SimCluster:
 
     def __init__(
         self, root: Path, n: int, first_ip: int = 2, private_dirs: dict[int, list[str]] | None = None,
-        private_sizes: dict[str, str] | None = None,
+        private_sizes: dict[str, str] | None = None, netns: bool = False,
     ) -> None:  # fmt: skip
         """`private_dirs`: per node index, directories that node sees as its own empty tmpfs;
-        `private_sizes`: a tmpfs size (`size=` of mount, e.g. "2m") per such directory."""
+        `private_sizes`: a tmpfs size (`size=` of mount, e.g. "2m") per such directory; `netns`:
+        each node in a network namespace of its own (`tests/netns.py`, made by `start`), where
+        `self.network` can partition or silence it."""
         self.root = root
         self.private_sizes = private_sizes or {}
         self.home = root / "home"
         self.ssh_dir = self.home / ".ssh"
         self.etc = root / "sshd"
         self.user, self.node_home = sim_login()  # who the nodes run commands as, and their HOME
-        port = node_port([f"127.0.0.{first_ip + i}" for i in range(n)])
-        self.nodes = [
-            SimNode(f"node{i}", f"127.0.0.{first_ip + i}", port, private_dirs=(private_dirs or {}).get(i, []))
-            for i in range(n)
-        ]
+        self.n, self.netns = n, netns
+        self.network: NodeNetwork | None = None
+        addrs = [f"127.0.0.{first_ip + i}" for i in range(n)]
+        port = 22 if netns else node_port(addrs)  # a namespace has every port to itself
+        dirs = private_dirs or {}
+        self.nodes = [SimNode(f"node{i}", a, port, private_dirs=dirs.get(i, [])) for i, a in enumerate(addrs)]
 
     # -- set-up ------------------------------------------------------------------------------
     def start(self) -> SimCluster:
+        if self.netns:
+            self.network = NodeNetwork(self.n)
+            for node, addr in zip(self.nodes, self.network.addrs, strict=True):
+                node.addr = addr
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
         self.ssh_dir.mkdir(parents=True, mode=0o700)
         self.etc.mkdir(mode=0o700)
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
@@ -199,9 +216,9 @@ class SimCluster:
         (self.etc / "authorized_keys").write_text((self.ssh_dir / "id_ed25519.pub").read_text())
         os.chmod(self.etc / "authorized_keys", 0o600)
         host_pub = (self.etc / "host_ed25519.pub").read_text().split()
-        (self.ssh_dir / "known_hosts").write_text(
-            "".join(f"[{n.addr}]:{n.port} {host_pub[0]} {host_pub[1]}\n" for n in self.nodes)
-        )
+        # OpenSSH and paramiko name a host on port 22 without brackets and port
+        names = [n.addr if n.port == 22 else f"[{n.addr}]:{n.port}" for n in self.nodes]
+        (self.ssh_dir / "known_hosts").write_text("".join(f"{h} {host_pub[0]} {host_pub[1]}\n" for h in names))
         (self.ssh_dir / "config").write_text(
             "".join(
                 f"Host {n.alias}\n  HostName {n.addr}\n  Port {n.port}\n  User {self.user}\n"
@@ -209,13 +226,8 @@ class SimCluster:
                 for n in self.nodes
             )
         )
-        try:
-            for n in self.nodes:
-                self.start_node(n)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for n in self.nodes:
+            self.start_node(n)
 
     def _keygen(self, path: Path) -> None:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
@@ -246,10 +258,12 @@ class SimCluster:
                 for d in n.private_dirs
             )
             argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *argv]
+        if self.network is not None:
+            argv = self.network.exec_prefix(self.nodes.index(n)) + argv
         log = open(self.etc / f"{n.alias}.log", "ab")  # noqa: SIM115 - owned by the child
         n.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         log.close()
-        _wait_listening(n.addr, n.port)
+        _wait_listening(n.addr, n.port, n.proc.pid if self.network else None)
 
     def stop_node(self, n: SimNode) -> None:
         if n.proc is None:
@@ -281,8 +295,12 @@ class SimCluster:
         n.proc = None
 
     def stop(self) -> None:
+        """Every node's sshd; with `netns`, the namespaces too (stop the job's processes first)."""
         for n in self.nodes:
             self.stop_node(n)
+        if self.network is not None:
+            self.network.close()
+            self.network = None
 
     # -- what tests use ----------------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
