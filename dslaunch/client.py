@@ -53,6 +53,28 @@ class FrontError(Exception):
         self.message = message
 
 
+DEAD_PEER_S = 5  # a router that vanished from the network is given up after about this long
+
+
+def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """A connection that notices a router gone silent (power, cable, partition) in seconds.
+
+    Such a host resets nothing, and a request would wait for its whole `timeout`. TCP keep-alive
+    probes (answered by the router's kernel, so a long generation is not mistaken for silence) and
+    TCP_USER_TIMEOUT (for a request sent but never acknowledged) end the connection with ETIMEDOUT
+    instead, and the request moves on as for a reset one."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", DEAD_PEER_S - 2),
+                        ("TCP_USER_TIMEOUT", DEAD_PEER_S * 1000)):  # fmt: skip
+        if hasattr(socket, name):  # Linux; elsewhere the system's keep-alive defaults
+            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, opt, value in opts:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(level, opt, value)
+    return sock
+
+
 class Client:
     """One connection to a front; requests are sent one at a time and matched by id."""
 
@@ -71,7 +93,7 @@ class Client:
     ) -> None:
         """`also`: the job's other routers (host, port), tried in turn; `targets`: every router as
         (label, connect), instead of host/port/connect/also (`for_job` tunnels to each)."""
-        dial = lambda h, p: lambda: socket.create_connection((h, p), timeout=min(timeout, 10.0))  # noqa: E731
+        dial = lambda h, p: lambda: connect_tcp(h, p, timeout=min(timeout, 10.0))  # noqa: E731
         self._targets = list(targets or [(f"{host}:{port}", connect or dial(host, port)),
                                          *((f"{h}:{p}", dial(h, p)) for h, p in also)])  # fmt: skip
         self._at = 0
@@ -167,9 +189,13 @@ class Client:
             except FrontError as e:
                 if e.code != UNAVAILABLE or started or time.monotonic() + pause > give_up:
                     raise
-            except TimeoutError:
-                self.close()  # the answer may still come: never resend work that may be running
-                raise TimeoutError(f"front {self.address}: no answer within {self.timeout:g}s") from None
+            except TimeoutError as e:
+                self.close()
+                if e.errno is None:  # our own time-out: the answer may still come, never resend running work
+                    raise TimeoutError(f"front {self.address}: no answer within {self.timeout:g}s") from None
+                # ETIMEDOUT: the kernel gave the router up (connect_tcp), as good as a reset connection
+                if started or time.monotonic() + pause > give_up:
+                    raise ConnectionError(f"front {self.address}: the router stopped answering") from None
             except (OSError, EOFError, ConnectionError) as e:
                 self.close()
                 if started or time.monotonic() + pause > give_up:
@@ -184,7 +210,10 @@ class Client:
 
     def _send(self, data: bytes) -> None:
         if self._conn is None:
-            self._conn = self._targets[self._at][1]()
+            try:
+                self._conn = self._targets[self._at][1]()
+            except TimeoutError as e:  # nothing was sent: as safe to try elsewhere as a refusal
+                raise ConnectionError(f"cannot connect: {e}") from None
             self._conn.settimeout(self.timeout)
             if self.nonce:
                 self._verify()
@@ -306,7 +335,7 @@ def connector(rec: Any, k: int = 0) -> tuple[str, Callable[[], Conn], Callable[[
         host = "127.0.0.1" if bind == "localhost" else bind
     elif bind in ("0.0.0.0", "::"):
         host = entry.address or node.host
-    return f"{host}:{port}", lambda: socket.create_connection((host, port), timeout=10.0), None
+    return f"{host}:{port}", lambda: connect_tcp(host, port, timeout=10.0), None
 
 
 def forward(rec: Any, local_port: int, ready: Callable[[int], None] | None = None, router: int | None = None) -> None:

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dslaunch.client import Client, FrontError
+from tests import netns
 
 Script = Callable[[dict, socket.socket, int], bool]  # (request, conn, n) -> keep the connection open
 
@@ -141,3 +146,51 @@ def test_a_time_out_is_never_resent() -> None:
     ):
         c.generate("x")
     assert len(seen) == 1
+
+
+HUSHED = """
+import socket, sys, time
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+print("listening", flush=True)
+conn, _ = srv.accept()
+while b"\\n" not in conn.recv(65536):
+    pass
+print("got it", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_router_gone_silent_is_given_up_by_the_kernel_and_the_request_moves_on(tmp_path: Path) -> None:
+    """A router whose host drops off the network mid-request resets nothing: without keep-alive
+    the client would wait out its whole time-out (60 s here) and then not resend. Its TCP
+    keep-alive ends the connection with ETIMEDOUT instead, and the request goes to the next
+    router as it would for a reset one."""
+    why = netns.available()
+    if why:
+        pytest.skip(why)
+    net = netns.NodeNetwork(1)
+    hushed = None
+    try:
+        hushed = subprocess.Popen([*net.exec_prefix(0), sys.executable, "-c", HUSHED, "7070"],
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert hushed.stdout is not None and hushed.stdout.readline() == "listening\n"
+
+        def answer(req: dict, conn: socket.socket, n: int) -> bool:
+            _send(conn, {"id": req["id"], "ok": True, "text": "from the other router"})
+            return True
+
+        with scripted_front(answer) as (port, seen), \
+                Client(net.addrs[0], 7070, timeout=60, retry_for=30, also=[("127.0.0.1", port)]) as c:  # fmt: skip
+            box: list[Any] = []
+            t = threading.Thread(target=lambda: box.append(c.generate("x")))
+            t.start()
+            assert hushed.stdout.readline() == "got it\n"
+            net.silence(0)
+            t.join(50)
+            assert box and box[0]["text"] == "from the other router", "answered by the other router"
+            assert len(seen) == 1 and c.address == f"127.0.0.1:{port}"
+    finally:
+        if hushed is not None:
+            hushed.kill()
+            hushed.wait(10)
+        net.close()

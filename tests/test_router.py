@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 
 from dslaunch.client import FrontError
 from dslaunch.serving import link
+from dslaunch.serving.ndjson import PING_LIMIT_S
 from dslaunch.wire.serve import ServeSpec
 from tests.routerkit import Kit
 
@@ -160,6 +163,22 @@ def test_a_replica_killed_mid_request_loses_nothing_and_rejoins(both: Kit) -> No
     health = kit.health()
     assert health["restarts"] == restarts + 1 and [r["state"] for r in health["replicas"]] == ["ready", "ready"]
     assert _infer_all(kit, inputs[:4]) == [{"echo": x} for x in inputs[:4]]
+
+
+def test_a_silent_replica_is_dropped_after_the_ping_limit_and_links_again(both: Kit) -> None:
+    """SIGSTOP: the leader's socket stays open and its kernel still acknowledges, as on a host that
+    hangs or drops off the network; only the router's unanswered pings can tell."""
+    kit = both
+    pid = kit.procs[0].pid
+    try:
+        answers = _while_replica_0_holds(kit, 0, lambda: os.kill(pid, signal.SIGSTOP))
+        assert answers == [{"echo": {"n": i}} for i in range(10)], "its work was re-run on the other replica"
+        assert kit.replica(0)["state"] == "down"
+        assert f"replica 0 down: no answer to pings for {PING_LIMIT_S:g}s" in kit.router_log()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    kit.wait_state(0, "ready")  # the same process: it finds its old link closed and dials again
+    assert kit.procs[0].poll() is None
 
 
 def test_a_replica_stopping_gracefully_hands_its_queue_back(both: Kit) -> None:

@@ -32,6 +32,7 @@ from dslaunch.serving import drainfile
 from dslaunch.serving import link as L
 from dslaunch.serving.batcher import STOPPING, Pending
 from dslaunch.serving.config import FrontConfig
+from dslaunch.serving.ndjson import PING_LIMIT_S, PING_S
 from dslaunch.serving.replicaview import (
     DOWN,
     DRAINING,
@@ -47,8 +48,6 @@ from dslaunch.wire import protocol as P
 from dslaunch.wire.protocol import ProtocolError
 
 CAP_BATCHES = 2  # a replica holds at most this many batches of rows at once; the rest wait here
-PING_S = 5.0  # each link is pinged this often ...
-PING_LIMIT_S = 15.0  # ... and dropped when nothing came back for this long (a host gone silent)
 ANSWER_BYTES = 1 << 28  # the longest answer line a replica may send (a batch of embeddings)
 
 

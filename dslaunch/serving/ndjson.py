@@ -23,7 +23,12 @@ if TYPE_CHECKING:
     from dslaunch.serving.front import Front
 
 LINK_INFLIGHT = 1 << 16  # the router caps what it sends a replica; this only bounds a runaway peer
-LINK_IDLE_S = 30.0  # the router pings every few seconds: this long without a byte, the link is dead
+# A link's liveness: the router pings each link every PING_S and drops it when nothing came back
+# for PING_LIMIT_S; the leader closes it when nothing (not even a ping) came for LINK_IDLE_S. A node
+# that drops off the network resets nothing, so these bound how long its work waits to move on.
+PING_S = 1.0
+PING_LIMIT_S = 5.0
+LINK_IDLE_S = PING_LIMIT_S + PING_S
 LINK_SLACK = 4096
 
 
