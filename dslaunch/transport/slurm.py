@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from dslaunch.transport.nodes import NodeClient
 
 STEP_PREFIX = "dslaunch-"
+TROUBLE = ("drain", "down", "fail", "maint", "reboot", "not_responding", "unknown")  # sinfo %T words
 NO_SRUN = "srun: not found (is this a Slurm cluster? the Slurm client commands must be on PATH)"
 
 
@@ -256,29 +257,60 @@ class SlurmLauncher:
             raise
         return out or "GONE"
 
+    def end_of(self) -> str:
+        """How Slurm ended the job, while `scontrol` still remembers it (MinJobAge), e.g.
+        "NODE_FAIL, reason NodeDown"; "" once it does not."""
+        try:
+            out = slurm(["scontrol", "show", "job", "-o", self.job])
+        except UserError:
+            return ""
+        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        state, reason = fields.get("JobState", ""), fields.get("Reason", "None")
+        return f"{state}, reason {reason}" if state and reason not in ("None", "(null)") else state
+
+    def troubled_nodes(self) -> list[tuple[str, str]]:
+        """(node, what sinfo says) for the allocation's nodes that Slurm drains, took down, or no
+        longer hears from: their steps may run on, but the job cannot count on them."""
+        nodes = slurm(["squeue", "-h", "-j", self.job, "-o", "%N"]).strip()
+        if not nodes:
+            return []
+        said: dict[str, str] = {}
+        for line in slurm(["sinfo", "-h", "-N", "-n", nodes, "-o", "%N|%T|%E"]).splitlines():
+            name, state, reason = [*line.split("|", 2), "", ""][:3]
+            if any(w in state for w in TROUBLE) or state.endswith("*"):
+                said[name] = f"{state} (sinfo: {reason})" if reason.strip() not in ("", "none") else state
+        return sorted(said.items())
+
     def describe(self) -> list[tuple[str, str]]:
         lines = [("launcher", "slurm")]
         try:
             state = self.job_state()
             steps = self.steps() if state != "GONE" else []
+            troubled = self.troubled_nodes() if state != "GONE" else []
         except UserError as e:
             return [*lines, ("slurm job", f"{self.job} ({e})")]
-        lines.append(("slurm job", f"{self.job} {state}"))
+        end = self.end_of() if state == "GONE" else ""
+        lines.append(("slurm job", f"{self.job} {state}" + (f" (scontrol: {end})" if end else "")))
         lines.append(("slurm steps", ", ".join(f"{sid} {name}" for sid, name in steps) or "none"))
+        lines += [(f"slurm node {name}", f"{what}: Slurm starts no new job there") for name, what in troubled]
         return lines
 
     def check(self) -> None:
         """The allocation must still be running: an ended one is one line, not a failure per node."""
         state = self.job_state()
         if state == "GONE":
-            raise UserError(f"squeue: Slurm job {self.job} no longer exists (the allocation ended or expired); "
+            end = self.end_of()
+            how = "the allocation ended or expired" + (f"; scontrol: {end}" if end else "")
+            raise UserError(f"squeue: Slurm job {self.job} no longer exists ({how}); "
                             "start a new one (salloc) and run 'up' in it")  # fmt: skip
         if state != "RUNNING":
             raise UserError(f"squeue: Slurm job {self.job} is {state}, not RUNNING; run 'up' once it runs")
 
     def ended(self) -> str | None:
         if self.job_state() == "GONE":
-            return f"the Slurm job {self.job} had ended already: Slurm stopped every process of it"
+            end = self.end_of()
+            return (f"the Slurm job {self.job} had ended already" + (f" (scontrol: {end})" if end else "")
+                    + ": Slurm stopped every process of it")  # fmt: skip
         return None
 
     def leftovers(self, job_id: str) -> list[str]:
