@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+from dslaunch.wire.keepalive import connect_tcp
 from dslaunch.wire.protocol import UNAVAILABLE, encode, proof
 
 
@@ -51,28 +52,6 @@ class FrontError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-
-
-DEAD_PEER_S = 5  # a router that vanished from the network is given up after about this long
-
-
-def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
-    """A connection that notices a router gone silent (power, cable, partition) in seconds.
-
-    Such a host resets nothing, and a request would wait for its whole `timeout`. TCP keep-alive
-    probes (answered by the router's kernel, so a long generation is not mistaken for silence) and
-    TCP_USER_TIMEOUT (for a request sent but never acknowledged) end the connection with ETIMEDOUT
-    instead, and the request moves on as for a reset one."""
-    sock = socket.create_connection((host, port), timeout=timeout)
-    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", DEAD_PEER_S - 2),
-                        ("TCP_USER_TIMEOUT", DEAD_PEER_S * 1000)):  # fmt: skip
-        if hasattr(socket, name):  # Linux; elsewhere the system's keep-alive defaults
-            opts.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    for level, opt, value in opts:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(level, opt, value)
-    return sock
 
 
 class Client:
