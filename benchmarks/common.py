@@ -131,18 +131,32 @@ def closed_loop(n: int, seconds: float, one: Any) -> dict[str, float]:
     return out
 
 
+def pick_network(asked: str | None) -> str:
+    """`netns` (nodes in network namespaces, where partitions can be made) or `loopback`: what
+    was asked, else netns where this machine allows it."""
+    from tests import netns
+
+    why_not = netns.available()
+    if asked == "netns" and why_not:
+        raise SystemExit(f"--network netns: {why_not}")
+    if asked is None and why_not:
+        print(f"nodes on loopback, so no partition or silent node: {why_not}", flush=True)
+    return asked or ("loopback" if why_not else "netns")
+
+
 @contextlib.contextmanager
-def sim_job_dirs(prefix: str, nodes: int = 2) -> Iterator[tuple[Any, dict[str, str], Path]]:
+def sim_job_dirs(prefix: str, nodes: int = 2, netns: bool = False) -> Iterator[tuple[Any, dict[str, str], Path]]:
     """Simulated SSH nodes in a throw-away directory, the environment a user's shell would have
     for them (its own DSLAUNCH_HOME) and a work directory: for a benchmark that runs a job. A
-    SIGTERM still ends the job and the nodes' sshd on the way out."""
+    SIGTERM still ends the job and the nodes' sshd on the way out. `netns`: each node in a network
+    namespace of its own (`tests/netns.py`)."""
     from tests.simnodes import SimCluster
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp_s:
         tmp = Path(tmp_s)
         (tmp / "work").mkdir()
-        sim = SimCluster(tmp / "sim", nodes).start()
+        sim = SimCluster(tmp / "sim", nodes, netns=netns).start()
         try:
             yield sim, {**sim.env(), "COLUMNS": "200", "DSLAUNCH_HOME": str(tmp / "home")}, tmp / "work"
         finally:

@@ -12,6 +12,8 @@ once the job is whole again:
 | rank hung | SIGSTOP of replica 1's second rank |
 | router killed | SIGKILL of router 0 (its supervisor starts it again) |
 | link cut | `ss -K` of every leader's connection to router 0's link port |
+| partition | the packets between node 0 and node 1 dropped for 20 s, both still reachable from here |
+| node silent | node 1 off the network for 20 s (its interface down: nothing is reset) |
 | node lost | every process of node 1 SIGKILLed and its sshd stopped (last: it does not come back) |
 
 A probe asks both routers for `health` every 0.1 s: *noticed* is the first probe that shows the
@@ -19,11 +21,12 @@ fault (a replica not ready, a router not answering), *serving again* the first a
 both routers answer with both replicas ready. Failed requests are the clients' errors between
 the fault and 20 s after it was over (the README's failure table says which can fail).
 
-Not covered here: a partition between two nodes. The simulated nodes share this machine's
-loopback, where a connection to 127.0.0.x leaves from 127.0.0.1, so dropping one node's packets
-needs each node in a network namespace of its own.
+For a partition and a silent node each simulated node needs a network namespace of its own
+(`tests/netns.py`; root). Where that cannot be made, `--network loopback` runs the others on
+127.0.0.x nodes. With namespaces the routers listen on every address (`--bind 0.0.0.0`, with a
+token) and the clients reach them at their nodes' addresses.
 
-    python benchmarks/faults.py [--hang-timeout 10] [--out benchmarks/results/faults.json]
+    python benchmarks/faults.py [--hang-timeout 10] [--network netns|loopback] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,29 +37,29 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import dslaunch, sim_job_dirs, table, write
+from common import dslaunch, pick_network, sim_job_dirs, table, write
 
 from dslaunch.client import Client, FrontError
-from tests.chaos import router_pid
+from tests.chaos import cut_links, router_pid
 from tests.conftest import job_pids
 from tests.simnodes import node_job_pids
 
 PROMPTS = ["Hello world", "The quick brown fox", "One command", "Numbers 0 1 2"]
 AFTER_S = 20.0  # failures are counted this long after the job is whole again
+HOLD_S = 20.0  # a partition or a silent node lasts this long
 
 
 class Load:
     """Closed-loop clients with failover over both routers; every request's time and outcome."""
 
-    def __init__(self, ports: list[int], clients: int = 4) -> None:
-        self.ports, self.clients = ports, clients
+    def __init__(self, routers: list[tuple[str, int]], token: str | None, clients: int = 4) -> None:
+        self.routers, self.token, self.clients = routers, token, clients
         self.stop = threading.Event()
         self.log: list[tuple[float, float, str | None]] = []  # start, end, error or None
         self.pool = concurrent.futures.ThreadPoolExecutor(clients)
@@ -71,9 +74,8 @@ class Load:
         self.pool.shutdown(wait=False)
 
     def _run(self, n: int) -> None:
-        order = self.ports[n % len(self.ports) :] + self.ports[: n % len(self.ports)]
-        also = [("127.0.0.1", p) for p in order[1:]]
-        with Client("127.0.0.1", order[0], retry_for=60, timeout=120, also=also) as c:
+        order = self.routers[n % len(self.routers) :] + self.routers[: n % len(self.routers)]
+        with Client(*order[0], token=self.token, retry_for=60, timeout=120, also=order[1:]) as c:
             i = 0
             while not self.stop.is_set():
                 t0 = time.monotonic()
@@ -97,11 +99,12 @@ View = dict[str, Any] | None  # one router's answer: its replicas' states and it
 class Probe:
     """Both routers' `health` every 0.1 s: (time, per router: its View)."""
 
-    def __init__(self, ports: list[int]) -> None:
-        self.ports = ports
+    def __init__(self, routers: list[tuple[str, int]], token: str | None) -> None:
+        self.routers, self.token = routers, token
         self.seen: list[tuple[float, list[View]]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.pool = concurrent.futures.ThreadPoolExecutor(len(routers))  # a silent router delays no other
 
     def __enter__(self) -> Probe:
         self.thread.start()
@@ -110,10 +113,11 @@ class Probe:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(10)
+        self.pool.shutdown(wait=False)
 
-    def _ask(self, port: int) -> View:
+    def _ask(self, router: tuple[str, int]) -> View:
         try:
-            with Client("127.0.0.1", port, retry_for=0, timeout=2) as c:
+            with Client(*router, token=self.token, retry_for=0, timeout=1) as c:
                 h = c.health()
             return {"states": [r["state"] for r in h["replicas"]], "uptime": float(h["uptime_s"])}
         except (FrontError, OSError):
@@ -121,7 +125,8 @@ class Probe:
 
     def _run(self) -> None:
         while not self.stop.wait(0.1):
-            self.seen.append((time.monotonic(), [self._ask(p) for p in self.ports]))
+            t = time.monotonic()
+            self.seen.append((t, list(self.pool.map(self._ask, self.routers))))
 
     def first(self, after: float, cond: Callable[[list[View]], bool], within: float) -> float | None:
         """When a probe after `after` first met `cond`, waiting up to `within` seconds for one."""
@@ -161,16 +166,23 @@ def router_lost_a_replica(k: int, r: int | None = None) -> Callable[[list[View]]
 
 
 def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> list[dict[str, Any]]:
-    home = Path(env["DSLAUNCH_HOME"])
+    home, net = Path(env["DSLAUNCH_HOME"]), sim.network
+    token = "faults-" + os.urandom(8).hex() if net else None
+    public: list[str] = []
+    if token:  # the clients are outside the nodes' namespaces: the routers listen on every address
+        (work / "token").write_text(token)
+        public = ["--bind", "0.0.0.0", "--token-file", str(work / "token")]
     up = dslaunch(env, "up", "-H", str(sim.hostfile(slots=2)), "--work-dir", str(work), "--tp", "2",
-                  "--routers", "2", "--hang-timeout", f"{hang_timeout:g}", "--timeout", "400", timeout=500)  # fmt: skip
+                  "--routers", "2", "--hang-timeout", f"{hang_timeout:g}", "--timeout", "400", *public,
+                  timeout=500)  # fmt: skip
     if up.returncode != 0:
         raise SystemExit(f"up failed:\n{up.stdout}\n{up.stderr}")
     rec = json.loads((home / "jobs" / "default.json").read_text())
     jid, ports = rec["job_id"], [int(p) for p in rec["front"]["ports"]]
+    routers = [(sim.nodes[k].addr if net else "127.0.0.1", port) for k, port in enumerate(ports)]
     rows: list[dict[str, Any]] = []
     try:
-        with Load(ports) as load, Probe(ports) as probe:
+        with Load(routers, token) as load, Probe(routers, token) as probe:
             if probe.first(0, whole, 120) is None:
                 raise SystemExit("the job never looked whole to both routers")
             time.sleep(3)
@@ -179,17 +191,25 @@ def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> l
                 st = json.loads(dslaunch(env, "status", "--json").stdout)
                 return next(r["pid"] for r in st["ranks"] if r["rank"] == rank)
 
-            def fault(name: str, do: Callable[[], None], noticed: Callable[..., bool], back: bool = True) -> None:
+            def fault(name: str, do: Callable[[], None], noticed: Callable[..., bool], back: bool = True,
+                      undo: Callable[[], None] | None = None) -> None:  # fmt: skip
+                """`undo`: the fault ends HOLD_S after it began; serving again counts from then."""
                 t0 = time.monotonic()
                 do()
                 seen = probe.first(t0, noticed, 300)
-                again = probe.first(seen or t0, whole, 300) if back and seen is not None else None
-                end = (again or seen or t0) + AFTER_S
+                over = t0
+                if undo is not None:
+                    time.sleep(max(0.0, t0 + HOLD_S - time.monotonic()))
+                    over = time.monotonic()
+                    undo()
+                again = probe.first(max(over, seen or t0), whole, 300) if back and seen is not None else None
+                end = (again or seen or over) + AFTER_S
                 while time.monotonic() < end:
                     time.sleep(0.5)
                 answered, errors = load.between(t0, end)
-                since = lambda t: None if t is None else round(t - t0, 2)  # noqa: E731
-                rows.append({"fault": name, "noticed_s": since(seen), "serving_again_s": since(again),
+                since = lambda t: None if t is None else round(t - over if t >= over else t - t0, 2)  # noqa: E731
+                rows.append({"fault": name, "noticed_s": None if seen is None else round(seen - t0, 2),
+                             "serving_again_s": since(again), "held_s": round(over - t0, 1) if undo else None,
                              "answered": answered, "failed": len(errors),
                              "errors": sorted(set(errors))[:5]})  # fmt: skip
                 print(f"{name}: {rows[-1]}", flush=True)
@@ -204,9 +224,15 @@ def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> l
             victim = router_pid(jid, node0)[0]
             up_s = probe.seen[-1][1][0]["uptime"] if probe.seen[-1][1][0] else 0.0
             fault("router killed (SIGKILL)", lambda: os.kill(victim, signal.SIGKILL), router_restarted(0, up_s))
-            cut = ["ss", "-K", "dst", node0, "dport", "=", f":{router_pid(jid, node0)[1]}"]
-            fault("link to router 0 cut (ss -K)", lambda: subprocess.run(cut, capture_output=True, check=True),
-                  router_lost_a_replica(0))  # fmt: skip
+            link_port = router_pid(jid, node0)[1]
+
+            fault("link to router 0 cut (ss -K)", lambda: cut_links(sim, node0, link_port), router_lost_a_replica(0))
+            if net:
+                split = lambda v: router_lost_a_replica(0, 1)(v) or router_lost_a_replica(1, 0)(v)  # noqa: E731
+                fault(f"partition of node 0 and node 1 ({HOLD_S:g} s)", lambda: net.partition(0, 1), split,
+                      undo=net.heal)  # fmt: skip
+                fault(f"node 1 silent ({HOLD_S:g} s, interface down)", lambda: net.silence(1),
+                      router_lost_a_replica(0, 1), undo=lambda: net.unsilence(1))  # fmt: skip
 
             def lose_node1() -> None:
                 for pid in node_job_pids(jid, sim.nodes[1].addr):
@@ -217,6 +243,9 @@ def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> l
             fault("node 1 lost (every process SIGKILLed, sshd stopped)", lose_node1, router_lost_a_replica(0, 1),
                   back=False)  # fmt: skip
     finally:
+        if net:
+            net.heal()
+            net.unsilence(1)
         dslaunch(env, "down", "--grace", "3", timeout=120)
         sim.start_node(sim.nodes[1])
         dslaunch(env, "down", "--grace", "3", timeout=120)
@@ -232,17 +261,19 @@ def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hang-timeout", type=float, default=10.0, help="--hang-timeout of the job (s)")
+    ap.add_argument("--network", choices=["netns", "loopback"], default=None,
+                    help="nodes in network namespaces (default, where root can make them) or on 127.0.0.x")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    with sim_job_dirs("dslaunch-faults-") as (sim, env, work):
+    network = pick_network(args.network)
+    with sim_job_dirs("dslaunch-faults-", netns=network == "netns") as (sim, env, work):
         rows = measure(sim, env, work, args.hang_timeout)
     keys = ("fault", "noticed_s", "serving_again_s", "answered", "failed")
-    print(
-        table(["fault", "noticed (s)", "serving again (s)", "answered", "failed"], [[r[k] for k in keys] for r in rows])
-    )
+    heads = ["fault", "noticed (s)", "serving again (s; after the fault ended)", "answered", "failed"]
+    print(table(heads, [[r[k] for k in keys] for r in rows]))
     setup = (
-        f"2 simulated SSH nodes x 2 slots, --tp 2, --routers 2, --hang-timeout {args.hang_timeout:g}; 4 "
-        "closed-loop greedy clients (12 tokens) with failover over both routers; router health probed every 0.1 s"
+        f"2 simulated SSH nodes x 2 slots ({network}), --tp 2, --routers 2, --hang-timeout {args.hang_timeout:g}; "
+        "4 closed-loop greedy clients (12 tokens) with failover over both routers; router health probed every 0.1 s"
     )
     write("faults", {"setup": setup, "faults": rows}, args.out)
 

@@ -38,6 +38,9 @@ from tests.simnodes import SimCluster, environ_of, node_job_pids
 PROMPTS = ["Hello world", "The quick brown fox", "One command", "Numbers 0 1 2"]
 K = 12
 FAULTS = ("rank killed", "rank hung", "router killed", "link cut")
+NET_FAULTS = ("partition", "node silent")  # on nodes in network namespaces (SimCluster(netns=True))
+HOLD_S = (8.0, 15.0)  # how long a partition or a silent node lasts (uniform)
+Router = tuple[str, int]  # where a client reaches one router: host, port
 
 
 @dataclass
@@ -98,17 +101,17 @@ class ClientThreads:
 class Clients(ClientThreads):
     """`per_kind` clients of each kind; `pause` seconds between one client's requests."""
 
-    def __init__(self, ports: list[int], prompts: list[str], per_kind: int = 2, pause: float = 0.0) -> None:
-        self.ports, self.prompts, self.pause = ports, prompts, pause
+    def __init__(self, routers: list[Router], prompts: list[str], per_kind: int = 2, pause: float = 0.0,
+                 token: str | None = None) -> None:  # fmt: skip
+        self.routers, self.prompts, self.pause, self.token = routers, prompts, pause, token
         self.stop = threading.Event()
         self.outcomes: list[Outcome] = []
         kinds = [k for k in ("greedy", "seeded", "unseeded") for _ in range(per_kind)]
         self.threads = [threading.Thread(target=self._run, args=(n, k), daemon=True) for n, k in enumerate(kinds)]
 
     def _run(self, n: int, kind: str) -> None:
-        order = self.ports[n % len(self.ports) :] + self.ports[: n % len(self.ports)]
-        also = [("127.0.0.1", p) for p in order[1:]]
-        with Client("127.0.0.1", order[0], retry_for=60, timeout=120, also=also) as c:
+        order = self.routers[n % len(self.routers) :] + self.routers[: n % len(self.routers)]
+        with Client(*order[0], token=self.token, retry_for=60, timeout=120, also=order[1:]) as c:
             i = 0
             while not self.stop.is_set():
                 prompt = self.prompts[(n + i) % len(self.prompts)]
@@ -143,15 +146,16 @@ def seed_of(prompt: str) -> int:
     return 1000 + sum(prompt.encode()) % 1000
 
 
-def seeded_reference(port: int, prompts: list[str]) -> dict[str, str]:
+def seeded_reference(router: Router, prompts: list[str], token: str | None = None) -> dict[str, str]:
     """Each prompt's seeded sample, asked alone of the idle job."""
-    with Client("127.0.0.1", port, retry_for=60, timeout=120) as c:
+    with Client(*router, token=token, retry_for=60, timeout=120) as c:
         return {p: c.generate(p, max_new_tokens=K, temperature=1.0, seed=seed_of(p))["text"] for p in prompts}
 
 
 def judge(report: Report, greedy_ref: dict[str, str], seeded_ref: dict[str, str]) -> None:
     """Sort every outcome: right, wrong (corrupted, duplicated), or failed (allowed or not)."""
-    kills = [f.at for f in report.faults if f.name == "router killed"]
+    # a router killed, or gone silent with its node: its streams lose their connection
+    kills = [f.at for f in report.faults if f.name == "router killed" or f.name == "node silent"]
     for o in report.outcomes:
         what = f"{o.kind} {o.prompt!r}"
         if o.error:
@@ -170,20 +174,23 @@ def judge(report: Report, greedy_ref: dict[str, str], seeded_ref: dict[str, str]
 class Chaos:
     """Faults on a live job (2 nodes, 2 replicas of `--tp 2`, a router per node): each drawn from
     `kinds`, or, with `in_order`, `kinds` one after the other; a rank fault strikes one of the
-    ranks `ranks` keeps (all by default)."""
+    ranks `ranks` keeps (all by default). On nodes in network namespaces the routers listen on
+    every address (`--bind 0.0.0.0`, `token`) and are reached at their nodes' addresses."""
 
     def __init__(self, sim: SimCluster, status: Callable[[], dict[str, Any]], rec: dict[str, Any],
                  rng: random.Random, kinds: tuple[str, ...] = FAULTS, in_order: bool = False,
-                 ranks: Callable[[dict[str, Any]], bool] = lambda r: True) -> None:  # fmt: skip
+                 ranks: Callable[[dict[str, Any]], bool] = lambda r: True,
+                 token: str | None = None) -> None:  # fmt: skip
         self.sim, self.status, self.rec, self.rng, self.kinds = sim, status, rec, rng, kinds
-        self.in_order, self.ranks, self.struck = in_order, ranks, 0
-        self.ports = [int(p) for p in rec["front"]["ports"]]
+        self.in_order, self.ranks, self.struck, self.token = in_order, ranks, 0, token
+        hosts = [n.addr for n in sim.nodes] if sim.network else ["127.0.0.1"] * len(sim.nodes)
+        self.routers = [(hosts[k], int(p)) for k, p in enumerate(rec["front"]["ports"])]
 
     def whole(self) -> bool:
         """Both routers answer, each with both replicas ready."""
-        for port in self.ports:
+        for router in self.routers:
             try:
-                with Client("127.0.0.1", port, retry_for=0, timeout=5) as c:
+                with Client(*router, token=self.token, retry_for=0, timeout=5) as c:
                     reps = c.health()["replicas"]
             except (FrontError, OSError):
                 return False
@@ -211,18 +218,46 @@ class Chaos:
             rank = self.rng.choice([r for r in self.status()["ranks"] if self.ranks(r)])
             target, pid = f"rank {rank['rank']} on {rank['host']}", int(rank["pid"])
             do = lambda: os.kill(pid, signal.SIGKILL if name == "rank killed" else signal.SIGSTOP)  # noqa: E731
+        elif name in NET_FAULTS:
+            return self._network_fault(name)
         else:
-            k = self.rng.randrange(len(self.ports))
+            k = self.rng.randrange(len(self.routers))
             pid, link_port = router_pid(self.rec["job_id"], self.sim.nodes[k].addr)
             target = f"router {k}"
             if name == "router killed":
                 do = lambda: os.kill(pid, signal.SIGKILL)  # noqa: E731
             else:
-                cut = ["ss", "-K", "dst", self.sim.nodes[k].addr, "dport", "=", f":{link_port}"]
-                do = lambda: subprocess.run(cut, capture_output=True, check=True)  # noqa: E731
+                do = lambda: cut_links(self.sim, self.sim.nodes[k].addr, link_port)  # noqa: E731
         fault = Fault(name, target, time.monotonic())
         do()
         return fault
+
+    def _network_fault(self, name: str) -> Fault:
+        """A partition of the two nodes, or one node off the network, for HOLD_S; then it ends."""
+        net = self.sim.network
+        assert net is not None, f"{name} needs nodes in network namespaces"
+        k = self.rng.randrange(len(self.sim.nodes))
+        hold = self.rng.uniform(*HOLD_S)
+        target = f"node 0 / node 1, {hold:.0f} s" if name == "partition" else f"node {k}, {hold:.0f} s"
+        fault = Fault(name, target, time.monotonic())
+        if name == "partition":
+            net.partition(0, 1)
+            time.sleep(hold)
+            net.heal()
+        else:
+            net.silence(k)
+            time.sleep(hold)
+            net.unsilence(k)
+        return fault
+
+
+def cut_links(sim: SimCluster, addr: str, port: int) -> None:
+    """`ss -K` every connection to addr:port (a router's link port), in each node's namespace (ss
+    sees only its own) or on this machine's loopback."""
+    prefixes = [sim.network.exec_prefix(i) for i in range(len(sim.nodes))] if sim.network else [[]]
+    for prefix in prefixes:
+        for dst in {addr, "127.0.0.1"}:
+            subprocess.run([*prefix, "ss", "-K", "dst", dst, "dport", "=", f":{port}"], capture_output=True, check=True)
 
 
 def router_pid(job_id: str, addr: str) -> tuple[int, int]:

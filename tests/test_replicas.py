@@ -216,8 +216,8 @@ def test_a_minute_of_random_faults_loses_and_corrupts_nothing(job, want) -> None
     monkey = chaos.Chaos(sim, lambda: status_json(cli), rec, random.Random(3), kinds, in_order=True,
                          ranks=lambda r: r["rank"] >= 2)  # fmt: skip
     assert monkey.until_whole(120) is not None
-    seeded = chaos.seeded_reference(_port(rec), list(want))
-    clients = chaos.Clients(monkey.ports, list(want), per_kind=1, pause=1.0)
+    seeded = chaos.seeded_reference(monkey.routers[0], list(want))
+    clients = chaos.Clients(monkey.routers, list(want), per_kind=1, pause=1.0)
     report = chaos.soak(monkey, clients, 60, every=(15, 25), warmup=10, min_faults=len(kinds))
     chaos.judge(report, want, seeded)
     counts = report.counts()
