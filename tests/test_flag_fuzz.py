@@ -23,6 +23,7 @@ VALUES: dict[str, list[str]] = {
     "--master-addr": ["10.0.0.1", "node0"],
     "--max-restarts": ["-1", "0", "3", "x"],
     "--restart-backoff": ["-1", "0", "1", "61", "nan"],
+    "--restart-window": ["-1", "0", "600", "inf", "x"],
     "--backend": ["auto", "nccl", "gloo", "mpi"],
     "--timeout": SECONDS,
     "--connect-timeout": SECONDS,

@@ -139,3 +139,7 @@ def test_restart_back_off_starts_at_the_second_restart_and_doubles() -> None:
         JobSpec(nodes=[Node("a", 1)], restart_backoff=-1)
     env = make_plan(JobSpec(nodes=[Node("a", 1)], restart_backoff=2.5), "r", "a", 1, 2, "gloo").nodes[0].env
     assert env["DSLAUNCH_RESTART_BACKOFF"] == "2.5"
+    assert env["DSLAUNCH_RESTART_WINDOW"] == "600"  # the agent renews its budget after that long healthy
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(UserError, match="--restart-window"):
+            JobSpec(nodes=[Node("a", 1)], restart_window=bad)

@@ -35,7 +35,7 @@ from dslaunch.wire.serve import ServeSpec
 def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes: int | None,
        num_gpus: int | None, init_method: str, rdzv_dir: str | None, master_addr: str | None,
        master_port: int | None, rdzv_port: int | None, max_restarts: int, restart_backoff: float,
-       rank_start: str, backend: str, python: str,
+       restart_window: float, rank_start: str, backend: str, python: str,
        work_dir: str, no_launch_dir: bool, env_pairs: tuple[str, ...], env_file: tuple[str, ...], timeout: float,
        connect_timeout: float, command_timeout: float, pg_timeout: float, accept_new_host_keys: bool,
        parallelism: int, keep_logs: bool, dry_run: bool, name: str, token_file: str | None, tp: int | None,
@@ -70,7 +70,7 @@ def up(hostfile: str | None, include: str | None, exclude: str | None, num_nodes
     spec = JobSpec(
         nodes=nodes, name=name, init_method=init_method, rdzv_dir=rdzv_dir, master_addr=master_addr,
         master_port=master_port, rdzv_port=rdzv_port, max_restarts=max_restarts, restart_backoff=restart_backoff,
-        rank_start=rank_start,
+        restart_window=restart_window, rank_start=rank_start,
         python=python,
         work_dir=work_dir, backend=backend, env=env.values, env_sources=env.sources, expand_env=env.expand,
         launch_dir=None if no_launch_dir else os.getcwd(), model_check=model_check,

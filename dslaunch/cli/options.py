@@ -122,6 +122,14 @@ UP_OPTIONS = [
         help="Seconds before the 2nd restart, doubling for each later one (the 1st is immediate).",
     ),
     click.option(
+        "--restart-window",
+        type=float,
+        default=_job("restart_window"),
+        show_default=True,
+        help="Seconds a replica must run after a restart to get its whole --max-restarts (and back-off) "
+        "again, so that a long-lived job rides out rare faults. 0: one budget for the job's lifetime.",
+    ),
+    click.option(
         "--rank-start",
         type=click.Choice(RANK_STARTS),
         default=_job("rank_start"),

@@ -202,6 +202,7 @@ def _unit_plan(
         rank_offset=u.gang_offset, world_size=spec.tp_size, local_world_size=u.nprocs, nnodes=len(rp.units),
         init_method=spec.init_method, init_url=rp.init_url, backend=backend, master_addr=rp.master_addr,
         master_port=rp.master_port, pg_timeout=spec.pg_timeout, restart_backoff=spec.restart_backoff,
+        restart_window=spec.restart_window,
         # torchrun would pin every rank to one thread; nodectl divides the cores instead
         auto_threads="OMP_NUM_THREADS" not in spec.env, serve=serve,
         unit=u.unit, replica=u.replica, replicas=n_rep, routers=routers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -42,6 +43,7 @@ class JobSpec:
     rdzv_port: int | None = None
     max_restarts: int = 3
     restart_backoff: float = 1.0
+    restart_window: float = 600.0  # s of running after which a replica's restart budget is whole again
     rank_start: str = "fork"  # RANK_STARTS: fork from a warm agent (rank/torchrun.py), or exec as torchrun
     python: str = sys.executable
     work_dir: str = "~/.dslaunch/run"
@@ -82,6 +84,8 @@ class JobSpec:
             raise UserError(f"--max-restarts {self.max_restarts}: must be 0 or more")
         if not 0 <= self.restart_backoff <= MAX_BACKOFF_S:
             raise UserError(f"--restart-backoff {self.restart_backoff:g}: must be 0 to {MAX_BACKOFF_S:g} seconds")
+        if not 0 <= self.restart_window < math.inf:
+            raise UserError(f"--restart-window {self.restart_window:g}: must be 0 (never) or more seconds")
         for flag, value in (
             ("--timeout", self.ready_timeout),
             ("--connect-timeout", self.connect_timeout),

@@ -186,8 +186,9 @@ def op_restart(args: dict[str, Any]) -> dict[str, Any]:
     if stopped["survivors"]:
         raise NodeOpError(f"processes {stopped['survivors']} did not stop; not starting again", **stopped)
     # a new agent counts attempts from 0 in its new store: the ranks' memory of the old count, and
-    # their old status files, would make them wait for an attempt that never comes
-    for f in [*nd.ranks.glob("rank*.attempt"), *nd.ranks.glob("rank*.json")]:
+    # their old status files, would make them wait for an attempt that never comes (and an old
+    # renewal would put off their back-off)
+    for f in [*nd.ranks.glob("rank*.attempt"), *nd.ranks.glob("rank*.json"), *nd.ranks.glob("rank*.renewed")]:
         with contextlib.suppress(OSError):
             f.unlink()
     if saved.get("foreground"):

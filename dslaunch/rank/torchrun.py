@@ -116,10 +116,44 @@ def _continue_before_close() -> None:
         cls._close = _close  # type: ignore[method-assign]
 
 
+def _renew_restart_budget(window_s: float) -> None:
+    """torch elastic's --max-restarts is one budget for the agent's lifetime: a serving job that
+    rides out a fault every few hours would still end at the fourth. Here an agent whose workers
+    have run `window_s` healthy since their last (re)start gets the whole budget back, as a
+    supervisor's restart intensity window does (the ranks count their back-off from there too:
+    rank/worker.py). 0: torchrun's rule."""
+    if window_s <= 0:
+        return
+    import time
+
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+
+    def _monitor(self: Any, worker_group: Any) -> Any:
+        result = monitor(self, worker_group)
+        now, since = time.monotonic(), getattr(self, "_dslaunch_healthy_since", None)
+        if result.state != WorkerState.HEALTHY:
+            self._dslaunch_healthy_since = None
+        elif since is None:
+            self._dslaunch_healthy_since = now
+        elif now - since >= window_s and self._remaining_restarts < worker_group.spec.max_restarts:
+            self._remaining_restarts = worker_group.spec.max_restarts
+            print(f"restart budget renewed: {worker_group.spec.max_restarts} restarts again after {window_s:g}s "
+                  "healthy (--restart-window)", flush=True)  # fmt: skip
+        return result
+
+    LocalElasticAgent._monitor_workers = _monitor  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     from torch.distributed import run
 
+    from dslaunch.wire.rankenv import RESTART_WINDOW_ENV
+
     _continue_before_close()
+    _renew_restart_budget(float(os.environ.get(RESTART_WINDOW_ENV, "0")))
     args = run.parse_args(argv if argv is not None else sys.argv[1:])
     if has_accelerator() or not args.module or args.training_script != "dslaunch.rank.worker":
         run.run(args)  # plain torchrun

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ def _run(rank: Rank) -> int:
     _rendezvous(rank)
     from dslaunch.rank.session import PeerFailedStartup, shutdown, startup, watch
 
+    _renew_after_window(rank)
     try:
         session = startup(rank.cfg, rank.node, rank.nd, rank.status, rank.stop)
     except PeerFailedStartup as e:
@@ -103,9 +105,27 @@ def _run(rank: Rank) -> int:
     return shutdown(session, watch(session))
 
 
+def _renew_after_window(rank: Rank) -> None:
+    """Once this attempt has run --restart-window long, the back-off counts from it again (the
+    agent renews the restart budget on the same clock: rank/torchrun.py)."""
+    window, memo, attempt = rank.node.restart_window, rank.nd.rank_renewed(rank.cfg.rank), rank.cfg.restart
+    if window > 0 and attempt > 0:
+        timer = threading.Timer(window, lambda: memo.write_text(str(attempt)))
+        timer.daemon = True
+        timer.start()
+
+
+def _since_renewal(rank: Rank) -> int:
+    """The attempt counted from the last one that ran --restart-window long (0: the first start)."""
+    try:
+        return rank.cfg.restart - int(rank.nd.rank_renewed(rank.cfg.rank).read_text())
+    except (OSError, ValueError):
+        return rank.cfg.restart
+
+
 def _back_off(rank: Rank) -> bool:
     """Wait before a repeated restart (--restart-backoff); True when stopped meanwhile."""
-    delay = backoff_delay(rank.node.restart_backoff, rank.cfg.restart)
+    delay = backoff_delay(rank.node.restart_backoff, _since_renewal(rank))
     if not delay:
         return False
     print(f"backing off {delay:g}s before attempt {rank.cfg.restart}", flush=True)

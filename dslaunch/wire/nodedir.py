@@ -95,6 +95,10 @@ class NodeDir:
     def rank_attempt(self, rank: int) -> Path:
         return self.ranks / f"rank{rank}.attempt"
 
+    def rank_renewed(self, rank: int) -> Path:
+        """The attempt that ran --restart-window long: the back-off counts from it."""
+        return self.ranks / f"rank{rank}.renewed"
+
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
 

@@ -20,6 +20,7 @@ JOB_ENV = "DSLAUNCH_JOB_ID"
 NODE_ENV = "DSLAUNCH_NODE_RANK"
 NODE_DIR_ENV = "DSLAUNCH_NODE_DIR"
 AUTO_THREADS_ENV = "DSLAUNCH_AUTO_THREADS"
+RESTART_WINDOW_ENV = "DSLAUNCH_RESTART_WINDOW"  # read by the agent (rank/torchrun.py) as well
 # Read and removed by nodectl before the agent starts: the user variables whose `$VAR`s it expands
 # against the node's environment (DeepSpeed's `.deepspeed_env`), and the launch directory.
 EXPAND_ENV = "DSLAUNCH_EXPAND_ENV"
@@ -45,6 +46,7 @@ class NodeEnv:
     master_port: int
     pg_timeout: float = 1800.0
     restart_backoff: float = 1.0
+    restart_window: float = 0.0  # the agent renews its restart budget after this long healthy; 0: never
     auto_threads: bool = True  # divide the node's cores among its ranks (OMP_NUM_THREADS unset)
     serve: ServeSpec = field(default_factory=ServeSpec)
     # Replicas: node_rank, rank_offset and world_size above are the replica's own (its gang); the
@@ -76,6 +78,7 @@ class NodeEnv:
             "DSLAUNCH_BACKEND": self.backend,
             "DSLAUNCH_PG_TIMEOUT": f"{self.pg_timeout:g}",
             "DSLAUNCH_RESTART_BACKOFF": f"{self.restart_backoff:g}",
+            RESTART_WINDOW_ENV: f"{self.restart_window:g}",
             "DSLAUNCH_MASTER_ADDR": self.master_addr,
             "DSLAUNCH_MASTER_PORT": str(self.master_port),
             "DSLAUNCH_SERVE": self.serve.to_json(),
@@ -115,6 +118,7 @@ class NodeEnv:
             master_port=int(e["DSLAUNCH_MASTER_PORT"]),
             pg_timeout=float(e.get("DSLAUNCH_PG_TIMEOUT", "1800")),
             restart_backoff=float(e.get("DSLAUNCH_RESTART_BACKOFF", "0")),
+            restart_window=float(e.get(RESTART_WINDOW_ENV, "0")),
             auto_threads=e.get(AUTO_THREADS_ENV) == "1",
             serve=ServeSpec.from_json(e.get("DSLAUNCH_SERVE", "{}")),
             unit=int(e[NODE_ENV]) if e[NODE_ENV].isdigit() else None,

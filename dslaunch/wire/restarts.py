@@ -13,6 +13,9 @@ Each agent of a gang runs (torchrun's `SimpleElasticAgent`, with --monitor-inter
         start_workers()           # this node's ranks: python -m dslaunch.rank.worker
         while all workers run:
             sleep(0.5)
+            if they ran --restart-window since they started:
+                restarts_left = max_restarts   # dslaunch's (rank/torchrun.py): a budget per run
+                                               # of failures, not per agent lifetime
         if every worker exited 0:
             return SUCCEEDED      # the agent leaves; its replica is over (see RankEnd: ranks exit
                                   # 0 only when told to stop, or when a restart would not help)
@@ -26,7 +29,8 @@ Each rank, per attempt (`rank/worker.py`, `rank/session.py`)::
 
     attempt = agreed attempt      # a counter in the agent's store (rank/group.py): the same on
                                   # every rank of the gang, one more after every gang restart
-    sleep(backoff_delay(--restart-backoff, attempt))   # 0 for the first start and first restart
+    sleep(backoff_delay(--restart-backoff, attempt - renewed))  # 0 for the first start and first
+                                  # restart; `renewed`: the last attempt that ran --restart-window
     init_process_group(attempt_url(init_url, attempt))  # file://: a fresh file per attempt
     start up (every step checked on every rank), serve, and end as one of RankEnd
 

@@ -104,22 +104,37 @@ def test_repeated_crashes_back_off_and_status_keeps_the_reason(sim: SimCluster, 
     marker = tmp_path / "crash-now"
     up = cli.up(
         "-H", str(sim.hostfile(slots=1)), "--handler", "flaky_handler:Flaky", "--max-restarts", "3",
-        "--restart-backoff", "1", "--env", f"PYTHONPATH={tmp_path}", "--env", f"FLAKY_MARKER={marker}",
-        "--port", front_port(),
+        "--restart-backoff", "1", "--restart-window", "3", "--env", f"PYTHONPATH={tmp_path}",
+        "--env", f"FLAKY_MARKER={marker}", "--port", front_port(),
     )  # fmt: skip
     assert up.returncode == 0, up.stdout + up.stderr
     st = status_json(cli)
     assert st["last_failure"] == {}
+    # one crash, then 3 s healthy (--restart-window): the budget and the back-off start again there
+    os.kill(st["ranks"][1]["pid"], signal.SIGKILL)
+    wait_status(cli, lambda s: s["state"] == "ready" and all(r["restarts"] == 1 for r in s["ranks"]))
+    node1 = next(cli.work_dir.glob("*/node1"))
+
+    def renewed() -> bool:
+        agent = (node1 / "agent.log").read_text(errors="replace")
+        return "restart budget renewed: 3 restarts again" in agent and (node1 / "ranks" / "rank1.renewed").exists()
+
+    deadline = time.monotonic() + 60
+    while not renewed():
+        assert time.monotonic() < deadline, "the restart budget was not renewed"
+        time.sleep(0.2)
     marker.touch()
     t0 = time.monotonic()
-    os.kill(st["ranks"][1]["pid"], signal.SIGKILL)
-    # node 1's agent gives up after its 3 restarts: attempt 1 at once, then 1 s and 2 s of back-off
+    os.kill(wait_status(cli, lambda s: True)["ranks"][1]["pid"], signal.SIGKILL)
+    # node 1's agent gives up after 3 more restarts: attempt 2 at once (the first since the
+    # renewal), then 1 s and 2 s of back-off; without the renewal it would have had 2 left
     st = wait_status(cli, lambda s: not s["nodes"][1]["agent_alive"], timeout=150)
     assert not st["nodes"][1]["agent_alive"], st
     assert time.monotonic() - t0 > 3, "the back-off was not applied"
     logs = cli("logs", "--rank", "1", "--lines", "400").stdout
-    assert "backing off 1s before attempt 2" in logs and "backing off 2s before attempt 3" in logs, logs
-    assert "backing off" not in logs.split("attempt 1 on")[1].split("--- rank")[0], "the 1st restart waits"
+    assert "backing off 1s before attempt 3" in logs and "backing off 2s before attempt 4" in logs, logs
+    assert "backing off" not in logs.split("attempt 2 on")[1].split("--- rank")[0], "the 1st restart waits"
+    assert "attempt 5 on" not in logs, "3 restarts after the renewal, no more"
     last = st["last_failure"]
     assert last["rank"] == 1 and last["host"] == "node1" and last["exit_code"] == 1, last
     assert "refusing to load" in last["last_line"], last
