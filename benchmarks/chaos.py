@@ -36,7 +36,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from common import dslaunch, pick_network, sim_job_dirs, table, write
+from common import dslaunch, pick_network, public_front, sim_job_dirs, table, write
 
 from dslaunch.engine.tinymodel import NAME
 from tests import chaos
@@ -45,11 +45,7 @@ from tests.simnodes import SimCluster
 
 
 def run(sim: SimCluster, env: dict[str, str], work: Path, minutes: float, seed: int) -> dict[str, Any]:
-    token = "chaos-" + os.urandom(8).hex() if sim.network else None
-    public: list[str] = []
-    if token:  # the clients are outside the nodes' namespaces: the routers listen on every address
-        (work / "token").write_text(token)
-        public = ["--bind", "0.0.0.0", "--token-file", str(work / "token")]
+    token, public = public_front(sim, work)
     up = dslaunch(env, "up", "-H", str(sim.hostfile(slots=2)), "--work-dir", str(work), "--tp", "2",
                   "--routers", "2", "--hang-timeout", "10", "--max-restarts", "100", "--timeout", "400", *public,
                   timeout=500)  # fmt: skip

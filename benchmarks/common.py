@@ -131,6 +131,16 @@ def closed_loop(n: int, seconds: float, one: Any) -> dict[str, float]:
     return out
 
 
+def public_front(sim: Any, work: Path) -> tuple[str | None, list[str]]:
+    """The token and `up` flags that let clients outside the nodes' network namespaces reach the
+    routers (every address, with a token); none on loopback nodes."""
+    if sim.network is None:
+        return None, []
+    token = os.urandom(12).hex()
+    (work / "token").write_text(token)
+    return token, ["--bind", "0.0.0.0", "--token-file", str(work / "token")]
+
+
 def pick_network(asked: str | None) -> str:
     """`netns` (nodes in network namespaces, where partitions can be made) or `loopback`: what
     was asked, else netns where this machine allows it."""

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import dslaunch, pick_network, sim_job_dirs, table, write
+from common import dslaunch, pick_network, public_front, sim_job_dirs, table, write
 
 from dslaunch.client import Client, FrontError
 from tests.chaos import cut_links, router_pid
@@ -167,11 +167,7 @@ def router_lost_a_replica(k: int, r: int | None = None) -> Callable[[list[View]]
 
 def measure(sim: Any, env: dict[str, str], work: Path, hang_timeout: float) -> list[dict[str, Any]]:
     home, net = Path(env["DSLAUNCH_HOME"]), sim.network
-    token = "faults-" + os.urandom(8).hex() if net else None
-    public: list[str] = []
-    if token:  # the clients are outside the nodes' namespaces: the routers listen on every address
-        (work / "token").write_text(token)
-        public = ["--bind", "0.0.0.0", "--token-file", str(work / "token")]
+    token, public = public_front(sim, work)
     up = dslaunch(env, "up", "-H", str(sim.hostfile(slots=2)), "--work-dir", str(work), "--tp", "2",
                   "--routers", "2", "--hang-timeout", f"{hang_timeout:g}", "--timeout", "400", *public,
                   timeout=500)  # fmt: skip
