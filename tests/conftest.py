@@ -77,9 +77,10 @@ def front_port() -> str:
     The default is 7070 or the next free port: `up` finds it free, rank 0 binds it seconds later,
     and a job that another test run on the same machine starts in between can take it; after a
     restart the front listens again on the port it had, which may have been taken meanwhile. This
-    one is picked at random outside the range the kernel hands out by itself.
+    one is picked at random outside the range the kernel hands out by itself, free on every
+    address (a job that binds 0.0.0.0 collides with a simulated node's sshd on any 127.0.0.x).
     """
-    return str(node_port(["127.0.0.1"]))
+    return str(node_port(["0.0.0.0"]))
 
 
 def job_dirs(work_dir: Path) -> list[str]:
