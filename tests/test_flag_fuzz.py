@@ -46,6 +46,7 @@ VALUES: dict[str, list[str]] = {
     "--max-batch-size": ["0", "1", "8"],
     "--max-batch-tokens": ["0", "1", "2", "4096"],
     "--max-step-tokens": ["0", "1", "7", "512"],
+    "--max-itl-ratio": ["0", "0.5", "1", "2.5", "nan", "inf", "x"],
     "--batch-wait-ms": ["-1", "0", "5"],
     "--max-queue": ["0", "64"],
     "--max-request-bytes": ["10", "4096"],

@@ -87,6 +87,28 @@ def test_a_prefix_hit_gives_the_same_text_and_a_request_too_big_for_the_pool_is_
     assert small.alive
 
 
+def test_a_pool_sized_in_memory_holds_what_that_memory_holds_of_this_model(
+    tiny: Path, ref: Any, tmp_path: Path
+) -> None:
+    from dslaunch.engine.kvsize import token_bytes
+
+    s = Served(tiny, tmp_path, max_batch_size=4, kv_cache_memory=1 << 20, max_batch_tokens=64)
+    try:
+        pool = s.engine.pool_size
+        cfg = s.engine.config
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        per_token = 2 * cfg.num_hidden_layers * heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # fp32 K, V
+        assert token_bytes(s.engine.model, "cpu")[1] == pool.token_bytes == per_token
+        assert pool.blocks == (1 << 20) // (16 * per_token) and pool.source == "--kv-cache-memory"
+        assert pool.status() == {"tokens": pool.tokens, "mib": round(pool.tokens * per_token / 2**20, 1),
+                                 "from": "--kv-cache-memory"}  # fmt: skip
+        assert pool.tokens > 64, "the memory, not --max-batch-tokens, sized it"
+        assert s.ask(_gen("Hello", 12))[0]["text"] == ref("Hello", 12)
+        assert s.alive
+    finally:
+        s.close()
+
+
 def test_seeded_sampling_is_the_same_alone_and_among_chunked_rows(small: Served) -> None:
     seeded = _gen("Hello world", 20, temperature=0.9, top_k=50, seed=77)
     alone = small.ask(seeded)[0]["text"]

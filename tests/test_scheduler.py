@@ -11,6 +11,7 @@ import pytest
 
 from dslaunch.engine.blocks import BlockPool
 from dslaunch.engine.scheduler import Plan, Scheduler
+from dslaunch.engine.stepcost import MIN_CHUNK, MIN_SAMPLES, StepCost
 
 VOCAB = 50
 EOS = 0
@@ -58,8 +59,9 @@ class SimCache:
 
 def drive(s: Scheduler, rows: dict[int, tuple[list[int], int]], rng: random.Random | None = None,
           eos: bool = False, arrive: dict[int, int] | None = None, cancel: set[int] | None = None,
-          max_steps: int = 20000) -> tuple[dict[int, list[int]], list[Plan]]:  # fmt: skip
-    """Run rows to completion through the scheduler and the simulated cache."""
+          max_steps: int = 20000, budget: bool = False) -> tuple[dict[int, list[int]], list[Plan]]:  # fmt: skip
+    """Run rows to completion through the scheduler and the simulated cache; `budget`: each step
+    under a random cap, as rank 0's loop caps steps (`engine/stepcost.py`)."""
     cache, outs, plans = SimCache(s), {k: [] for k in rows}, []
     arrive = arrive or {k: 0 for k in rows}
     pending, step = dict(rows), 0
@@ -71,12 +73,13 @@ def drive(s: Scheduler, rows: dict[int, tuple[list[int], int]], rng: random.Rand
             if k in cancel:
                 s.finish(k)
                 outs.pop(k, None)
-        plan = s.schedule()
+        cap = rng.randint(1, s.step_tokens) if budget and rng is not None else s.step_tokens
+        plan = s.schedule(cap)
         plans.append(plan)
         s.pool.check()
         assert 0 <= s.pool.used <= s.pool.total
         assert len(s.running) <= s.max_rows
-        assert sum(len(c.tokens) for c in plan.chunks) <= s.step_tokens
+        assert sum(len(c.tokens) for c in plan.chunks) <= cap
         for k in plan.preempted:
             assert k not in {c.key for c in plan.chunks}
         sampled = cache.run(plan)
@@ -195,8 +198,37 @@ def test_fuzzed_mixed_runs_leave_every_block_free_and_match_solo(seed: int) -> N
     )  # fmt: skip
     arrive = {k: rng.randint(0, 40) for k in rows}
     cancel = {k for k in rows if rng.random() < 0.2}
-    outs, _ = drive(s, rows, rng=rng, eos=True, arrive=arrive, cancel=cancel)
+    outs, _ = drive(s, rows, rng=rng, eos=True, arrive=arrive, cancel=cancel, budget=seed % 2 == 1)
     assert s.pool.used == 0 and s.pool.free == s.pool.total and not s.running and not s.waiting
     s.pool.check()
     for k, out in outs.items():
         assert out == solo(*rows[k], eos=True), k
+
+
+def test_step_cost_caps_a_step_to_the_ratio_of_a_decode_step_from_the_fitted_line() -> None:
+    cost = StepCost(ratio=2.0)
+    assert cost.cap(8, 128) == 128, "no steps seen yet: the token budget alone"
+    rng = random.Random(0)
+    for _ in range(MIN_SAMPLES * 4):  # a step costs 10 ms + 0.5 ms per token, with 2% noise
+        tokens = rng.choice([8, 8, 8, 9, 40, 136])
+        cost.observe(tokens, (0.010 + 0.0005 * tokens) * rng.uniform(0.98, 1.02))
+    a, b = cost.fit() or (0.0, 0.0)
+    assert a == pytest.approx(0.010, rel=0.1) and b == pytest.approx(0.0005, rel=0.1)
+    # 2 x (10 + 8 x 0.5) ms = 28 ms = 10 + 0.5 t  ->  t = 36 tokens
+    assert 33 <= cost.cap(8, 128) <= 39
+    assert cost.cap(0, 128) == 128, "nobody decodes: nobody waits"
+    assert cost.cap(8, 20) == 20, "never above --max-step-tokens"
+    assert cost.cap(100, 128) == 128 and StepCost(0).cap(8, 128) == 128  # the ratio allows it; off
+    few = StepCost(ratio=1.0)
+    for _ in range(MIN_SAMPLES):
+        few.observe(8, 0.014)
+        few.observe(136, 0.078)
+    assert few.cap(8, 128) == 8 + MIN_CHUNK, "a joining prompt still advances"
+
+
+def test_step_cost_leaves_the_budget_where_tokens_cost_nothing_or_cannot_be_told_apart() -> None:
+    flat, same = StepCost(ratio=2.0), StepCost(ratio=2.0)
+    for i in range(MIN_SAMPLES * 2):
+        flat.observe(8 if i % 2 else 128, 0.020)  # a GPU at small batches: the time is per pass
+        same.observe(16, 0.020 + 0.001 * (i % 3))  # every step alike: no slope to read
+    assert flat.cap(8, 128) == 128 and same.fit() is None and same.cap(8, 128) == 128

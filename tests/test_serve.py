@@ -22,7 +22,7 @@ PROMPTS = ["Hello world", "The quick brown fox", "One command starts the job", "
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[str, Any]]]:
     yield from local_job(tmp_path_factory, "-H", "hostfiles/localhost", "--max-batch-size", "8",
-                         "--batch-wait-ms", "20", "--max-new-tokens", "64")  # fmt: skip
+                         "--batch-wait-ms", "20", "--max-new-tokens", "64", "--kv-cache-memory", "2MiB")  # fmt: skip
 
 
 @pytest.fixture
@@ -178,8 +178,13 @@ def test_health_stats_and_status_show_the_front(job: tuple[Cli, dict[str, Any]],
     st = json.loads(cli("status", "--json").stdout)
     assert st["front"]["address"] == f"127.0.0.1:{rec['front']['port']}"
     assert st["front"]["ready"] is True
+    pools = [r["kv"] for r in st["ranks"]]  # each rank's KV pool: the same blocks, sized by the flag
+    assert len({p["tokens"] for p in pools}) == 1 and all(p["from"] == "--kv-cache-memory" for p in pools)
+    assert all(1.9 < p["mib"] <= 2.0 for p in pools), pools
+    assert stats["kv_blocks_total"] * 16 == pools[0]["tokens"]  # the pool the router reports, in 16-token blocks
     text = cli("status").stdout
     assert f"front 127.0.0.1:{rec['front']['port']} ready" in text
+    assert f"kv 2 MiB, {pools[0]['tokens']} tokens" in text
 
 
 def test_the_job_still_serves_and_down_leaves_nothing(job: tuple[Cli, dict[str, Any]], client: Client) -> None:

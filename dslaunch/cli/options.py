@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any
@@ -25,6 +26,25 @@ def _job(name: str) -> Any:
 
 def _serve(name: str) -> Any:
     return _default(ServeSpec, name)
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 10**3, "KIB": 1 << 10, "M": 1 << 20, "MB": 10**6, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 10**9, "GIB": 1 << 30, "T": 1 << 40, "TB": 10**12, "TIB": 1 << 40}  # fmt: skip
+
+
+class Size(click.ParamType):
+    """A memory size: bytes, or a number with a unit (512MiB, 4GiB, 1.5GB)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else ""
+        if m is None or unit not in _UNITS:
+            self.fail(f"{value!r} is not a size (bytes, or a number with a unit: 512MiB, 4GiB, 1.5GB)", param, ctx)
+        return int(float(m.group(1)) * _UNITS[unit])
 
 
 UP_EXAMPLES = """
@@ -241,9 +261,17 @@ SERVE_OPTIONS = [
                  help="KV cache size in tokens: the block pool of models whose attention is paged (rows "
                       "hold the blocks they use), or the bound of the padded cache (rows x the longest row's "
                       "prompt + max_new_tokens); requests beyond it wait in the queue."),
+    click.option("--kv-cache-memory", type=Size(), default=None,
+                 help="The KV block pool's size per rank in memory (e.g. 4GiB), instead of --max-batch-tokens. "
+                      "Default: --max-batch-tokens on CPU; on a GPU, what 90% of its memory leaves after the "
+                      "weights and one step's activations. The rank's log and `status` show the pool."),
     click.option("--max-step-tokens", type=int, default=_serve("max_step_tokens"), show_default=True,
                  help="Most tokens one forward pass computes (paged models): every running row's next token, "
                       "then chunks of joining prompts; a longer prompt is prefilled over several steps."),
+    click.option("--max-itl-ratio", type=float, default=_serve("max_itl_ratio"), show_default=True,
+                 help="While rows decode, a step carrying prompt chunks takes at most this many times a "
+                      "decode-only step (fitted from measured step times; paged models). 0: only "
+                      "--max-step-tokens bounds it."),
     click.option("--batch-wait-ms", type=float, default=_serve("batch_wait_ms"), show_default=True,
                  help="How long the first request of a batch waits for company."),
     click.option("--max-queue", type=int, default=_serve("max_queue"), show_default=True,

@@ -286,6 +286,8 @@ def status_view(st: JobStatus) -> Group:
         mem = f"{r.rss_mb:.0f} MiB" if r.rss_mb is not None else "-"
         if r.gpu_mem_mb is not None:
             mem += f" / gpu {r.gpu_mem_mb:.0f} MiB"
+        if r.kv:
+            mem += f" / kv {r.kv.get('mib', 0):.0f} MiB, {r.kv.get('tokens')} tokens"
         ranks.add_row(
             str(r.rank), _t(r.host), str(r.local_rank), str(r.pid or "-"),
             _stage(r.stage) + (f" {load_text([r.load])}" if r.load else ""),

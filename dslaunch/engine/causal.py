@@ -13,6 +13,7 @@ from dslaunch.engine.base import EngineContext, Pretrained, Sink, Work, broadcas
 from dslaunch.engine.generation import Generation, row_budget
 from dslaunch.engine.grammar import Grammars
 from dslaunch.engine.kvbatch import KVBatch, cache_keyword
+from dslaunch.engine.kvsize import PoolSize, pool_size, token_bytes
 from dslaunch.engine.packed import PackedBatch
 from dslaunch.engine.paged import BLOCK_SIZE, PagedKV, StepLayout, supports_paged, use_paged
 from dslaunch.engine.prompts import PromptTokenizer
@@ -44,8 +45,12 @@ class CausalLMEngine(Pretrained):
         self.vocab = int(getattr(config, "vocab_size", 0) or len(self.tok))
         self.max_batch_tokens = opts.max_batch_tokens
         self.max_batch_size, self.max_step_tokens = opts.max_batch_size, opts.max_step_tokens
+        self.max_itl_ratio = opts.max_itl_ratio  # rank 0's loop caps steps with it (engine/stepcost.py)
         self.blocks = max(1, opts.max_batch_tokens // BLOCK_SIZE)
+        self._serve_kv: PagedKV | None = None
+        self.pool_size: PoolSize | None = None  # the paged path's pool (`engine/kvsize.py`)
         self.kv_path = self._choose_path(opts)
+        self._run_kv: PagedKV | None = None  # `run`'s pool, kept: zeroing one costs several steps
         self.pad_id = int(self.tok.pad_token_id or 0)
         # the front's own tokenizer (rank 0 only: the other ranks never tokenize a prompt)
         self.prompts = PromptTokenizer(path, self.max_positions) if ctx.lead else None
@@ -67,11 +72,20 @@ class CausalLMEngine(Pretrained):
         before = use_paged(self.model)
         try:
             with torch.inference_mode():
-                layers = PagedKV(self.model, 1, BLOCK_SIZE, self.ctx.device).probe()
+                layers, per_token = token_bytes(self.model, self.ctx.device)
         except Exception as e:
             print(f"paged attention failed its first forward ({type(e).__name__}: {e}); using the padded cache")
             layers = 0
         if layers == int(getattr(self.config, "num_hidden_layers", layers) or layers) and layers > 0:
+            with torch.inference_mode():
+                self.pool_size = pool_size(self.model, self.ctx, opts, per_token,
+                                           min(self.max_step_tokens, self.max_positions))  # fmt: skip
+                self.blocks = self.pool_size.blocks
+                # the serving pool, made and every page of it touched before `ready`: made on the
+                # first request instead, its zeroing ran in front of the first steps under load
+                self._serve_kv = PagedKV(self.model, self.blocks, BLOCK_SIZE, self.ctx.device)
+                self._serve_kv.probe()
+            print(self.pool_size.describe(), flush=True)
             return "paged"
         use_paged(self.model, before)
         return "padded"
@@ -111,7 +125,7 @@ class CausalLMEngine(Pretrained):
                     BAD_REQUEST,
                     f"this request needs {len(ids)} rows of up to {need} tokens of KV cache (prompt + "
                     f"max_new_tokens); the job holds {self.max_batch_size} rows (--max-batch-size) and "
-                    f"{self.blocks * BLOCK_SIZE} tokens (--max-batch-tokens)",
+                    f"{self.blocks * BLOCK_SIZE} tokens ({self.pool_size.source if self.pool_size else 'its pool'})",
                 )
             req.ids = ids
             return
@@ -132,8 +146,8 @@ class CausalLMEngine(Pretrained):
     # -- every rank ---------------------------------------------------------------------------------
     def new_batch(self) -> KVBatch | PagedKV:
         """The running batch's KV cache on this rank: the block pool, or the left-padded cache."""
-        if self.kv_path == "paged":
-            return PagedKV(self.model, self.blocks, BLOCK_SIZE, self.ctx.device)
+        if self._serve_kv is not None:
+            return self._serve_kv
         return KVBatch(self.model, self.ctx.device, self.pad_id, self.cache_kw)
 
     def packed(self, max_rows: int | None = None) -> PackedBatch:
@@ -200,7 +214,9 @@ class CausalLMEngine(Pretrained):
         """`run` over the block pool: rank 0's scheduler decides every step, as when serving."""
         import torch
 
-        kv, batch = self.new_batch(), self.packed(max_rows=len(ids))
+        if self._run_kv is None:
+            self._run_kv = PagedKV(self.model, self.blocks, BLOCK_SIZE, self.ctx.device)
+        kv, batch = self._run_kv, self.packed(max_rows=len(ids))
         results: list[Any] = [None] * len(ids)
         for i, (x, p) in enumerate(zip(ids, work.params, strict=True)):
             if self.ctx.lead:

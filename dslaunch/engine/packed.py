@@ -32,8 +32,8 @@ class PackedBatch:
         self.gen.rows.append(row)
         return row
 
-    def plan(self) -> Plan:
-        return self.sched.schedule()
+    def plan(self, budget: int | None = None) -> Plan:
+        return self.sched.schedule(budget)
 
     def after(self, plan: Plan, logits: Any) -> int:
         """The plan's forward ran: its logits are the kept ones (`PagedKV.step`). Prompts being

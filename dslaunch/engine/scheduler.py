@@ -7,7 +7,8 @@ The interface, in the order the loop calls it each step:
 
 - `add(key, prompt, budget, every)`: a row waits to join (`fits` says beforehand whether it ever
   can); `every` asks for its prompt's logits at every position, so it takes no cached prefix;
-- `schedule() -> Plan`: this step's chunks, one per scheduled row, within the token budget;
+- `schedule(budget) -> Plan`: this step's chunks, one per scheduled row, within the token budget
+  (`step_tokens`, or less where the loop caps a step's time: `engine/stepcost.py`);
 - `commit(plan)`: the forward ran: the chunks' tokens are in the cache;
 - `append(key, token)` for each row that goes on with a new token, `finish(key)` for each row
   that is done (or went away, whether running or waiting): its blocks go back to the pool.
@@ -108,8 +109,13 @@ class Scheduler:
         self.seqs[key] = seq
         self.waiting.append(seq)
 
-    def schedule(self) -> Plan:
-        left = self.step_tokens
+    def decoding(self) -> int:
+        """Running rows whose next chunk is one token: the rows a long step keeps waiting."""
+        return sum(1 for seq in self.running if len(seq.tokens) - seq.computed == 1)
+
+    def schedule(self, budget: int | None = None) -> Plan:
+        """This step's chunks within `budget` tokens (at most `step_tokens`; None: `step_tokens`)."""
+        left = self.step_tokens if budget is None else max(1, min(budget, self.step_tokens))
         chunks: list[Chunk] = []
         preempted: list[int] = []
         i = 0

@@ -50,6 +50,7 @@ class RankStatus:
     error: str | None = None
     replica: int = 0
     load: dict[str, int] | None = None  # while loading: {"read", "total", "rate"}, bytes and bytes/s
+    kv: dict[str, Any] | None = None  # the paged KV pool, once ready: {"tokens", "mib", "from"}
 
 
 @dataclass
@@ -109,6 +110,7 @@ def _rank_from(rec: JobRecord, node_rank: int, raw: dict[str, Any] | None, rank:
     rs.gpu_mem_mb = raw.get("gpu_mem_mb")
     rs.error = raw.get("error")
     rs.load = raw.get("load") if rs.stage == RankStage.LOADING else None
+    rs.kv = raw.get("kv")
     return rs
 
 

@@ -2,12 +2,14 @@
 
 Every step the `Scheduler` (`engine/scheduler.py`, through `engine/packed.PackedBatch`) decides
 what each row computes: every running row's next token, then chunks of joining prompts, within
-`--max-step-tokens`; rows are preempted (and recomputed later) when the block pool runs out, and
-a joiner starts from the longest cached prefix of its prompt. Rank 0 sends the step as one
-header and one flat int64 tensor (`StepLayout.flat`: positions, block tables, tokens); every rank
-runs the same forward over its own identical pool, and rank 0 samples the rows whose chunk
-reached their last token. Requests are taken from the queue while rows are free
-(`--max-batch-size`); whether they fit in the pool is the scheduler's call, counted in blocks.
+`--max-step-tokens`, or fewer while rows decode where tokens cost time (`engine/stepcost.py`
+keeps such a step within `--max-itl-ratio` decode steps). Rows are preempted (and recomputed
+later) when the block pool runs out, and a joiner starts from the longest cached prefix of its
+prompt. Rank 0 sends the step as one header and one flat int64 tensor (`StepLayout.flat`:
+positions, block tables, tokens); every rank runs the same forward over its own identical pool,
+and rank 0 samples the rows whose chunk reached their last token. Requests are taken from the
+queue while rows are free (`--max-batch-size`); whether they fit in the pool is the scheduler's
+call, counted in blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from dslaunch.engine.packed import PackedBatch
 from dslaunch.engine.paged import PagedKV, StepLayout
 from dslaunch.engine.scheduler import Plan
+from dslaunch.engine.stepcost import StepCost
 from dslaunch.rank.batches import probe_between
 from dslaunch.rank.channel import BEAT, PACKED, RESTARTING, STOP, Channel, Message, peer_lost
 from dslaunch.rank.steps import DRAIN_S, STOPPING
@@ -32,6 +35,7 @@ def lead_packed(engine: Any, channel: Channel, source: Any, heartbeat_s: float) 
     gen.observer = getattr(source, "times", None)  # request timings for the metrics (serving.reqtimes)
     channel.progress.batch = gen
     source.engine_stats(batch.stats)
+    cost = StepCost(getattr(engine, "max_itl_ratio", 0.0))
     closing: float | None = None
     while True:
         gen.cancelled()
@@ -56,14 +60,14 @@ def lead_packed(engine: Any, channel: Channel, source: Any, heartbeat_s: float) 
             for job in source.admit(_Rows(engine, batch)):
                 for i, ids in enumerate(job.req.ids):
                     batch.add(ids, job.req.params, job.row(i))
-        plan = batch.plan()
+        plan = batch.plan(cost.cap(batch.sched.decoding(), batch.sched.step_tokens))
         if not plan.chunks:
             continue
         with source.events_together():
-            _step(channel, source, batch, kv, plan)
+            _step(channel, source, batch, kv, plan, cost)
 
 
-def _step(channel: Channel, source: Any, batch: PackedBatch, kv: PagedKV, plan: Plan) -> bool:
+def _step(channel: Channel, source: Any, batch: PackedBatch, kv: PagedKV, plan: Plan, cost: StepCost) -> bool:
     """One packed step on every rank; False when it failed on this rank (its rows are answered)."""
     import torch
 
@@ -84,7 +88,9 @@ def _step(channel: Channel, source: Any, batch: PackedBatch, kv: PagedKV, plan: 
         batch.reset()
         return False
     made = batch.after(plan, logits)
-    source.stepped(len(plan.chunks), time.perf_counter() - t0, made, len(plan.joined), forwards=1)
+    took = time.perf_counter() - t0
+    cost.observe(sum(len(c.tokens) for c in plan.chunks), took)
+    source.stepped(len(plan.chunks), took, made, len(plan.joined), forwards=1)
     return True
 
 

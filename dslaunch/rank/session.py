@@ -96,7 +96,9 @@ def startup(cfg: GroupConfig, node: NodeEnv, nd: NodeDir, status: RankStatus, st
         target = lambda: follow(engine, channel)  # noqa: E731
     loop = LoopThread(target)
     loop.start()
-    status.update(RankStage.READY, front=front.address if front else None, **memory(cfg.device))
+    pool = getattr(engine, "pool_size", None)  # the paged KV pool: its tokens, MiB, and what sized it
+    status.update(RankStage.READY, front=front.address if front else None, **memory(cfg.device),
+                  **({"kv": pool.status()} if pool is not None else {}))  # fmt: skip
     print("serving" + (f" on {front.address}" if front else ""), flush=True)
     return Session(cfg, node, nd, status, stop, progress, loop, front)
 

@@ -47,7 +47,9 @@ class ServeSpec:
     port: int | None = None  # None: DEFAULT_FRONT_PORT or the next free one
     max_batch_size: int = 8
     max_batch_tokens: int = 16384  # KV cache tokens: the block pool's size (the padded cache's bound)
+    kv_cache_memory: int | None = None  # bytes of the block pool per rank, instead (None: tokens, or free GPU memory)
     max_step_tokens: int = 128  # tokens one forward pass computes at most (decode tokens + prefill chunks)
+    max_itl_ratio: float = 2.0  # a step with prompt chunks takes at most this many decode steps' time; 0: off
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     max_request_bytes: int = 1 << 20
@@ -83,6 +85,10 @@ class ServeSpec:
         ):
             if value < lo:
                 raise UserError(f"{flag} {value}: must be at least {lo}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1 << 20:
+            raise UserError(f"--kv-cache-memory {self.kv_cache_memory} bytes: must be at least 1MiB")
+        if not (self.max_itl_ratio == 0 or 1 <= self.max_itl_ratio < math.inf):
+            raise UserError(f"--max-itl-ratio {self.max_itl_ratio}: must be 0 (off) or a number of at least 1")
         if not 0 <= self.batch_wait_ms < math.inf:
             raise UserError(f"--batch-wait-ms {self.batch_wait_ms}: must be 0 or more")
         for flag, value in (
