@@ -10,7 +10,11 @@ OpenAI-style `/v1/completions` (no chat template: the same raw prompt). Both cou
 they really generated (a row may end early at EOS). The models: the built-in tiny Llama and a
 ~28M-parameter Llama built from a config (random weights, no download).
 
-    python benchmarks/versus.py [--seconds 4] [--rounds 3] [--models tiny,llama28m]
+    python benchmarks/versus.py [--seconds 4] [--rounds 3] [--models tiny,llama28m] [--cold-seconds 10]
+
+Cold: after the warm rounds, each server is started afresh per level (16, 32 clients), one at
+a time, and measured for its first --cold-seconds under load with no warm-up, then for the
+--cold-seconds after those (the same server, now warm: cold / next compares the two).
 
 Needs the peer's extras: pip install -e '.[bench]' (transformers[serving]).
 """
@@ -38,6 +42,7 @@ from dslaunch.client import Client
 
 PROMPTS = [f"Request {i:02d}: the quick brown fox jumps over the lazy dog" for i in range(32)]
 LEVELS = [1, 16, 32]
+COLD_LEVELS = [16, 32]
 NEW_TOKENS = 32
 
 
@@ -171,6 +176,20 @@ def engine_share(make: Any, n: int, seconds: float) -> dict[str, float]:
     return out
 
 
+def cold_start(env: dict[str, str], work: Path, model: Path, tmp: Path, seconds: float) -> dict[str, Any]:
+    """Each server's first SECONDS under load right after it says it is ready, then the SECONDS
+    after those on the same server (warm): fresh for every level, one server up at a time."""
+    out: dict[str, Any] = {"dslaunch": {}, "transformers_serve": {}}
+    for n in COLD_LEVELS:
+        for who, server in (("dslaunch", lambda: dslaunch_server(env, work, model)),
+                            ("transformers_serve", lambda: peer_server(model, tmp))):  # fmt: skip
+            with server() as make:
+                cold = closed_loop(n, seconds, make(False))
+                warm = closed_loop(n, seconds, make(False))
+            out[who][n] = {"cold": cold, "warm": warm, "cold_over_warm": cold["tokens_per_s"] / warm["tokens_per_s"]}
+    return out
+
+
 def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Per key, the median over rounds (and the rounds themselves, for the JSON)."""
     keys = rounds[0].keys()
@@ -182,6 +201,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="Measuring time per level, mode and round.")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="tiny,llama28m")
+    cold_help = "Also measure each fresh server's first seconds under load (0: skip)."
+    ap.add_argument("--cold-seconds", type=float, default=10.0, help=cold_help)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from dslaunch.engine import tinymodel
@@ -208,6 +229,9 @@ def main() -> None:
                             runs[who].setdefault(n, []).append(turn(make, n, args.seconds))
             results[name] = {who: {n: median_of(r) for n, r in by.items()} for who, by in runs.items()}
             report(name, results[name]["dslaunch"], results[name]["transformers_serve"])
+            if args.cold_seconds > 0:
+                results[name]["cold"] = cold_start(env, tmp / "work", model, tmp, args.cold_seconds)
+                report_cold(results[name])
     import transformers
 
     setup = (f"one rank / one server with {os.cpu_count()} threads each, CPU, {NEW_TOKENS} new tokens, greedy, "
@@ -229,6 +253,18 @@ def report(name: str, ours: dict[int, Any], theirs: dict[int, Any]) -> None:
                  "TTFT p50 ms ours / peer", "TTFT p99 ms ours / peer"], rows))  # fmt: skip
     share = [[n, ours[n]["rows_per_step"], ours[n]["tokens_per_forward"], ours[n]["engine_busy"]] for n in LEVELS]
     print(table(["clients", "dslaunch rows/step", "tokens/forward pass", "engine busy"], share))
+
+
+def report_cold(result: dict[str, Any]) -> None:
+    rows = []
+    for n in COLD_LEVELS:
+        ours, theirs = result["cold"]["dslaunch"][n], result["cold"]["transformers_serve"][n]
+        row = [n]
+        for side in (ours, theirs):
+            row += [side["cold"]["tokens_per_s"], side["warm"]["tokens_per_s"], side["cold_over_warm"]]
+        rows.append(row)
+    print(table(["clients", "dslaunch cold tok/s", "next", "cold / next", "transformers serve cold tok/s", "next",
+                 "cold / next"], rows))  # fmt: skip
 
 
 if __name__ == "__main__":
