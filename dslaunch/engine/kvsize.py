@@ -17,6 +17,7 @@ from dslaunch.engine.paged import BLOCK_SIZE, PagedKV, StepLayout
 
 GPU_SHARE = 0.9  # of a GPU's memory a rank may use in all, weights and pool together (vLLM's default)
 MIB = 1 << 20
+GPU_SOURCE = f"{GPU_SHARE:.0%} of the GPU's memory, less weights and a step's activations"
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,23 @@ def token_bytes(model: Any, device: Any) -> tuple[int, int]:
 def pool_size(model: Any, ctx: Any, opts: Any, per_token: int, step_tokens: int) -> PoolSize:
     """The pool every rank of this replica holds (the smallest any of them can)."""
     block = per_token * BLOCK_SIZE
+    free = None
     if opts.kv_cache_memory is not None:
         blocks, source = opts.kv_cache_memory // block, "--kv-cache-memory"
-        if blocks < 1:
-            raise ValueError(f"--kv-cache-memory {opts.kv_cache_memory} bytes holds no {BLOCK_SIZE}-token block "
-                             f"of this model ({block} bytes each on this rank)")  # fmt: skip
     elif str(ctx.device).startswith("cuda"):
         free = _gpu_budget(model, ctx.device, step_tokens, per_token)
-        blocks, source = free // block, f"{GPU_SHARE:.0%} of the GPU's memory, less weights and a step's activations"
-        if blocks < 1:
-            raise ValueError(f"no GPU memory is left for the KV cache on {ctx.device} after the weights "
-                             f"({free / MIB:.0f} MiB); pass --kv-cache-memory, or spread the model over more "
-                             "ranks with --tp")  # fmt: skip
+        blocks, source = max(0, free) // block, GPU_SOURCE
     else:
         blocks, source = max(1, opts.max_batch_tokens // BLOCK_SIZE), "--max-batch-tokens"
-    return PoolSize(_smallest(blocks, ctx), per_token, source)
+    blocks = _smallest(blocks, ctx)  # before any rank refuses: the others would wait in the collective
+    if blocks < 1 and free is None:
+        raise ValueError(f"--kv-cache-memory {opts.kv_cache_memory} bytes holds no {BLOCK_SIZE}-token block "
+                         f"of this model ({block} bytes each on this rank)")  # fmt: skip
+    if blocks < 1:
+        raise ValueError(f"no GPU memory is left for the KV cache after the weights on some rank of this replica "
+                         f"({max(0, free or 0) / MIB:.0f} MiB on {ctx.device}); pass --kv-cache-memory, or spread "
+                         "the model over more ranks with --tp")  # fmt: skip
+    return PoolSize(blocks, per_token, source)
 
 
 def _gpu_budget(model: Any, device: Any, step_tokens: int, per_token: int) -> int:
