@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Cli
+from tests.conftest import REPO, Cli, front_port
 from tests.simnodes import SimCluster
 from tests.test_openssh import proxy_command_config
 
@@ -51,7 +51,7 @@ def test_deepspeed_user_setup_behind_a_proxy_command(sim: SimCluster, cli: Cli, 
     env = {**cli.env, "MLFLOW_RUN_NAME": "run-7", "PYTHONPATH": str(REPO)}
     res = subprocess.run(
         [sys.executable, "-m", "dslaunch", "up", "-H", str(hosts), "--work-dir", str(cli.work_dir),
-         "--handler", "report_handler:Report", "--timeout", "120"],
+         "--handler", "report_handler:Report", "--timeout", "120", "--port", front_port()],
         cwd=launch, env=env, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
