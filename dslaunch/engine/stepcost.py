@@ -24,23 +24,30 @@ class StepCost:
 
     def __init__(self, ratio: float) -> None:
         self.ratio = ratio
-        self._steps: deque[tuple[int, float]] = deque(maxlen=SAMPLES)
+        self._steps: deque[tuple[int, float]] = deque()
+        self._sums = [0.0, 0.0, 0.0, 0.0]  # of tokens, seconds, tokens^2, tokens*seconds: O(1) a step
 
     def observe(self, tokens: int, seconds: float) -> None:
+        self._add(tokens, seconds, 1)
         self._steps.append((tokens, seconds))
+        if len(self._steps) > SAMPLES:
+            self._add(*self._steps.popleft(), -1)
+
+    def _add(self, t: float, s: float, sign: int) -> None:
+        for i, v in enumerate((t, s, t * t, t * s)):
+            self._sums[i] += sign * v
 
     def fit(self) -> tuple[float, float] | None:
         """(seconds per step, seconds per token), or None while the steps cannot tell them apart."""
         n = len(self._steps)
         if n < MIN_SAMPLES:
             return None
-        mx = sum(t for t, _ in self._steps) / n
-        my = sum(s for _, s in self._steps) / n
-        sxx = sum((t - mx) ** 2 for t, _ in self._steps)
-        if sxx < n:  # token counts within about one of each other: no slope to read
+        sx, sy, sxx, sxy = self._sums
+        var = sxx - sx * sx / n
+        if var < n:  # token counts within about one of each other: no slope to read
             return None
-        b = sum((t - mx) * (s - my) for t, s in self._steps) / sxx
-        return my - b * mx, b
+        b = (sxy - sx * sy / n) / var
+        return (sy - b * sx) / n, b
 
     def cap(self, decoding: int, budget: int) -> int:
         """The most tokens this step may compute, with `decoding` rows waiting on it for their next token."""
