@@ -4,8 +4,8 @@ and rank 0's real loop in a thread, no sockets), on the ~28M Llama built from a 
 - shared prefix: 16 streaming requests whose prompts share a ~290-token system prompt, then a
   distinct question, against distinct prefixes of the same length: time to first token p50;
 - long prompts among decodes: 8 streaming decoders while a ~390-token prompt arrives every
-  second: the decoders' inter-token gap p50 and p99 (with the defaults, and with the step time
-  cap off, --max-itl-ratio 0: --max-step-tokens alone bounds a step);
+  second: the decoders' inter-token gap p50 and p99 (with the defaults, where --max-step-tokens
+  alone bounds a step, and with the step-time cap on, --max-itl-ratio 2);
 - KV capacity at equal memory (no model: the scheduler's own accounting): prompts of 16-1024
   tokens with 64 new tokens each, how many rows run at once in a 16384-token pool, paged (blocks
   used) against padded (rows x the longest row).
@@ -183,7 +183,7 @@ def main() -> None:
     model = build_llama(work / "llama28m")
     systems = {
         "paged": InProcess(model, work, True, max_batch_size=32),
-        "paged, --max-itl-ratio 0": InProcess(model, work, True, max_batch_size=32, max_itl_ratio=0.0),
+        "paged, --max-itl-ratio 2": InProcess(model, work, True, max_batch_size=32, max_itl_ratio=2.0),
         "padded": InProcess(model, work, False, max_batch_size=32),
     }
     for s in systems.values():  # warm alike

@@ -49,7 +49,7 @@ class ServeSpec:
     max_batch_tokens: int = 16384  # KV cache tokens: the block pool's size (the padded cache's bound)
     kv_cache_memory: int | None = None  # bytes of the block pool per rank, instead (None: tokens, or free GPU memory)
     max_step_tokens: int = 128  # tokens one forward pass computes at most (decode tokens + prefill chunks)
-    max_itl_ratio: float = 2.0  # a step with prompt chunks takes at most this many decode steps' time; 0: off
+    max_itl_ratio: float = 0.0  # >= 1: a step with prompt chunks takes at most this many decode steps' time
     batch_wait_ms: float = 5.0
     max_queue: int = 256
     max_request_bytes: int = 1 << 20
