@@ -60,7 +60,7 @@ def lead_packed(engine: Any, channel: Channel, source: Any, heartbeat_s: float) 
             for job in source.admit(_Rows(engine, batch)):
                 for i, ids in enumerate(job.req.ids):
                     batch.add(ids, job.req.params, job.row(i))
-        plan = batch.plan(cost.cap(batch.sched.decoding(), batch.sched.step_tokens))
+        plan = batch.plan(cost.cap(batch.sched.decoding(), batch.sched.step_tokens) if cost.ratio > 0 else None)
         if not plan.chunks:
             continue
         with source.events_together():
@@ -89,7 +89,8 @@ def _step(channel: Channel, source: Any, batch: PackedBatch, kv: PagedKV, plan: 
         return False
     made = batch.after(plan, logits)
     took = time.perf_counter() - t0
-    cost.observe(sum(len(c.tokens) for c in plan.chunks), took)
+    if cost.ratio > 0:  # the cap is off by default: no fit to keep
+        cost.observe(sum(len(c.tokens) for c in plan.chunks), took)
     source.stepped(len(plan.chunks), took, made, len(plan.joined), forwards=1)
     return True
 
