@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -104,6 +105,7 @@ class ForkServer:
         return Forked(sock, pid, target)
 
     def close(self) -> None:
+        """End the server, then remove its socket and log: a run leaves nothing in /tmp."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -111,6 +113,7 @@ class ForkServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _SERVER: ForkServer | None = None
