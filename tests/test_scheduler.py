@@ -133,6 +133,19 @@ def test_admission_counts_blocks_needed_not_rows_times_longest() -> None:
         s.add(9, list(range(30)), 4)
 
 
+def test_a_plan_that_no_later_step_can_change_is_told_stalled() -> None:
+    s = Scheduler(blocks=4, block_size=4, max_rows=4, step_tokens=16, prefix_caching=False)
+    s.add(0, [1, 2, 3], 2)
+    assert not s.stalled(s.schedule())  # it joined
+    s.finish(0)
+    held = s.pool.allocate(4)  # blocks held outside the scheduler: nothing can ever join
+    s.add(1, [1, 2, 3], 2)
+    plan = s.schedule()
+    assert not plan.chunks and s.stalled(plan)
+    s.pool.release(held or [])
+    assert not s.stalled(s.schedule())
+
+
 def test_chunked_prefill_keeps_decoders_decoding_within_the_budget() -> None:
     s = Scheduler(blocks=64, block_size=4, max_rows=8, step_tokens=8, prefix_caching=False)
     rows = {0: ([1, 2], 30), 1: ([3, 4, 5], 30), 2: (list(range(1, 41)), 3)}

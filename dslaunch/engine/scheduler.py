@@ -177,6 +177,11 @@ class Scheduler:
         self.pool.release(seq.blocks)
         seq.blocks = []
 
+    def stalled(self, plan: Plan) -> bool:
+        """Whether `plan` is empty and every later one would be too: rows wait, none runs, no one
+        was preempted. `fits` refuses such a row up front, so this guards the loop from spinning."""
+        return not plan.chunks and not plan.preempted and not self.running and bool(self.waiting)
+
     def reset(self) -> None:
         """Every row ends (a failed step): the pool is all free again, cached blocks kept."""
         for key in list(self.seqs):

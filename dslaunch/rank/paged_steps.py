@@ -62,6 +62,9 @@ def lead_packed(engine: Any, channel: Channel, source: Any, heartbeat_s: float) 
                     batch.add(ids, job.req.params, job.row(i))
         plan = batch.plan(cost.cap(batch.sched.decoding(), batch.sched.step_tokens) if cost.ratio > 0 else None)
         if not plan.chunks:
+            if batch.sched.stalled(plan):  # nothing could ever be placed: answer, do not spin
+                gen.fail(INTERNAL, "no waiting row fits in the free KV blocks")
+                batch.reset()
             continue
         with source.events_together():
             _step(channel, source, batch, kv, plan, cost)
