@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from dslaunch.transport.base import ConnectOptions
 from dslaunch.transport.ssh import SSHTransport
 from dslaunch.transport.sshconfig import Hop, parse_jump, resolve
 from dslaunch.wire.hosts import Node
+from tests import netns
 from tests.simnodes import SimCluster, sshd_available
 
 MODES = [pytest.param(True, id="ssh-G"), pytest.param(False, id="paramiko")]
@@ -321,3 +323,46 @@ def test_proxy_command_node0_tells_its_own_address(
         want = master or route_source(sim4.nodes[2].addr)  # node 0's source address toward node 2
         assert facts.master_addr == facts.addresses[0] == want
         assert facts.addresses[1] == sim4.nodes[2].addr
+
+
+@pytest.mark.parametrize("openssh", MODES)
+def test_server_alive_settings_are_read(home: Path, openssh: bool) -> None:
+    _mode(openssh)
+    (home / ".ssh" / "config").write_text("Host quick\n  ServerAliveInterval 1m30s\n  ServerAliveCountMax 5\n")
+    t = resolve("quick", openssh=openssh)
+    assert (t.alive_interval, t.alive_count) == (90, 5)
+    assert (resolve("other", openssh=openssh).alive_interval, resolve("other", openssh=openssh).alive_count) == (0, 3)
+    if not openssh:  # OpenSSH refuses such a file itself, in its own words
+        (home / ".ssh" / "config").write_text("Host bad\n  ServerAliveInterval soon\n")
+        with pytest.raises(RemoteError, match="bad: ssh configuration: ServerAliveInterval 'soon'"):
+            resolve("bad", openssh=False)
+
+
+@pytest.mark.ssh
+def test_a_node_gone_silent_ends_its_tunnel_after_server_alive_interval_times_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing resets the connection of a node that lost power or its link: without keep-alive a
+    tunnel over it (`dslaunch tunnel`, `query` to a loopback router) would wait for ever."""
+    why = netns.available() or ("" if sshd_available() else "sshd is not installed")
+    if why:
+        pytest.skip(why)
+    sim = SimCluster(tmp_path / "sim", 1, netns=True).start()
+    transport = None
+    try:
+        _env(sim, monkeypatch)
+        node = sim.nodes[0]
+        (sim.ssh_dir / "config").write_text(_base(sim) + "Host *\n  ServerAliveInterval 1\n  ServerAliveCountMax 2\n")
+        transport = SSHTransport(Node(node.alias, 1), ConnectOptions(connect_timeout=5))
+        chan = transport.tunnel(node.addr, node.port)  # to the node's own sshd, as seen from the node
+        chan.settimeout(30)
+        assert chan.recv(64).startswith(b"SSH-2.0-"), "the tunnel works"
+        assert sim.network is not None
+        sim.network.silence(0)
+        t0 = time.monotonic()
+        assert chan.recv(64) == b"", "the tunnel ends (no time-out)"
+        assert time.monotonic() - t0 < 15, "ended after about 1 s x (2 + 1), not the 30 s time-out"
+    finally:
+        if transport is not None:
+            transport.close()
+        sim.stop()

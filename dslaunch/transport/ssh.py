@@ -26,12 +26,29 @@ from dslaunch.transport.base import ConnectOptions, RunResult
 from dslaunch.transport.hostkeys import HostKeyPolicy, strict_off_warning
 from dslaunch.transport.sshconfig import SSHTarget, resolve
 from dslaunch.wire.hosts import Node
+from dslaunch.wire.keepalive import keep_alive
 
 # paramiko logs transport errors to stderr by itself; dslaunch reports them once, in one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 logging.getLogger("paramiko").propagate = False
 SFTP_WINDOW = 64 << 20
 MAX_HOPS = 8  # nested ProxyJump through jump hosts' own ProxyJump: deeper is a loop
+ALIVE_S = 5  # ServerAliveInterval where the ssh config leaves it off: a job's links live for days
+
+
+def _watch_silence(client: paramiko.SSHClient, t: SSHTarget) -> None:
+    """ServerAliveInterval and ServerAliveCountMax, on by default: a node that drops off the
+    network (nothing resets the connection) ends it after about interval x (count + 1) seconds, so
+    a tunnel, a query or a command over it fails and moves on instead of waiting for ever. The
+    kernel's keep-alive probes do the watching where the socket is ours (not a ProxyCommand's or
+    a jump host's channel); SSH keep-alive messages keep idle middleboxes from forgetting it."""
+    transport = client.get_transport()
+    if transport is None:
+        return
+    interval = t.alive_interval or ALIVE_S
+    transport.set_keepalive(interval)
+    if isinstance(transport.sock, socket.socket) and t.alive_count > 0:
+        keep_alive(transport.sock, idle_s=interval, interval_s=interval, count=t.alive_count)
 
 
 class SSHTransport:
@@ -152,6 +169,7 @@ class SSHTransport:
             client.close()
             reason = e.strerror or str(e)
             raise RemoteError(f"{label}: cannot connect to {where} ({reason})") from None
+        _watch_silence(client, t)
         return client
 
     def client(self) -> paramiko.SSHClient:

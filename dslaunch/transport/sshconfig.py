@@ -33,6 +33,8 @@ DEFAULT_IDENTITIES = ("id_rsa", "id_ecdsa", "id_ecdsa_sk", "id_ed25519", "id_ed2
 # ssh -G prints StrictHostKeyChecking as true/false; the config file says yes/no
 _STRICT = {"true": "yes", "false": "no", "off": "no", "on": "yes"}
 _TOKEN_RE = re.compile(r"%.")
+_TIME_RE = re.compile(r"(\d+)([smhdw]?)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class SSHTarget:
     hash_known_hosts: bool = False
     proxy_command: str | None = None
     proxy_jump: list[Hop] = field(default_factory=list)
+    alive_interval: int = 0  # ServerAliveInterval (0: off in OpenSSH; dslaunch then uses its own)
+    alive_count: int = 3  # ServerAliveCountMax
     source: str = "ssh -G"
 
     @property
@@ -137,6 +141,8 @@ def _target(name: str, opts: dict[str, list[str]], source: str) -> SSHTarget:
         strict=_strict(one("stricthostkeychecking", "ask") or "ask"),
         hash_known_hosts=one("hashknownhosts", "no") == "yes",
         proxy_jump=parse_jump(one("proxyjump", "") or ""),
+        alive_interval=_seconds(name, "ServerAliveInterval", one("serveraliveinterval", "0") or "0"),
+        alive_count=_seconds(name, "ServerAliveCountMax", one("serveralivecountmax", "3") or "3", units=False),
         source=source,
     )
     command = one("proxycommand")
@@ -151,6 +157,17 @@ def _target(name: str, opts: dict[str, list[str]], source: str) -> SSHTarget:
     global_files = " ".join(opts.get("globalknownhostsfile", [])).split()
     t.global_known_hosts = [expand_tokens(f, t) for f in global_files] or list(GLOBAL_KNOWN_HOSTS)
     return t
+
+
+def _seconds(name: str, key: str, value: str, units: bool = True) -> int:
+    """An ssh_config count, or a time as OpenSSH writes one (`90`, `1m30s`; `ssh -G` prints seconds)."""
+    value = value.strip().lower()
+    if value.isdigit():
+        return int(value)
+    parts = _TIME_RE.findall(value) if units else []
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise RemoteError(f"{name}: ssh configuration: {key} {value!r} is not a number of seconds")
+    return sum(int(n) * _UNITS[u or "s"] for n, u in parts)
 
 
 def _strict(value: str) -> str:

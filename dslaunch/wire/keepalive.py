@@ -12,17 +12,24 @@ import contextlib
 import socket
 
 DEAD_PEER_S = 5  # a peer that vanished from the network is given up after about this long
-_TCP_OPTIONS = (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", DEAD_PEER_S - 2),
-                ("TCP_USER_TIMEOUT", DEAD_PEER_S * 1000))  # fmt: skip
 
 
 def connect_tcp(host: str, port: int, timeout: float) -> socket.socket:
-    """`socket.create_connection`, with the keep-alive above where the system has the options
-    (Linux; elsewhere its own keep-alive defaults)."""
+    """`socket.create_connection`, with the keep-alive below: a silent peer ends it in DEAD_PEER_S."""
     sock = socket.create_connection((host, port), timeout=timeout)
+    keep_alive(sock, idle_s=2, interval_s=1, count=DEAD_PEER_S - 2)
+    return sock
+
+
+def keep_alive(sock: socket.socket, idle_s: int, interval_s: int, count: int) -> None:
+    """Probe after `idle_s` quiet seconds, then every `interval_s`; give up after `count` unanswered
+    (and give data unacknowledged as long up too), where the system has the options (Linux;
+    elsewhere its own keep-alive defaults)."""
+    deadline_ms = (idle_s + interval_s * count) * 1000
+    options = (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s), ("TCP_KEEPCNT", count),
+               ("TCP_USER_TIMEOUT", deadline_ms))  # fmt: skip
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in _TCP_OPTIONS:
+        for name, value in options:
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-    return sock
