@@ -3,6 +3,7 @@ streaming, bad input. One job for the module; every test checks it still answers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -22,7 +23,8 @@ PROMPTS = ["Hello world", "The quick brown fox", "One command starts the job", "
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cli, dict[str, Any]]]:
     yield from local_job(tmp_path_factory, "-H", "hostfiles/localhost", "--max-batch-size", "8",
-                         "--batch-wait-ms", "20", "--max-new-tokens", "64", "--kv-cache-memory", "2MiB")  # fmt: skip
+                         "--batch-wait-ms", "20", "--max-new-tokens", "64", "--kv-cache-memory", "2MiB",
+                         "--max-itl-ratio", "1")  # fmt: skip
 
 
 @pytest.fixture
@@ -40,9 +42,10 @@ def reference(job: tuple[Cli, dict[str, Any]]) -> Any:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
 
-    def generate(prompt: str, k: int) -> str:
+    def generate(prompt: str, k: int, ignore_eos: bool = False) -> str:
         ids = tok(prompt, return_tensors="pt")
-        out = model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id)
+        extra = {"min_new_tokens": k} if ignore_eos else {}
+        out = model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=tok.pad_token_id, **extra)
         return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return generate
@@ -105,6 +108,48 @@ def test_thirty_two_clients_with_mixed_lengths_each_get_their_own_answer(
     assert stats["batches"] - before < 32, "concurrent requests should share batches"
     assert stats["batch_size"]["max"] > 1
     assert stats["batch_size"]["max"] <= 8, "never more rows than --max-batch-size"
+
+
+def test_a_long_prompt_joins_in_capped_chunks_while_rows_decode(
+    job: tuple[Cli, dict[str, Any]], reference: Any
+) -> None:
+    """The job's --max-itl-ratio 1: while rows decode, a step that carries a prompt chunk holds at
+    most 16 tokens more than a decode-only step (once the fit of step time to tokens has a slope),
+    so a 259-token prompt joins over many steps. Every answer is still the plain model's."""
+    port = job[1]["front"]["port"]
+    long = " ".join(f"Numbers {i} and the quick brown fox" for i in range(30))
+    with Client("127.0.0.1", port) as c:
+        before = c.stats()["steps_capped"]
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+    decoding = threading.Barrier(5)
+
+    def decoder(i: int) -> None:  # streams, so that the long prompt arrives once it decodes
+        try:
+            with Client("127.0.0.1", port, timeout=120) as c:
+                events = c.stream(PROMPTS[i], max_new_tokens=64, ignore_eos=True)
+                next(events)
+                decoding.wait(60)
+                answers[i] = next(e for e in events if e.get("done"))["text"]
+        except BaseException as e:
+            errors.append(e)
+            decoding.abort()
+
+    decoders = [threading.Thread(target=decoder, args=(i,)) for i in range(4)]
+    for t in decoders:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        decoding.wait(60)
+    assert not errors, errors
+    with Client("127.0.0.1", port, timeout=120) as c:
+        answers[4] = c.generate(long, max_new_tokens=8, ignore_eos=True)["text"]
+    for t in decoders:
+        t.join(120)
+    with Client("127.0.0.1", port) as c:
+        capped = c.stats()["steps_capped"] - before
+    assert capped >= 3, f"{capped} capped steps: the long prompt joined in larger chunks"
+    asks = [*((p, 64) for p in PROMPTS), (long, 8)]
+    assert answers == {i: reference(p, k, ignore_eos=True) for i, (p, k) in enumerate(asks)}
 
 
 def test_stream_chunks_come_first_and_add_up_to_the_text(client: Client, reference: Any) -> None:

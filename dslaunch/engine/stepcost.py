@@ -26,8 +26,14 @@ class StepCost:
         self.ratio = ratio
         self._steps: deque[tuple[int, float]] = deque()
         self._sums = [0.0, 0.0, 0.0, 0.0]  # of tokens, seconds, tokens^2, tokens*seconds: O(1) a step
+        self.capped = 0  # steps the cap held to fewer tokens than the budget (`stats`: steps_capped)
+        self._last: tuple[int, int] | None = None  # the last cap given, and the budget it lowered
 
     def observe(self, tokens: int, seconds: float) -> None:
+        """A step ran: `tokens` computed in `seconds`, under the cap last given (if it filled it)."""
+        if self._last is not None and tokens == self._last[0] < self._last[1]:
+            self.capped += 1
+        self._last = None
         self._add(tokens, seconds, 1)
         self._steps.append((tokens, seconds))
         if len(self._steps) > SAMPLES:
@@ -60,4 +66,6 @@ class StepCost:
         if b <= 0:
             return budget  # tokens cost nothing measurable: the budget is the only bound
         tokens = int((self.ratio * (max(a, 0.0) + b * decoding) - max(a, 0.0)) / b)
-        return min(budget, max(decoding + MIN_CHUNK, tokens))
+        capped = min(budget, max(decoding + MIN_CHUNK, tokens))
+        self._last = (capped, budget)
+        return capped

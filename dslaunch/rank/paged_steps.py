@@ -34,8 +34,8 @@ def lead_packed(engine: Any, channel: Channel, source: Any, heartbeat_s: float) 
     gen = batch.gen
     gen.observer = getattr(source, "times", None)  # request timings for the metrics (serving.reqtimes)
     channel.progress.batch = gen
-    source.engine_stats(batch.stats)
     cost = StepCost(getattr(engine, "max_itl_ratio", 0.0))
+    source.engine_stats(lambda: {**batch.stats(), "steps_capped": cost.capped})
     closing: float | None = None
     while True:
         gen.cancelled()

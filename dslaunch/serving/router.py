@@ -103,7 +103,7 @@ def merge_engines(stats: list[dict[str, Any]]) -> dict[str, Any]:
     }  # fmt: skip
     paged = [s for s in stats if "kv_blocks_total" in s]
     if paged:
-        out.update({k: int(sum(s.get(k) or 0 for s in paged)) for k in (*CACHE_FIELDS, "preemptions")})
+        out.update({k: int(sum(s.get(k) or 0 for s in paged)) for k in (*CACHE_FIELDS, "preemptions", "steps_capped")})
     paths = sorted({str(s["kv_cache"]) for s in stats if s.get("kv_cache")})
     if paths:
         out["kv_cache"] = ",".join(paths)

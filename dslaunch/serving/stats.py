@@ -115,7 +115,7 @@ class Stats:
 
     def _engine(self) -> dict[str, Any]:
         """The paged engine's counters: kv_cache ("paged"), prefix_cache_queries/_hits,
-        kv_blocks_used/_total, kv_block_size, preemptions; {} for other engines."""
+        kv_blocks_used/_total, kv_block_size, preemptions, steps_capped; {} for other engines."""
         try:
             return dict(self.engine()) if self.engine is not None else {}
         except Exception:  # read from another thread while a step runs: skip this once
