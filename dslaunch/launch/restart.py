@@ -19,7 +19,7 @@ from dslaunch.launch import store
 from dslaunch.launch.ready import LaunchFailed, failure_details, node_summary
 from dslaunch.launch.records import cluster_for
 from dslaunch.launch.watch import NodeWatch
-from dslaunch.transport.nodes import Cluster, NodeClient
+from dslaunch.transport.nodes import Cluster
 from dslaunch.wire.records import JobRecord
 from dslaunch.wire.states import DRAINED, LINKED, LinkState, NodeStage
 
@@ -78,7 +78,12 @@ def restart_one(
                   f"replica {replica} still had work after {drain_timeout:g}s (--drain-timeout)")  # fmt: skip
         say(f"replica {replica}: restarting {len(units)} agent(s)")
         clients = [cluster.clients[i] for i in units]
-        results = cluster.map(lambda c: _restart_unit(cluster, c, args(cluster.clients.index(c), c)), clients)
+        # every agent of the replica stops before any starts again: a new agent must never meet an
+        # old one (its rendezvous store, its ports) that is still on its way out
+        stops = cluster.map(lambda c: c.call("restart", {**args(cluster.clients.index(c), c), "hold": True}), clients)
+        stops.raise_failures(f"restart of replica {replica}")
+        again = {id(c): (r.value or {})["start_again"] for c, r in zip(clients, stops, strict=True)}
+        results = cluster.map(lambda c: cluster.launcher.start(c, again[id(c)]), clients)
         results.raise_failures(f"restart of replica {replica}")
         # a node's answer counts once it is about the new agent: lines from before the restart
         # (the old agent ready, or none while it stopped) can still arrive after it returned
@@ -105,13 +110,6 @@ def restart_one(
             _wait(watch, lambda: _all_in(_linked(watch, routers, replica), (LinkState.READY,)), 30,
                   f"the routers did not take replica {replica} back within 30s")  # fmt: skip
     say(f"replica {replica}: serving again")
-
-
-def _restart_unit(cluster: Cluster, c: NodeClient, args: dict[str, Any]) -> dict[str, Any]:
-    """nodectl `restart`; where the launcher starts agents itself (a Slurm step), it starts it again."""
-    out = c.call("restart", args)
-    again = out.pop("start_again", None)
-    return {**cluster.launcher.start(c, again), **out} if again else out
 
 
 def _drained(seen: list[dict[str, Any] | None]) -> bool:

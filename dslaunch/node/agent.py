@@ -176,7 +176,9 @@ def agent_state(nd: NodeDir, jid: str, node_rank: int | str) -> dict[str, Any]:
 def op_restart(args: dict[str, Any]) -> dict[str, Any]:
     """Stop this unit's processes and start its agent again as it was started (a rolling restart).
 
-    The directory, its logs and its secrets stay; the agent's restart budget starts afresh.
+    The directory, its logs and its secrets stay; the agent's restart budget starts afresh. With
+    `hold` (and for an agent its launcher starts, a Slurm step), nothing is started: the answer's
+    `start_again` is what the launcher starts once every agent of the replica has stopped.
     """
     nd = NodeDir.at(args["node_dir"])
     saved = read_json(nd.root / START_FILE)
@@ -191,8 +193,8 @@ def op_restart(args: dict[str, Any]) -> dict[str, Any]:
     for f in [*nd.ranks.glob("rank*.attempt"), *nd.ranks.glob("rank*.json"), *nd.ranks.glob("rank*.renewed")]:
         with contextlib.suppress(OSError):
             f.unlink()
-    if saved.get("foreground"):
-        # its launcher starts it (a Slurm step of its own): this op's process cannot become it
+    if saved.get("foreground") or args.get("hold"):
+        # its launcher starts it (for a Slurm step this op's process could not become it anyway)
         return {"stopped": stopped, "start_again": {k: v for k, v in saved.items() if k != "foreground"}}
     return {**op_start(saved), "stopped": stopped}
 
