@@ -115,8 +115,11 @@ class _Step:
             self.decode_slots[i, : len(c)] = torch.tensor(c, dtype=torch.long)
             self.decode_valid[i, : len(c)] = True
         self.decode_lens = [len(c) for c in contexts]
-        self.decode_slots = self.decode_slots.to(device)
+        self.decode_slots = self.decode_slots.to(device).view(-1)  # index_select: a 2-D index costs 4x
         self.decode_valid = self.decode_valid.to(device)
+        self.decode_width = width
+        self.decode_ragged = any(n != width for n in self.decode_lens)  # else no mask: every slot counts
+        self.decode_only = not self.chunks  # every token is a decoding row's, in order
 
 
 class PagedKV:
@@ -173,26 +176,34 @@ def paged_attention(
     kv, step = state
     k_pool, v_pool = kv.pool(step.layer, key)
     step.layer += 1
-    k_pool[step.slots] = key[0].transpose(0, 1).to(k_pool.dtype)
-    v_pool[step.slots] = value[0].transpose(0, 1).to(v_pool.dtype)
+    k_pool.index_copy_(0, step.slots, key[0].transpose(0, 1).to(k_pool.dtype))
+    v_pool.index_copy_(0, step.slots, value[0].transpose(0, 1).to(v_pool.dtype))
     heads, kv_heads = query.shape[1], key.shape[1]
     gqa = heads != kv_heads
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if step.decode:
+        rows, width = len(step.decode), step.decode_width
+        q = query[0] if step.decode_only else query[0].index_select(1, step.decode_rows)
+        q = q.transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
+        k = k_pool.index_select(0, step.decode_slots).view(rows, width, kv_heads, -1).transpose(1, 2)
+        v = v_pool.index_select(0, step.decode_slots).view(rows, width, kv_heads, -1).transpose(1, 2)
+        mask = None  # [rows, kv_heads, width, dim] of equal lengths: nothing to mask
+        if step.decode_ragged or window:
+            valid = step.decode_valid
+            if window:
+                lens = torch.tensor(step.decode_lens, device=valid.device).unsqueeze(1)
+                valid = valid & (torch.arange(valid.shape[1], device=valid.device) > lens - 1 - window)
+            mask = valid[:, None, None, :]
+        o = sdpa(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)[:, :, 0].to(query.dtype)
+        if step.decode_only:
+            return o.unsqueeze(0), None  # [1, rows, heads, dim]: the rows are the tokens, in order
     out = query.new_empty((1, query.shape[2], heads, query.shape[3]))
     if step.decode:
-        q = query[0, :, step.decode_rows].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
-        k = k_pool[step.decode_slots].transpose(1, 2)  # [rows, kv_heads, width, dim]
-        v = v_pool[step.decode_slots].transpose(1, 2)
-        valid = step.decode_valid
-        if window:
-            lens = torch.tensor(step.decode_lens, device=valid.device).unsqueeze(1)
-            valid = valid & (torch.arange(valid.shape[1], device=valid.device) > lens - 1 - window)
-        o = sdpa(q, k, v, attn_mask=valid[:, None, None, :], scale=scaling, enable_gqa=gqa)
-        out[0, step.decode_rows] = o[:, :, 0].to(out.dtype)
+        out[0, step.decode_rows] = o
     for first, n, ctx, slots in step.chunks:
         q = query[:, :, first : first + n]
-        k = k_pool[slots].transpose(0, 1).unsqueeze(0)
-        v = v_pool[slots].transpose(0, 1).unsqueeze(0)
+        k = k_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+        v = v_pool.index_select(0, slots).transpose(0, 1).unsqueeze(0)
         qpos = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
         kpos = torch.arange(ctx, device=q.device).unsqueeze(0)
         mask = kpos <= qpos
