@@ -295,9 +295,11 @@ class SimCluster:
         n.proc = None
 
     def stop(self) -> None:
-        """Every node's sshd; with `netns`, the namespaces too (stop the job's processes first)."""
+        """Every node's sshd and every session it still serves (a session whose client vanished,
+        as on a silenced node, would wait hours for its TCP to give up); with `netns`, the
+        namespaces too (stop the job's processes first)."""
         for n in self.nodes:
-            self.stop_node(n)
+            self.cut_node(n)
         if self.network is not None:
             self.network.close()
             self.network = None
