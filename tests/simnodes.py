@@ -244,7 +244,7 @@ class SimCluster:
             "LogLevel ERROR\nPrintMotd no\nAcceptEnv none\n"
             # no ~/.ssh/rc; and bash (when it is the login's shell) reads ~/.bashrc for a command
             # from sshd only at SHLVL < 2: it counts this 1 up to 2
-            "PermitUserRC no\nPermitUserEnvironment no\nSetEnv SHLVL=1\n"
+            "PermitUserRC no\nPermitUserEnvironment no\nSetEnv SHLVL=1 OMP_WAIT_POLICY=PASSIVE\n"
             "Subsystem sftp internal-sftp\n"  # `dslaunch sync` copies over SFTP, as a stock sshd allows
         )
         return conf
