@@ -31,6 +31,9 @@ from pathlib import Path
 from tests.netns import NodeNetwork
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+# What the nodes' sshd sets in every session (SetEnv): SHLVL (see _config); OpenMP threads that
+# wait without spinning, since the nodes' ranks share this machine's cores (tests/conftest.py)
+SESSION_ENV = {"SHLVL": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 # The login the nodes are reached as when the tests run as root. sshd takes HOME and the shell
 # from the passwd entry, so the home is one fixed directory; nothing needs to be in it (keys are
@@ -244,7 +247,8 @@ class SimCluster:
             "LogLevel ERROR\nPrintMotd no\nAcceptEnv none\n"
             # no ~/.ssh/rc; and bash (when it is the login's shell) reads ~/.bashrc for a command
             # from sshd only at SHLVL < 2: it counts this 1 up to 2
-            "PermitUserRC no\nPermitUserEnvironment no\nSetEnv SHLVL=1 OMP_WAIT_POLICY=PASSIVE\n"
+            "PermitUserRC no\nPermitUserEnvironment no\n"
+            f"SetEnv {' '.join(f'{k}={v}' for k, v in SESSION_ENV.items())}\n"
             "Subsystem sftp internal-sftp\n"  # `dslaunch sync` copies over SFTP, as a stock sshd allows
         )
         return conf

@@ -13,12 +13,12 @@ import pytest
 from dslaunch.transport.base import ConnectOptions
 from dslaunch.transport.ssh import SSHTransport
 from dslaunch.wire.hosts import Node
-from tests.simnodes import SIM_SHELL, SIM_USER, SimCluster
+from tests.simnodes import SESSION_ENV, SIM_SHELL, SIM_USER, SimCluster
 
 pytestmark = pytest.mark.ssh
 
 # What sshd itself puts in a command's environment (without PAM), and what the shell adds.
-SSHD_ENV = {"HOME", "LOGNAME", "USER", "MAIL", "PATH", "SHELL", "SSH_CLIENT", "SSH_CONNECTION", "TZ"}
+SSHD_ENV = {"HOME", "LOGNAME", "USER", "MAIL", "PATH", "SHELL", "SSH_CLIENT", "SSH_CONNECTION", "TZ", *SESSION_ENV}
 SHELL_ENV = {"PWD", "OLDPWD", "SHLVL", "_"}
 RC_FILES = [".profile", ".shrc", ".bashrc", ".bash_profile", ".bash_login", ".kshrc", ".zshenv", ".ssh/rc"]
 
