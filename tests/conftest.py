@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.simnodes import SimCluster, node_port, sshd_available
+from tests.simnodes import SESSION_ENV, SimCluster, node_port, sshd_available
 
 REPO = Path(__file__).resolve().parent.parent
 # The suite runs many ranks and in-process engines at once on a machine of few cores. OpenMP's
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 # others, that spinning is most of the CPU (the 28M model, 16 rows beside one busy core: 12.6 s
 # of CPU and 9.8 s wall against 4.4 s and 4.5 s passive). Set before torch loads its OpenMP; the
 # simulated nodes' sshd sets it for their sessions (tests/simnodes.py), so their ranks get it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", SESSION_ENV["OMP_WAIT_POLICY"])
 PROMPTS = ["Hello world", "Tensor parallel layers shard"]
 
 

@@ -331,7 +331,8 @@ def test_server_alive_settings_are_read(home: Path, openssh: bool) -> None:
     (home / ".ssh" / "config").write_text("Host quick\n  ServerAliveInterval 1m30s\n  ServerAliveCountMax 5\n")
     t = resolve("quick", openssh=openssh)
     assert (t.alive_interval, t.alive_count) == (90, 5)
-    assert (resolve("other", openssh=openssh).alive_interval, resolve("other", openssh=openssh).alive_count) == (0, 3)
+    other = resolve("other", openssh=openssh)
+    assert (other.alive_interval, other.alive_count) == (0, 3)
     if not openssh:  # OpenSSH refuses such a file itself, in its own words
         (home / ".ssh" / "config").write_text("Host bad\n  ServerAliveInterval soon\n")
         with pytest.raises(RemoteError, match="bad: ssh configuration: ServerAliveInterval 'soon'"):

@@ -234,7 +234,6 @@ def test_step_cost_caps_a_step_to_the_ratio_of_a_decode_step_from_the_fitted_lin
     assert cost.cap(100, 128) == 128 and StepCost(0).cap(8, 128) == 128  # the ratio allows it; off
     assert cost.cap(8, 128) < 128 and cost.capped == 0
     cost.observe(12, 0.016)  # a step under that cap that did not fill it: the cap held nothing back
-    cost.cap(8, 128)
     cost.observe(cost.cap(8, 128), 0.028)  # one that filled it (stats: steps_capped)
     assert cost.capped == 1
     few = StepCost(ratio=1.0)
